@@ -1,0 +1,130 @@
+"""The chunked form: O(T (L + C K) V) for training and prefill (spec §4), pure PyTorch.
+
+Per chunk ``[a, a + L)`` with the ``<= C`` segments alive at ``a - 1`` carried in as states:
+
+- intra: ``O_intra = (Λ ⊙ P) V`` with ``P`` the exact pairwise coefficients inside the chunk.
+  Mamba-2: ``P = Q K^T ⊙ D``. Gated DeltaNet (UT transform): ``T = (I + tril(β K K^T ⊙ D, -1))^-1
+  diag(β)`` and ``P = (Q K^T ⊙ D) T``;
+- inter: ``O_inter[t] = Σ_j λ_t^{ℓ_t(j)} Q_eff[t] S_j`` with ``Q_eff = Γ ⊙ Q`` (Mamba-2) or
+  ``Γ ⊙ Q - (Q K^T ⊙ D) T (Γ ⊙ K)`` (Gated DeltaNet), ``Γ_t = exp(g_a + ... + g_t)``; a carried
+  segment has one label per query because merges only join whole segments;
+- state update: new slot ``r`` = ``M Σ_{j -> r} S_j + X diag(1[s -> r]) V``, where ``j -> r`` /
+  ``s -> r`` means "the carried segment / chunk token belongs to the segment of rank r at the
+  chunk's last step", ``M = A_{a+L-1} ... A_a`` and ``X[:, s] = A_{a+L-1} ... A_{s+1} w_s k_s``.
+
+Ranks and labels come from :func:`dla.schedule.schedule.segment_structure` on ``C + L`` units
+(the carried segments, oldest first, then the chunk's tokens), so a chunk costs O(L (C + L)) of
+bookkeeping and nothing is ever T x T.
+
+Memory kept for backward (autograd): per chunk the states carried in (``C K V`` per chunk, i.e.
+``T K V C / L`` in total) and ``O(L (C + L) + L K)`` per chunk of coefficients, labels and
+effective queries. Nothing is recomputed; a fused kernel would recompute the per-chunk
+coefficients in backward and keep only the carried states.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dla.ops.common import DLAState, prepare
+from dla.schedule.schedule import NONE, advance_slots, segment_structure
+
+CHUNK_SIZES = (16, 32, 64, 128)
+
+
+def chunk_dla(q, k, v, g, lam, schedule, beta=None, scale=None, initial_state: DLAState | None = None,
+              output_final_state: bool = False, cu_seqlens=None, chunk_size: int = 64):
+    """Dynamic Linear Attention, chunked. Same contract as :func:`dla.recurrent_dla`.
+
+    Returns ``(o [B, T, H, V], state)``; gradients flow to q, k, v, g, beta, lam and
+    ``initial_state.states``. ``chunk_size`` is one of 16, 32, 64, 128.
+    """
+    if chunk_size not in CHUNK_SIZES:
+        raise ValueError(f"chunk_size must be one of {CHUNK_SIZES}, got {chunk_size}")
+    x = prepare(q, k, v, g, lam, schedule, beta, scale, cu_seqlens, initial_state)
+    ds = x.schedule
+    N, H, Tm, K = x.q.shape
+    V, C, L = x.v.shape[-1], ds.capacity, chunk_size
+    NC = max(1, -(-Tm // L))
+    pad = NC * L - Tm
+    dev = x.q.device
+
+    def chunks(t, fill=0.0):  # [N, H, Tm, ...] -> [N, H, NC, L, ...], padded with identity steps
+        t = F.pad(t, (0, 0) * (t.dim() - 3) + (0, pad), value=fill)
+        return t.reshape(N, H, NC, L, *t.shape[3:])
+
+    q_c, k_c, v_c, g_c, lam_c = chunks(x.q), chunks(x.k), chunks(x.v), chunks(x.g), chunks(x.lam)
+    sd = chunks(ds.start_death, NONE)
+
+    # 1. the segments carried into every chunk (no gradient: the schedule is data)
+    tok = torch.arange(L, device=dev)
+    slot_pos, slot_death = ds.carried_pos, ds.carried_death
+    in_pos, in_death = [], []
+    for c in range(NC):
+        in_pos.append(slot_pos)
+        in_death.append(slot_death)
+        t_end = torch.full((N, H), c * L + L - 1, device=dev)
+        slot_pos, slot_death = advance_slots(slot_pos, slot_death, c * L + tok, sd[:, :, c], t_end, C)
+    in_pos, in_death = torch.stack(in_pos, 2), torch.stack(in_death, 2)  # [N, H, NC, C]
+
+    # 2. ranks and labels of the C + L units of every chunk, at every query of the chunk
+    tq = (torch.arange(NC, device=dev)[:, None] * L + tok)  # [NC, L]
+    unit_pos = torch.cat([in_pos.flip(-1), tq.expand(N, H, NC, L)], -1)  # [N, H, NC, M]
+    unit_death = torch.cat([in_death.flip(-1), sd], -1)
+    t_i = tq[..., :, None]  # [NC, L, 1]
+    live = (unit_death[..., None, :] != NONE) & (unit_death[..., None, :] > t_i) & (unit_pos[..., None, :] <= t_i)
+    exists = torch.cat([(in_death.flip(-1) != NONE)[..., None, :].expand(N, H, NC, L, C),
+                        (tq[..., None, :] <= t_i).expand(N, H, NC, L, L)], -1)
+    st = segment_structure(live, unit_pos, exists, tq.expand(N, H, NC, L), ds.label_rule)
+    Lam = lam_c.gather(-1, st["label"]) * exists
+    lam_inter, lam_intra = Lam[..., :C].flip(-1), Lam[..., C:]  # inter in slot order
+    rank_end = torch.where(exists[..., -1, :], st["rank"][..., -1, :], C)  # C: routed nowhere
+    route = F.one_hot(rank_end, C + 1)[..., :C].transpose(-1, -2).to(x.q.dtype)  # [N, H, NC, C, M]
+    route_carried, route_tokens = route[..., :C].flip(-1), route[..., C:]
+
+    # 3. the base model's coefficients inside every chunk (parallel over chunks)
+    gc = g_c.cumsum(-1)
+    causal = torch.ones(L, L, dtype=torch.bool, device=dev).tril()
+    D = torch.where(causal, gc[..., :, None] - gc[..., None, :], -torch.inf).exp()
+    gamma = gc.exp()
+    QKD = (q_c @ k_c.transpose(-1, -2)) * D
+    k_end = k_c * D[..., -1, :, None]  # A_{end} ... A_{s+1} applied to k_s (Mamba-2 part)
+    if x.beta is None:
+        P = QKD
+        q_eff = q_c * gamma[..., None]
+        X = k_end.transpose(-1, -2)
+    else:
+        b_c = chunks(x.beta)
+        A = (b_c[..., :, None] * D * (k_c @ k_c.transpose(-1, -2))).tril(-1)
+        eye = torch.eye(L, dtype=A.dtype, device=dev)
+        T_ut = torch.linalg.solve_triangular(A + eye, torch.diag_embed(b_c), upper=False, unitriangular=True)
+        W_k = T_ut @ (k_c * gamma[..., None])
+        P = QKD @ T_ut
+        q_eff = q_c * gamma[..., None] - QKD @ W_k
+        X = k_end.transpose(-1, -2) @ T_ut
+        M = gamma[..., -1, None, None] * torch.eye(K, dtype=A.dtype, device=dev) - k_end.transpose(-1, -2) @ W_k
+    o_intra = (P * lam_intra) @ v_c
+
+    # 4. the carried states, chunk by chunk
+    S = x.q.new_zeros(N, H, C, K, V) if x.initial is None else x.initial
+    S_in = []
+    for c in range(NC):
+        S_in.append(S)
+        merged = torch.einsum("nhij,nhjkv->nhikv", route_carried[:, :, c], S)
+        if x.beta is None:
+            merged = gamma[:, :, c, -1, None, None, None] * merged
+        else:
+            merged = torch.einsum("nhab,nhibv->nhiav", M[:, :, c], merged)
+        written = torch.einsum("nhkl,nhil,nhlv->nhikv", X[:, :, c], route_tokens[:, :, c], v_c[:, :, c])
+        S = merged + written
+    S_in = torch.stack(S_in, 2)  # [N, H, NC, C, K, V]
+    # one [L, C*K] x [C*K, V] product per chunk: queries weighted by the label of each carried slot
+    q_lam = (lam_inter[..., None] * q_eff[..., None, :]).reshape(N, H, NC, L, C * K)
+    o_inter = q_lam @ S_in.reshape(N, H, NC, C * K, V)
+    o = (o_intra + o_inter).reshape(N, H, NC * L, V)[:, :, :Tm]
+    state = None
+    if output_final_state:
+        starts = torch.where(slot_death != NONE, slot_pos + ds.position[:, None, None], NONE)
+        state = x.final_state(S, starts, schedule)
+    return x.output(o), state

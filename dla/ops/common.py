@@ -1,0 +1,161 @@
+"""What every op shares: the state it carries between calls, input checks, and the dense view.
+
+Inputs are sequence-first, as in flash-linear-attention: ``q, k: [B, T, H, K]``,
+``v: [B, T, H, V]``, ``g, beta: [B, T, H]``, ``lam: [B, T, H, n_labels]``. The ops compute on
+head-major dense rows ``[N, H, T_max, ...]`` (one sequence per row), in float64 for float64
+inputs and float32 otherwise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dla.schedule.schedule import DenseSchedule, Schedule, SegmentState
+from dla.varlen import check_cu_seqlens, pack, unpack
+
+
+@dataclass
+class DLAState:
+    """Everything needed to continue a sequence: ``states [N, H, C, K, V]`` (one per segment,
+    slot order newest first, fp32/fp64), the segmentation (:class:`SegmentState`: segment
+    starts, information, position; the open segment's length is derived), and the last key of
+    each sequence for the novelty score. Its size does not depend on the sequence length."""
+
+    states: torch.Tensor
+    segments: SegmentState
+    prev_key: torch.Tensor | None = None
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [self.states, self.segments.starts, self.segments.info, self.segments.position]
+        if self.prev_key is not None:
+            tensors.append(self.prev_key)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@dataclass
+class Prepared:
+    """Checked inputs as dense head-major rows."""
+
+    q: torch.Tensor  # [N, H, Tm, K], already multiplied by scale
+    k: torch.Tensor  # [N, H, Tm, K]
+    v: torch.Tensor  # [N, H, Tm, V]
+    g: torch.Tensor  # [N, H, Tm]
+    beta: torch.Tensor | None  # [N, H, Tm]
+    lam: torch.Tensor  # [N, H, Tm, n_labels]
+    schedule: DenseSchedule
+    cu_seqlens: torch.Tensor | None
+    out_dtype: torch.dtype
+    initial: torch.Tensor | None  # [N, H, C, K, V]
+    initial_prev_key: torch.Tensor | None  # [N, H, K]
+
+    def output(self, o_rows: torch.Tensor) -> torch.Tensor:
+        """``[N, H, Tm, V]`` rows -> ``[B, T, H, V]`` in the input dtype."""
+        o = o_rows.transpose(1, 2)
+        if self.cu_seqlens is not None:
+            o = pack(o, self.cu_seqlens)
+        return o.to(self.out_dtype)
+
+    def final_state(self, states: torch.Tensor, starts: torch.Tensor, sched: Schedule) -> DLAState:
+        """The op's final state: ``starts`` are the op's own slot starts (absolute positions)."""
+        lengths = self.schedule.lengths
+        last = (lengths - 1).clamp(min=0)
+        rows = torch.arange(lengths.numel(), device=lengths.device)
+        prev_key = self.k[rows, :, last].detach() if self.k.shape[2] else None
+        if self.initial_prev_key is not None:
+            keep = (lengths > 0)[:, None, None]
+            prev_key = self.initial_prev_key if prev_key is None else torch.where(keep, prev_key, self.initial_prev_key)
+        segments = SegmentState(starts=starts, info=sched.final.info, position=sched.final.position)
+        return DLAState(states=states, segments=segments, prev_key=prev_key)
+
+
+def _check_tensor(name, x, dims, dtype=None, device=None):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != len(dims):
+        raise ValueError(f"{name} must have shape [{', '.join(dims)}], got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    if dtype is not None and x.dtype != dtype:
+        raise TypeError(f"{name} has dtype {x.dtype} but q has {dtype}")
+    if device is not None and x.device != device:
+        raise ValueError(f"{name} is on {x.device} but q is on {device}")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{name} contains NaN or Inf")
+
+
+def prepare(q, k, v, g, lam, schedule, beta=None, scale=None, cu_seqlens=None, initial_state=None) -> Prepared:
+    """Validate the op inputs (``ValueError``/``TypeError`` naming the argument) and unpack them."""
+    _check_tensor("q", q, "BTHK")
+    dt, dev = q.dtype, q.device
+    B, T, H, K = q.shape
+    _check_tensor("k", k, "BTHK", dt, dev)
+    _check_tensor("v", v, "BTHV", dt, dev)
+    _check_tensor("g", g, "BTH", None, dev)
+    _check_tensor("lam", lam, ("B", "T", "H", "n_labels"), None, dev)
+    if k.shape != q.shape:
+        raise ValueError(f"k must have the shape of q {tuple(q.shape)}, got {tuple(k.shape)}")
+    if v.shape[:3] != (B, T, H):
+        raise ValueError(f"v must be [B, T, H, V] = [{B}, {T}, {H}, V], got {tuple(v.shape)}")
+    if g.shape != (B, T, H):
+        raise ValueError(f"g must be [B, T, H] = [{B}, {T}, {H}], got {tuple(g.shape)}")
+    if (g > 0).any():
+        raise ValueError("g is a log-decay and must be <= 0")
+    if beta is not None:
+        _check_tensor("beta", beta, "BTH", None, dev)
+        if beta.shape != (B, T, H):
+            raise ValueError(f"beta must be [B, T, H] = [{B}, {T}, {H}], got {tuple(beta.shape)}")
+    if not isinstance(schedule, Schedule):
+        raise TypeError(f"schedule must be a dla.Schedule, got {type(schedule).__name__}")
+    if schedule.death.shape != (B, H, T):
+        raise ValueError(f"schedule is for [B, H, T] = {tuple(schedule.death.shape)}, inputs are [{B}, {H}, {T}]")
+    if schedule.death.device != dev:
+        raise ValueError(f"schedule is on {schedule.death.device} but q is on {dev}")
+    check_cu_seqlens(cu_seqlens, B, T, dev)
+    if cu_seqlens is None:
+        cu_seqlens = schedule.cu_seqlens
+    elif schedule.cu_seqlens is None or not torch.equal(cu_seqlens.long(), schedule.cu_seqlens.long()):
+        raise ValueError("cu_seqlens differs from the cu_seqlens the schedule was planned with")
+    if lam.shape[:3] != (B, T, H):
+        raise ValueError(f"lam must be [B, T, H, n_labels] = [{B}, {T}, {H}, n], got {tuple(lam.shape)}")
+    if lam.shape[-1] < schedule.n_labels:
+        raise ValueError(f"lam has {lam.shape[-1]} labels but the schedule ({schedule.label_rule} labels, "
+                         f"capacity {schedule.capacity}) needs {schedule.n_labels}")
+    if scale is None:
+        scale = K ** -0.5
+    dense = schedule.dense()
+    N = dense.lengths.numel()
+    C = schedule.capacity
+    initial = prev_key0 = None
+    if initial_state is not None:
+        if not isinstance(initial_state, DLAState):
+            raise TypeError(f"initial_state must be a dla.DLAState, got {type(initial_state).__name__}")
+        if schedule.initial is None:
+            raise ValueError("initial_state is given but the schedule was not planned from it; "
+                             "call plan_schedule(..., initial_state=state)")
+        if not torch.equal(initial_state.segments.starts.to(dev), schedule.initial.starts.to(dev)):
+            raise ValueError("initial_state's segments differ from those the schedule was planned from")
+        V = v.shape[-1]
+        if initial_state.states.shape != (N, H, C, K, V):
+            raise ValueError(f"initial_state.states must be [{N}, {H}, {C}, {K}, {V}], "
+                             f"got {tuple(initial_state.states.shape)}")
+        _check_tensor("initial_state.states", initial_state.states, "NHCKV", None, dev)
+        initial = initial_state.states
+        prev_key0 = initial_state.prev_key
+    elif schedule.initial is not None and (schedule.initial.starts >= 0).any():
+        raise ValueError("the schedule continues earlier segments; pass their states as initial_state")
+
+    cdt = torch.float64 if dt == torch.float64 else torch.float32
+
+    def rows(x):
+        x = x.to(cdt)
+        if cu_seqlens is not None:
+            x = unpack(x, cu_seqlens, dense.max_len)
+        return x.transpose(1, 2)
+
+    p = Prepared(q=rows(q) * scale, k=rows(k), v=rows(v), g=rows(g), beta=None if beta is None else rows(beta),
+                 lam=rows(lam), schedule=dense, cu_seqlens=cu_seqlens, out_dtype=v.dtype,
+                 initial=None if initial is None else initial.to(cdt), initial_prev_key=prev_key0)
+    return p
