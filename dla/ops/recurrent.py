@@ -100,7 +100,7 @@ def _compact(x: torch.Tensor, dest: torch.Tensor, C: int, fill=0) -> torch.Tenso
 def _slot_labels(slot_pos: torch.Tensor, filled: torch.Tensor, t: int, label_rule: str) -> torch.Tensor:
     j = torch.arange(slot_pos.shape[-1], device=slot_pos.device).expand_as(slot_pos)
     if label_rule == "recency":
-        return j
+        return torch.where(filled, j, 0)
     newer_start = torch.cat([torch.full_like(slot_pos[..., :1], t + 1), slot_pos[..., :-1]], -1)
     size = (newer_start - slot_pos).clamp(min=1)
     return torch.where((j == 0) | ~filled, 0, bit_length(size))

@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from dla.varlen import check_cu_seqlens, seq_lengths
 
@@ -149,7 +150,7 @@ class Schedule:
     @property
     def n_labels(self) -> int:
         """How many λ labels the schedule can address (``lam``'s last dimension must be >= this)."""
-        if self.label_rule == "recency":
+        if self.label_rule == "recency" or self.capacity == 1:
             return self.capacity
         dense = self.dense()
         last = (dense.position + dense.lengths - 1).clamp(min=0)
@@ -265,14 +266,12 @@ def live_boundary_count(dense: DenseSchedule) -> torch.Tensor:
     N, H, Tm = sd.shape
     # a sequence start is marked NEVER at window time 0 and is no boundary
     births = (sd != NONE) & ~((sd == NEVER) & (dense.position[:, None, None] + torch.arange(Tm, device=sd.device) == 0))
-    delta = births.long()
-    dies = births & (sd < Tm)
-    delta = delta.scatter_add(-1, torch.where(dies, sd, torch.zeros_like(sd)), -dies.long())
+    # one spare column collects deaths at or after the window's end
+    delta = F.pad(births.long(), (0, 1))
+    delta = delta.scatter_add(-1, torch.where(births, sd, Tm).clamp(max=Tm), -births.long())
     carried = (dense.carried_death != NONE) & (dense.carried_pos + dense.position[:, None, None] > 0)
-    c_dies = carried & (dense.carried_death < Tm)
-    delta = delta.scatter_add(-1, torch.where(c_dies, dense.carried_death, torch.zeros_like(dense.carried_death)),
-                              -c_dies.long())
-    return delta.cumsum(-1) + carried.sum(-1, keepdim=True)
+    delta = delta.scatter_add(-1, torch.where(carried, dense.carried_death, Tm).clamp(max=Tm), -carried.long())
+    return (delta.cumsum(-1) + carried.sum(-1, keepdim=True))[..., :Tm]
 
 
 # ----------------------------------------------------------------------------- dense view
