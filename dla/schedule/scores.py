@@ -25,7 +25,7 @@ def novelty_scores(k: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
     prev = torch.cat([torch.zeros_like(k[:, :1]), k[:, :-1]], 1)
     starts = torch.zeros(B, T, dtype=torch.bool, device=k.device)
     if cu_seqlens is None:
-        starts[:, 0] = True
+        starts[:, :1] = True
         start_rows, start_cols = torch.arange(B, device=k.device), torch.zeros(B, dtype=torch.long, device=k.device)
     else:
         start_cols = cu_seqlens[:-1].long().clamp(max=max(T - 1, 0))
