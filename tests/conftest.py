@@ -1,5 +1,11 @@
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels run on CPU through Triton's interpreter (must be set before they are defined)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 import torch.nn.functional as F
 
 import dla
@@ -14,7 +20,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def make_case(policy="dynamic", base="mamba2", label_rule=None, B=2, T=33, H=2, K=6, V=5, capacity=4,
               dtype=torch.float64, cu_seqlens=None, seed=0, requires_grad=False, threshold=0.5, period=3,
-              extra_labels=1):
+              extra_labels=1, device="cpu"):
     """Random, never-zero inputs and a schedule planned on them (novelty scores of the keys).
 
     Keys are unit-norm for Gated DeltaNet, decays lie in [-0.7, -0.05], λ in [0.25, 1.25]."""
@@ -28,6 +34,9 @@ def make_case(policy="dynamic", base="mamba2", label_rule=None, B=2, T=33, H=2, 
     g = -(torch.rand(B, T, H, generator=gen, dtype=torch.float64) * 0.65 + 0.05)
     beta = torch.rand(B, T, H, generator=gen, dtype=torch.float64) * 0.9 + 0.05 if gd else None
     scores = dla.novelty_scores(k, cu_seqlens=cu_seqlens) if policy == "dynamic" else None
+    if device != "cpu":
+        k, cu_seqlens = k.to(device), None if cu_seqlens is None else cu_seqlens.to(device)
+        scores = None if scores is None else scores.to(device)
     schedule = dla.plan_schedule(policy, batch=B, heads=H, length=T,
                                  capacity=None if policy == "fenwick" else capacity, scores=scores,
                                  threshold=threshold, period=period, label_rule=label_rule, cu_seqlens=cu_seqlens)
@@ -35,7 +44,7 @@ def make_case(policy="dynamic", base="mamba2", label_rule=None, B=2, T=33, H=2, 
     inputs = dict(q=q, k=k, v=v, g=g, beta=beta, lam=lam)
     for name, x in inputs.items():
         if x is not None:
-            inputs[name] = x.to(dtype).requires_grad_(requires_grad)
+            inputs[name] = x.to(device=device, dtype=dtype).requires_grad_(requires_grad)
     return inputs, schedule
 
 

@@ -35,7 +35,8 @@ def _check_int(name, value, minimum):
 def plan_schedule(policy: str, *, batch: int, heads: int, length: int, capacity: int | None = None,
                   scores: torch.Tensor | None = None, threshold: float = 0.5, period: int | None = None,
                   max_segment_len: int | None = None, cu_seqlens: torch.Tensor | None = None,
-                  label_rule: str | None = None, initial_state=None, device=None) -> Schedule:
+                  label_rule: str | None = None, initial_state=None, device=None,
+                  backend: str | None = None) -> Schedule:
     """Plan a :class:`Schedule` for ``[batch, heads, length]`` tokens.
 
     ``scores``: ``[B, T, H]`` token information in [0, 1] (``dynamic`` only; e.g.
@@ -44,9 +45,13 @@ def plan_schedule(policy: str, *, batch: int, heads: int, length: int, capacity:
     ``level`` for ``fenwick`` and ``recency`` otherwise. ``initial_state`` (a
     :class:`SegmentState` or :class:`dla.DLAState`) continues an earlier window of each sequence;
     the result then carries the death times of the continued segments' boundaries.
+    ``backend``: ``"torch"`` or ``"triton"`` for the ``dynamic`` scan (default: Triton on CUDA
+    tensors, PyTorch elsewhere); both give identical schedules.
     """
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+    if backend not in (None, "torch", "triton"):
+        raise ValueError(f"backend must be None, 'torch' or 'triton', got {backend!r}")
     for name, value in (("batch", batch), ("heads", heads)):
         _check_int(name, value, 1)
     _check_int("length", length, 0)
@@ -126,7 +131,14 @@ def plan_schedule(policy: str, *, batch: int, heads: int, length: int, capacity:
         death, carried = _closed_form(pos, in_seq, starts, position, (pos >= 1) & (pos % period == 0),
                                       lambda p: p + (capacity - 1) * period, heads)
     else:
-        death, carried, final = _dynamic(rows_scores, lengths, seg, capacity, threshold, max_segment_len)
+        if backend is None:
+            backend = "triton" if rows_scores.is_cuda else "torch"
+        if backend == "triton":
+            from dla.schedule.triton_scan import dynamic_scan
+
+            death, carried, final = dynamic_scan(rows_scores, lengths, seg, capacity, threshold, max_segment_len)
+        else:
+            death, carried, final = _dynamic(rows_scores, lengths, seg, capacity, threshold, max_segment_len)
     if ((starts > 0) & (carried < 0)).any():
         raise ValueError("initial_state's segments are inconsistent with the policy: a boundary would have died "
                          "before this window")
