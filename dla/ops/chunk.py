@@ -34,14 +34,24 @@ CHUNK_SIZES = (16, 32, 64, 128)
 
 
 def chunk_dla(q, k, v, g, lam, schedule, beta=None, scale=None, initial_state: DLAState | None = None,
-              output_final_state: bool = False, cu_seqlens=None, chunk_size: int = 64):
+              output_final_state: bool = False, cu_seqlens=None, chunk_size: int = 64, backend: str | None = None):
     """Dynamic Linear Attention, chunked. Same contract as :func:`dla.recurrent_dla`.
 
     Returns ``(o [B, T, H, V], state)``; gradients flow to q, k, v, g, beta, lam and
-    ``initial_state.states``. ``chunk_size`` is one of 16, 32, 64, 128.
+    ``initial_state.states``. ``chunk_size`` is one of 16, 32, 64, 128. ``backend``: the two
+    walks over chunks (carried segments, state recurrence) run as Triton kernels (``"triton"``,
+    the default on CUDA) or as PyTorch loops (``"torch"``, the default elsewhere).
     """
     if chunk_size not in CHUNK_SIZES:
         raise ValueError(f"chunk_size must be one of {CHUNK_SIZES}, got {chunk_size}")
+    if backend not in (None, "torch", "triton"):
+        raise ValueError(f"backend must be None, 'torch' or 'triton', got {backend!r}")
+    if backend is None:
+        backend = "triton" if q.is_cuda else "torch"
+    if backend == "triton":
+        from dla.ops.triton import chunk_state as walks
+    else:
+        walks = _TorchWalks
     x = prepare(q, k, v, g, lam, schedule, beta, scale, cu_seqlens, initial_state)
     ds = x.schedule
     N, H, Tm, K = x.q.shape
@@ -59,14 +69,8 @@ def chunk_dla(q, k, v, g, lam, schedule, beta=None, scale=None, initial_state: D
 
     # 1. the segments carried into every chunk (no gradient: the schedule is data)
     tok = torch.arange(L, device=dev)
-    slot_pos, slot_death = ds.carried_pos, ds.carried_death
-    in_pos, in_death = [], []
-    for c in range(NC):
-        in_pos.append(slot_pos)
-        in_death.append(slot_death)
-        t_end = torch.full((N, H), c * L + L - 1, device=dev)
-        slot_pos, slot_death = advance_slots(slot_pos, slot_death, c * L + tok, sd[:, :, c], t_end, C)
-    in_pos, in_death = torch.stack(in_pos, 2), torch.stack(in_death, 2)  # [N, H, NC, C]
+    slots_pos, slots_death = walks.carried_slots(sd.reshape(N, H, NC * L), ds.carried_pos, ds.carried_death, L)
+    in_pos, in_death = slots_pos[:, :, :NC], slots_death[:, :, :NC]  # [N, H, NC, C]
 
     # 2. ranks and labels of the C + L units of every chunk, at every query of the chunk
     tq = (torch.arange(NC, device=dev)[:, None] * L + tok)  # [NC, L]
@@ -80,8 +84,7 @@ def chunk_dla(q, k, v, g, lam, schedule, beta=None, scale=None, initial_state: D
     Lam = lam_c.gather(-1, st["label"]) * exists
     lam_inter, lam_intra = Lam[..., :C].flip(-1), Lam[..., C:]  # inter in slot order
     rank_end = torch.where(exists[..., -1, :], st["rank"][..., -1, :], C)  # C: routed nowhere
-    route = F.one_hot(rank_end, C + 1)[..., :C].transpose(-1, -2).to(x.q.dtype)  # [N, H, NC, C, M]
-    route_carried, route_tokens = route[..., :C].flip(-1), route[..., C:]
+    dest, tok_rank = rank_end[..., :C].flip(-1), rank_end[..., C:]  # old slot -> new slot; token -> slot
 
     # 3. the base model's coefficients inside every chunk (parallel over chunks)
     gc = g_c.cumsum(-1)
@@ -107,24 +110,49 @@ def chunk_dla(q, k, v, g, lam, schedule, beta=None, scale=None, initial_state: D
     o_intra = (P * lam_intra) @ v_c
 
     # 4. the carried states, chunk by chunk
-    S = x.q.new_zeros(N, H, C, K, V) if x.initial is None else x.initial
-    S_in = []
-    for c in range(NC):
-        S_in.append(S)
-        merged = torch.einsum("nhij,nhjkv->nhikv", route_carried[:, :, c], S)
-        if x.beta is None:
-            merged = gamma[:, :, c, -1, None, None, None] * merged
-        else:
-            merged = torch.einsum("nhab,nhibv->nhiav", M[:, :, c], merged)
-        written = torch.einsum("nhkl,nhil,nhlv->nhikv", X[:, :, c], route_tokens[:, :, c], v_c[:, :, c])
-        S = merged + written
-    S_in = torch.stack(S_in, 2)  # [N, H, NC, C, K, V]
+    S0 = x.q.new_zeros(N, H, C, K, V) if x.initial is None else x.initial
+    S = walks.state_recurrence(S0, gamma[..., -1] if x.beta is None else M, X, v_c, dest, tok_rank).to(x.q.dtype)
+    S_in = S[:, :, :NC]  # [N, H, NC, C, K, V]
     # one [L, C*K] x [C*K, V] product per chunk: queries weighted by the label of each carried slot
     q_lam = (lam_inter[..., None] * q_eff[..., None, :]).reshape(N, H, NC, L, C * K)
     o_inter = q_lam @ S_in.reshape(N, H, NC, C * K, V)
     o = (o_intra + o_inter).reshape(N, H, NC * L, V)[:, :, :Tm]
     state = None
     if output_final_state:
-        starts = torch.where(slot_death != NONE, slot_pos + ds.position[:, None, None], NONE)
-        state = x.final_state(S, starts, schedule)
+        final_pos, final_death = slots_pos[:, :, NC], slots_death[:, :, NC]
+        starts = torch.where(final_death != NONE, final_pos + ds.position[:, None, None], NONE)
+        state = x.final_state(S[:, :, NC], starts, schedule)
     return x.output(o), state
+
+
+class _TorchWalks:
+    """The two walks over chunks as PyTorch loops (the reference for the Triton kernels)."""
+
+    @staticmethod
+    def carried_slots(start_death, carried_pos, carried_death, L):
+        N, H, T = start_death.shape
+        C = carried_pos.shape[-1]
+        tok = torch.arange(L, device=start_death.device)
+        pos, death = [carried_pos], [carried_death]
+        for c in range(T // L):
+            t_end = torch.full((N, H), c * L + L - 1, device=start_death.device)
+            p, d = advance_slots(pos[-1], death[-1], c * L + tok, start_death[..., c * L:(c + 1) * L], t_end, C)
+            pos.append(p)
+            death.append(d)
+        return torch.stack(pos, 2), torch.stack(death, 2)
+
+    @staticmethod
+    def state_recurrence(S0, M, X, v, dest, tok_rank):
+        C = dest.shape[-1]
+        route_carried = F.one_hot(dest, C + 1)[..., :C].transpose(-1, -2).to(X.dtype)  # [.., new, old]
+        route_tokens = F.one_hot(tok_rank, C + 1)[..., :C].transpose(-1, -2).to(X.dtype)  # [.., new, L]
+        S, out = S0, [S0]
+        for c in range(dest.shape[2]):
+            merged = torch.einsum("nhij,nhjkv->nhikv", route_carried[:, :, c], S)
+            if M.dim() == 3:  # Mamba-2: a scalar decay per chunk
+                merged = M[:, :, c, None, None, None] * merged
+            else:
+                merged = torch.einsum("nhab,nhibv->nhiav", M[:, :, c], merged)
+            S = merged + torch.einsum("nhkl,nhil,nhlv->nhikv", X[:, :, c], route_tokens[:, :, c], v[:, :, c])
+            out.append(S)
+        return torch.stack(out, 2)

@@ -1,0 +1,1 @@
+"""Triton kernels (GPU; run on CPU through TRITON_INTERPRET=1 for tests)."""

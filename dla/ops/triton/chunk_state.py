@@ -1,0 +1,231 @@
+"""Triton kernels for the two sequential parts of the chunked path (GPU; CPU via TRITON_INTERPRET).
+
+Everything else in ``dla.ops.chunk`` is parallel over chunks (batched matrix products). What is
+left is a walk over chunks for every sequence-head:
+
+- :func:`carried_slots`: the segments alive at every chunk boundary (positions and deaths), from
+  the schedule alone: one program per sequence-head, slots in registers;
+- :func:`state_recurrence`: ``S_{c+1}[r] = M_c Σ_{j -> r} S_c[j] + X_c diag(1[s -> r]) V_c``
+  with a hand-written backward (reverse walk). One program per (sequence-head, value block).
+  ``M_c`` is a scalar decay for Mamba-2 and a K x K matrix for Gated DeltaNet. Old slot ``j``
+  goes to new slot ``dest[c, j]``; the sources of a new slot are a contiguous range of old slots
+  (merges join neighbours), given as ``[lo, hi]``. Chunk token ``s`` goes to ``tok_rank[c, s]``.
+  ``C`` (an index past the last slot) means "nowhere".
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from dla.schedule.schedule import NONE
+
+
+@triton.jit
+def _carried_slots_kernel(sd_ptr, pos_ptr, death_ptr, out_pos_ptr, out_death_ptr, NC,
+                          L: tl.constexpr, C: tl.constexpr, CP: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64)
+    idx = tl.arange(0, CP)
+    in_c = idx < C
+    tok = tl.arange(0, L)
+    sp = tl.load(pos_ptr + r * C + idx, mask=in_c, other=-1)
+    sdth = tl.load(death_ptr + r * C + idx, mask=in_c, other=-1)
+    base = out_pos_ptr + r * (NC + 1) * C
+    dbase = out_death_ptr + r * (NC + 1) * C
+    tl.store(base + idx, sp, mask=in_c)
+    tl.store(dbase + idx, sdth, mask=in_c)
+    for c in range(NC):
+        e = c * L + L - 1
+        td = tl.load(sd_ptr + r * NC * L + c * L + tok)
+        t_live = (td != -1) & (td > e)
+        s_live = (sdth != -1) & (sdth > e) & in_c
+        n_tok = tl.sum(t_live.to(tl.int32), axis=0)
+        t_rank = n_tok - tl.cumsum(t_live.to(tl.int32), axis=0)  # newer live tokens
+        s_rank = n_tok + tl.cumsum(s_live.to(tl.int32), axis=0) - s_live.to(tl.int32)
+        out = (c + 1) * C
+        tl.store(base + out + t_rank, (c * L + tok).to(tl.int64), mask=t_live & (t_rank < C))
+        tl.store(dbase + out + t_rank, td, mask=t_live & (t_rank < C))
+        tl.store(base + out + s_rank, sp, mask=s_live & (s_rank < C))
+        tl.store(dbase + out + s_rank, sdth, mask=s_live & (s_rank < C))
+        tl.debug_barrier()
+        sp = tl.load(base + out + idx, mask=in_c, other=-1)
+        sdth = tl.load(dbase + out + idx, mask=in_c, other=-1)
+
+
+def carried_slots(start_death: torch.Tensor, carried_pos: torch.Tensor, carried_death: torch.Tensor, L: int):
+    """``start_death [N, H, NC*L]`` (window coords) -> positions and deaths of the slots alive at
+    every chunk boundary, ``[N, H, NC + 1, C]`` (index ``c``: before chunk ``c``)."""
+    N, H, T = start_death.shape
+    C = carried_pos.shape[-1]
+    NC = T // L
+    out_pos = torch.full((N, H, NC + 1, C), NONE, dtype=torch.long, device=start_death.device)
+    out_death = torch.full_like(out_pos, NONE)
+    if N * H:
+        _carried_slots_kernel[(N * H,)](start_death.contiguous(), carried_pos.contiguous(),
+                                        carried_death.contiguous(), out_pos, out_death, NC, L=L, C=C,
+                                        CP=triton.next_power_of_2(C), num_warps=1)
+    return out_pos, out_death
+
+
+@triton.jit
+def _state_fwd_kernel(S0_ptr, S_ptr, lo_ptr, hi_ptr, rank_ptr, M_ptr, X_ptr, V_ptr, NC,
+                      C: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L: tl.constexpr, BV: tl.constexpr,
+                      BK: tl.constexpr, MATRIX: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64)
+    vv = tl.program_id(1) * BV + tl.arange(0, BV)
+    kk = tl.arange(0, K)
+    ll = tl.arange(0, L)
+    bk = tl.arange(0, BK)
+    tile = kk[:, None] * V + vv[None, :]  # a [K, BV] tile of one K x V state
+    S_row = S_ptr + r * (NC + 1) * C * K * V
+    for j in range(C):
+        tl.store(S_row + j * K * V + tile, tl.load(S0_ptr + r * C * K * V + j * K * V + tile))
+    tl.debug_barrier()
+    for c in range(NC):
+        rc = r * NC + c
+        S_in = S_row + c * C * K * V
+        S_out = S_in + C * K * V
+        rank = tl.load(rank_ptr + rc * L + ll)
+        Vc = tl.load(V_ptr + (rc * L + ll[:, None]) * V + vv[None, :])  # [L, BV]
+        for n in range(C):
+            lo = tl.load(lo_ptr + rc * C + n)
+            hi = tl.load(hi_ptr + rc * C + n)
+            acc = tl.zeros((K, BV), dtype=tl.float32)  # Σ of the old slots merging into slot n
+            for j in range(lo, hi + 1):
+                acc += tl.load(S_in + j * K * V + tile)
+            Vn = Vc * (rank == n).to(tl.float32)[:, None]
+            for kb in tl.static_range(K // BK):
+                rows = kb * BK + bk
+                X_blk = tl.load(X_ptr + (rc * K + rows[:, None]) * L + ll[None, :])  # [BK, L]
+                out = tl.dot(X_blk, Vn, input_precision="ieee")
+                if MATRIX:
+                    M_blk = tl.load(M_ptr + (rc * K + rows[:, None]) * K + kk[None, :])  # [BK, K]
+                    out += tl.dot(M_blk, acc, input_precision="ieee")
+                else:  # BK == K: a scalar decay
+                    out += tl.load(M_ptr + rc) * acc
+                tl.store(S_out + n * K * V + rows[:, None] * V + vv[None, :], out)
+        tl.debug_barrier()
+
+
+@triton.jit
+def _state_bwd_kernel(S_ptr, dS_ptr, lo_ptr, hi_ptr, rank_ptr, M_ptr, X_ptr, V_ptr,
+                      dM_ptr, dX_ptr, dV_ptr, NC,
+                      C: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L: tl.constexpr, BV: tl.constexpr,
+                      BK: tl.constexpr, MATRIX: tl.constexpr):
+    """Reverse walk. ``dS`` enters holding the gradients w.r.t. every S_c from outside the
+    recurrence and leaves holding the total gradients; dM, dX are accumulated atomically over
+    value blocks, dV is written."""
+    r = tl.program_id(0).to(tl.int64)
+    vv = tl.program_id(1) * BV + tl.arange(0, BV)
+    kk = tl.arange(0, K)
+    ll = tl.arange(0, L)
+    bk = tl.arange(0, BK)
+    tile = kk[:, None] * V + vv[None, :]
+    S_row = S_ptr + r * (NC + 1) * C * K * V
+    dS_row = dS_ptr + r * (NC + 1) * C * K * V
+    for ci in range(NC):
+        c = NC - 1 - ci
+        rc = r * NC + c
+        S_in = S_row + c * C * K * V
+        dS_in = dS_row + c * C * K * V
+        dS_out = dS_in + C * K * V
+        rank = tl.load(rank_ptr + rc * L + ll)
+        Vc = tl.load(V_ptr + (rc * L + ll[:, None]) * V + vv[None, :])  # [L, BV]
+        X = tl.load(X_ptr + (rc * K + kk[:, None]) * L + ll[None, :])  # [K, L]
+        dX = tl.zeros((K, L), dtype=tl.float32)
+        dV = tl.zeros((L, BV), dtype=tl.float32)
+        dgamma = tl.zeros((BV,), dtype=tl.float32)
+        for n in range(C):
+            lo = tl.load(lo_ptr + rc * C + n)
+            hi = tl.load(hi_ptr + rc * C + n)
+            G = tl.load(dS_out + n * K * V + tile)  # [K, BV]
+            mine = (rank == n).to(tl.float32)
+            dX += tl.dot(G, tl.trans(Vc * mine[:, None]), input_precision="ieee")
+            dV += tl.dot(tl.trans(X), G, input_precision="ieee") * mine[:, None]
+            acc = tl.zeros((K, BV), dtype=tl.float32)
+            for j in range(lo, hi + 1):
+                acc += tl.load(S_in + j * K * V + tile)
+            if MATRIX:
+                for kb in tl.static_range(K // BK):
+                    rows = kb * BK + bk
+                    G_blk = tl.load(dS_out + n * K * V + rows[:, None] * V + vv[None, :])  # [BK, BV]
+                    tl.atomic_add(dM_ptr + (rc * K + rows[:, None]) * K + kk[None, :],
+                                  tl.dot(G_blk, tl.trans(acc), input_precision="ieee"))
+                    Mt_blk = tl.load(M_ptr + (rc * K + kk[None, :]) * K + rows[:, None])  # M^T rows
+                    dA_blk = tl.dot(Mt_blk, G, input_precision="ieee")
+                    for j in range(lo, hi + 1):
+                        p = dS_in + j * K * V + rows[:, None] * V + vv[None, :]
+                        tl.store(p, tl.load(p) + dA_blk)
+            else:
+                dgamma += tl.sum(G * acc, axis=0)
+                dA = tl.load(M_ptr + rc) * G
+                for j in range(lo, hi + 1):
+                    p = dS_in + j * K * V + tile
+                    tl.store(p, tl.load(p) + dA)
+        if not MATRIX:
+            tl.atomic_add(dM_ptr + rc, tl.sum(dgamma, axis=0))
+        tl.atomic_add(dX_ptr + (rc * K + kk[:, None]) * L + ll[None, :], dX)
+        tl.store(dV_ptr + (rc * L + ll[:, None]) * V + vv[None, :], dV)
+        tl.debug_barrier()
+
+
+def _pow2(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+class _StateRecurrence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, S0, M, X, Vc, lo, hi, rank):
+        R, NC, L, Vd = Vc.shape
+        C, K = S0.shape[1], S0.shape[2]
+        matrix = M.dim() == 4
+        BV = min(32, Vd)
+        BK = min(64, K) if matrix else K
+        S = torch.empty(R, NC + 1, C, K, Vd, dtype=torch.float32, device=S0.device)
+        _state_fwd_kernel[(R, Vd // BV)](S0, S, lo, hi, rank, M, X, Vc, NC, C=C, K=K, V=Vd, L=L, BV=BV, BK=BK,
+                                         MATRIX=matrix, num_warps=4)
+        ctx.save_for_backward(S, M, X, Vc, lo, hi, rank)
+        ctx.blocks = (BV, BK, matrix)
+        return S
+
+    @staticmethod
+    def backward(ctx, dS):
+        S, M, X, Vc, lo, hi, rank = ctx.saved_tensors
+        BV, BK, matrix = ctx.blocks
+        R, NC, L, Vd = Vc.shape
+        C, K = S.shape[2], S.shape[3]
+        dS = dS.float().contiguous().clone()
+        dM = torch.zeros_like(M)
+        dX = torch.zeros_like(X)
+        dV = torch.empty_like(Vc)
+        _state_bwd_kernel[(R, Vd // BV)](S, dS, lo, hi, rank, M, X, Vc, dM, dX, dV, NC, C=C, K=K, V=Vd, L=L,
+                                         BV=BV, BK=BK, MATRIX=matrix, num_warps=4)
+        return dS[:, 0], dM, dX, dV, None, None, None
+
+
+def state_recurrence(S0, M, X, v, dest, tok_rank):
+    """States at every chunk boundary, ``[N, H, NC + 1, C, K, V]`` (float32), differentiable in
+    ``S0 [N,H,C,K,V]``, ``M`` (``[N,H,NC]`` decays or ``[N,H,NC,K,K]``), ``X [N,H,NC,K,L]`` and
+    ``v [N,H,NC,L,V]``; ``dest [N,H,NC,C]`` and ``tok_rank [N,H,NC,L]`` route old slots and chunk
+    tokens to the new slots (``C`` = nowhere)."""
+    N, H, NC, C = dest.shape
+    K, L, Vd = X.shape[-2], X.shape[-1], v.shape[-1]
+    Kp, Vp = _pow2(K), _pow2(Vd)
+    slot = torch.arange(C, device=dest.device)
+    hit = dest[..., None, :] == slot[:, None]  # [N, H, NC, C_new, C_old]
+    lo = torch.where(hit, slot, C).amin(-1).to(torch.int32)
+    hi = torch.where(hit, slot, -1).amax(-1).to(torch.int32)
+    f32 = torch.float32
+    S0 = torch.nn.functional.pad(S0.to(f32), (0, Vp - Vd, 0, Kp - K))
+    X = torch.nn.functional.pad(X.to(f32), (0, 0, 0, Kp - K))
+    v = torch.nn.functional.pad(v.to(f32), (0, Vp - Vd))
+    if M.dim() == 5:
+        M = torch.nn.functional.pad(M.to(f32), (0, Kp - K, 0, Kp - K))
+    rows = N * H
+    S = _StateRecurrence.apply(S0.reshape(rows, C, Kp, Vp).contiguous(),
+                               M.to(f32).reshape((rows, NC) + M.shape[3:]).contiguous(),
+                               X.reshape(rows, NC, Kp, L).contiguous(), v.reshape(rows, NC, L, Vp).contiguous(),
+                               lo.reshape(rows, NC, C).contiguous(), hi.reshape(rows, NC, C).contiguous(),
+                               tok_rank.to(torch.int32).reshape(rows, NC, L).contiguous())
+    return S.reshape(N, H, NC + 1, C, Kp, Vp)[..., :K, :Vd]
