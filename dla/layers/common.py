@@ -1,0 +1,367 @@
+"""What the two DLA token mixers (Mamba-2 and Gated DeltaNet bases) share.
+
+- :class:`PolicyConfig`: the schedule options of a layer (policy, capacity, score, ...), validated
+  once and resolved to the capacity / label rule / number of λ labels the layer uses;
+- :class:`LambdaProjection`: λ_t = softplus(L ⊙ (W_λ x_t)) (spec §2);
+- :class:`RouterScore`: the learned ``router`` information score;
+- :class:`ShortConvolution`: the causal depthwise convolution both bases put before the
+  recurrence, exact across packed sequences and across calls;
+- :class:`GatedRMSNorm`: the output norm with a SiLU gate (before or after normalising);
+- :class:`MixerCache`: what a DLA layer carries between calls, per sequence;
+- :class:`DLAMixer`: scores -> schedule -> λ -> op, the part of ``forward`` that is DLA.
+
+Inputs are ``[B, T, ...]`` (dense) or packed ``[1, T_total, ...]`` with ``cu_seqlens``, exactly as
+the ops take them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dla.ops import DLAState, chunk_dla, recurrent_dla
+from dla.schedule import POLICIES, SegmentState, novelty_scores, plan_schedule
+from dla.varlen import pack, seq_lengths, unpack
+
+SCORES = ("novelty", "router", "external")
+LABEL_RULES = ("recency", "level")
+DEFAULT_CAPACITY = 16
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """How a DLA layer plans its segments (spec §3), validated at construction.
+
+    ``capacity`` is resolved: ``single`` -> 1, ``fenwick`` -> bit_length(max_position_embeddings - 1) + 1
+    (a fixed capacity, so a prefill and the decoding steps after it plan the same schedule),
+    otherwise 16. ``label_rule`` is resolved to ``level`` for ``fenwick`` and ``recency`` otherwise.
+    ``score`` (``dynamic`` only): ``novelty`` (the keys the layer writes), ``router`` (learned, see
+    :class:`RouterScore`) or ``external`` (passed to ``forward`` as ``scores``).
+    Invalid values raise ``ValueError`` naming the field.
+    """
+
+    policy: str = "dynamic"
+    capacity: int | None = None
+    threshold: float = 0.5
+    period: int | None = None
+    max_segment_len: int | None = None
+    score: str = "novelty"
+    label_rule: str | None = None
+    max_position_embeddings: int = 2048
+
+    def __post_init__(self):
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+        if self.score not in SCORES:
+            raise ValueError(f"score must be one of {SCORES}, got {self.score!r}")
+        if self.label_rule is not None and self.label_rule not in LABEL_RULES:
+            raise ValueError(f"label_rule must be None or one of {LABEL_RULES}, got {self.label_rule!r}")
+        if not _is_int(self.max_position_embeddings) or self.max_position_embeddings < 1:
+            raise ValueError(f"max_position_embeddings must be an int >= 1, got {self.max_position_embeddings!r}")
+        if self.capacity is not None and (not _is_int(self.capacity) or self.capacity < 1):
+            raise ValueError(f"capacity must be None or an int >= 1, got {self.capacity!r}")
+        if (isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float))
+                or not 0 <= self.threshold <= 1):
+            raise ValueError(f"threshold must be a number in [0, 1], got {self.threshold!r}")
+        if self.max_segment_len is not None and (not _is_int(self.max_segment_len) or self.max_segment_len < 1):
+            raise ValueError(f"max_segment_len must be None or an int >= 1, got {self.max_segment_len!r}")
+        if self.policy == "fixed" and (not _is_int(self.period) or self.period < 1):
+            raise ValueError(f"period must be an int >= 1 for policy='fixed', got {self.period!r}")
+        levels = self.levels
+        if self.policy == "single":
+            if self.capacity not in (None, 1):
+                raise ValueError(f"capacity must be 1 (or None) for policy='single', got {self.capacity}")
+            capacity = 1
+        elif self.policy == "fenwick":
+            if self.capacity is not None and self.capacity < levels:
+                raise ValueError(f"capacity must be >= {levels} for policy='fenwick' with max_position_embeddings="
+                                 f"{self.max_position_embeddings}, got {self.capacity}")
+            capacity = self.capacity or levels
+        else:
+            capacity = self.capacity or DEFAULT_CAPACITY
+        object.__setattr__(self, "capacity", capacity)
+        if self.label_rule is None:
+            object.__setattr__(self, "label_rule", "level" if self.policy == "fenwick" else "recency")
+
+    @property
+    def levels(self) -> int:
+        """Level labels a sequence of ``max_position_embeddings`` tokens can use (0 = the open segment)."""
+        return (self.max_position_embeddings - 1).bit_length() + 1
+
+    @property
+    def n_labels(self) -> int:
+        """λ labels the layer projects: ``capacity`` for recency labels, :attr:`levels` for level labels."""
+        if self.capacity == 1:
+            return 1
+        return self.capacity if self.label_rule == "recency" else self.levels
+
+
+class LambdaProjection(nn.Module):
+    """λ_t = softplus(L ⊙ (W_λ x_t)), ``[..., heads, n_labels]`` (spec §2, as Log-Linear Attention).
+
+    ``label_scale`` is L (ones, no weight decay) and ``proj`` is W_λ (N(0, 0.006²)), so λ ≈ ln 2
+    for every label at initialisation.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, n_labels: int):
+        super().__init__()
+        self.num_heads, self.n_labels = num_heads, n_labels
+        self.proj = nn.Linear(hidden_size, num_heads * n_labels, bias=False)
+        self.label_scale = nn.Parameter(torch.ones(num_heads, n_labels))
+        self.label_scale._no_weight_decay = True
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        nn.init.normal_(self.proj.weight, mean=0.0, std=0.006)
+        nn.init.ones_(self.label_scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.softplus(self.label_scale * self.proj(x).unflatten(-1, (self.num_heads, self.n_labels)))
+
+
+def sequence_starts(cu_seqlens: torch.Tensor | None, batch: int, length: int, device) -> tuple:
+    """``(rows, cols, nonempty)``: where every sequence's first token sits in a ``[batch, length]``
+    (or packed ``[1, length]``) layout, and which sequences have any token in this window."""
+    if cu_seqlens is None:
+        rows = torch.arange(batch, device=device)
+        cols = torch.zeros(batch, dtype=torch.long, device=device)
+        return rows, cols, torch.full((batch,), length > 0, device=device)
+    cols = cu_seqlens[:-1].long()
+    return torch.zeros_like(cols), cols, cu_seqlens[1:] > cu_seqlens[:-1]
+
+
+def last_tokens(x: torch.Tensor, cu_seqlens: torch.Tensor | None, previous: torch.Tensor | None) -> torch.Tensor:
+    """``[N, ...]``: each sequence's last token of ``x`` in this window, or ``previous`` (the value
+    kept from earlier windows) for a sequence without tokens in it."""
+    B, T = x.shape[:2]
+    if cu_seqlens is None:
+        return x[:, -1] if T else previous
+    ends = (cu_seqlens[1:].long() - 1).clamp(min=0)
+    last = x[0, ends.clamp(max=max(T - 1, 0))] if T else x.new_zeros((ends.numel(),) + x.shape[2:])
+    nonempty = (cu_seqlens[1:] > cu_seqlens[:-1]).view(-1, *[1] * (x.dim() - 2))
+    fallback = torch.zeros_like(last) if previous is None else previous.to(last.dtype)
+    return torch.where(nonempty, last, fallback)
+
+
+class RouterScore(nn.Module):
+    """The ``router`` information score, H-Net-style: u_t = (1 - cos(W_a x_t, W_b x_{t-1})) / 2 per
+    head, on the layer input, with u = 1 at a sequence start.
+
+    The schedule is discrete and carries no gradient (spec §3), and this implementation adds no
+    straight-through estimator: W_a and W_b get no gradient from the language-modelling loss, so
+    they keep their initialisation unless a caller trains them with a loss of its own on
+    :meth:`forward`'s scores. Decoding keeps W_b x of each sequence's last token
+    (:attr:`MixerCache.router_key`).
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = max(hidden_size // num_heads, 1)
+        self.query = nn.Linear(hidden_size, num_heads * self.head_dim, bias=False)
+        self.key = nn.Linear(hidden_size, num_heads * self.head_dim, bias=False)
+
+    def forward(self, x, cu_seqlens=None, previous_key=None):
+        """Returns ``(u [B, T, H], last key [N, H, head_dim])`` for the ``[B, T, D]`` input ``x``."""
+        B, T = x.shape[:2]
+        with torch.no_grad():
+            a = self.query(x).unflatten(-1, (self.num_heads, self.head_dim)).float()
+            b = self.key(x).unflatten(-1, (self.num_heads, self.head_dim)).float()
+            b_prev = torch.cat([torch.zeros_like(b[:, :1]), b[:, :-1]], 1)
+            rows, cols, nonempty = sequence_starts(cu_seqlens, B, T, x.device)
+            rows, cols = rows[nonempty], cols[nonempty]
+            if previous_key is not None:
+                b_prev = b_prev.index_put((rows, cols), previous_key[nonempty].float())
+            u = (1 - F.cosine_similarity(a, b_prev, dim=-1, eps=1e-6)) / 2
+            if previous_key is None:
+                u = u.index_put((rows, cols), torch.ones_like(u[rows, cols]))
+            return u.clamp(0, 1), last_tokens(b, cu_seqlens, previous_key)
+
+
+class ShortConvolution(nn.Conv1d):
+    """Causal depthwise convolution + SiLU over ``[B, T, D]``, as both bases put before the recurrence.
+
+    Packed sequences (``cu_seqlens``) never see each other's tokens, and ``state`` (the inputs of
+    each sequence's last ``kernel_size - 1`` tokens, ``[N, D, kernel_size - 1]``) continues a
+    sequence exactly across calls.
+    """
+
+    def __init__(self, channels: int, kernel_size: int = 4, bias: bool = False):
+        super().__init__(channels, channels, kernel_size, groups=channels, bias=bias)
+
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None, state: torch.Tensor | None = None):
+        """Returns ``(y [B, T, D], state [N, D, kernel_size - 1])``."""
+        B, T, D = x.shape
+        W = self.kernel_size[0]
+        rows = x if cu_seqlens is None else unpack(x, cu_seqlens)
+        N = rows.shape[0]
+        lengths = (torch.full((N,), T, dtype=torch.long, device=x.device) if cu_seqlens is None
+                   else seq_lengths(cu_seqlens))
+        past = rows.new_zeros(N, D, W - 1) if state is None else state.to(rows.dtype)
+        full = torch.cat([past, rows.transpose(1, 2)], -1)  # [N, D, W - 1 + T_max]
+        y = F.silu(F.conv1d(full, self.weight, self.bias, groups=D)).transpose(1, 2)
+        # the last W - 1 inputs of each sequence end where its tokens end, not at the padded row end
+        window = lengths[:, None] + torch.arange(W - 1, device=x.device)
+        new_state = full.gather(-1, window[:, None, :].expand(N, D, W - 1))
+        return (y if cu_seqlens is None else pack(y, cu_seqlens)), new_state
+
+
+class GatedRMSNorm(nn.Module):
+    """RMSNorm over groups of ``group_size`` channels with a SiLU gate ``z``, computed in float32.
+
+    ``gate_first``: normalise ``x * silu(z)`` (Mamba-2's ``norm_before_gate=False``); otherwise
+    ``norm(x) * silu(z)`` (Gated DeltaNet's output norm).
+    """
+
+    def __init__(self, dim: int, group_size: int | None = None, eps: float = 1e-5, gate_first: bool = False):
+        super().__init__()
+        self.group_size = group_size or dim
+        self.eps, self.gate_first = eps, gate_first
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def reset_parameters(self):
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        h, gate = x.float(), F.silu(z.float())
+        if self.gate_first:
+            h = h * gate
+        groups = h.unflatten(-1, (-1, self.group_size))
+        h = (groups * torch.rsqrt(groups.pow(2).mean(-1, keepdim=True) + self.eps)).flatten(-2) * self.weight
+        if not self.gate_first:
+            h = h * gate
+        return h.to(x.dtype)
+
+
+def inverse_softplus_dt(num_heads: int, dt_min: float = 0.001, dt_max: float = 0.1,
+                        dt_init_floor: float = 1e-4) -> torch.Tensor:
+    """mamba_ssm's ``dt_bias`` initialisation: softplus(dt_bias) log-uniform in [dt_min, dt_max]."""
+    dt = torch.exp(torch.rand(num_heads) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+    dt = dt.clamp(min=dt_init_floor)
+    return dt + torch.log(-torch.expm1(-dt))
+
+
+def copy_unless_loaded(param: torch.Tensor, value: torch.Tensor) -> None:
+    """Write an initial value, except into a parameter that Hugging Face has already loaded from a
+    checkpoint (it flags those ``_is_hf_initialized`` before re-running the initialisers)."""
+    if not getattr(param, "_is_hf_initialized", False):
+        with torch.no_grad():
+            param.copy_(value)
+
+
+@dataclass
+class MixerCache:
+    """What a DLA layer keeps for each sequence between calls; its size does not grow with the
+    number of tokens: the :class:`dla.DLAState` (segment states, segmentation, previous key), the
+    convolution states by module name, and the router's last key (``score="router"`` only)."""
+
+    state: DLAState | None = None
+    conv: dict[str, torch.Tensor] = field(default_factory=dict)
+    router_key: torch.Tensor | None = None
+
+    @property
+    def nbytes(self) -> int:
+        tensors = list(self.conv.values()) + ([] if self.router_key is None else [self.router_key])
+        return (0 if self.state is None else self.state.nbytes) + sum(t.numel() * t.element_size() for t in tensors)
+
+    def index_select(self, index: torch.Tensor) -> None:
+        """Keep (and reorder, repeat) the sequences ``index`` -- beam search and batch expansion."""
+        if self.state is not None:
+            s = self.state
+            seg = s.segments
+            self.state = DLAState(
+                states=s.states[index.to(s.states.device)],
+                segments=SegmentState(seg.starts[index.to(seg.starts.device)], seg.info[index.to(seg.info.device)],
+                                      seg.position[index.to(seg.position.device)]),
+                prev_key=None if s.prev_key is None else s.prev_key[index.to(s.prev_key.device)])
+        self.conv = {name: c[index.to(c.device)] for name, c in self.conv.items()}
+        if self.router_key is not None:
+            self.router_key = self.router_key[index.to(self.router_key.device)]
+
+
+class DLAMixer(nn.Module):
+    """The DLA part of a token mixer: information scores, the schedule, λ and the op.
+
+    Subclasses build the base layer's projections, call :meth:`convolve` for their short
+    convolutions and :meth:`attend` with the base's (q, k, v, g, beta). ``policy="single"`` has no
+    λ projection (λ ≡ 1), so it is the base layer exactly.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, policy: PolicyConfig | None, chunk_size: int):
+        super().__init__()
+        self.policy = policy if policy is not None else PolicyConfig()
+        self.num_heads, self.chunk_size = num_heads, chunk_size
+        p = self.policy
+        self.lam_proj = None if p.policy == "single" else LambdaProjection(hidden_size, num_heads, p.n_labels)
+        self.router = (RouterScore(hidden_size, num_heads) if p.policy == "dynamic" and p.score == "router"
+                       else None)
+
+    def convolve(self, name: str, x: torch.Tensor, cu_seqlens, cache: MixerCache | None) -> torch.Tensor:
+        """Run the :class:`ShortConvolution` ``name`` and keep its state in ``cache``."""
+        y, state = getattr(self, name)(x, cu_seqlens, None if cache is None else cache.conv.get(name))
+        if cache is not None:
+            cache.conv[name] = state
+        return y
+
+    def information_scores(self, x, k, cu_seqlens, cache: MixerCache | None, scores):
+        """u ``[B, T, H]`` for the ``dynamic`` policy (None for the others)."""
+        p = self.policy
+        if p.policy != "dynamic":
+            return None
+        B, T = x.shape[:2]
+        if p.score == "external":
+            if scores is None:
+                raise ValueError("score='external' needs scores [B, T, heads] passed to forward")
+            if tuple(scores.shape) != (B, T, self.num_heads):
+                raise ValueError(f"scores must be [B, T, heads] = [{B}, {T}, {self.num_heads}], "
+                                 f"got {tuple(scores.shape)}")
+            return scores
+        if scores is not None:
+            raise ValueError(f"scores are only used with score='external', this layer has score={p.score!r}")
+        state = None if cache is None else cache.state
+        if p.score == "router":
+            u, last = self.router(x, cu_seqlens, None if cache is None else cache.router_key)
+            if cache is not None:
+                cache.router_key = last
+            return u
+        if state is None or cu_seqlens is None:
+            return novelty_scores(k, cu_seqlens, None if state is None else state.prev_key)
+        # novelty_scores writes prev_key at every sequence start, and the start of a sequence without
+        # tokens in this window is another sequence's token: hand it only the sequences with tokens
+        nonempty = cu_seqlens[1:] > cu_seqlens[:-1]
+        return novelty_scores(k, torch.cat([cu_seqlens[:1], cu_seqlens[1:][nonempty]]), state.prev_key[nonempty])
+
+    def attend(self, x, q, k, v, g, beta, scale, cu_seqlens=None, cache: MixerCache | None = None, scores=None):
+        """Plan the schedule and run the op; ``x`` is the layer input (for λ and the router).
+        A single token per sequence continuing a cache runs the recurrent step, anything else the
+        chunked path. Returns ``o [B, T, H, V]`` and leaves the final state in ``cache``."""
+        p = self.policy
+        B, T, H = q.shape[:3]
+        state = None if cache is None else cache.state
+        schedule = plan_schedule(p.policy, batch=B, heads=H, length=T, capacity=p.capacity,
+                                 scores=self.information_scores(x, k, cu_seqlens, cache, scores),
+                                 threshold=p.threshold, period=p.period, max_segment_len=p.max_segment_len,
+                                 cu_seqlens=cu_seqlens, label_rule=p.label_rule, initial_state=state, device=q.device)
+        lam = q.new_ones(B, T, H, 1) if self.lam_proj is None else self.lam_proj(x)
+        kwargs = dict(beta=beta, scale=scale, initial_state=state, output_final_state=cache is not None,
+                      cu_seqlens=cu_seqlens)
+        if state is not None and cu_seqlens is None and T == 1:
+            o, final = recurrent_dla(q, k, v, g, lam, schedule, **kwargs)
+        else:
+            o, final = chunk_dla(q, k, v, g, lam, schedule, chunk_size=self.chunk_size, **kwargs)
+        if cache is not None:
+            cache.state = final
+        return o
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters of ``model``, a tied (shared) parameter counted once."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
