@@ -15,11 +15,21 @@ left is a walk over chunks for every sequence-head:
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 from dla.schedule.schedule import NONE
+
+# tests set this to fill kernel outputs with NaN first, so an element a kernel forgets is caught
+POISON = os.environ.get("DLA_POISON_OUTPUTS") == "1"
+
+
+def _output(shape, like):
+    return (torch.full if POISON else torch.empty)(shape, *([float("nan")] if POISON else []),
+                                                   dtype=torch.float32, device=like.device)
 
 
 @triton.jit
@@ -182,7 +192,7 @@ class _StateRecurrence(torch.autograd.Function):
         matrix = M.dim() == 4
         BV = min(32, Vd)
         BK = min(64, K) if matrix else K
-        S = torch.empty(R, NC + 1, C, K, Vd, dtype=torch.float32, device=S0.device)
+        S = _output((R, NC + 1, C, K, Vd), S0)
         _state_fwd_kernel[(R, Vd // BV)](S0, S, lo, hi, rank, M, X, Vc, NC, C=C, K=K, V=Vd, L=L, BV=BV, BK=BK,
                                          MATRIX=matrix, num_warps=4)
         ctx.save_for_backward(S, M, X, Vc, lo, hi, rank)
@@ -198,7 +208,7 @@ class _StateRecurrence(torch.autograd.Function):
         dS = dS.float().contiguous().clone()
         dM = torch.zeros_like(M)
         dX = torch.zeros_like(X)
-        dV = torch.empty_like(Vc)
+        dV = _output(Vc.shape, Vc)
         _state_bwd_kernel[(R, Vd // BV)](S, dS, lo, hi, rank, M, X, Vc, dM, dX, dV, NC, C=C, K=K, V=Vd, L=L,
                                          BV=BV, BK=BK, MATRIX=matrix, num_warps=4)
         return dS[:, 0], dM, dX, dV, None, None, None

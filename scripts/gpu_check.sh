@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# GPU correctness suite and op benchmarks. Writes logs and JSON under $OUT (default
+# benchmarks/results). Usage: scripts/gpu_check.sh [tests|bench|profile|all] [extra args for ops.py]
+# Carries optional wheels from .whl/ (flash-linear-attention, pytest, hypothesis) when present.
+set -uo pipefail
+mode=${1:-all}; shift || true
+OUT=${OUT:-benchmarks/results}
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
+python3 - <<'PY' | tee "$OUT/gpu_env.txt"
+import torch, triton
+print("device", torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__)
+PY
+if [[ $mode == tests || $mode == all ]]; then
+  python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu.py tests/test_triton_chunk.py tests/test_triton_schedule.py \
+    2>&1 | tee "$OUT/gpu_tests.log" | tail -15
+fi
+if [[ $mode == profile || $mode == all ]]; then
+  python3 benchmarks/profile_chunk.py 2>&1 | tee "$OUT/profile.txt" | tail -40
+fi
+if [[ $mode == bench || $mode == all ]]; then
+  python3 benchmarks/ops.py --out "$OUT/ops.json" "$@" 2>&1 | tee "$OUT/ops.log"
+fi
