@@ -1,0 +1,161 @@
+"""Synthetic recall tasks, generated on the fly and deterministic by (seed, batch index).
+
+Both tasks split the vocabulary in two: keys come from ``[1, vocab_size // 2)`` and values
+from ``[vocab_size // 2, vocab_size)``; token 0 is never a key.
+
+- :class:`MQAR` -- multi-query associative recall as in Zoology (Arora et al., 2023): the
+  sequence starts with ``num_kv_pairs`` key-value pairs, then every key is queried once, at a
+  power-law distributed gap; the loss is taken only where the answer (the key's value) must
+  be predicted. Positions between queries hold random tokens.
+- :class:`Needle` -- passkey / multi-key needle-in-a-haystack retrieval: ``num_needles``
+  needles (a key followed by ``value_len`` value tokens) hidden in filler, one of them at a
+  chosen depth; the sequence ends with that needle's key and the model must produce its value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dla.data.batch import IGNORE_INDEX, Batch, batch_generator
+from dla.errors import DataError
+
+
+def _distinct(batch: int, low: int, high: int, count: int, generator: torch.Generator) -> torch.Tensor:
+    """``[batch, count]`` tokens drawn without replacement from ``[low, high)``, per row."""
+    return torch.rand(batch, high - low, generator=generator).argsort(1)[:, :count] + low
+
+
+@dataclass
+class MQAR:
+    """Multi-query associative recall (Zoology's ``multiquery_ar``).
+
+    Layout of one example of length ``seq_len`` (``n = num_kv_pairs``)::
+
+        k1 v1 k2 v2 ... kn vn | . . k3 . k1 . . . k2 . ...
+                              ^ queries: key k at position 2n + 2 * gap, target = its value
+
+    ``gap`` is drawn without replacement from ``{0, .., (seq_len - 2n) // 2 - 1}`` with
+    probability proportional to ``power_a * i ** (power_a - 1)`` (i = gap + 1), so small gaps
+    are likely. ``random_non_queries`` fills the positions that are not queries with uniform
+    random tokens (Zoology's default) instead of 0.
+    """
+
+    vocab_size: int = 8192
+    num_kv_pairs: int = 8
+    power_a: float = 0.01
+    random_non_queries: bool = True
+
+    def check(self, seq_len: int) -> None:
+        n = self.num_kv_pairs
+        if n < 1:
+            raise DataError(f"mqar: num_kv_pairs must be >= 1, got {n}")
+        if 4 * n > seq_len:
+            raise DataError(f"mqar: {n} key-value pairs need seq_len >= 4 * num_kv_pairs = {4 * n}, got {seq_len}")
+        if min(self.vocab_size // 2 - 1, self.vocab_size - self.vocab_size // 2) < n:
+            raise DataError(f"mqar: vocab_size {self.vocab_size} has fewer than {n} distinct keys or values; "
+                            f"it must be >= {2 * n + 2}")
+        if not self.power_a > 0:
+            raise DataError(f"mqar: power_a must be > 0, got {self.power_a}")
+
+    def batch(self, seq_len: int, batch_size: int, generator: torch.Generator) -> Batch:
+        self.check(seq_len)
+        B, n, V = batch_size, self.num_kv_pairs, self.vocab_size
+        context = 2 * n
+        keys = _distinct(B, 1, V // 2, n, generator)
+        values = _distinct(B, V // 2, V, n, generator)
+        kv = torch.stack([keys, values], -1).reshape(B, context)
+        space = (seq_len - context) // 2
+        i = torch.arange(1, space + 1, dtype=torch.float64)
+        p = self.power_a * i ** (self.power_a - 1)
+        gaps = torch.multinomial(p.expand(B, space), n, replacement=False, generator=generator)
+        # one extra position so that the targets can be the inputs shifted by one
+        queries = torch.zeros(B, seq_len - context + 1, dtype=torch.long).scatter_(1, 2 * gaps, keys)
+        tokens = torch.cat([kv, queries], 1)
+        answers = torch.full((B, seq_len + 1), IGNORE_INDEX, dtype=torch.long)
+        answers.scatter_(1, context + 2 * gaps + 1, values)
+        input_ids, targets = tokens[:, :-1], answers[:, 1:]
+        if self.random_non_queries:
+            noise = torch.randint(V, input_ids.shape, generator=generator)
+            input_ids = torch.where(input_ids == 0, noise, input_ids)
+        return Batch(input_ids.contiguous(), targets.contiguous())
+
+
+@dataclass
+class Needle:
+    """Passkey / multi-key needle retrieval.
+
+    One example of length ``seq_len``: filler tokens (drawn from the value range, so that no
+    key appears by chance), ``num_needles`` needles ``key v_1 .. v_m`` (``m = value_len``) at
+    non-overlapping places, then the query ``key v_1 .. v_{m-1}`` of one of them at the end;
+    the targets are its value tokens ``v_1 .. v_m`` (teacher forced). The queried needle starts
+    at ``round(depth * (seq_len - m - (m + 1)))``, the others anywhere else. ``depth`` in [0, 1],
+    or ``None`` for a uniformly random depth per example. ``value_len > 1`` with one needle is
+    the passkey task.
+    """
+
+    vocab_size: int = 8192
+    num_needles: int = 1
+    value_len: int = 1
+    depth: float | None = None
+
+    def check(self, seq_len: int) -> None:
+        m, n = self.value_len, self.num_needles
+        if m < 1 or n < 1:
+            raise DataError(f"needle: value_len and num_needles must be >= 1, got {m} and {n}")
+        if self.vocab_size // 2 - 1 < n or self.vocab_size - self.vocab_size // 2 < 2:
+            raise DataError(f"needle: vocab_size {self.vocab_size} is too small for {n} needles")
+        if (m + 1) * n + m > seq_len // 2:
+            raise DataError(f"needle: {n} needles of {m + 1} tokens and the query need seq_len >= "
+                            f"{2 * ((m + 1) * n + m)} (at most half of the sequence is needles), got {seq_len}")
+        if self.depth is not None and not 0 <= self.depth <= 1:
+            raise DataError(f"needle: depth must be in [0, 1] or null, got {self.depth}")
+
+    def batch(self, seq_len: int, batch_size: int, generator: torch.Generator) -> Batch:
+        self.check(seq_len)
+        B, n, m, V = batch_size, self.num_needles, self.value_len, self.vocab_size
+        width, haystack = m + 1, seq_len - m  # the query takes the last m positions
+        keys = _distinct(B, 1, V // 2, n, generator)
+        values = torch.randint(V // 2, V, (B, n, m), generator=generator)
+        input_ids = torch.randint(V // 2, V, (B, seq_len), generator=generator)
+        targets = torch.full((B, seq_len), IGNORE_INDEX, dtype=torch.long)
+        depths = torch.rand(B, generator=generator) if self.depth is None else torch.full((B,), float(self.depth))
+        starts = (depths * (haystack - width)).round().long()
+        for b in range(B):
+            taken = [int(starts[b])]
+            while len(taken) < n:  # the distractors: rejection sampling is fine at <= 50% occupancy
+                s = int(torch.randint(haystack - width + 1, (1,), generator=generator))
+                if all(abs(s - t) >= width for t in taken):
+                    taken.append(s)
+            for j, s in enumerate(taken):
+                input_ids[b, s] = keys[b, j]
+                input_ids[b, s + 1: s + width] = values[b, j]
+        # the query: needle 0 (the one at the chosen depth) is asked for
+        input_ids[:, haystack] = keys[:, 0]
+        input_ids[:, haystack + 1:] = values[:, 0, : m - 1]
+        targets[:, haystack:] = values[:, 0]
+        return Batch(input_ids, targets)
+
+
+TASKS = {"mqar": MQAR, "needle": Needle}
+
+
+@dataclass
+class SyntheticDataset:
+    """Batches of a synthetic task: batch ``i`` is a pure function of ``(seed, i)``."""
+
+    task: MQAR | Needle
+    seq_len: int
+    seed: int
+    stream: int = 0
+
+    def __post_init__(self):
+        self.task.check(self.seq_len)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.task.vocab_size
+
+    def batch(self, index: int, batch_size: int) -> Batch:
+        return self.task.batch(self.seq_len, batch_size, batch_generator(self.seed, index, self.stream))

@@ -1,0 +1,94 @@
+"""Data: synthetic tasks are deterministic and correct; text files are read, packed and checked."""
+
+import json
+
+import pytest
+import torch
+
+from dla.data import IGNORE_INDEX, MQAR, DataConfig, Needle, TextConfig, build_dataset
+from dla.errors import ConfigError, DataError
+
+
+def test_mqar_is_deterministic_by_seed_and_index():
+    cfg = DataConfig(task="mqar", seq_len=64, mqar=MQAR(vocab_size=128, num_kv_pairs=6))
+    a, b, c = build_dataset(cfg, 3), build_dataset(cfg, 3), build_dataset(cfg, 4)
+    assert torch.equal(a.batch(5, 4).input_ids, b.batch(5, 4).input_ids)
+    assert torch.equal(a.batch(5, 4).targets, b.batch(5, 4).targets)
+    assert not torch.equal(a.batch(5, 4).input_ids, c.batch(5, 4).input_ids)
+    assert not torch.equal(a.batch(5, 4).input_ids, a.batch(6, 4).input_ids)
+
+
+def test_mqar_answers_are_the_values_of_the_queried_keys():
+    n = 6
+    batch = build_dataset(DataConfig(task="mqar", seq_len=64, mqar=MQAR(vocab_size=128, num_kv_pairs=n)), 0).batch(0, 8)
+    for x, y in zip(batch.input_ids, batch.targets):
+        pairs = dict(zip(x[0:2 * n:2].tolist(), x[1:2 * n:2].tolist()))
+        answers = (y != IGNORE_INDEX).nonzero().flatten()
+        assert len(answers) == n and (answers >= 2 * n).all()
+        assert [pairs[int(x[t])] for t in answers] == y[answers].tolist()
+        assert all(k < 64 for k in pairs) and all(v >= 64 for v in pairs.values())
+
+
+def test_needle_places_the_queried_needle_at_the_depth():
+    task = Needle(vocab_size=64, num_needles=3, value_len=2, depth=0.0)
+    batch = build_dataset(DataConfig(task="needle", seq_len=40, needle=task), 0).batch(0, 4)
+    for x, y in zip(batch.input_ids, batch.targets):
+        assert x[0] == x[-2]  # depth 0: the queried needle opens the sequence; its key is asked at the end
+        assert y[-2:].tolist() == x[1:3].tolist() and (y[:-2] == IGNORE_INDEX).all()
+        assert (x[:-2] < 32).sum() == 3  # three keys in the haystack, nothing else below the value range
+
+
+@pytest.mark.parametrize("task, message", [(MQAR(num_kv_pairs=20), "seq_len >= 4 \\* num_kv_pairs = 80"),
+                                           (MQAR(vocab_size=8, num_kv_pairs=4), "vocab_size 8"),
+                                           (Needle(num_needles=30), "needles")])
+def test_synthetic_tasks_reject_impossible_sizes(task, message):
+    with pytest.raises(DataError, match=message):
+        build_dataset(DataConfig(task=type(task).__name__.lower(), seq_len=64, **{type(task).__name__.lower(): task}), 0)
+
+
+def write_jsonl(path, texts):
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return str(path)
+
+
+def test_text_fixed_packing_covers_the_stream_in_seeded_order(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", ["abcdefghij" * 3, "klmnop" * 2])
+    ds = build_dataset(DataConfig(task="text", seq_len=8, text=TextConfig(paths=[path])), 0)
+    assert ds.vocab_size == 257
+    rows = torch.cat([ds.batch(i, 1).input_ids for i in range(ds.num_windows)])
+    assert torch.equal(ds.batch(0, 2).targets[:, :-1], ds.batch(0, 2).input_ids[:, 1:])
+    starts = sorted(int((ds.stream.unfold(0, 8, 8) == r).all(1).nonzero()) for r in rows)
+    assert starts == list(range(len(rows)))  # an epoch visits every window once
+
+
+def test_text_varlen_packing_marks_documents(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", ["one", "document two", "three!"])
+    ds = build_dataset(DataConfig(task="text", seq_len=16, text=TextConfig(paths=[path], packing="varlen")), 0)
+    batch = ds.batch(0, 4)
+    lengths = batch.cu_seqlens.diff().tolist()
+    assert batch.input_ids.shape == (1, sum(lengths)) and sorted(lengths) == [3, 6, 12]
+    assert (batch.targets[0, batch.cu_seqlens[1:].long() - 1] == 256).all()  # every document ends with eos
+
+
+def test_text_errors_name_the_file_and_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n\n{"text": broken}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:3: malformed JSON"):
+        build_dataset(DataConfig(task="text", text=TextConfig(paths=[str(bad)])), 0)
+    bad.write_text('{"body": "no text"}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:1: expected a JSON object with a string field 'text'"):
+        build_dataset(DataConfig(task="text", text=TextConfig(paths=[str(bad)])), 0)
+    with pytest.raises(DataError, match="data file not found: .*missing.txt"):
+        build_dataset(DataConfig(task="text", text=TextConfig(paths=[str(tmp_path / "missing.txt")])), 0)
+    long = write_jsonl(tmp_path / "long.jsonl", ["short", "x" * 100])
+    with pytest.raises(DataError, match=r"long.jsonl:2: a document of 100 tokens is longer than .* seq_len = 64"):
+        build_dataset(DataConfig(task="text", seq_len=64, text=TextConfig(paths=[long], packing="varlen")), 0)
+    with pytest.raises(ConfigError, match="needs data.text.paths"):
+        build_dataset(DataConfig(task="text"), 0)
+
+
+def test_hf_dataset_from_a_local_directory(tmp_path):
+    pytest.importorskip("datasets", reason="the datasets package is not installed (optional)")
+    write_jsonl(tmp_path / "train.jsonl", ["first document", "second document"])
+    ds = build_dataset(DataConfig(task="text", seq_len=8, text=TextConfig(hf_dataset=str(tmp_path))), 0)
+    assert [w for w, _ in ds.documents] == [f"{tmp_path}[0]", f"{tmp_path}[1]"]
