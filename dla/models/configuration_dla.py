@@ -1,0 +1,106 @@
+"""``DLAConfig``: a decoder-only language model whose token mixer is DLA-Mamba-2, DLA-Gated DeltaNet
+or (the baseline) rotary softmax attention."""
+
+from __future__ import annotations
+
+import math
+
+from transformers import PreTrainedConfig
+
+from dla.layers import PolicyConfig
+
+MIXERS = ("mamba2", "gated_deltanet", "attention")
+CHUNK_SIZES = (16, 32, 64, 128)
+
+
+def _check_positive_int(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+
+class DLAConfig(PreTrainedConfig):
+    """Configuration of :class:`dla.DLAModel` / :class:`dla.DLAForCausalLM`.
+
+    Blocks are pre-norm: ``x + mixer(RMSNorm(x))``, then ``x + SwiGLU-MLP(RMSNorm(x))``.
+
+    - ``mixer``: ``mamba2``, ``gated_deltanet`` or ``attention``.
+    - heads: ``head_dim`` (default 64) is Mamba-2's per-head value width P, Gated DeltaNet's key
+      width and attention's head width. ``num_heads`` defaults to ``expand * hidden_size / head_dim``
+      for ``mamba2`` (which fixes it) and ``hidden_size / head_dim`` otherwise. ``state_size`` and
+      ``n_groups`` are Mamba-2's (B/C width, B/C groups); ``expand_v`` is Gated DeltaNet's value
+      expansion; ``conv_size`` the short convolution's kernel.
+    - the DLA policy (ignored by ``attention``; see :class:`dla.layers.PolicyConfig`): ``policy``
+      (``single``, ``fixed``, ``fenwick``, ``dynamic``), ``capacity``, ``threshold``, ``period``,
+      ``max_segment_len``, ``score`` (``novelty``, ``router``, ``external``), ``label_rule``.
+      ``max_position_embeddings`` fixes the fenwick capacity and the number of level labels.
+    - ``intermediate_size``: the MLP width (default: 8/3 of ``hidden_size`` rounded up to 64).
+    - ``chunk_size``: the chunked op's chunk (16, 32, 64 or 128).
+
+    Invalid values raise ``ValueError`` naming the field at construction.
+    """
+
+    model_type = "dla"
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]
+
+    def __init__(self, mixer: str = "mamba2", vocab_size: int = 32000, hidden_size: int = 768,
+                 num_hidden_layers: int = 12, num_heads: int | None = None, head_dim: int = 64, expand: int = 2,
+                 state_size: int = 128, n_groups: int = 1, expand_v: float = 2.0, conv_size: int = 4,
+                 intermediate_size: int | None = None, norm_eps: float = 1e-5, initializer_range: float = 0.02,
+                 rope_theta: float = 10000.0, max_position_embeddings: int = 2048, chunk_size: int = 64,
+                 policy: str = "dynamic", capacity: int | None = None, threshold: float = 0.5,
+                 period: int | None = None, max_segment_len: int | None = None, score: str = "novelty",
+                 label_rule: str | None = None, tie_word_embeddings: bool = True, use_cache: bool = True,
+                 pad_token_id: int | None = None, bos_token_id: int | None = 1, eos_token_id: int | None = 2,
+                 **kwargs):
+        if mixer not in MIXERS:
+            raise ValueError(f"mixer must be one of {MIXERS}, got {mixer!r}")
+        for name, value in (("vocab_size", vocab_size), ("hidden_size", hidden_size),
+                            ("num_hidden_layers", num_hidden_layers), ("head_dim", head_dim), ("expand", expand),
+                            ("state_size", state_size), ("n_groups", n_groups), ("conv_size", conv_size),
+                            ("max_position_embeddings", max_position_embeddings)):
+            _check_positive_int(name, value)
+        if num_heads is not None:
+            _check_positive_int("num_heads", num_heads)
+        if intermediate_size is not None:
+            _check_positive_int("intermediate_size", intermediate_size)
+        if chunk_size not in CHUNK_SIZES:
+            raise ValueError(f"chunk_size must be one of {CHUNK_SIZES}, got {chunk_size!r}")
+        if mixer == "mamba2":
+            if (expand * hidden_size) % head_dim:
+                raise ValueError(f"head_dim ({head_dim}) must divide expand * hidden_size ({expand * hidden_size})")
+            derived = expand * hidden_size // head_dim
+            if num_heads is not None and num_heads != derived:
+                raise ValueError(f"num_heads must be expand * hidden_size / head_dim = {derived} for mixer='mamba2', "
+                                 f"got {num_heads}")
+            num_heads = derived
+            if num_heads % n_groups:
+                raise ValueError(f"n_groups ({n_groups}) must divide num_heads ({num_heads})")
+        elif num_heads is None:
+            if hidden_size % head_dim:
+                raise ValueError(f"head_dim ({head_dim}) must divide hidden_size ({hidden_size}) "
+                                 "when num_heads is not given")
+            num_heads = hidden_size // head_dim
+        if mixer == "gated_deltanet" and (head_dim * expand_v != int(head_dim * expand_v) or expand_v <= 0):
+            raise ValueError(f"expand_v must make head_dim * expand_v a positive integer, got {expand_v!r}")
+        if mixer == "attention" and head_dim % 2:
+            raise ValueError(f"head_dim must be even for rotary embeddings, got {head_dim}")
+
+        self.mixer = mixer
+        self.vocab_size, self.hidden_size, self.num_hidden_layers = vocab_size, hidden_size, num_hidden_layers
+        self.num_heads, self.head_dim, self.expand = num_heads, head_dim, expand
+        self.state_size, self.n_groups, self.expand_v, self.conv_size = state_size, n_groups, expand_v, conv_size
+        self.intermediate_size = intermediate_size or 64 * math.ceil(8 * hidden_size / 3 / 64)
+        self.norm_eps, self.initializer_range, self.rope_theta = norm_eps, initializer_range, rope_theta
+        self.max_position_embeddings, self.chunk_size = max_position_embeddings, chunk_size
+        self.policy, self.capacity, self.threshold, self.period = policy, capacity, threshold, period
+        self.max_segment_len, self.score, self.label_rule = max_segment_len, score, label_rule
+        self.use_cache = use_cache
+        self.policy_config()  # validates the policy fields
+        super().__init__(tie_word_embeddings=tie_word_embeddings, pad_token_id=pad_token_id,
+                         bos_token_id=bos_token_id, eos_token_id=eos_token_id, **kwargs)
+
+    def policy_config(self) -> PolicyConfig:
+        """The resolved schedule options every DLA layer of the model uses."""
+        return PolicyConfig(policy=self.policy, capacity=self.capacity, threshold=self.threshold, period=self.period,
+                            max_segment_len=self.max_segment_len, score=self.score, label_rule=self.label_rule,
+                            max_position_embeddings=self.max_position_embeddings)

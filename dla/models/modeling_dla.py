@@ -1,0 +1,241 @@
+"""``DLAModel`` and ``DLAForCausalLM``: pre-norm decoder blocks around a DLA (or attention) token mixer.
+
+Padding never reaches a mixer: a batch whose ``attention_mask`` has zeros among the current
+tokens is packed into one varlen sequence per row (``cu_seqlens``), run, and scattered back, so a
+padded batch, the same sequences packed, and each sequence alone give the same outputs. Positions
+(rotary, schedules) count each sequence's own tokens; ``position_ids`` are not taken.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from dla.layers import (Attention, DLAGatedDeltaNet, DLAMamba2, GatedRMSNorm, LambdaProjection, ShortConvolution)
+
+from .cache_dla import DLACache
+from .configuration_dla import DLAConfig
+
+# transformers 5.x renamed the cache argument and output field `past_key_values` to `cache`; use
+# whichever this version has, and accept both as arguments
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+@dataclass
+class Unpadded:
+    """The real tokens of a padded ``[B, T]`` batch, packed as one varlen sequence per row."""
+
+    indices: torch.Tensor  # [n] positions of the real tokens in the flattened [B * T] batch
+    cu_seqlens: torch.Tensor  # [B + 1]
+    batch: int
+    length: int
+
+    @classmethod
+    def from_mask(cls, mask: torch.Tensor) -> "Unpadded":
+        mask = mask.bool()
+        cu_seqlens = F.pad(mask.sum(1).cumsum(0), (1, 0))
+        return cls(mask.flatten().nonzero().squeeze(1), cu_seqlens, *mask.shape)
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, T, ...]`` -> ``[1, n, ...]``."""
+        return x.flatten(0, 1)[self.indices].unsqueeze(0)
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """``[1, n, ...]`` -> ``[B, T, ...]``, zeros at the padding."""
+        out = x.new_zeros((self.batch * self.length,) + x.shape[2:]).index_copy(0, self.indices, x[0])
+        return out.unflatten(0, (self.batch, self.length))
+
+
+def build_mixer(config: DLAConfig) -> nn.Module:
+    if config.mixer == "attention":
+        return Attention(config.hidden_size, config.num_heads, config.head_dim, config.rope_theta)
+    common = dict(conv_size=config.conv_size, policy=config.policy_config(), chunk_size=config.chunk_size,
+                  norm_eps=config.norm_eps)
+    if config.mixer == "mamba2":
+        return DLAMamba2(config.hidden_size, config.head_dim, config.state_size, config.expand, config.n_groups,
+                         **common)
+    return DLAGatedDeltaNet(config.hidden_size, config.num_heads, config.head_dim, config.expand_v, **common)
+
+
+class DLAMLP(nn.Module):
+    """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DLABlock(nn.Module):
+    """``x + mixer(RMSNorm(x))``, then ``x + MLP(RMSNorm(x))``."""
+
+    def __init__(self, config: DLAConfig):
+        super().__init__()
+        self.mixer_norm = nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
+        self.mixer = build_mixer(config)
+        self.mlp_norm = nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
+        self.mlp = DLAMLP(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x, cu_seqlens=None, cache=None, scores=None):
+        extra = {} if scores is None else {"scores": scores}
+        x = x + self.mixer(self.mixer_norm(x), cu_seqlens=cu_seqlens, cache=cache, **extra)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class DLAPreTrainedModel(PreTrainedModel):
+    config: DLAConfig
+    config_class = DLAConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["DLABlock"]
+
+    def _init_weights(self, module):
+        """Linear and embedding weights N(0, initializer_range²); everything the layers initialise
+        themselves (convolutions, norms, λ, the SSM/gate parameters) as the layers do. Children are
+        initialised before their parents, so a layer's own rule wins."""
+        if isinstance(module, ShortConvolution):
+            module.reset_parameters()
+        elif isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+        elif isinstance(module, (nn.RMSNorm, GatedRMSNorm)):
+            init.ones_(module.weight)
+        elif isinstance(module, (LambdaProjection, DLAMamba2, DLAGatedDeltaNet)):
+            module.reset_parameters()
+
+
+class DLAModel(DLAPreTrainedModel):
+    """Embeddings, ``num_hidden_layers`` :class:`DLABlock` and a final RMSNorm."""
+
+    def __init__(self, config: DLAConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DLABlock(config) for _ in range(config.num_hidden_layers))
+        self.norm = nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def forward(self, input_ids=None, attention_mask=None, cache=None, inputs_embeds=None, use_cache=None,
+                output_hidden_states=None, return_dict=None, cu_seqlens=None, scores=None, **kwargs):
+        """``input_ids [B, T]`` (or ``inputs_embeds``) -> ``last_hidden_state [B, T, hidden]``.
+
+        - ``attention_mask [B, T_past + T]`` (1 = token, 0 = padding, any pattern): the last ``T``
+          columns mark the current tokens; rows are packed around their padding.
+        - ``cu_seqlens``: ``B = 1`` and the sequences are packed (instead of ``attention_mask``).
+        - ``cache``: a :class:`DLACache` to continue, one row per sequence; with ``use_cache`` and no
+          cache a new one is made (``use_cache`` defaults to ``config.use_cache`` outside training).
+        - ``scores``: information scores for ``score="external"``, ``[B, T, heads]`` for every layer
+          or a sequence with one per layer.
+        """
+        cfg = self.config
+        cache = cache if cache is not None else kwargs.get("past_key_values")
+        if use_cache is None:
+            use_cache = cfg.use_cache and not self.training
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        B, T = x.shape[:2]
+        unpadded = None
+        if attention_mask is not None:
+            if cu_seqlens is not None:
+                raise ValueError("pass either attention_mask (padded batch) or cu_seqlens (packed batch), not both")
+            if attention_mask.dim() != 2 or attention_mask.shape[0] != B or attention_mask.shape[1] < T:
+                raise ValueError(f"attention_mask must be [B, T_past + T] with B = {B}, T = {T}, "
+                                 f"got {tuple(attention_mask.shape)}")
+            current = attention_mask[:, -T:].bool()
+            if not current.all():
+                unpadded = Unpadded.from_mask(current)
+                cu_seqlens = unpadded.cu_seqlens
+        layer_scores = self._layer_scores(scores, unpadded)
+        if unpadded is not None:
+            x = unpadded.pack(x)
+        if use_cache and cache is None:
+            cache = DLACache(cfg)
+        hidden_states = []
+        for i, block in enumerate(self.layers):
+            if output_hidden_states:
+                hidden_states.append(x if unpadded is None else unpadded.unpack(x))
+            x = block(x, cu_seqlens, None if cache is None else cache.layers[i], layer_scores[i])
+        x = self.norm(x)
+        if unpadded is not None:
+            x = unpadded.unpack(x)
+        if cache is not None:
+            cache.seen_tokens += T
+        output = BaseModelOutputWithPast(last_hidden_state=x, hidden_states=(*hidden_states, x)
+                                         if output_hidden_states else None, **{CACHE_FIELD: cache})
+        return output if return_dict is not False else output.to_tuple()
+
+    def _layer_scores(self, scores, unpadded: Unpadded | None) -> list:
+        """One ``scores`` tensor (or None) per layer, packed like the tokens."""
+        cfg = self.config
+        n = cfg.num_hidden_layers
+        if scores is None:
+            return [None] * n
+        if cfg.mixer == "attention" or cfg.policy != "dynamic" or cfg.score != "external":
+            raise ValueError("scores are only used by DLA mixers with policy='dynamic' and score='external'")
+        per_layer = list(scores) if isinstance(scores, (list, tuple)) else [scores] * n
+        if len(per_layer) != n:
+            raise ValueError(f"scores must be one tensor or one per layer ({n}), got {len(per_layer)}")
+        return per_layer if unpadded is None else [unpadded.pack(s) for s in per_layer]
+
+
+class DLAForCausalLM(DLAPreTrainedModel, GenerationMixin):
+    """:class:`DLAModel` with a language-modelling head (tied to the embeddings by default)."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: DLAConfig):
+        super().__init__(config)
+        self.model = DLAModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        # generate() must not make a DynamicCache: the first forward makes a DLACache
+        return False
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def forward(self, input_ids=None, attention_mask=None, cache=None, inputs_embeds=None, labels=None,
+                use_cache=None, logits_to_keep: int = 0, output_hidden_states=None, return_dict=None, cu_seqlens=None,
+                scores=None, **kwargs):
+        """As :meth:`DLAModel.forward`, plus ``labels [B, T]`` (next-token cross-entropy, -100 ignored;
+        with ``cu_seqlens`` no sequence predicts the next one's first token) and ``logits_to_keep``
+        (logits of the last ``logits_to_keep`` positions only; 0 = all)."""
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, cache=cache, inputs_embeds=inputs_embeds,
+                         use_cache=use_cache, output_hidden_states=output_hidden_states, cu_seqlens=cu_seqlens,
+                         scores=scores, **kwargs)
+        logits = self.lm_head(out.last_hidden_state[:, -logits_to_keep:])
+        loss = None
+        if labels is not None:
+            targets = labels[:, 1:].clone()
+            if cu_seqlens is not None:
+                ends = cu_seqlens[1:-1].long() - 1
+                targets[0, ends[(ends >= 0) & (ends < targets.shape[1])]] = -100
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten().to(logits.device),
+                                   ignore_index=-100)
+        output = CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=out.hidden_states,
+                                        **{CACHE_FIELD: getattr(out, CACHE_FIELD)})
+        return output if return_dict is not False else output.to_tuple()
