@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dla.layers.common import upcast
 from dla.varlen import pack, seq_lengths, unpack
 
 
@@ -41,10 +42,10 @@ class KVCache:
 def rotate(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
     """Rotary embedding (rotate-half convention) of ``x [N, T, H, D]`` at ``positions [N, T]``."""
     D = x.shape[-1]
-    inv_freq = theta ** -(torch.arange(0, D, 2, device=x.device, dtype=torch.float32) / D)
-    angles = positions[..., None].float() * inv_freq  # [N, T, D/2]
+    inv_freq = theta ** -(torch.arange(0, D, 2, device=x.device, dtype=upcast(x).dtype) / D)
+    angles = positions[..., None].to(inv_freq.dtype) * inv_freq  # [N, T, D/2]
     cos, sin = (torch.cat([angles, angles], -1).cos()[:, :, None], torch.cat([angles, angles], -1).sin()[:, :, None])
-    h = x.float()
+    h = upcast(x)
     rotated = torch.cat([-h[..., D // 2:], h[..., : D // 2]], -1)
     return (h * cos + rotated * sin).to(x.dtype)
 

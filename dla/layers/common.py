@@ -231,7 +231,7 @@ class GatedRMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        h, gate = x.float(), F.silu(z.float())
+        h, gate = upcast(x), F.silu(upcast(z))
         if self.gate_first:
             h = h * gate
         groups = h.unflatten(-1, (-1, self.group_size))
@@ -247,6 +247,11 @@ def inverse_softplus_dt(num_heads: int, dt_min: float = 0.001, dt_max: float = 0
     dt = torch.exp(torch.rand(num_heads) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
     dt = dt.clamp(min=dt_init_floor)
     return dt + torch.log(-torch.expm1(-dt))
+
+
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32, or wider if it already is (float64 stays exact for tests)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def copy_unless_loaded(param: torch.Tensor, value: torch.Tensor) -> None:

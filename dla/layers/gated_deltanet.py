@@ -8,12 +8,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dla.layers.common import (DLAMixer, GatedRMSNorm, MixerCache, PolicyConfig, ShortConvolution,
-                               copy_unless_loaded, inverse_softplus_dt)
+                               copy_unless_loaded, inverse_softplus_dt, upcast)
 
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """fla's ``l2norm``: x / sqrt(sum x² + eps), in float32."""
-    h = x.float()
+    """fla's ``l2norm``: x / sqrt(sum x² + eps), in float32 (or wider)."""
+    h = upcast(x)
     return (h * torch.rsqrt(h.pow(2).sum(-1, keepdim=True) + eps)).to(x.dtype)
 
 
@@ -67,7 +67,7 @@ class DLAGatedDeltaNet(DLAMixer):
         v = self.convolve("v_conv1d", self.v_proj(x), cu_seqlens, cache).unflatten(-1, (H, self.head_v_dim))
         q, k = l2_normalize(q), l2_normalize(k)
         beta = torch.sigmoid(self.b_proj(x))
-        g = -torch.exp(self.A_log.float()) * F.softplus(self.a_proj(x).float() + self.dt_bias)
+        g = -torch.exp(upcast(self.A_log)) * F.softplus(upcast(self.a_proj(x)) + self.dt_bias)
         o = self.attend(x, q, k, v, g, beta, self.head_dim ** -0.5, cu_seqlens, cache, scores)
         o = self.o_norm(o, self.g_proj(x).unflatten(-1, (H, self.head_v_dim)))
         return self.o_proj(o.flatten(-2))

@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dla.layers.common import (DLAMixer, GatedRMSNorm, MixerCache, PolicyConfig, ShortConvolution,
-                               copy_unless_loaded, inverse_softplus_dt)
+                               copy_unless_loaded, inverse_softplus_dt, upcast)
 
 
 class DLAMamba2(DLAMixer):
@@ -65,7 +65,7 @@ class DLAMamba2(DLAMixer):
         b = b.unflatten(-1, (G, N)).repeat_interleave(H // G, 2)
         c = c.unflatten(-1, (G, N)).repeat_interleave(H // G, 2)
         dt = F.softplus(dt + self.dt_bias)
-        g = dt * -torch.exp(self.A_log.float())
+        g = dt * -torch.exp(upcast(self.A_log))
         y = self.attend(x, c, b, (xs * dt[..., None]).to(xs.dtype), g, None, 1.0, cu_seqlens, cache, scores)
         y = y + xs * self.D[:, None].to(xs.dtype)
         return self.out_proj(self.norm(y.flatten(-2), z))
