@@ -1,0 +1,259 @@
+"""The training loop, top to bottom: set up, (resume,) step, log, checkpoint.
+
+Data order: optimizer step ``s`` uses the micro-batches ``first + (s - s0) * accum * world +
+a * world + rank`` for ``a < accum`` (``s0``/``first``: the step and micro-batch the run started
+or resumed from). Every batch is a pure function of the seed and its index, so a resumed run
+sees exactly the data the uninterrupted run would have seen, and one process with
+``grad_accum = 2`` sees the same batches per step as two processes with ``grad_accum = 1``.
+
+Stopping: Ctrl-C (SIGINT) or SIGTERM (what torchrun sends its workers) finishes the current
+step, writes a checkpoint and returns ``status = "interrupted"``; a second Ctrl-C aborts at
+once. A NaN or infinite loss or gradient norm stops before the optimizer step with
+:class:`dla.errors.TrainingDiverged`, leaving the last checkpoint as the last good one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import math
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from dla.data import IGNORE_INDEX, Batch, build_dataset
+from dla.errors import ConfigError, TrainingDiverged
+from dla.train import checkpoint as ckpt
+from dla.train.config import TrainConfig, diff, to_dict
+from dla.train.distributed import (Runtime, all_reduce_sum, gradient_sync, init_runtime, shutdown, unwrap,
+                                   wrap_model)
+from dla.train.metrics import MetricsLog, Progress
+from dla.train.optim import build_optimizer, build_scheduler, weight_decay_names
+
+
+def train(cfg: TrainConfig, resume: bool = False, show_progress: bool = True) -> dict:
+    """Run (or, with ``resume``, continue) training as ``cfg`` says. Returns a summary:
+    ``status`` (``"done"`` / ``"interrupted"``), ``step``, ``loss`` (the last step's),
+    ``checkpoint`` (the last one written) and ``out_dir``."""
+    cfg.check()
+    runtime = init_runtime(cfg.device)
+    try:
+        return _train(cfg, runtime, resume, show_progress)
+    finally:
+        shutdown(runtime)
+
+
+def _train(cfg: TrainConfig, runtime: Runtime, resume: bool, show_progress: bool) -> dict:
+    out_dir = Path(cfg.out_dir)
+    main = runtime.is_main
+
+    # ---- data and model (a resumed run reloads the model it saved)
+    dataset = build_dataset(cfg.data, cfg.seed)
+    state = None
+    if resume:
+        checkpoint = ckpt.latest_checkpoint(out_dir)
+        if checkpoint is None:
+            raise ConfigError(f"--resume: no checkpoint in {out_dir}/checkpoints (start without --resume)")
+        state = ckpt.load_trainer_state(checkpoint)
+        changed = diff(state["config"], to_dict(cfg))
+        if changed and main:
+            print(f"warning: resuming {checkpoint} with a changed config:\n  " + "\n  ".join(changed))
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, dataset.vocab_size, None if state is None else checkpoint).to(runtime.device)
+    decay_names = weight_decay_names(model)
+    model = wrap_model(model, runtime, cfg.parallel)
+    optimizer = build_optimizer(unwrap(model), decay_names, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.steps, cfg.optim)
+    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and runtime.device.type == "cuda")
+
+    # ---- where to start
+    step, first_batch, last_checkpoint = 0, 0, None
+    if state is not None:
+        load_optimizer_state(model, optimizer, state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        ckpt.set_rng_state(state["rng"])
+        step, first_batch, last_checkpoint = state["step"], state["next_batch"], checkpoint
+    start_step = step
+    per_step = cfg.grad_accum * runtime.world_size
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+        n_params = sum(p.numel() for p in unwrap(model).parameters())
+        print(f"{'resuming at step ' + str(step) if resume else 'training'}: {n_params:,} parameters, "
+              f"{runtime.world_size} process(es) on {runtime.device.type}, "
+              f"{per_step * cfg.batch_size} sequences per step, {cfg.steps} steps -> {out_dir}")
+    metrics = MetricsLog(out_dir, step if resume else None) if main else None
+    progress = Progress(cfg.steps, step, cfg.log_every, enabled=main and show_progress)
+
+    def save() -> Path:
+        return save_training_checkpoint(cfg, runtime, model, optimizer, scheduler, dataset, step,
+                                        first_batch + (step - start_step) * per_step)
+
+    # ---- the loop
+    loss, tokens_seen = math.nan, 0
+    started = time.perf_counter()
+    with StopRequests() as stop:
+        while step < cfg.steps:
+            model.train()
+            loss_sum, tokens = 0.0, 0
+            for a in range(cfg.grad_accum):
+                index = first_batch + (step - start_step) * per_step + a * runtime.world_size + runtime.rank
+                batch = dataset.batch(index, cfg.batch_size).to(runtime.device)
+                with gradient_sync(model, sync=a == cfg.grad_accum - 1):
+                    with torch.autocast(runtime.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                        micro_loss = lm_loss(model, batch)
+                    (micro_loss / cfg.grad_accum).backward()
+                loss_sum += micro_loss.item()
+                tokens += batch.num_tokens
+            grad_norm = grad_clip(model, cfg.optim.grad_clip)
+            loss_sum, tokens, stopping = all_reduce_sum([loss_sum, tokens, float(stop.requested)], runtime)
+            loss = loss_sum / per_step
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                raise TrainingDiverged(
+                    f"the loss is {loss} (gradient norm {grad_norm}) at step {step + 1}; training stopped. "
+                    + (f"The last good checkpoint is {last_checkpoint}; resume from it with --resume, "
+                       "perhaps with a lower optim.lr." if last_checkpoint else "No checkpoint was written."))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+
+            tokens_seen += int(tokens)
+            elapsed = time.perf_counter() - started
+            tokens_per_s = tokens_seen / max(elapsed, 1e-9)  # since this process started or resumed
+            progress.update(step, loss, tokens_per_s)
+            if main and (step % cfg.log_every == 0 or step == cfg.steps or stopping):
+                metrics.log({"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                             "tokens_per_s": tokens_per_s, "tokens": tokens_seen, "elapsed_s": elapsed})
+            if stopping:
+                last_checkpoint = save()
+                progress.close()
+                if main:
+                    print(f"interrupted: saved {last_checkpoint} at step {step}; continue with --resume")
+                return summary("interrupted", step, loss, last_checkpoint, out_dir, metrics)
+            if step == cfg.steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+                last_checkpoint = save()
+                if main:
+                    progress.write(f"step {step}: loss {loss:.4f}, saved {last_checkpoint}")
+    progress.close()
+    return summary("done", step, loss, last_checkpoint, out_dir, metrics)
+
+
+def summary(status: str, step: int, loss: float, checkpoint: Path | None, out_dir: Path, metrics) -> dict:
+    if metrics is not None:
+        metrics.close()
+    return {"status": status, "step": step, "loss": loss, "checkpoint": checkpoint, "out_dir": out_dir}
+
+
+# ----------------------------------------------------------------------------- pieces
+def build_model(cfg: TrainConfig, vocab_size: int, checkpoint: Path | None = None):
+    """A :class:`dla.DLAForCausalLM` from ``cfg.model`` (keyword arguments of
+    :class:`dla.DLAConfig`; ``vocab_size`` defaults to the data's), or the one saved in
+    ``checkpoint``."""
+    from dla.models import DLAConfig, DLAForCausalLM
+
+    if checkpoint is not None:
+        ckpt.quiet_transformers()
+        return DLAForCausalLM.from_pretrained(checkpoint)
+    known = [p for p in inspect.signature(DLAConfig.__init__).parameters if p not in ("self", "kwargs")]
+    for key in cfg.model:
+        if key not in known:
+            raise ConfigError(f"unknown config key 'model.{key}'; the model keys are the arguments of "
+                              f"dla.DLAConfig: {', '.join(known)}")
+    kwargs = {"vocab_size": vocab_size, **cfg.model}
+    if kwargs["vocab_size"] < vocab_size:
+        raise ConfigError(f"model.vocab_size = {kwargs['vocab_size']} is smaller than the data's vocabulary "
+                          f"({vocab_size} tokens)")
+    try:
+        config = DLAConfig(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"model: {e}") from e
+    if cfg.data.seq_len > config.max_position_embeddings:
+        raise ConfigError(f"data.seq_len = {cfg.data.seq_len} is longer than the model's maximum sequence length "
+                          f"model.max_position_embeddings = {config.max_position_embeddings}")
+    return DLAForCausalLM(config)
+
+
+def lm_loss(model, batch: Batch) -> torch.Tensor:
+    """Mean cross-entropy over the positions whose target is not ignored."""
+    kwargs = {} if batch.cu_seqlens is None else {"cu_seqlens": batch.cu_seqlens}
+    logits = model(input_ids=batch.input_ids, use_cache=False, **kwargs).logits
+    return F.cross_entropy(logits.flatten(0, 1).float(), batch.targets.flatten(), ignore_index=IGNORE_INDEX)
+
+
+def grad_clip(model, max_norm: float) -> float:
+    """The global gradient norm (before clipping), clipping to ``max_norm`` unless it is 0."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
+    if hasattr(norm, "full_tensor"):  # FSDP2: the norm is a DTensor
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def load_optimizer_state(model, optimizer, state: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def save_training_checkpoint(cfg: TrainConfig, runtime: Runtime, model, optimizer, scheduler, dataset, step: int,
+                             next_batch: int) -> Path:
+    """Gather the full model and optimizer state (a collective under FSDP) and let rank 0 write
+    the checkpoint. Returns its path (on every rank)."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(model, options=options)
+    optimizer_state = get_optimizer_state_dict(model, optimizer, options=options)
+    path = ckpt.checkpoints_dir(cfg.out_dir) / f"step_{step:07d}"
+    if runtime.is_main:
+        def write_model(directory: Path) -> None:
+            ckpt.quiet_transformers()
+            unwrap(model).save_pretrained(directory, state_dict=model_state)
+            (directory / ckpt.TRAIN_CONFIG).write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+            tokenizer = getattr(dataset, "tokenizer", None)
+            if tokenizer is not None:
+                tokenizer.save(directory)
+
+        trainer_state = {"step": step, "next_batch": next_batch, "optimizer": optimizer_state,
+                         "scheduler": scheduler.state_dict(), "rng": ckpt.rng_state(), "config": to_dict(cfg),
+                         "world_size": runtime.world_size}
+        path = ckpt.save_checkpoint(cfg.out_dir, step, write_model, trainer_state, cfg.keep_checkpoints)
+    if runtime.distributed:
+        torch.distributed.barrier()
+    return path
+
+
+class StopRequests(contextlib.AbstractContextManager):
+    """Turns the first SIGINT / SIGTERM into a request to stop after the current step
+    (:attr:`requested`); a second SIGINT raises ``KeyboardInterrupt`` as usual. The previous
+    handlers come back on exit."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {}
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
+              "(Ctrl-C again to abort without saving)", flush=True)
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: signals cannot be caught here
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        return False
