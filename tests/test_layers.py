@@ -21,6 +21,15 @@ POLICY_CASES = {  # name -> PolicyConfig kwargs
 }
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tensors are tiny: one thread is faster than two, and far faster when the other core is busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_layer(base, policy_case="dynamic", chunk_size=16):
     policy = PolicyConfig(max_position_embeddings=MAXPOS, **POLICY_CASES[policy_case])
     if base == "mamba2":

@@ -1,0 +1,340 @@
+"""Hugging Face models: config validation, training step, decoding == full forward, padding ==
+packing == one at a time, save/load, generate(), constant-size cache."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dla
+
+pytest.importorskip("transformers")
+from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
+
+from dla.models.modeling_dla import CACHE_FIELD  # noqa: E402
+
+MAXPOS = 4096
+POLICY_KWARGS = {
+    "single": dict(policy="single"),
+    "fixed": dict(policy="fixed", capacity=4, period=5),
+    "fenwick": dict(policy="fenwick"),
+    "dynamic": dict(policy="dynamic", capacity=4),
+}
+CASES = [(m, p) for m in ("mamba2", "gated_deltanet") for p in POLICY_KWARGS] + [("attention", "single")]
+
+
+TINY = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, head_dim=16, state_size=8, intermediate_size=64,
+            max_position_embeddings=MAXPOS, chunk_size=16, pad_token_id=0, bos_token_id=1, eos_token_id=None)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tensors are tiny: one thread is faster than two, and far faster when the other core is busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_config(mixer, policy="dynamic", **overrides):
+    """The tiny configuration with the policy case ``policy`` (a key of POLICY_KWARGS)."""
+    return dla.DLAConfig(**{**TINY, "mixer": mixer, **POLICY_KWARGS[policy], **overrides})
+
+
+def tiny_model(mixer, policy="dynamic", **overrides):
+    return dla.DLAForCausalLM(tiny_config(mixer, policy, **overrides)).eval()
+
+
+def max_err(a, b):
+    return (a - b).abs().max().item()
+
+
+# ----------------------------------------------------------------------------- config
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(mixer="rwkv"), "mixer"),
+    (dict(policy="random"), "policy"),
+    (dict(label_rule="newest"), "label_rule"),
+    (dict(score="entropy"), "score"),
+    (dict(capacity=0), "capacity"),
+    (dict(policy="single", capacity=3), "capacity"),
+    (dict(threshold=1.2), "threshold"),
+    (dict(threshold=-0.5), "threshold"),
+    (dict(policy="fixed", capacity=4), "period"),
+    (dict(max_segment_len=0), "max_segment_len"),
+    (dict(mixer="mamba2", head_dim=24), "head_dim"),  # 2 * 32 = 64 is not a multiple of 24
+    (dict(mixer="mamba2", num_heads=3), "num_heads"),
+    (dict(mixer="mamba2", n_groups=3), "n_groups"),
+    (dict(mixer="attention", head_dim=12), "head_dim"),  # 32 is not a multiple of 12
+    (dict(mixer="attention", head_dim=5, num_heads=4), "head_dim"),  # rotary needs an even width
+    (dict(mixer="gated_deltanet", head_dim=24), "head_dim"),
+    (dict(mixer="gated_deltanet", expand_v=0.3), "expand_v"),
+    (dict(chunk_size=48), "chunk_size"),
+    (dict(hidden_size=0), "hidden_size"),
+    (dict(num_hidden_layers=-1), "num_hidden_layers"),
+])
+def test_bad_config_values_raise_naming_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        dla.DLAConfig(**{**TINY, "mixer": "gated_deltanet", "capacity": 4, **kwargs})
+
+
+def test_config_round_trips_through_json():
+    config = tiny_config("mamba2", "fixed", threshold=0.3)
+    again = dla.DLAConfig.from_dict(json.loads(config.to_json_string()))
+    assert again.to_dict() == config.to_dict()
+    assert (again.num_heads, again.policy_config().capacity) == (4, 4)
+
+
+# ----------------------------------------------------------------------------- training step
+@pytest.mark.parametrize("mixer, policy", CASES)
+def test_training_step_and_parameter_count(mixer, policy):
+    model = tiny_model(mixer, policy).train()
+    ids = torch.randint(0, 64, (2, 37))
+    out = model(ids, labels=ids)
+    assert out.logits.shape == (2, 37, 64) and getattr(out, CACHE_FIELD) is None  # no cache while training
+    manual = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    assert abs(out.loss.item() - manual.item()) < 1e-6
+    out.loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    print(f"tiny {mixer} {policy}: {dla.count_parameters(model)} parameters")
+
+
+@pytest.mark.parametrize("mixer", ["mamba2", "gated_deltanet", "attention"])
+def test_parameter_count_of_a_125m_configuration(mixer):
+    """hidden 768, 12 layers, 32k vocabulary, SwiGLU 2048, tied embeddings (built on the meta device)."""
+    heads = dict(mamba2={}, gated_deltanet=dict(num_heads=6, head_dim=96), attention=dict(num_heads=12))[mixer]
+    config = dla.DLAConfig(mixer=mixer, hidden_size=768, num_hidden_layers=12, vocab_size=32000,
+                           intermediate_size=2048, **heads)
+    with torch.device("meta"):
+        model = dla.DLAForCausalLM(config)
+    count = dla.count_parameters(model)
+    print(f"~125M {mixer} (dynamic, capacity 16): {count} parameters")
+    assert 100e6 < count < 140e6
+
+
+def test_lambda_init_survives_the_model_initialisation():
+    """The model's generic init (Linear ~ N(0, 0.02²)) runs before the layers' own rules: W_λ stays
+    N(0, 0.006²), L = 1, so λ ≈ ln 2 on the model's normalised inputs; A_log and dt_bias as mamba_ssm."""
+    model = tiny_model("mamba2", "dynamic", hidden_size=64, intermediate_size=128)
+    mixer = model.model.layers[0].mixer
+    assert abs(mixer.lam_proj.proj.weight.std().item() - 0.006) < 0.001
+    assert torch.equal(mixer.lam_proj.label_scale, torch.ones_like(mixer.lam_proj.label_scale))
+    assert (mixer.A_log.exp() >= 1).all() and (mixer.A_log.exp() <= 16).all()
+    dt = F.softplus(mixer.dt_bias)
+    assert (dt >= 1e-3 - 1e-6).all() and (dt <= 0.1 + 1e-6).all()
+    block = model.model.layers[0]
+    lam = mixer.lam_proj(block.mixer_norm(model.model.embed_tokens(torch.randint(0, 64, (4, 50)))))
+    assert abs(lam.mean().item() - math.log(2)) < 5e-3 and (lam - math.log(2)).abs().max() < 0.1
+
+
+# ----------------------------------------------------------------------------- decoding
+@pytest.mark.parametrize("prompt_len", [5, 21])
+@pytest.mark.parametrize("mixer, policy", CASES)
+def test_prefill_then_token_by_token_equals_full_forward(mixer, policy, prompt_len):
+    """Chunked prefill (prompts not a multiple of the chunk size 16) + one recurrent step per token."""
+    model = tiny_model(mixer, policy)
+    ids = torch.randint(0, 64, (2, 40))
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        out = model(ids[:, :prompt_len], use_cache=True)
+        cache, logits = getattr(out, CACHE_FIELD), [out.logits]
+        for t in range(prompt_len, ids.shape[1]):
+            out = model(ids[:, t:t + 1], cache=cache)
+            logits.append(out.logits)
+    assert cache.get_seq_length() == 40
+    assert max_err(torch.cat(logits, 1), full) <= 1e-4
+
+
+# ----------------------------------------------------------------------------- padding and packing
+@pytest.mark.parametrize("mixer, policy", [("mamba2", "dynamic"), ("mamba2", "fenwick"), ("gated_deltanet", "dynamic"),
+                                           ("gated_deltanet", "fixed"), ("attention", "single")])
+def test_padded_packed_and_one_at_a_time_agree(mixer, policy):
+    model = tiny_model(mixer, policy)
+    lengths = (13, 30, 5)
+    seqs = [torch.randint(1, 64, (n,)) for n in lengths]
+    T = max(lengths)
+    with torch.no_grad():
+        alone = [model(s[None]).logits[0] for s in seqs]
+        packed = model(torch.cat(seqs)[None], cu_seqlens=torch.tensor([0, 13, 43, 48])).logits[0]
+        for side in ("left", "right"):
+            ids, mask = torch.zeros(3, T, dtype=torch.long), torch.zeros(3, T, dtype=torch.long)
+            for i, s in enumerate(seqs):
+                cols = slice(T - len(s), T) if side == "left" else slice(0, len(s))
+                ids[i, cols], mask[i, cols] = s, 1
+            padded = model(ids, attention_mask=mask).logits
+            for i, s in enumerate(seqs):
+                cols = slice(T - len(s), T) if side == "left" else slice(0, len(s))
+                assert max_err(padded[i, cols], alone[i]) < 1e-5, side
+    for got, want in zip(packed.split(list(lengths)), alone):
+        assert max_err(got, want) < 1e-5
+
+
+def test_packed_loss_ignores_sequence_boundaries():
+    model = tiny_model("gated_deltanet")
+    a, b = torch.randint(1, 64, (9,)), torch.randint(1, 64, (14,))
+    packed = model(torch.cat([a, b])[None], cu_seqlens=torch.tensor([0, 9, 23]), labels=torch.cat([a, b])[None])
+    ids = torch.stack([F.pad(a, (0, 5)), b])
+    labels = torch.stack([F.pad(a, (0, 5), value=-100), b])
+    mask = (labels != -100).long()
+    padded = model(ids, attention_mask=mask, labels=labels)
+    assert abs(packed.loss.item() - padded.loss.item()) < 1e-5
+
+
+def test_external_scores_per_layer_with_padding():
+    model = tiny_model("mamba2", score="external")
+    H = model.config.num_heads
+    seqs = [torch.randint(1, 64, (n,)) for n in (11, 6)]
+    scores = [torch.rand(2, 11, H) for _ in range(2)]
+    ids, mask = torch.zeros(2, 11, dtype=torch.long), torch.zeros(2, 11, dtype=torch.long)
+    ids[0], mask[0] = seqs[0], 1
+    ids[1, 5:], mask[1, 5:] = seqs[1], 1
+    with torch.no_grad():
+        padded = model(ids, attention_mask=mask, scores=scores).logits
+        second = model(seqs[1][None], scores=[s[1:, 5:] for s in scores]).logits
+        with pytest.raises(ValueError, match="scores"):
+            model(ids)
+    assert max_err(padded[1, 5:], second[0]) < 1e-5
+    with pytest.raises(ValueError, match="score='external'"):
+        tiny_model("mamba2")(ids, scores=scores)
+
+
+# ----------------------------------------------------------------------------- save / load
+@pytest.mark.parametrize("mixer, policy", [("mamba2", "fenwick"), ("gated_deltanet", "dynamic"), ("attention", "single")])
+def test_save_and_reload(tmp_path, mixer, policy):
+    model = tiny_model(mixer, policy)
+    ids = torch.randint(0, 64, (2, 23))
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["model_type"] == "dla" and saved["auto_map"]["AutoModelForCausalLM"] == "modeling_dla.DLAForCausalLM"
+    with torch.no_grad():
+        want = model(ids).logits
+        for loaded in (dla.DLAForCausalLM.from_pretrained(tmp_path), AutoModelForCausalLM.from_pretrained(tmp_path)):
+            assert isinstance(loaded, dla.DLAForCausalLM)
+            assert torch.equal(loaded.eval()(ids).logits, want)
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), dla.DLAConfig)
+
+
+def run_python(code: str, **env) -> str:
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, **env})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_trust_remote_code_loads_without_importing_dla(tmp_path):
+    model = tiny_model("gated_deltanet")
+    model.save_pretrained(tmp_path / "model")
+    ids = torch.randint(0, 64, (1, 19))
+    with torch.no_grad():
+        torch.save({"ids": ids, "logits": model(ids).logits}, tmp_path / "expected.pt")
+    out = run_python(f"""
+import torch
+from transformers import AutoModelForCausalLM
+m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'model')!r}, trust_remote_code=True).eval()
+e = torch.load({str(tmp_path / 'expected.pt')!r})
+with torch.no_grad():
+    print(type(m).__module__, (m(e["ids"]).logits - e["logits"]).abs().max().item())
+""", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    module, err = out.split()
+    assert module.startswith("transformers_modules") and float(err) == 0.0
+
+
+def test_import_dla_without_transformers():
+    out = run_python("""
+import sys
+sys.modules["transformers"] = None  # as if it were not installed
+import dla, torch
+layer = dla.DLAMamba2(16, head_dim=8, state_size=4)
+print(tuple(layer(torch.randn(1, 5, 16)).shape))
+try:
+    dla.DLAConfig
+except ImportError as e:
+    print("ImportError")
+""")
+    assert out.split() == ["(1,", "5,", "16)", "ImportError"]
+
+
+# ----------------------------------------------------------------------------- generate
+def left_padded(seqs):
+    T = max(len(s) for s in seqs)
+    ids, mask = torch.zeros(len(seqs), T, dtype=torch.long), torch.zeros(len(seqs), T, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, T - len(s):], mask[i, T - len(s):] = s, 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("mixer, policy", [("mamba2", "dynamic"), ("mamba2", "fenwick"), ("gated_deltanet", "dynamic"),
+                                           ("attention", "single")])
+def test_generate_greedy_matches_manual_argmax_and_per_sequence(mixer, policy):
+    model = tiny_model(mixer, policy)
+    seqs = [torch.randint(2, 64, (n,)) for n in (9, 4)]
+    ids, mask = left_padded(seqs)
+    new = 12
+    generated = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False)
+    # manual: prefill with the padding mask, then one argmax token at a time through the cache
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, use_cache=True)
+        cache, tokens = getattr(out, CACHE_FIELD), []
+        for _ in range(new):
+            tokens.append(out.logits[:, -1].argmax(-1, keepdim=True))
+            mask = torch.cat([mask, torch.ones_like(tokens[-1])], 1)
+            out = model(tokens[-1], attention_mask=mask, cache=cache)
+    assert torch.equal(generated[:, ids.shape[1]:], torch.cat(tokens, 1))
+    for i, s in enumerate(seqs):
+        alone = model.generate(s[None], max_new_tokens=new, do_sample=False)
+        assert torch.equal(alone[0, len(s):], generated[i, ids.shape[1]:])
+
+
+@pytest.mark.parametrize("mixer", ["mamba2", "attention"])
+def test_generate_sampling_and_beam_search(mixer):
+    model = tiny_model(mixer)
+    ids, mask = left_padded([torch.randint(2, 64, (n,)) for n in (7, 3)])
+    torch.manual_seed(1)
+    sampled = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=True, top_k=10,
+                             num_return_sequences=2)
+    assert sampled.shape == (4, 15) and sampled.min() >= 0 and sampled.max() < 64
+    beams = model.generate(ids, attention_mask=mask, max_new_tokens=6, num_beams=3, do_sample=False)
+    assert beams.shape == (2, 13)
+
+
+def mixer_cache_bytes(config, batch):
+    """The expected constant size: segment states, starts, information, position, previous key, conv."""
+    policy = config.policy_config()
+    H, C, W = config.num_heads, policy.capacity, config.conv_size
+    if config.mixer == "mamba2":
+        K, V = config.state_size, config.head_dim
+        conv = config.expand * config.hidden_size + 2 * config.n_groups * config.state_size
+    else:
+        K, V = config.head_dim, int(config.head_dim * config.expand_v)
+        conv = H * (2 * K + V)
+    per_row = H * C * K * V * 4 + H * C * 8 + H * C * 4 + 8 + H * K * 4 + conv * (W - 1) * 4
+    return config.num_hidden_layers * batch * per_row
+
+
+@pytest.mark.parametrize("mixer, policy, expected", [("mamba2", "dynamic", 18_960), ("gated_deltanet", "fenwick", 110_464)])
+def test_cache_size_does_not_grow_with_generated_tokens(mixer, policy, expected):
+    model = tiny_model(mixer, policy, num_hidden_layers=1, intermediate_size=32)
+    ids, mask = left_padded([torch.randint(2, 64, (n,)) for n in (6, 3)])
+    sizes = []
+    for new in (64, 2048):
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                             return_dict_in_generate=True)
+        assert out.sequences.shape[1] == ids.shape[1] + new
+        cache = getattr(out, CACHE_FIELD)
+        assert cache.get_seq_length() == ids.shape[1] + new - 1  # the last token is never fed back
+        sizes.append(cache.nbytes)
+    assert sizes == [expected, expected] == [mixer_cache_bytes(model.config, batch=2)] * 2
+
+
+def test_attention_cache_grows():
+    model = tiny_model("attention")
+    ids = torch.randint(2, 64, (1, 5))
+    short, long = (getattr(model.generate(ids, max_new_tokens=n, do_sample=False, return_dict_in_generate=True),
+                           CACHE_FIELD).nbytes for n in (4, 20))
+    assert long > short
