@@ -39,7 +39,8 @@ def make_case(policy="dynamic", base="mamba2", label_rule=None, B=2, T=33, H=2, 
         scores = None if scores is None else scores.to(device)
     schedule = dla.plan_schedule(policy, batch=B, heads=H, length=T,
                                  capacity=None if policy == "fenwick" else capacity, scores=scores,
-                                 threshold=threshold, period=period, label_rule=label_rule, cu_seqlens=cu_seqlens)
+                                 threshold=threshold, period=period, label_rule=label_rule, cu_seqlens=cu_seqlens,
+                                 device=device)
     lam = torch.rand(B, T, H, schedule.n_labels + extra_labels, generator=gen, dtype=torch.float64) + 0.25
     inputs = dict(q=q, k=k, v=v, g=g, beta=beta, lam=lam)
     for name, x in inputs.items():
@@ -50,7 +51,8 @@ def make_case(policy="dynamic", base="mamba2", label_rule=None, B=2, T=33, H=2, 
 
 def grads(out: torch.Tensor, inputs: dict, seed=1) -> dict:
     """Gradients of a fixed random projection of ``out`` w.r.t. every input that needs one."""
-    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(out.dtype)
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    w = w.to(device=out.device, dtype=out.dtype)
     names = [n for n, x in inputs.items() if x is not None and x.requires_grad]
     gs = torch.autograd.grad((out * w).sum(), [inputs[n] for n in names])
     return dict(zip(names, gs))

@@ -71,13 +71,23 @@ def test_gpu_scheduler_matches_cpu():
 fla_simple_gla = pytest.importorskip("fla.ops.simple_gla", reason="flash-linear-attention is not installed")
 
 
+def fla_or_skip(fn, *args, **kwargs):
+    """fla 0.6.0 refuses its gated kernels on Hopper with Triton 3.4-3.7.0 (a compiler bug)."""
+    try:
+        return fn(*args, **kwargs)
+    except RuntimeError as e:
+        if "Triton" in str(e):
+            pytest.skip(f"flash-linear-attention refuses here: {str(e)[:120]}")
+        raise
+
+
 def test_single_equals_fla_simple_gla():
     inputs, schedule = make_case("single", "mamba2", None, B=2, T=1000, H=4, K=64, V=64, capacity=1,
                                  dtype=torch.float32, device="cuda")
     lam = torch.ones_like(inputs["lam"][..., :1])
     o, _ = dla.chunk_dla(**{**inputs, "lam": lam}, schedule=schedule)
-    o_fla, _ = fla_simple_gla.chunk_simple_gla(inputs["q"], inputs["k"], inputs["v"], g=inputs["g"],
-                                               scale=64 ** -0.5)
+    o_fla, _ = fla_or_skip(fla_simple_gla.chunk_simple_gla, inputs["q"], inputs["k"], inputs["v"], g=inputs["g"],
+                           scale=64 ** -0.5)
     assert rel_rmse(o, o_fla) <= 5e-3
 
 
@@ -88,8 +98,8 @@ def test_single_equals_fla_gated_delta_rule():
                                  dtype=torch.float32, device="cuda")
     lam = torch.ones_like(inputs["lam"][..., :1])
     o, _ = dla.chunk_dla(**{**inputs, "lam": lam}, schedule=schedule)
-    o_fla, _ = chunk_gated_delta_rule(inputs["q"], inputs["k"], inputs["v"], inputs["g"], inputs["beta"],
-                                      scale=64 ** -0.5)
+    o_fla, _ = fla_or_skip(chunk_gated_delta_rule, inputs["q"], inputs["k"], inputs["v"], inputs["g"],
+                           inputs["beta"], scale=64 ** -0.5)
     assert rel_rmse(o, o_fla) <= 5e-3
 
 
@@ -101,7 +111,8 @@ def test_fenwick_equals_fla_log_linear_forward_and_backward():
     lam = inputs["lam"][..., : schedule.n_labels].detach().requires_grad_()
     inputs["lam"] = lam
     o, _ = dla.chunk_dla(**inputs, schedule=schedule)
-    o_fla, _ = chunk_log_linear_attn(inputs["q"], inputs["k"], inputs["v"], inputs["g"], lam, scale=64 ** -0.5)
+    o_fla, _ = fla_or_skip(chunk_log_linear_attn, inputs["q"], inputs["k"], inputs["v"], inputs["g"], lam,
+                           scale=64 ** -0.5)
     assert rel_rmse(o, o_fla) <= 5e-3
     g, g_fla = grads(o, inputs), grads(o_fla, inputs)
     for name in g:

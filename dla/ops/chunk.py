@@ -111,7 +111,10 @@ def chunk_dla(q, k, v, g, lam, schedule, beta=None, scale=None, initial_state: D
 
     # 4. the carried states, chunk by chunk
     S0 = x.q.new_zeros(N, H, C, K, V) if x.initial is None else x.initial
-    S = walks.state_recurrence(S0, gamma[..., -1] if x.beta is None else M, X, v_c, dest, tok_rank).to(x.q.dtype)
+    # the chunk's tokens written into each segment they belong to at the chunk's end
+    route_tokens = F.one_hot(tok_rank, C + 1)[..., :C].to(x.q.dtype)  # [N, H, NC, L, C]
+    W = X[:, :, :, None] @ (route_tokens.transpose(-1, -2)[..., None] * v_c[:, :, :, None])  # [N,H,NC,C,K,V]
+    S = walks.state_recurrence(S0, gamma[..., -1] if x.beta is None else M, W, dest).to(x.q.dtype)
     S_in = S[:, :, :NC]  # [N, H, NC, C, K, V]
     # one [L, C*K] x [C*K, V] product per chunk: queries weighted by the label of each carried slot
     q_lam = (lam_inter[..., None] * q_eff[..., None, :]).reshape(N, H, NC, L, C * K)
@@ -142,10 +145,9 @@ class _TorchWalks:
         return torch.stack(pos, 2), torch.stack(death, 2)
 
     @staticmethod
-    def state_recurrence(S0, M, X, v, dest, tok_rank):
+    def state_recurrence(S0, M, W, dest):
         C = dest.shape[-1]
-        route_carried = F.one_hot(dest, C + 1)[..., :C].transpose(-1, -2).to(X.dtype)  # [.., new, old]
-        route_tokens = F.one_hot(tok_rank, C + 1)[..., :C].transpose(-1, -2).to(X.dtype)  # [.., new, L]
+        route_carried = F.one_hot(dest, C + 1)[..., :C].transpose(-1, -2).to(W.dtype)  # [.., new, old]
         S, out = S0, [S0]
         for c in range(dest.shape[2]):
             merged = torch.einsum("nhij,nhjkv->nhikv", route_carried[:, :, c], S)
@@ -153,6 +155,6 @@ class _TorchWalks:
                 merged = M[:, :, c, None, None, None] * merged
             else:
                 merged = torch.einsum("nhab,nhibv->nhiav", M[:, :, c], merged)
-            S = merged + torch.einsum("nhkl,nhil,nhlv->nhikv", X[:, :, c], route_tokens[:, :, c], v[:, :, c])
+            S = merged + W[:, :, c]
             out.append(S)
         return torch.stack(out, 2)

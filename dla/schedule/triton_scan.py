@@ -17,6 +17,8 @@ import triton.language as tl
 
 from dla.schedule.schedule import NEVER, NONE, SegmentState
 
+_NEVER = tl.constexpr(NEVER)
+
 
 @triton.jit
 def _dynamic_scan_kernel(scores_ptr, lengths_ptr, position_ptr, starts_ptr, info_ptr,
@@ -49,7 +51,7 @@ def _dynamic_scan_kernel(scores_ptr, lengths_ptr, position_ptr, starts_ptr, info
             info = tl.where(at_free, u, info)
             origin = tl.where(at_free, t, origin)
             if not first:
-                tl.store(death_ptr + r * Tm + t, NEVER)
+                tl.store(death_ptr + r * Tm + t, _NEVER)
             count += 1
         else:
             info = tl.where(start == open_start, tl.maximum(info, u), info)

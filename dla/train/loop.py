@@ -81,7 +81,7 @@ def _train(cfg: TrainConfig, runtime: Runtime, resume: bool, show_progress: bool
     per_step = cfg.grad_accum * runtime.world_size
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+        (out_dir / ckpt.TRAIN_CONFIG).write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
         n_params = sum(p.numel() for p in unwrap(model).parameters())
         print(f"{'resuming at step ' + str(step) if resume else 'training'}: {n_params:,} parameters, "
               f"{runtime.world_size} process(es) on {runtime.device.type}, "

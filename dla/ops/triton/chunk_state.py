@@ -5,12 +5,12 @@ left is a walk over chunks for every sequence-head:
 
 - :func:`carried_slots`: the segments alive at every chunk boundary (positions and deaths), from
   the schedule alone: one program per sequence-head, slots in registers;
-- :func:`state_recurrence`: ``S_{c+1}[r] = M_c Σ_{j -> r} S_c[j] + X_c diag(1[s -> r]) V_c``
-  with a hand-written backward (reverse walk). One program per (sequence-head, value block).
-  ``M_c`` is a scalar decay for Mamba-2 and a K x K matrix for Gated DeltaNet. Old slot ``j``
-  goes to new slot ``dest[c, j]``; the sources of a new slot are a contiguous range of old slots
-  (merges join neighbours), given as ``[lo, hi]``. Chunk token ``s`` goes to ``tok_rank[c, s]``.
-  ``C`` (an index past the last slot) means "nowhere".
+- :func:`state_recurrence`: ``S_{c+1}[n] = M_c Σ_{j -> n} S_c[j] + W_c[n]`` with a
+  hand-written backward (reverse walk). One program per (sequence-head, value block). ``M_c``
+  is a scalar decay for Mamba-2 and a K x K matrix for Gated DeltaNet; ``W_c[n]`` (the chunk's
+  tokens written into slot n) is computed outside, in parallel over chunks, on tensor cores.
+  Old slot ``j`` goes to new slot ``dest[c, j]``; the sources of a new slot are a contiguous
+  range of old slots (merges join neighbours), given as ``[lo, hi]``. ``C`` means "nowhere".
 """
 
 from __future__ import annotations
@@ -79,13 +79,13 @@ def carried_slots(start_death: torch.Tensor, carried_pos: torch.Tensor, carried_
 
 
 @triton.jit
-def _state_fwd_kernel(S0_ptr, S_ptr, lo_ptr, hi_ptr, rank_ptr, M_ptr, X_ptr, V_ptr, NC,
-                      C: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L: tl.constexpr, BV: tl.constexpr,
-                      BK: tl.constexpr, MATRIX: tl.constexpr):
+def _state_fwd_kernel(S0_ptr, S_ptr, lo_ptr, hi_ptr, M_ptr, W_ptr, NC,
+                      C: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr,
+                      MATRIX: tl.constexpr):
+    """S[c+1, n] = M_c Σ_{j = lo..hi} S[c, j] + W[c, n]: one program per (row, value block)."""
     r = tl.program_id(0).to(tl.int64)
     vv = tl.program_id(1) * BV + tl.arange(0, BV)
     kk = tl.arange(0, K)
-    ll = tl.arange(0, L)
     bk = tl.arange(0, BK)
     tile = kk[:, None] * V + vv[None, :]  # a [K, BV] tile of one K x V state
     S_row = S_ptr + r * (NC + 1) * C * K * V
@@ -96,40 +96,36 @@ def _state_fwd_kernel(S0_ptr, S_ptr, lo_ptr, hi_ptr, rank_ptr, M_ptr, X_ptr, V_p
         rc = r * NC + c
         S_in = S_row + c * C * K * V
         S_out = S_in + C * K * V
-        rank = tl.load(rank_ptr + rc * L + ll)
-        Vc = tl.load(V_ptr + (rc * L + ll[:, None]) * V + vv[None, :])  # [L, BV]
+        W_c = W_ptr + rc * C * K * V
         for n in range(C):
             lo = tl.load(lo_ptr + rc * C + n)
             hi = tl.load(hi_ptr + rc * C + n)
             acc = tl.zeros((K, BV), dtype=tl.float32)  # Σ of the old slots merging into slot n
             for j in range(lo, hi + 1):
                 acc += tl.load(S_in + j * K * V + tile)
-            Vn = Vc * (rank == n).to(tl.float32)[:, None]
-            for kb in tl.static_range(K // BK):
-                rows = kb * BK + bk
-                X_blk = tl.load(X_ptr + (rc * K + rows[:, None]) * L + ll[None, :])  # [BK, L]
-                out = tl.dot(X_blk, Vn, input_precision="ieee")
-                if MATRIX:
+            if MATRIX:
+                for kb in tl.static_range(K // BK):
+                    rows = kb * BK + bk
                     M_blk = tl.load(M_ptr + (rc * K + rows[:, None]) * K + kk[None, :])  # [BK, K]
-                    out += tl.dot(M_blk, acc, input_precision="ieee")
-                else:  # BK == K: a scalar decay
-                    out += tl.load(M_ptr + rc) * acc
-                tl.store(S_out + n * K * V + rows[:, None] * V + vv[None, :], out)
+                    blk = rows[:, None] * V + vv[None, :]
+                    out = tl.dot(M_blk, acc, input_precision="ieee") + tl.load(W_c + n * K * V + blk)
+                    tl.store(S_out + n * K * V + blk, out)
+            else:
+                out = tl.load(M_ptr + rc) * acc + tl.load(W_c + n * K * V + tile)
+                tl.store(S_out + n * K * V + tile, out)
         tl.debug_barrier()
 
 
 @triton.jit
-def _state_bwd_kernel(S_ptr, dS_ptr, lo_ptr, hi_ptr, rank_ptr, M_ptr, X_ptr, V_ptr,
-                      dM_ptr, dX_ptr, dV_ptr, NC,
-                      C: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L: tl.constexpr, BV: tl.constexpr,
-                      BK: tl.constexpr, MATRIX: tl.constexpr):
+def _state_bwd_kernel(S_ptr, dS_ptr, lo_ptr, hi_ptr, M_ptr, dM_ptr, NC,
+                      C: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr,
+                      MATRIX: tl.constexpr):
     """Reverse walk. ``dS`` enters holding the gradients w.r.t. every S_c from outside the
-    recurrence and leaves holding the total gradients; dM, dX are accumulated atomically over
-    value blocks, dV is written."""
+    recurrence and leaves holding the total gradients (so dW[c] = dS[c + 1]); dM is accumulated
+    atomically over value blocks."""
     r = tl.program_id(0).to(tl.int64)
     vv = tl.program_id(1) * BV + tl.arange(0, BV)
     kk = tl.arange(0, K)
-    ll = tl.arange(0, L)
     bk = tl.arange(0, BK)
     tile = kk[:, None] * V + vv[None, :]
     S_row = S_ptr + r * (NC + 1) * C * K * V
@@ -140,19 +136,11 @@ def _state_bwd_kernel(S_ptr, dS_ptr, lo_ptr, hi_ptr, rank_ptr, M_ptr, X_ptr, V_p
         S_in = S_row + c * C * K * V
         dS_in = dS_row + c * C * K * V
         dS_out = dS_in + C * K * V
-        rank = tl.load(rank_ptr + rc * L + ll)
-        Vc = tl.load(V_ptr + (rc * L + ll[:, None]) * V + vv[None, :])  # [L, BV]
-        X = tl.load(X_ptr + (rc * K + kk[:, None]) * L + ll[None, :])  # [K, L]
-        dX = tl.zeros((K, L), dtype=tl.float32)
-        dV = tl.zeros((L, BV), dtype=tl.float32)
         dgamma = tl.zeros((BV,), dtype=tl.float32)
         for n in range(C):
             lo = tl.load(lo_ptr + rc * C + n)
             hi = tl.load(hi_ptr + rc * C + n)
             G = tl.load(dS_out + n * K * V + tile)  # [K, BV]
-            mine = (rank == n).to(tl.float32)
-            dX += tl.dot(G, tl.trans(Vc * mine[:, None]), input_precision="ieee")
-            dV += tl.dot(tl.trans(X), G, input_precision="ieee") * mine[:, None]
             acc = tl.zeros((K, BV), dtype=tl.float32)
             for j in range(lo, hi + 1):
                 acc += tl.load(S_in + j * K * V + tile)
@@ -162,7 +150,7 @@ def _state_bwd_kernel(S_ptr, dS_ptr, lo_ptr, hi_ptr, rank_ptr, M_ptr, X_ptr, V_p
                     G_blk = tl.load(dS_out + n * K * V + rows[:, None] * V + vv[None, :])  # [BK, BV]
                     tl.atomic_add(dM_ptr + (rc * K + rows[:, None]) * K + kk[None, :],
                                   tl.dot(G_blk, tl.trans(acc), input_precision="ieee"))
-                    Mt_blk = tl.load(M_ptr + (rc * K + kk[None, :]) * K + rows[:, None])  # M^T rows
+                    Mt_blk = tl.load(M_ptr + (rc * K + kk[None, :]) * K + rows[:, None])  # rows of M^T
                     dA_blk = tl.dot(Mt_blk, G, input_precision="ieee")
                     for j in range(lo, hi + 1):
                         p = dS_in + j * K * V + rows[:, None] * V + vv[None, :]
@@ -175,8 +163,6 @@ def _state_bwd_kernel(S_ptr, dS_ptr, lo_ptr, hi_ptr, rank_ptr, M_ptr, X_ptr, V_p
                     tl.store(p, tl.load(p) + dA)
         if not MATRIX:
             tl.atomic_add(dM_ptr + rc, tl.sum(dgamma, axis=0))
-        tl.atomic_add(dX_ptr + (rc * K + kk[:, None]) * L + ll[None, :], dX)
-        tl.store(dV_ptr + (rc * L + ll[:, None]) * V + vv[None, :], dV)
         tl.debug_barrier()
 
 
@@ -186,56 +172,50 @@ def _pow2(n: int) -> int:
 
 class _StateRecurrence(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, S0, M, X, Vc, lo, hi, rank):
-        R, NC, L, Vd = Vc.shape
-        C, K = S0.shape[1], S0.shape[2]
+    def forward(ctx, S0, M, W, lo, hi):
+        R, NC, C, K, Vd = W.shape
         matrix = M.dim() == 4
         BV = min(32, Vd)
         BK = min(64, K) if matrix else K
         S = _output((R, NC + 1, C, K, Vd), S0)
-        _state_fwd_kernel[(R, Vd // BV)](S0, S, lo, hi, rank, M, X, Vc, NC, C=C, K=K, V=Vd, L=L, BV=BV, BK=BK,
-                                         MATRIX=matrix, num_warps=4)
-        ctx.save_for_backward(S, M, X, Vc, lo, hi, rank)
+        _state_fwd_kernel[(R, Vd // BV)](S0, S, lo, hi, M, W, NC, C=C, K=K, V=Vd, BV=BV, BK=BK, MATRIX=matrix,
+                                         num_warps=4)
+        ctx.save_for_backward(S, M, lo, hi)
         ctx.blocks = (BV, BK, matrix)
         return S
 
     @staticmethod
     def backward(ctx, dS):
-        S, M, X, Vc, lo, hi, rank = ctx.saved_tensors
+        S, M, lo, hi = ctx.saved_tensors
         BV, BK, matrix = ctx.blocks
-        R, NC, L, Vd = Vc.shape
-        C, K = S.shape[2], S.shape[3]
+        R, NC1, C, K, Vd = S.shape
         dS = dS.float().contiguous().clone()
         dM = torch.zeros_like(M)
-        dX = torch.zeros_like(X)
-        dV = _output(Vc.shape, Vc)
-        _state_bwd_kernel[(R, Vd // BV)](S, dS, lo, hi, rank, M, X, Vc, dM, dX, dV, NC, C=C, K=K, V=Vd, L=L,
-                                         BV=BV, BK=BK, MATRIX=matrix, num_warps=4)
-        return dS[:, 0], dM, dX, dV, None, None, None
+        _state_bwd_kernel[(R, Vd // BV)](S, dS, lo, hi, M, dM, NC1 - 1, C=C, K=K, V=Vd, BV=BV, BK=BK,
+                                         MATRIX=matrix, num_warps=4)
+        return dS[:, 0], dM, dS[:, 1:], None, None
 
 
-def state_recurrence(S0, M, X, v, dest, tok_rank):
-    """States at every chunk boundary, ``[N, H, NC + 1, C, K, V]`` (float32), differentiable in
-    ``S0 [N,H,C,K,V]``, ``M`` (``[N,H,NC]`` decays or ``[N,H,NC,K,K]``), ``X [N,H,NC,K,L]`` and
-    ``v [N,H,NC,L,V]``; ``dest [N,H,NC,C]`` and ``tok_rank [N,H,NC,L]`` route old slots and chunk
-    tokens to the new slots (``C`` = nowhere)."""
+def state_recurrence(S0, M, W, dest):
+    """States at every chunk boundary, ``[N, H, NC + 1, C, K, V]`` (float32):
+    ``S[c + 1, n] = M_c Σ_{j: dest[c, j] = n} S[c, j] + W[c, n]``, differentiable in ``S0
+    [N,H,C,K,V]``, ``M`` (``[N,H,NC]`` decays or ``[N,H,NC,K,K]``) and ``W [N,H,NC,C,K,V]``;
+    ``dest [N,H,NC,C]`` routes old slots to new ones (``C`` = nowhere)."""
     N, H, NC, C = dest.shape
-    K, L, Vd = X.shape[-2], X.shape[-1], v.shape[-1]
+    K, Vd = W.shape[-2], W.shape[-1]
     Kp, Vp = _pow2(K), _pow2(Vd)
     slot = torch.arange(C, device=dest.device)
     hit = dest[..., None, :] == slot[:, None]  # [N, H, NC, C_new, C_old]
     lo = torch.where(hit, slot, C).amin(-1).to(torch.int32)
     hi = torch.where(hit, slot, -1).amax(-1).to(torch.int32)
-    f32 = torch.float32
-    S0 = torch.nn.functional.pad(S0.to(f32), (0, Vp - Vd, 0, Kp - K))
-    X = torch.nn.functional.pad(X.to(f32), (0, 0, 0, Kp - K))
-    v = torch.nn.functional.pad(v.to(f32), (0, Vp - Vd))
+    f32, pad = torch.float32, torch.nn.functional.pad
+    S0 = pad(S0.to(f32), (0, Vp - Vd, 0, Kp - K))
+    W = pad(W.to(f32), (0, Vp - Vd, 0, Kp - K))
     if M.dim() == 5:
-        M = torch.nn.functional.pad(M.to(f32), (0, Kp - K, 0, Kp - K))
+        M = pad(M.to(f32), (0, Kp - K, 0, Kp - K))
     rows = N * H
     S = _StateRecurrence.apply(S0.reshape(rows, C, Kp, Vp).contiguous(),
                                M.to(f32).reshape((rows, NC) + M.shape[3:]).contiguous(),
-                               X.reshape(rows, NC, Kp, L).contiguous(), v.reshape(rows, NC, L, Vp).contiguous(),
-                               lo.reshape(rows, NC, C).contiguous(), hi.reshape(rows, NC, C).contiguous(),
-                               tok_rank.to(torch.int32).reshape(rows, NC, L).contiguous())
+                               W.reshape(rows, NC, C, Kp, Vp).contiguous(),
+                               lo.reshape(rows, NC, C).contiguous(), hi.reshape(rows, NC, C).contiguous())
     return S.reshape(N, H, NC + 1, C, Kp, Vp)[..., :K, :Vd]

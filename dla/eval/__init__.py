@@ -1,0 +1,80 @@
+"""``dla eval``: recall accuracy (MQAR, needle), loss by position on text, and lm-evaluation-harness.
+
+Every evaluation writes a JSON file (and a PNG where it has a picture) into the output
+directory and returns what it wrote.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+from dla.data import MQAR, Needle
+from dla.errors import UserError
+from dla.eval.recall import format_grid, mqar_accuracy, needle_accuracy
+from dla.eval.text_loss import per_position_loss
+from dla.plots import heatmap, line_plot
+
+
+def default_lengths(train_seq_len: int, max_len: int) -> list[int]:
+    """The training length and two longer ones (extrapolation), within the model's maximum."""
+    return [n for n in (train_seq_len, 2 * train_seq_len, 4 * train_seq_len) if n <= max_len] or [max_len]
+
+
+def eval_mqar(model, task: MQAR, lengths, pairs, out: Path, examples: int, seed: int, device) -> dict:
+    rows = mqar_accuracy(model, task, lengths, pairs, examples=examples, seed=seed, device=device)
+    table = format_grid(rows, "num_kv_pairs", "seq_len", "MQAR accuracy (rows: key-value pairs, columns: length)")
+    (out / "mqar.json").write_text(json.dumps({"task": vars(task), "rows": rows, "table": table}, indent=1))
+    print(table)
+    return {"mqar": rows, "files": [out / "mqar.json"]}
+
+
+def eval_needle(model, task: Needle, lengths, depths, out: Path, examples: int, seed: int, device) -> dict:
+    rows = needle_accuracy(model, task, lengths, depths, examples=examples, seed=seed, device=device)
+    table = format_grid(rows, "depth", "seq_len", "needle accuracy (rows: depth, columns: length)")
+    (out / "needle.json").write_text(json.dumps({"task": vars(task), "rows": rows, "table": table}, indent=1))
+    print(table)
+    grid = [[next(r["accuracy"] for r in rows if r["depth"] == d and r["seq_len"] == n) for n in lengths]
+            for d in depths]
+    png = heatmap(grid, depths, lengths, out / "needle.png", f"needle retrieval ({task.num_needles} needle(s), "
+                  f"value of {task.value_len} token(s))", "sequence length", "depth of the needle")
+    return {"needle": rows, "files": [out / "needle.json"] + ([png] if png else [])}
+
+
+def eval_text(model, tokenizer, paths: list[str], seq_len: int, out: Path, windows: int, device) -> dict:
+    loss = per_position_loss(model, tokenizer, paths, seq_len, max_windows=windows, device=device)
+    summary = {"paths": paths, "seq_len": seq_len, "mean_loss": float(loss.mean()), "per_position": loss.tolist()}
+    (out / "text_loss.json").write_text(json.dumps(summary))
+    print(f"text loss over {seq_len} positions: mean {summary['mean_loss']:.4f}, "
+          f"first {loss[0]:.4f}, last {loss[-1]:.4f}")
+    png = line_plot({"loss": (list(range(1, seq_len + 1)), loss.tolist())}, out / "text_loss.png",
+                    "next-token loss by position", "position (tokens of context + 1)", "loss (nats)", logx=True)
+    return {"text_loss": summary, "files": [out / "text_loss.json"] + ([png] if png else [])}
+
+
+def eval_lm_harness(checkpoint: Path, tasks: list[str], out: Path, include_path: str | None, limit: int | None,
+                    batch_size: int, device) -> dict:
+    """lm-evaluation-harness's ``hf`` model on the checkpoint, as ``lm_eval --model hf --model_args
+    pretrained=DIR,trust_remote_code=True`` runs it."""
+    try:
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+    except ImportError as e:
+        raise UserError("--lm-eval needs lm-evaluation-harness: pip install 'lm-eval[hf]'") from e
+    results = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={checkpoint},trust_remote_code=True",
+                                      tasks=tasks, task_manager=TaskManager(include_path=include_path), limit=limit,
+                                      batch_size=batch_size, device=str(device))
+    (out / "lm_eval.json").write_text(json.dumps(results["results"], indent=1, default=str))
+    for task, metrics in results["results"].items():
+        print(task, {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+    return {"lm_eval": results["results"], "files": [out / "lm_eval.json"]}
+
+
+def synthetic_tasks(train_config: dict | None, vocab_size: int) -> tuple[MQAR, Needle, int]:
+    """The MQAR and needle tasks (vocabulary split) a model was trained with, and its training
+    length; defaults for a model not trained by ``dla train``."""
+    if train_config is None:
+        return MQAR(vocab_size=vocab_size), Needle(vocab_size=vocab_size), 256
+    data = train_config["data"]
+    return MQAR(**data["mqar"]), replace(Needle(**data["needle"]), depth=None), data["seq_len"]

@@ -1,0 +1,181 @@
+"""``dla inspect``: what the DLA layers of a model did on one text -- per layer and head, which
+tokens opened a state, which states merged and when, and the cache over time.
+
+The layers plan their schedule inside ``forward`` and do not return it, so the schedule is
+re-planned here from what the layer computed: each DLA mixer's ``information_scores`` is
+wrapped for the duration of one forward pass to record its scores, and ``plan_schedule`` is
+called again with the layer's policy -- the same deterministic call the layer made.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import html
+import io
+import json
+from pathlib import Path
+
+import torch
+
+from dla.errors import UserError
+from dla.layers.common import DLAMixer
+from dla.plots import pyplot, save
+from dla.schedule import NONE, plan_schedule
+
+
+@contextlib.contextmanager
+def recorded_scores(model):
+    """Yields ``{layer index: (mixer, scores or None, (batch, length, heads))}``, filled by the
+    next forward pass of ``model``."""
+    records = {}
+    mixers = {i: block.mixer for i, block in enumerate(model.model.layers) if isinstance(block.mixer, DLAMixer)}
+    for i, mixer in mixers.items():
+        def record(x, k, cu_seqlens, cache, scores, _mixer=mixer, _i=i, _original=mixer.information_scores):
+            u = _original(x, k, cu_seqlens, cache, scores)
+            records[_i] = (_mixer, u, tuple(k.shape[:3]))
+            return u
+
+        mixer.information_scores = record  # an instance attribute shadows the method
+    try:
+        yield records
+    finally:
+        for mixer in mixers.values():
+            del mixer.information_scores
+
+
+@torch.no_grad()
+def layer_schedules(model, input_ids: torch.Tensor) -> dict[int, dict]:
+    """For a ``[1, T]`` input: per DLA layer its policy, schedule and scores (``[H, T]`` or None)."""
+    with recorded_scores(model) as records:
+        model(input_ids=input_ids, use_cache=False)
+    if not records:
+        raise UserError("the model has no DLA layers (mixer = attention): there is no schedule to inspect")
+    out = {}
+    for i, (mixer, scores, (batch, length, heads)) in sorted(records.items()):
+        p = mixer.policy
+        schedule = plan_schedule(p.policy, batch=batch, heads=heads, length=length, capacity=p.capacity,
+                                 scores=scores, threshold=p.threshold, period=p.period,
+                                 max_segment_len=p.max_segment_len, label_rule=p.label_rule, device=input_ids.device)
+        out[i] = {"policy": p, "schedule": schedule, "scores": None if scores is None else scores[0].T.cpu()}
+    return out
+
+
+def head_report(schedule, head: int) -> dict:
+    """Births, merges and the cache of one head of a ``[1, H, T]`` schedule."""
+    death = schedule.death[0, head].cpu()
+    T = death.numel()
+    start = schedule.pairwise()["start"][0, head].cpu()  # [t, s]: first position of the segment holding s
+    opened = [0] + [p for p in range(T) if death[p] != NONE]
+    # at time death[p] the state opened at p merges into the segment that then holds p
+    merges = sorted(({"time": int(death[p]), "segment": p, "into": int(start[death[p], p])}
+                     for p in opened[1:] if death[p] < T), key=lambda m: (m["time"], m["segment"]))
+    states = [len(set(start[t, : t + 1].tolist())) for t in range(T)]
+    return {"opened": opened, "merges": merges, "states": states, "segment_start": start}
+
+
+def inspect_model(model, token_ids: list[int], render_token, out: Path, source: str, heads: list[int] | None = None,
+                  checkpoint: str = "") -> dict:
+    """Write ``inspect.json``, ``inspect.png`` and ``inspect.html`` into ``out``; returns the JSON.
+    ``render_token(id) -> str`` shows one token in the page."""
+    device = next(model.parameters()).device
+    layers = layer_schedules(model, torch.tensor([token_ids], device=device))
+    num_heads = next(iter(layers.values()))["schedule"].heads
+    heads = list(range(num_heads)) if heads is None else heads
+    bad = [h for h in heads if not 0 <= h < num_heads]
+    if bad:
+        raise UserError(f"--heads {bad}: the layers have heads 0..{num_heads - 1}")
+    pieces = [render_token(i) for i in token_ids]
+    report = {"checkpoint": checkpoint, "source": source, "tokens": len(token_ids), "layers": []}
+    for i, layer in layers.items():
+        p = layer["policy"]
+        entry = {"layer": i, "policy": p.policy, "capacity": p.capacity, "threshold": p.threshold,
+                 "label_rule": p.label_rule, "heads": []}
+        for h in heads:
+            r = head_report(layer["schedule"], h)
+            entry["heads"].append({"head": h, "opened": r["opened"], "merges": r["merges"], "states": r["states"],
+                                   "scores": None if layer["scores"] is None else layer["scores"][h].tolist(),
+                                   "segment_start": r["segment_start"]})
+        report["layers"].append(entry)
+    png = plot_cache(report, out / "inspect.png")
+    (out / "inspect.html").write_text(render_html(report, pieces, png))
+    for layer in report["layers"]:
+        for head in layer["heads"]:
+            del head["segment_start"]
+    (out / "inspect.json").write_text(json.dumps(report))
+    return report
+
+
+def plot_cache(report: dict, path: Path) -> Path | None:
+    """Rows: layers. Columns: one segment map per head (row t of a map shows, for every
+    position s <= t, which state holds s at time t; a merge makes the newer state's colour
+    take the older one's), then the number of states over time."""
+    plt = pyplot()
+    if plt is None:
+        return None
+    layers = report["layers"]
+    n_heads = len(layers[0]["heads"])
+    fig, axes = plt.subplots(len(layers), n_heads + 1, figsize=(2.4 * (n_heads + 1), 2.4 * len(layers)),
+                             squeeze=False)
+    for row, layer in zip(axes, layers):
+        for ax, head in zip(row, layer["heads"]):
+            start = head["segment_start"].float()
+            image = torch.where(start >= 0, torch.remainder(start * 7.0, 20.0), torch.nan)  # tab20 colours
+            ax.imshow(image.numpy(), cmap="tab20", vmin=0, vmax=20, interpolation="nearest")
+            ax.set_title(f"layer {layer['layer']} head {head['head']}", fontsize=8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        ax = row[-1]
+        for head in layer["heads"]:
+            ax.plot(head["states"], linewidth=0.8)
+        ax.axhline(layer["capacity"], color="k", linestyle=":", linewidth=0.8)
+        ax.set_title(f"states in cache (C={layer['capacity']})", fontsize=8)
+        ax.tick_params(labelsize=6)
+    axes[-1][0].set_xlabel("position s", fontsize=7)
+    axes[-1][0].set_ylabel("time t", fontsize=7)
+    return save(fig, path)
+
+
+def render_html(report: dict, pieces: list[str], png: Path | None) -> str:
+    """A self-contained page: summary table, the figure, and per layer and head the text with
+    the tokens that opened a state marked (hover for when it merged) and the merges."""
+    e = html.escape
+    parts = [f"<!doctype html><meta charset='utf-8'><title>dla inspect</title><style>{CSS}</style>",
+             f"<h1>DLA schedules</h1><p>checkpoint <code>{e(report['checkpoint'])}</code>, text "
+             f"<code>{e(report['source'])}</code>, {report['tokens']} tokens. A marked token "
+             "<span class='b'>opened</span> a new state; hover it for when that state merged into the older one.</p>",
+             "<table><tr><th>layer</th><th>head</th><th>policy</th><th>states opened</th><th>merges</th>"
+             "<th>max states</th><th>mean states</th></tr>"]
+    for layer in report["layers"]:
+        for head in layer["heads"]:
+            states = head["states"]
+            parts.append(f"<tr><td>{layer['layer']}</td><td>{head['head']}</td><td>{e(layer['policy'])} "
+                         f"(C={layer['capacity']})</td><td>{len(head['opened'])}</td><td>{len(head['merges'])}</td>"
+                         f"<td>{max(states)}</td><td>{sum(states) / len(states):.2f}</td></tr>")
+    parts.append("</table>")
+    if png is not None:
+        parts.append(f"<img alt='segment maps' src='data:image/png;base64,"
+                     f"{base64.b64encode(png.read_bytes()).decode()}'>")
+    for layer in report["layers"]:
+        for head in layer["heads"]:
+            merged_at = {m["segment"]: m for m in head["merges"]}
+            opened = set(head["opened"])
+            spans = []
+            for t, piece in enumerate(pieces):
+                if t in opened:
+                    m = merged_at.get(t)
+                    note = (f"opened a state at {t}; merged into the state opened at {m['into']} at time {m['time']}"
+                            if m else f"opened a state at {t}; still open at the end")
+                    spans.append(f"<span class='b' title='{e(note)}'>{e(piece)}</span>")
+                else:
+                    spans.append(e(piece))
+            merges = ", ".join(f"t={m['time']}: {m['segment']}&rarr;{m['into']}" for m in head["merges"]) or "none"
+            parts.append(f"<h2>layer {layer['layer']}, head {head['head']}</h2><pre>{''.join(spans)}</pre>"
+                         f"<p class='m'>merges (time: state opened at &rarr; merged into the one opened at): "
+                         f"{merges}</p>")
+    return "".join(parts)
+
+
+CSS = """body{font-family:sans-serif;margin:2em;max-width:80em}pre{white-space:pre-wrap;background:#f7f7f7;
+padding:.5em;line-height:1.6}.b{border-left:2px solid #d33;background:#fde2e2}table{border-collapse:collapse}
+td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}img{max-width:100%}.m{font-size:small;color:#555}"""
