@@ -9,6 +9,7 @@ import torch.nn.functional as F
 import dla
 from dla.layers import (Attention, DLAGatedDeltaNet, DLAMamba2, KVCache, LambdaProjection, MixerCache, PolicyConfig,
                         ShortConvolution)
+from mixer_helpers import max_err, one_thread  # noqa: F401 (one_thread is an autouse fixture)
 
 HIDDEN, MAXPOS = 32, 256
 POLICY_CASES = {  # name -> PolicyConfig kwargs
@@ -21,24 +22,11 @@ POLICY_CASES = {  # name -> PolicyConfig kwargs
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: one thread is faster than two, and far faster when the other core is busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_layer(base, policy_case="dynamic", chunk_size=16):
     policy = PolicyConfig(max_position_embeddings=MAXPOS, **POLICY_CASES[policy_case])
     if base == "mamba2":
         return DLAMamba2(HIDDEN, head_dim=16, state_size=8, policy=policy, chunk_size=chunk_size)
     return DLAGatedDeltaNet(HIDDEN, num_heads=2, head_dim=16, policy=policy, chunk_size=chunk_size)
-
-
-def max_err(a, b):
-    return (a - b).abs().max().item()
 
 
 # ----------------------------------------------------------------------------- policy options

@@ -14,9 +14,10 @@ import torch.nn.functional as F
 import dla
 
 pytest.importorskip("transformers")
-from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM  # noqa: E402
 
 from dla.models.modeling_dla import CACHE_FIELD  # noqa: E402
+from mixer_helpers import max_err, one_thread  # noqa: E402, F401 (one_thread is an autouse fixture)
 
 MAXPOS = 4096
 POLICY_KWARGS = {
@@ -32,15 +33,6 @@ TINY = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, head_dim=16, sta
             max_position_embeddings=MAXPOS, chunk_size=16, pad_token_id=0, bos_token_id=1, eos_token_id=None)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: one thread is faster than two, and far faster when the other core is busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_config(mixer, policy="dynamic", **overrides):
     """The tiny configuration with the policy case ``policy`` (a key of POLICY_KWARGS)."""
     return dla.DLAConfig(**{**TINY, "mixer": mixer, **POLICY_KWARGS[policy], **overrides})
@@ -48,10 +40,6 @@ def tiny_config(mixer, policy="dynamic", **overrides):
 
 def tiny_model(mixer, policy="dynamic", **overrides):
     return dla.DLAForCausalLM(tiny_config(mixer, policy, **overrides)).eval()
-
-
-def max_err(a, b):
-    return (a - b).abs().max().item()
 
 
 # ----------------------------------------------------------------------------- config
@@ -218,6 +206,8 @@ def test_save_and_reload(tmp_path, mixer, policy):
             assert isinstance(loaded, dla.DLAForCausalLM)
             assert torch.equal(loaded.eval()(ids).logits, want)
     assert isinstance(AutoConfig.from_pretrained(tmp_path), dla.DLAConfig)
+    base = AutoModel.from_pretrained(tmp_path)
+    assert isinstance(base, dla.DLAModel) and torch.equal(base.embed_tokens.weight, model.model.embed_tokens.weight)
 
 
 def run_python(code: str, **env) -> str:
