@@ -173,13 +173,13 @@ class RouterScore(nn.Module):
         """Returns ``(u [B, T, H], last key [N, H, head_dim])`` for the ``[B, T, D]`` input ``x``."""
         B, T = x.shape[:2]
         with torch.no_grad():
-            a = self.query(x).unflatten(-1, (self.num_heads, self.head_dim)).float()
-            b = self.key(x).unflatten(-1, (self.num_heads, self.head_dim)).float()
+            a = upcast(self.query(x).unflatten(-1, (self.num_heads, self.head_dim)))
+            b = upcast(self.key(x).unflatten(-1, (self.num_heads, self.head_dim)))
             b_prev = torch.cat([torch.zeros_like(b[:, :1]), b[:, :-1]], 1)
             rows, cols, nonempty = sequence_starts(cu_seqlens, B, T, x.device)
             rows, cols = rows[nonempty], cols[nonempty]
             if previous_key is not None:
-                b_prev = b_prev.index_put((rows, cols), previous_key[nonempty].float())
+                b_prev = b_prev.index_put((rows, cols), previous_key[nonempty].to(b.dtype))
             u = (1 - F.cosine_similarity(a, b_prev, dim=-1, eps=1e-6)) / 2
             if previous_key is None:
                 u = u.index_put((rows, cols), torch.ones_like(u[rows, cols]))
@@ -279,17 +279,16 @@ class MixerCache:
 
     def index_select(self, index: torch.Tensor) -> None:
         """Keep (and reorder, repeat) the sequences ``index`` -- beam search and batch expansion."""
-        if self.state is not None:
-            s = self.state
-            seg = s.segments
-            self.state = DLAState(
-                states=s.states[index.to(s.states.device)],
-                segments=SegmentState(seg.starts[index.to(seg.starts.device)], seg.info[index.to(seg.info.device)],
-                                      seg.position[index.to(seg.position.device)]),
-                prev_key=None if s.prev_key is None else s.prev_key[index.to(s.prev_key.device)])
-        self.conv = {name: c[index.to(c.device)] for name, c in self.conv.items()}
+        if self.state is None:
+            return
+        index = index.to(self.state.states.device)
+        s, seg = self.state, self.state.segments
+        self.state = DLAState(states=s.states[index],
+                              segments=SegmentState(seg.starts[index], seg.info[index], seg.position[index]),
+                              prev_key=None if s.prev_key is None else s.prev_key[index])
+        self.conv = {name: c[index] for name, c in self.conv.items()}
         if self.router_key is not None:
-            self.router_key = self.router_key[index.to(self.router_key.device)]
+            self.router_key = self.router_key[index]
 
 
 class DLAMixer(nn.Module):
