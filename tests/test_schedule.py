@@ -229,3 +229,13 @@ def test_plan_schedule_rejects_bad_arguments(kwargs, match):
     policy = base.pop("policy")
     with pytest.raises((ValueError, TypeError), match=match):
         dla.plan_schedule(policy, **base)
+
+
+def test_novelty_prev_key_continues_sequences_and_skips_empty_ones():
+    k = torch.randn(1, 5, 3, 4)
+    prev = torch.randn(3, 3, 4)
+    u = dla.novelty_scores(k, cu_seqlens=torch.tensor([0, 2, 5, 5]), prev_key=prev)
+    cos = torch.nn.functional.cosine_similarity
+    assert torch.allclose(u[0, 0], (1 - cos(k[0, 0], prev[0], dim=-1)) / 2, atol=1e-6)
+    assert torch.allclose(u[0, 2], (1 - cos(k[0, 2], prev[1], dim=-1)) / 2, atol=1e-6)
+    assert torch.allclose(u[0, 4], (1 - cos(k[0, 4], k[0, 3], dim=-1)) / 2, atol=1e-6)

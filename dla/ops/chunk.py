@@ -46,13 +46,13 @@ def chunk_dla(q, k, v, g, lam, schedule, beta=None, scale=None, initial_state: D
         raise ValueError(f"chunk_size must be one of {CHUNK_SIZES}, got {chunk_size}")
     if backend not in (None, "torch", "triton"):
         raise ValueError(f"backend must be None, 'torch' or 'triton', got {backend!r}")
+    x = prepare(q, k, v, g, lam, schedule, beta, scale, cu_seqlens, initial_state)
     if backend is None:
-        backend = "triton" if q.is_cuda else "torch"
+        backend = "triton" if x.q.is_cuda else "torch"
     if backend == "triton":
         from dla.ops.triton import chunk_state as walks
     else:
         walks = _TorchWalks
-    x = prepare(q, k, v, g, lam, schedule, beta, scale, cu_seqlens, initial_state)
     ds = x.schedule
     N, H, Tm, K = x.q.shape
     V, C, L = x.v.shape[-1], ds.capacity, chunk_size

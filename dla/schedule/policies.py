@@ -45,7 +45,9 @@ def plan_schedule(policy: str, *, batch: int, heads: int, length: int, capacity:
     ``level`` for ``fenwick`` and ``recency`` otherwise. ``initial_state`` (a
     :class:`SegmentState` or :class:`dla.DLAState`) continues an earlier window of each sequence;
     the result then carries the death times of the continued segments' boundaries.
-    ``backend``: ``"torch"`` or ``"triton"`` for the ``dynamic`` scan (default: Triton on CUDA
+    ``device``: where the schedule lives (default: that of ``scores``, else of ``cu_seqlens``,
+    else CPU; it must be the device of the op's inputs). ``backend``: ``"torch"`` or
+    ``"triton"`` for the ``dynamic`` scan (default: Triton on CUDA
     tensors, PyTorch elsewhere); both give identical schedules.
     """
     if policy not in POLICIES:

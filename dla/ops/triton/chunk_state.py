@@ -166,6 +166,17 @@ def _state_bwd_kernel(S_ptr, dS_ptr, lo_ptr, hi_ptr, M_ptr, dM_ptr, NC,
         tl.debug_barrier()
 
 
+def source_ranges(dest: torch.Tensor):
+    """``dest [..., C]`` (new slot of every old slot, ``C`` = nowhere) -> the first and last old
+    slot merging into every new slot, ``int32 [..., C]`` (``lo > hi`` when none)."""
+    C = dest.shape[-1]
+    slot = torch.arange(C, device=dest.device)
+    hit = dest[..., None, :] == slot[:, None]  # [..., new, old]
+    lo = torch.where(hit, slot, C).amin(-1).to(torch.int32).contiguous()
+    hi = torch.where(hit, slot, -1).amax(-1).to(torch.int32).contiguous()
+    return lo, hi
+
+
 def _pow2(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
@@ -204,10 +215,7 @@ def state_recurrence(S0, M, W, dest):
     N, H, NC, C = dest.shape
     K, Vd = W.shape[-2], W.shape[-1]
     Kp, Vp = _pow2(K), _pow2(Vd)
-    slot = torch.arange(C, device=dest.device)
-    hit = dest[..., None, :] == slot[:, None]  # [N, H, NC, C_new, C_old]
-    lo = torch.where(hit, slot, C).amin(-1).to(torch.int32)
-    hi = torch.where(hit, slot, -1).amax(-1).to(torch.int32)
+    lo, hi = source_ranges(dest)
     f32, pad = torch.float32, torch.nn.functional.pad
     S0 = pad(S0.to(f32), (0, Vp - Vd, 0, Kp - K))
     W = pad(W.to(f32), (0, Vp - Vd, 0, Kp - K))

@@ -1,0 +1,64 @@
+"""One decoding step for a whole batch as a single Triton kernel (no autograd).
+
+Per (sequence-head, value block): every new slot sums the old slots routed to it (a contiguous
+range, see :func:`dla.ops.recurrent.route_step`), applies the transition ``A_t``, slot 0 adds
+the write ``w_t k_t v_t^T``, the slot is stored and its read-out ``λ_n S_n^T q_t`` accumulated.
+Each old state is read once and each new state written once: the step's floor is those bytes.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from dla.ops.triton.chunk_state import source_ranges
+
+
+@triton.jit
+def _decode_kernel(S_ptr, S_new_ptr, lo_ptr, hi_ptr, q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, lam_ptr, o_ptr,
+                   C: tl.constexpr, K: tl.constexpr, V: tl.constexpr, KP: tl.constexpr, BV: tl.constexpr,
+                   DELTA: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64)
+    vv = tl.program_id(1) * BV + tl.arange(0, BV)
+    kk = tl.arange(0, KP)
+    mask = (kk[:, None] < K) & (vv[None, :] < V)
+    tile = kk[:, None] * V + vv[None, :]
+    q = tl.load(q_ptr + r * K + kk, mask=kk < K, other=0.0).to(tl.float32)
+    k = tl.load(k_ptr + r * K + kk, mask=kk < K, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + r * V + vv, mask=vv < V, other=0.0).to(tl.float32)
+    decay = tl.exp(tl.load(g_ptr + r).to(tl.float32))
+    w = tl.load(beta_ptr + r).to(tl.float32) if DELTA else 1.0
+    o = tl.zeros((BV,), dtype=tl.float32)
+    for n in range(C):
+        lo = tl.load(lo_ptr + r * C + n)
+        hi = tl.load(hi_ptr + r * C + n)
+        acc = tl.zeros((KP, BV), dtype=tl.float32)
+        for j in range(lo, hi + 1):
+            acc += tl.load(S_ptr + (r * C + j) * K * V + tile, mask=mask, other=0.0)
+        if DELTA:
+            kS = tl.sum(k[:, None] * acc, axis=0)
+            acc = decay * (acc - w * k[:, None] * kS[None, :])
+        else:
+            acc = decay * acc
+        if n == 0:
+            acc += w * k[:, None] * v[None, :]
+        tl.store(S_new_ptr + (r * C + n) * K * V + tile, acc, mask=mask)
+        o += tl.load(lam_ptr + r * C + n).to(tl.float32) * tl.sum(q[:, None] * acc, axis=0)
+    tl.store(o_ptr + r * V + vv, o, mask=vv < V)
+
+
+def decode_step(S, dest, q, k, v, g, beta, lam):
+    """Same contract as ``dla.ops.recurrent._torch_step``: returns ``(S_new, o)``."""
+    N, H, C, K, V = S.shape
+    lo, hi = source_ranges(dest)
+    S = S.float().contiguous()
+    S_new = torch.empty_like(S)
+    o = torch.empty(N, H, V, dtype=torch.float32, device=S.device)
+    BV = min(64, triton.next_power_of_2(V))
+    grid = (N * H, triton.cdiv(V, BV))
+    _decode_kernel[grid](S, S_new, lo, hi, q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(),
+                         g if beta is None else beta.contiguous(), lam.contiguous(), o,
+                         C=C, K=K, V=V, KP=triton.next_power_of_2(K), BV=BV, DELTA=beta is not None,
+                         num_warps=4)
+    return S_new.to(q.dtype), o.to(q.dtype)
