@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU correctness suite and op benchmarks. Writes logs and JSON under $OUT (default
-# benchmarks/results). Usage: scripts/gpu_check.sh [tests|bench|profile|all] [extra args for ops.py]
+# benchmarks/results). Usage: scripts/gpu_check.sh [tests|profile|decode|bench|all] [extra args for ops.py]
 # Carries optional wheels from .whl/ (flash-linear-attention, pytest, hypothesis) when present.
 set -uo pipefail
 mode=${1:-all}; shift || true
@@ -21,6 +21,9 @@ if [[ $mode == tests || $mode == all ]]; then
 fi
 if [[ $mode == profile || $mode == all ]]; then
   python3 benchmarks/profile_chunk.py 2>&1 | tee "$OUT/profile.txt" | tail -40
+fi
+if [[ $mode == decode || $mode == all ]]; then
+  python3 benchmarks/decode.py --out "$OUT/decode.json" 2>&1 | tee "$OUT/decode.log"
 fi
 if [[ $mode == bench || $mode == all ]]; then
   python3 benchmarks/ops.py --out "$OUT/ops.json" "$@" 2>&1 | tee "$OUT/ops.log"

@@ -1,0 +1,90 @@
+"""GPU decoding benchmark: one DLA step for a whole batch vs its memory floor and SDPA decoding.
+
+    python benchmarks/decode.py [--batch 64] [--heads 16] [--dim 128] [--capacity 16]
+
+A DLA step reads and writes C states of K x V fp32 per head, so its floor is 2 * B*H*C*K*V*4
+bytes over the measured copy bandwidth. Reported: the fused kernel alone, and the whole step a
+model runs (novelty score, online policy step, checks, kernel). SDPA: one query against a bf16
+KV cache of each context length. Writes JSON next to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from triton.testing import do_bench
+
+import dla
+from dla.ops.triton.decode import decode_step
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--capacity", type=int, default=16)
+    ap.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "decode.json")
+    args = ap.parse_args()
+    B, H, D, C = args.batch, args.heads, args.dim, args.capacity
+    dev = "cuda"
+    big = torch.empty(2**28, dtype=torch.float32, device=dev)
+    copy_ms = do_bench(lambda: big.clone(), warmup=10, rep=50, return_mode="median")
+    bandwidth = 2 * big.numel() * 4 / (copy_ms * 1e-3)  # bytes read + written per second
+    del big
+    rows = {"meta": {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                     "B": B, "H": H, "K=V": D, "C": C, "copy_bandwidth_GBps": bandwidth / 1e9}}
+    state_bytes = B * H * C * D * D * 4
+    floor_ms = 2 * state_bytes / bandwidth * 1e3
+    for base in ("mamba2", "gated_deltanet"):
+        k = F.normalize(torch.randn(B, 1, H, D, device=dev), dim=-1)
+        q, v = torch.randn(B, 1, H, D, device=dev), torch.randn(B, 1, H, D, device=dev)
+        g = -torch.rand(B, 1, H, device=dev) * 0.1
+        beta = torch.rand(B, 1, H, device=dev) if base == "gated_deltanet" else None
+        # a full cache: C segments alive, as after a long prompt
+        prompt = 4 * C
+        kp = F.normalize(torch.randn(B, prompt, H, D, device=dev), dim=-1)
+        s = dla.plan_schedule("dynamic", batch=B, heads=H, length=prompt, capacity=C, scores=dla.novelty_scores(kp),
+                              threshold=0.0)
+        state = dla.DLAState(torch.randn(B, H, C, D, D, device=dev) * 0.01, s.final, kp[:, -1])
+        lam = torch.full((B, 1, H, C), 0.7, device=dev)
+        dest = torch.arange(C, device=dev).expand(B, H, C).contiguous()
+        kernel_ms = do_bench(lambda: decode_step(state.states, dest, q.reshape(B, H, D),
+                                                 k.reshape(B, H, D), v.reshape(B, H, D), g.reshape(B, H),
+                                                 None if beta is None else beta.reshape(B, H), lam.reshape(B, H, C)),
+                             warmup=10, rep=50, return_mode="median")
+
+        @torch.no_grad()
+        def full_step():
+            step = dla.plan_schedule("dynamic", batch=B, heads=H, length=1, initial_state=state,
+                                     scores=dla.novelty_scores(k, prev_key=state.prev_key))
+            return dla.recurrent_dla(q, k, v, g, lam, step, beta=beta, initial_state=state, output_final_state=True)
+
+        step_ms = do_bench(full_step, warmup=10, rep=50, return_mode="median")
+        rows[f"dla-{base}"] = {"kernel_ms": kernel_ms, "full_step_ms": step_ms, "floor_ms": floor_ms,
+                               "kernel_over_floor": kernel_ms / floor_ms, "cache_MiB": state.nbytes / 2**20}
+        print(f"dla-{base:15s} kernel {kernel_ms:7.3f} ms  full step {step_ms:7.3f} ms  floor {floor_ms:7.3f} ms "
+              f"({kernel_ms / floor_ms:4.2f}x)  cache {state.nbytes / 2**20:8.1f} MiB", flush=True)
+    for ctx in args.contexts:
+        try:
+            kc = torch.randn(B, H, ctx, D, device=dev, dtype=torch.bfloat16)
+            vc = torch.randn_like(kc)
+            qd = torch.randn(B, H, 1, D, device=dev, dtype=torch.bfloat16)
+            ms = do_bench(lambda: F.scaled_dot_product_attention(qd, kc, vc), warmup=10, rep=50, return_mode="median")
+            rows[f"sdpa-ctx{ctx}"] = {"ms": ms, "kv_cache_MiB": 2 * kc.numel() * 2 / 2**20}
+            print(f"sdpa context {ctx:6d}: {ms:7.3f} ms  kv cache {2 * kc.numel() * 2 / 2**20:8.1f} MiB", flush=True)
+            del kc, vc
+        except torch.OutOfMemoryError:
+            rows[f"sdpa-ctx{ctx}"] = {"error": "out of memory"}
+        torch.cuda.empty_cache()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
