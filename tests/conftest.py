@@ -33,6 +33,8 @@ def make_case(policy="dynamic", base="mamba2", label_rule=None, B=2, T=33, H=2, 
     v = torch.randn(B, T, H, V, generator=gen, dtype=torch.float64)
     g = -(torch.rand(B, T, H, generator=gen, dtype=torch.float64) * 0.65 + 0.05)
     beta = torch.rand(B, T, H, generator=gen, dtype=torch.float64) * 0.9 + 0.05 if gd else None
+    if cu_seqlens is not None:
+        cu_seqlens = cu_seqlens.cpu()
     scores = dla.novelty_scores(k, cu_seqlens=cu_seqlens) if policy == "dynamic" else None
     if device != "cpu":
         k, cu_seqlens = k.to(device), None if cu_seqlens is None else cu_seqlens.to(device)

@@ -137,7 +137,7 @@ def build(cls, raw: dict, prefix: str):
     for key, value in raw.items():
         if key not in known:
             close = difflib.get_close_matches(key, known, n=1)
-            hint = f"; did you mean {prefix}{close[0]!r}?" if close else f"; known keys: {', '.join(known)}"
+            hint = f"; did you mean {prefix + close[0]!r}?" if close else f"; known keys: {', '.join(known)}"
             raise ConfigError(f"unknown config key {prefix + key!r}{hint}")
         values[key] = convert(value, hints[key], prefix + key)
     # sections not mentioned still get their defaults, as fresh objects

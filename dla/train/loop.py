@@ -15,6 +15,7 @@ once. A NaN or infinite loss or gradient norm stops before the optimizer step wi
 from __future__ import annotations
 
 import contextlib
+import difflib
 import inspect
 import json
 import math
@@ -162,7 +163,9 @@ def build_model(cfg: TrainConfig, vocab_size: int, checkpoint: Path | None = Non
     known = [p for p in inspect.signature(DLAConfig.__init__).parameters if p not in ("self", "kwargs")]
     for key in cfg.model:
         if key not in known:
-            raise ConfigError(f"unknown config key 'model.{key}'; the model keys are the arguments of "
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean 'model.{close[0]}'? " if close else ""
+            raise ConfigError(f"unknown config key 'model.{key}'; {hint}the model keys are the arguments of "
                               f"dla.DLAConfig: {', '.join(known)}")
     kwargs = {"vocab_size": vocab_size, **cfg.model}
     if kwargs["vocab_size"] < vocab_size:
@@ -214,7 +217,7 @@ def save_training_checkpoint(cfg: TrainConfig, runtime: Runtime, model, optimize
     if runtime.is_main:
         def write_model(directory: Path) -> None:
             ckpt.quiet_transformers()
-            unwrap(model).save_pretrained(directory, state_dict=model_state)
+            plain_model(model, model_state).save_pretrained(directory, state_dict=model_state)
             (directory / ckpt.TRAIN_CONFIG).write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
             tokenizer = getattr(dataset, "tokenizer", None)
             if tokenizer is not None:
@@ -227,6 +230,22 @@ def save_training_checkpoint(cfg: TrainConfig, runtime: Runtime, model, optimize
     if runtime.distributed:
         torch.distributed.barrier()
     return path
+
+
+def plain_model(model, full_state: dict):
+    """The model to ``save_pretrained``: FSDP2 swaps the model's class for a generated subclass,
+    whose source files ``save_pretrained`` would copy in place of the model's own code, so a
+    sharded model is saved through an unsharded copy on the CPU."""
+    from torch.distributed.fsdp import FSDPModule
+
+    model = unwrap(model)
+    if not isinstance(model, FSDPModule):
+        return model
+    from dla.models import DLAForCausalLM
+
+    plain = DLAForCausalLM(model.config)
+    plain.load_state_dict(full_state)
+    return plain
 
 
 class StopRequests(contextlib.AbstractContextManager):

@@ -216,7 +216,11 @@ def state_recurrence(S0, M, W, dest):
     K, Vd = W.shape[-2], W.shape[-1]
     Kp, Vp = _pow2(K), _pow2(Vd)
     lo, hi = source_ranges(dest)
-    f32, pad = torch.float32, torch.nn.functional.pad
+    f32 = torch.float32
+
+    def pad(x, widths):  # zero-pad K and V up to the kernel's power-of-two tiles (no copy if none)
+        return torch.nn.functional.pad(x, widths) if any(widths) else x
+
     S0 = pad(S0.to(f32), (0, Vp - Vd, 0, Kp - K))
     W = pad(W.to(f32), (0, Vp - Vd, 0, Kp - K))
     if M.dim() == 5:
