@@ -37,7 +37,7 @@ def test_yaml_and_toml_files_then_overrides(tmp_path):
     ("steps=1.5", "steps must be int"),
     ("steps=0", "steps must be >= 1"),
     ("precision=fp8", "precision must be one of"),
-    ("optim.lr.x=1", "optim.lr is a value, not a section"),
+    ("optim.lr.x=1", "optim.lr must be float"),
     ("novalue", "must look like key=value"),
 ])
 def test_config_errors_name_the_key(override, message):
