@@ -159,8 +159,12 @@ def cmd_bench(args) -> int:
 
     device = pick_device(args.device)
     gpu = device.type == "cuda"
-    lengths = args.lengths or ([1024, 4096, 16384] if gpu else [256, 1024]) if args.quick else (
-        [1024, 2048, 4096, 8192, 16384, 32768] if gpu else [256, 512, 1024, 2048, 4096])
+    if args.lengths:
+        lengths = args.lengths
+    elif args.quick:
+        lengths = [1024, 4096, 16384] if gpu else [256, 1024]
+    else:
+        lengths = [1024, 2048, 4096, 8192, 16384, 32768] if gpu else [256, 512, 1024, 2048, 4096]
     size = {"hidden_size": args.hidden_size or (1024 if gpu else 256), "num_hidden_layers": args.layers,
             "head_dim": 64, "state_size": 64}
     files = run_bench(Path(args.out), lengths, args.new_tokens, size, args.capacity, device, not args.skip_ops,

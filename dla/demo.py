@@ -82,14 +82,13 @@ def run_demo(out: Path, device: torch.device, seed: int = 0, steps: int | None =
     print(f"dla demo: {len(policies)} DLA-Mamba-2 models ({', '.join(policies)}) on MQAR, {preset['num_kv_pairs']} "
           f"key-value pairs in {preset['seq_len']} tokens, {preset['steps']} steps each, on {device.type}", flush=True)
     jobs = [(p, preset, seed, out, device.type) for p in policies]
-    if device.type == "cuda":
+    cores = os.cpu_count() or 1
+    workers = 1 if device.type == "cuda" else workers or max(1, min(cores, len(jobs), 4))
+    if workers == 1:
         results = [train_and_evaluate(*job, threads=torch.get_num_threads()) for job in jobs]
     else:
-        cores = os.cpu_count() or 1
-        workers = workers or max(1, min(cores, len(jobs), 4))
-        threads = max(1, cores // workers)
         with multiprocessing.get_context("spawn").Pool(workers) as pool:
-            results = pool.starmap(train_and_evaluate, [job + (threads,) for job in jobs])
+            results = pool.starmap(train_and_evaluate, [job + (max(1, cores // workers),) for job in jobs])
     elapsed = time.perf_counter() - started
     rows = [{"policy": r["policy"], "num_kv_pairs": n, "accuracy": a} for r in results for n, a in r["accuracy"].items()]
     table = format_grid(rows, "policy", "num_kv_pairs", f"MQAR accuracy at length {preset['seq_len']} "

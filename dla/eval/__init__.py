@@ -77,4 +77,10 @@ def synthetic_tasks(train_config: dict | None, vocab_size: int) -> tuple[MQAR, N
     if train_config is None:
         return MQAR(vocab_size=vocab_size), Needle(vocab_size=vocab_size), 256
     data = train_config["data"]
-    return MQAR(**data["mqar"]), replace(Needle(**data["needle"]), depth=None), data["seq_len"]
+    mqar, needle = MQAR(**data["mqar"]), replace(Needle(**data["needle"]), depth=None)
+    # the task it was not trained on uses the vocabulary of the one it was
+    if data["task"] == "needle":
+        mqar = replace(mqar, vocab_size=needle.vocab_size)
+    else:
+        needle = replace(needle, vocab_size=mqar.vocab_size)
+    return mqar, needle, data["seq_len"]

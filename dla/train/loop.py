@@ -105,19 +105,21 @@ def _train(cfg: TrainConfig, runtime: Runtime, resume: bool, show_progress: bool
                 index = first_batch + (step - start_step) * per_step + a * runtime.world_size + runtime.rank
                 batch = dataset.batch(index, cfg.batch_size).to(runtime.device)
                 with gradient_sync(model, sync=a == cfg.grad_accum - 1):
-                    with torch.autocast(runtime.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                        micro_loss = lm_loss(model, batch)
-                    (micro_loss / cfg.grad_accum).backward()
+                    try:
+                        with torch.autocast(runtime.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                            micro_loss = lm_loss(model, batch)
+                        (micro_loss / cfg.grad_accum).backward()
+                    except ValueError as e:  # the ops refuse NaN / Inf inputs: the weights diverged
+                        if "nan" not in str(e).lower():
+                            raise
+                        raise diverged(step, f"non-finite activations ({e})", last_checkpoint) from e
                 loss_sum += micro_loss.item()
                 tokens += batch.num_tokens
             grad_norm = grad_clip(model, cfg.optim.grad_clip)
             loss_sum, tokens, stopping = all_reduce_sum([loss_sum, tokens, float(stop.requested)], runtime)
             loss = loss_sum / per_step
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                raise TrainingDiverged(
-                    f"the loss is {loss} (gradient norm {grad_norm}) at step {step + 1}; training stopped. "
-                    + (f"The last good checkpoint is {last_checkpoint}; resume from it with --resume, "
-                       "perhaps with a lower optim.lr." if last_checkpoint else "No checkpoint was written."))
+                raise diverged(step, f"the loss is {loss} (gradient norm {grad_norm})", last_checkpoint)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -142,6 +144,13 @@ def _train(cfg: TrainConfig, runtime: Runtime, resume: bool, show_progress: bool
                     progress.write(f"step {step}: loss {loss:.4f}, saved {last_checkpoint}")
     progress.close()
     return summary("done", step, loss, last_checkpoint, out_dir, metrics)
+
+
+def diverged(step: int, what: str, last_checkpoint: Path | None) -> TrainingDiverged:
+    return TrainingDiverged(
+        f"{what} at step {step + 1}; training stopped. "
+        + (f"The last good checkpoint is {last_checkpoint}; resume from it with --resume, perhaps with a lower "
+           "optim.lr." if last_checkpoint else "No checkpoint was written."))
 
 
 def summary(status: str, step: int, loss: float, checkpoint: Path | None, out_dir: Path, metrics) -> dict:
