@@ -78,6 +78,22 @@ def carried_slots(start_death: torch.Tensor, carried_pos: torch.Tensor, carried_
     return out_pos, out_death
 
 
+def _fitting_configs(configs, named_args, **kwargs):
+    K, V = kwargs.get("K", named_args.get("K")), kwargs.get("V", named_args.get("V"))
+    return [c for c in configs if c.kwargs["BK"] <= K and c.kwargs["BV"] <= V]
+
+
+# the forward walk writes every output element, so it can be tuned by re-running it; the backward
+# accumulates atomically and in place, so it runs one fixed configuration. (Under the interpreter
+# there is nothing to tune.)
+_FWD_CONFIGS = [triton.Config({"BK": bk, "BV": bv}, num_warps=w, num_stages=1)
+                for bk in (16, 32, 64) for bv in (16, 32) for w in (4, 8)]
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _FWD_CONFIGS = [triton.Config({"BK": 16, "BV": 16})]
+
+
+@triton.autotune(configs=_FWD_CONFIGS, key=["C", "K", "V", "MATRIX"],
+                 prune_configs_by={"early_config_prune": _fitting_configs})
 @triton.jit
 def _state_fwd_kernel(S0_ptr, S_ptr, lo_ptr, hi_ptr, M_ptr, W_ptr, NC,
                       C: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr,
@@ -186,13 +202,11 @@ class _StateRecurrence(torch.autograd.Function):
     def forward(ctx, S0, M, W, lo, hi):
         R, NC, C, K, Vd = W.shape
         matrix = M.dim() == 4
-        BV = min(32, Vd)
-        BK = min(64, K) if matrix else K
         S = _output((R, NC + 1, C, K, Vd), S0)
-        _state_fwd_kernel[(R, Vd // BV)](S0, S, lo, hi, M, W, NC, C=C, K=K, V=Vd, BV=BV, BK=BK, MATRIX=matrix,
-                                         num_warps=4)
+        grid = lambda meta: (R, Vd // meta["BV"])  # noqa: E731
+        _state_fwd_kernel[grid](S0, S, lo, hi, M, W, NC, C=C, K=K, V=Vd, MATRIX=matrix)
         ctx.save_for_backward(S, M, lo, hi)
-        ctx.blocks = (BV, BK, matrix)
+        ctx.blocks = (min(32, Vd), min(32, K) if matrix else K, matrix)
         return S
 
     @staticmethod
@@ -203,7 +217,7 @@ class _StateRecurrence(torch.autograd.Function):
         dS = dS.float().contiguous().clone()
         dM = torch.zeros_like(M)
         _state_bwd_kernel[(R, Vd // BV)](S, dS, lo, hi, M, dM, NC1 - 1, C=C, K=K, V=Vd, BV=BV, BK=BK,
-                                         MATRIX=matrix, num_warps=4)
+                                         MATRIX=matrix, num_warps=8)
         return dS[:, 0], dM, dS[:, 1:], None, None
 
 
