@@ -20,7 +20,7 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor | None, batch: int, length: int, d
         raise TypeError(f"cu_seqlens must be an integer tensor (int32/int64), got {cu_seqlens.dtype}")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         raise ValueError(f"cu_seqlens must be 1-D with at least 2 entries, got shape {tuple(cu_seqlens.shape)}")
-    if device is not None and cu_seqlens.device != torch.device(device):
+    if device is not None and not same_device(cu_seqlens.device, torch.device(device)):
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but the inputs are on {device}")
     if batch != 1:
         raise ValueError(f"with cu_seqlens the batch size must be 1 (packed sequences), got {batch}")
@@ -31,6 +31,11 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor | None, batch: int, length: int, d
         raise ValueError(f"cu_seqlens must end at the sequence length {length}, got {c[-1]}")
     if any(b < a for a, b in zip(c[:-1], c[1:])):
         raise ValueError(f"cu_seqlens must be non-decreasing, got {c}")
+
+
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """``cuda`` and ``cuda:0`` are the same device when one of them names no index."""
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
 
 
 def seq_lengths(cu_seqlens: torch.Tensor) -> torch.Tensor:

@@ -85,3 +85,11 @@ def test_initial_state_must_match_the_schedule():
         dla.recurrent_dla(**inputs, schedule=cont, initial_state=state.states)
     with pytest.raises(ValueError, match="chunk_size must be one of"):
         dla.chunk_dla(**inputs, schedule=schedule, chunk_size=48)
+
+
+def test_device_names_without_index_match():
+    from dla.varlen import same_device
+
+    assert same_device(torch.device("cuda"), torch.device("cuda:0"))
+    assert not same_device(torch.device("cuda:1"), torch.device("cuda:0"))
+    assert not same_device(torch.device("cpu"), torch.device("cuda"))
