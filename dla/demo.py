@@ -22,21 +22,22 @@ from dla.plots import pyplot, save
 from dla.train.config import TrainConfig, load_config
 from dla.train.metrics import format_duration, read_metrics
 
-# sizes that train in about 10 minutes on 2 CPU cores, and a larger task for a GPU
+# sizes that train in about 10 minutes on 2 CPU cores, and a larger task for a GPU; models are
+# trained at seq_len and evaluated up to max_len (twice as long: recall over longer gaps)
 PRESETS = {
-    "cpu": {"steps": 1000, "batch_size": 32, "seq_len": 64, "num_kv_pairs": 8, "vocab_size": 64, "hidden_size": 64,
-            "num_hidden_layers": 2, "head_dim": 16, "state_size": 16, "lr": 3e-3, "threshold": 0.05,
-            "eval_pairs": [4, 8, 12, 16]},
-    "cuda": {"steps": 3000, "batch_size": 64, "seq_len": 256, "num_kv_pairs": 32, "vocab_size": 256,
+    "cpu": {"steps": 1200, "batch_size": 32, "seq_len": 64, "max_len": 128, "num_kv_pairs": 8, "vocab_size": 64,
+            "hidden_size": 64, "num_hidden_layers": 2, "head_dim": 16, "state_size": 16, "lr": 3e-3,
+            "threshold": 0.2, "eval_pairs": [4, 8, 16, 24]},
+    "cuda": {"steps": 3000, "batch_size": 64, "seq_len": 256, "max_len": 512, "num_kv_pairs": 32, "vocab_size": 256,
              "hidden_size": 128, "num_hidden_layers": 2, "head_dim": 32, "state_size": 32, "lr": 3e-3,
-             "threshold": 0.05, "eval_pairs": [16, 32, 48, 64]},
+             "threshold": 0.2, "eval_pairs": [16, 32, 64, 96]},
 }
 POLICIES = ("dynamic", "fenwick", "fixed", "single")
 
 
 def demo_config(policy: str, preset: dict, seed: int, out: Path, device: str) -> TrainConfig:
-    T = preset["seq_len"]
-    capacity = (T - 1).bit_length() + 1  # what fenwick needs for T tokens
+    T, max_len = preset["seq_len"], preset["max_len"]
+    capacity = (max_len - 1).bit_length() + 1  # what fenwick needs for max_len tokens
     policy_keys = {"dynamic": [f"model.capacity={capacity}", f"model.threshold={preset['threshold']}"],
                    "fixed": [f"model.capacity={capacity}", f"model.period={max(1, T // capacity)}"],
                    "fenwick": [], "single": []}[policy]
@@ -48,7 +49,7 @@ def demo_config(policy: str, preset: dict, seed: int, out: Path, device: str) ->
         f"optim.lr={preset['lr']}", "optim.warmup_steps=50", "optim.weight_decay=0.0",
         "model.mixer=mamba2", f"model.policy={policy}", f"model.hidden_size={preset['hidden_size']}",
         f"model.num_hidden_layers={preset['num_hidden_layers']}", f"model.head_dim={preset['head_dim']}",
-        f"model.state_size={preset['state_size']}", f"model.max_position_embeddings={T}", "model.chunk_size=32",
+        f"model.state_size={preset['state_size']}", f"model.max_position_embeddings={max_len}", "model.chunk_size=32",
     ] + policy_keys)
 
 
@@ -62,13 +63,13 @@ def train_and_evaluate(policy: str, preset: dict, seed: int, out: Path, device: 
     cfg = demo_config(policy, preset, seed, out, device)
     result = train(cfg, show_progress=False)
     model, _, _ = load_model(result["checkpoint"], device)
-    rows = mqar_accuracy(model, cfg.data.mqar, [preset["seq_len"]], preset["eval_pairs"], examples=512, seed=seed,
-                         device=device)
+    lengths = [preset["seq_len"], preset["max_len"]]
+    rows = mqar_accuracy(model, cfg.data.mqar, lengths, preset["eval_pairs"], examples=256, seed=seed, device=device)
     seconds = time.perf_counter() - started
     print(f"  {policy:8s} trained and evaluated in {format_duration(seconds)}: final loss {result['loss']:.3f}",
           flush=True)
     return {"policy": policy, "capacity": model.config.policy_config().capacity, "loss": result["loss"],
-            "seconds": seconds, "accuracy": {r["num_kv_pairs"]: r["accuracy"] for r in rows},
+            "seconds": seconds, "accuracy": rows,
             "curve": [(m["step"], m["loss"]) for m in read_metrics(Path(cfg.out_dir) / "metrics.jsonl")]}
 
 
@@ -90,9 +91,14 @@ def run_demo(out: Path, device: torch.device, seed: int = 0, steps: int | None =
         with multiprocessing.get_context("spawn").Pool(workers) as pool:
             results = pool.starmap(train_and_evaluate, [job + (max(1, cores // workers),) for job in jobs])
     elapsed = time.perf_counter() - started
-    rows = [{"policy": r["policy"], "num_kv_pairs": n, "accuracy": a} for r in results for n, a in r["accuracy"].items()]
-    table = format_grid(rows, "policy", "num_kv_pairs", f"MQAR accuracy at length {preset['seq_len']} "
-                        f"(rows: policy, columns: key-value pairs; trained with {preset['num_kv_pairs']})")
+    tables = []
+    for length in (preset["seq_len"], preset["max_len"]):
+        rows = [{"policy": r["policy"], "num_kv_pairs": a["num_kv_pairs"], "accuracy": a["accuracy"]}
+                for r in results for a in r["accuracy"] if a["seq_len"] == length]
+        tables.append(format_grid(rows, "policy", "num_kv_pairs", f"MQAR accuracy at length {length} (rows: policy, "
+                                  f"columns: key-value pairs; trained at length {preset['seq_len']} with "
+                                  f"{preset['num_kv_pairs']} pairs)"))
+    table = "\n\n".join(tables)
     print(table)
     print(f"total time {format_duration(elapsed)} on {device.type} ({os.cpu_count()} cores)")
     (out / "results.json").write_text(json.dumps({"preset": preset, "seed": seed, "seconds": elapsed,
@@ -106,16 +112,17 @@ def plot_demo(results: list[dict], preset: dict, path: Path) -> Path | None:
     plt = pyplot()
     if plt is None:
         return None
-    fig, (acc, loss) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for r in results:
-        pairs = sorted(r["accuracy"])
-        acc.plot(pairs, [r["accuracy"][n] for n in pairs], marker="o", label=f"{r['policy']} (C={r['capacity']})")
-        loss.plot(*zip(*r["curve"]), label=r["policy"])
-    acc.axvline(preset["num_kv_pairs"], color="k", linestyle=":", linewidth=0.8)
-    acc.set(title=f"MQAR accuracy, length {preset['seq_len']}", xlabel="key-value pairs", ylabel="accuracy",
-            ylim=(0, 1.02))
-    loss.set(title="training loss (answer positions)", xlabel="step", ylabel="loss")
-    for ax in (acc, loss):
+        for ax, length in zip(axes, (preset["seq_len"], preset["max_len"])):
+            points = [(a["num_kv_pairs"], a["accuracy"]) for a in r["accuracy"]
+                      if a["seq_len"] == length and a["accuracy"] is not None]
+            ax.plot(*zip(*points), marker="o", label=f"{r['policy']} (C={r['capacity']})")
+            ax.set(title=f"MQAR accuracy at length {length}", xlabel="key-value pairs", ylabel="accuracy",
+                   ylim=(0, 1.02))
+        axes[2].plot(*zip(*r["curve"]), label=r["policy"])
+    axes[2].set(title="training loss (answer positions)", xlabel="step", ylabel="loss")
+    for ax in axes:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     return save(fig, path)

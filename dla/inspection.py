@@ -165,7 +165,7 @@ def render_html(report: dict, pieces: list[str], png: Path | None) -> str:
                 if t in opened:
                     m = merged_at.get(t)
                     note = (f"opened a state at {t}; merged into the state opened at {m['into']} at time {m['time']}"
-                            if m else f"opened a state at {t}; still open at the end")
+                            if m else f"opened a state at {t}; never merged")
                     spans.append(f"<span class='b' title='{e(note)}'>{e(piece)}</span>")
                 else:
                     spans.append(e(piece))
