@@ -336,12 +336,7 @@ class DLAMixer(nn.Module):
             if cache is not None:
                 cache.router_key = last
             return u
-        if state is None or cu_seqlens is None:
-            return novelty_scores(k, cu_seqlens, None if state is None else state.prev_key)
-        # novelty_scores writes prev_key at every sequence start, and the start of a sequence without
-        # tokens in this window is another sequence's token: hand it only the sequences with tokens
-        nonempty = cu_seqlens[1:] > cu_seqlens[:-1]
-        return novelty_scores(k, torch.cat([cu_seqlens[:1], cu_seqlens[1:][nonempty]]), state.prev_key[nonempty])
+        return novelty_scores(k, cu_seqlens, None if state is None else state.prev_key)
 
     def attend(self, x, q, k, v, g, beta, scale, cu_seqlens=None, cache: MixerCache | None = None, scores=None):
         """Plan the schedule and run the op; ``x`` is the layer input (for λ and the router).
