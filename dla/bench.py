@@ -27,6 +27,7 @@ VARIANTS = {
     "single state": {"mixer": "mamba2", "policy": "single"},
     "attention": {"mixer": "attention"},
 }
+WARMUP_TOKENS = 3
 BENCHMARKS_DIR = Path(__file__).resolve().parent.parent / "benchmarks"  # present in a source checkout
 
 
@@ -35,11 +36,11 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def decode_benchmark(lengths: list[int], new_tokens: int, model_size: dict, capacity: int, device,
                      batch: int = 1) -> list[dict]:
-    """One row per (variant, context length): ``tokens_per_s`` (decoding, per sequence x batch)
-    and ``cache_bytes``."""
+    """One row per (variant, context length): ``tokens_per_s`` (decoding, per sequence x batch,
+    after a few untimed warm-up tokens) and ``cache_bytes`` (after the prefill and decoding)."""
     from dla.models import DLACache, DLAConfig, DLAForCausalLM
 
     device = torch.device(device)
@@ -55,6 +56,8 @@ def decode_benchmark(lengths: list[int], new_tokens: int, model_size: dict, capa
             prompt = torch.randint(256, (batch, length), device=device)
             cache = DLACache(config)  # the layers update it in place
             token = model(input_ids=prompt, cache=cache, use_cache=True, logits_to_keep=1).logits.argmax(-1)
+            for _ in range(WARMUP_TOKENS):  # compile / autotune the decoding kernels outside the timing
+                token = model(input_ids=token, cache=cache, use_cache=True).logits.argmax(-1)
             synchronize(device)
             started = time.perf_counter()
             for _ in range(new_tokens):
