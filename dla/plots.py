@@ -20,7 +20,7 @@ def pyplot():
 
 
 def line_plot(series: dict[str, tuple[list, list]], path: Path, title: str, xlabel: str, ylabel: str,
-              logx: bool = False, ylim: tuple | None = None) -> Path | None:
+              logx: bool = False) -> Path | None:
     """One line per ``label -> (xs, ys)``; ``None`` values in ``ys`` are left out."""
     plt = pyplot()
     if plt is None:
@@ -32,8 +32,6 @@ def line_plot(series: dict[str, tuple[list, list]], path: Path, title: str, xlab
             ax.plot(*zip(*points), marker="o" if len(points) <= 32 else None, label=label)
     if logx:
         ax.set_xscale("log", base=2)
-    if ylim is not None:
-        ax.set_ylim(*ylim)
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     ax.grid(True, alpha=0.3)
     if len(series) > 1:

@@ -88,7 +88,7 @@ def _train(cfg: TrainConfig, runtime: Runtime, resume: bool, show_progress: bool
               f"{runtime.world_size} process(es) on {runtime.device.type}, "
               f"{per_step * cfg.batch_size} sequences per step, {cfg.steps} steps -> {out_dir}")
     metrics = MetricsLog(out_dir, step if resume else None) if main else None
-    progress = Progress(cfg.steps, step, cfg.log_every, enabled=main and show_progress)
+    progress = Progress(cfg.steps, step, cfg.log_every, main=main, show=show_progress)
 
     def save() -> Path:
         return save_training_checkpoint(cfg, runtime, model, optimizer, scheduler, dataset, step,
@@ -97,53 +97,55 @@ def _train(cfg: TrainConfig, runtime: Runtime, resume: bool, show_progress: bool
     # ---- the loop
     loss, tokens_seen = math.nan, 0
     started = time.perf_counter()
-    with StopRequests() as stop:
-        while step < cfg.steps:
-            model.train()
-            loss_sum, tokens = 0.0, 0
-            for a in range(cfg.grad_accum):
-                index = first_batch + (step - start_step) * per_step + a * runtime.world_size + runtime.rank
-                batch = dataset.batch(index, cfg.batch_size).to(runtime.device)
-                with gradient_sync(model, sync=a == cfg.grad_accum - 1):
-                    try:
-                        with torch.autocast(runtime.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                            micro_loss = lm_loss(model, batch)
-                        (micro_loss / cfg.grad_accum).backward()
-                    except ValueError as e:  # the ops refuse NaN / Inf inputs: the weights diverged
-                        if "nan" not in str(e).lower():
-                            raise
-                        raise diverged(step, f"non-finite activations ({e})", last_checkpoint) from e
-                loss_sum += micro_loss.item()
-                tokens += batch.num_tokens
-            grad_norm = grad_clip(model, cfg.optim.grad_clip)
-            loss_sum, tokens, stopping = all_reduce_sum([loss_sum, tokens, float(stop.requested)], runtime)
-            loss = loss_sum / per_step
-            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                raise diverged(step, f"the loss is {loss} (gradient norm {grad_norm})", last_checkpoint)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
+    try:
+        with StopRequests() as stop:
+            while step < cfg.steps:
+                model.train()
+                loss_sum, tokens = 0.0, 0
+                for a in range(cfg.grad_accum):
+                    index = first_batch + (step - start_step) * per_step + a * runtime.world_size + runtime.rank
+                    batch = dataset.batch(index, cfg.batch_size).to(runtime.device)
+                    with gradient_sync(model, sync=a == cfg.grad_accum - 1):
+                        try:
+                            with torch.autocast(runtime.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                                micro_loss = lm_loss(model, batch)
+                            (micro_loss / cfg.grad_accum).backward()
+                        except ValueError as e:  # the ops refuse NaN / Inf inputs: the weights diverged
+                            if "nan" not in str(e).lower():
+                                raise
+                            raise diverged(step, f"non-finite activations ({e})", last_checkpoint) from e
+                    loss_sum += micro_loss.item()
+                    tokens += batch.num_tokens
+                grad_norm = grad_clip(model, cfg.optim.grad_clip)
+                loss_sum, tokens, stopping = all_reduce_sum([loss_sum, tokens, float(stop.requested)], runtime)
+                loss = loss_sum / per_step
+                if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                    raise diverged(step, f"the loss is {loss} (gradient norm {grad_norm})", last_checkpoint)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
 
-            tokens_seen += int(tokens)
-            elapsed = time.perf_counter() - started
-            tokens_per_s = tokens_seen / max(elapsed, 1e-9)  # since this process started or resumed
-            progress.update(step, loss, tokens_per_s)
-            if main and (step % cfg.log_every == 0 or step == cfg.steps or stopping):
-                metrics.log({"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                             "tokens_per_s": tokens_per_s, "tokens": tokens_seen, "elapsed_s": elapsed})
-            if stopping:
-                last_checkpoint = save()
-                progress.close()
-                if main:
-                    print(f"interrupted: saved {last_checkpoint} at step {step}; continue with --resume")
-                return summary("interrupted", step, loss, last_checkpoint, out_dir, metrics)
-            if step == cfg.steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
-                last_checkpoint = save()
-                if main:
-                    progress.write(f"step {step}: loss {loss:.4f}, saved {last_checkpoint}")
-    progress.close()
-    return summary("done", step, loss, last_checkpoint, out_dir, metrics)
+                tokens_seen += int(tokens)
+                elapsed = time.perf_counter() - started
+                tokens_per_s = tokens_seen / max(elapsed, 1e-9)  # since this process started or resumed
+                progress.update(step, loss, tokens_per_s)
+                if main and (step % cfg.log_every == 0 or step == cfg.steps or stopping):
+                    metrics.log({"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0],
+                                 "grad_norm": grad_norm, "tokens_per_s": tokens_per_s, "tokens": tokens_seen,
+                                 "elapsed_s": elapsed})
+                if stopping:
+                    last_checkpoint = save()
+                    progress.write(f"interrupted: saved {last_checkpoint} at step {step}; continue with --resume")
+                    return summary("interrupted", step, loss, last_checkpoint, out_dir)
+                if step == cfg.steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+                    last_checkpoint = save()
+                    progress.write(f"step {step}: loss {loss:.4f}, saved {last_checkpoint}", progress=True)
+    finally:
+        progress.close()
+        if metrics is not None:
+            metrics.close()
+    return summary("done", step, loss, last_checkpoint, out_dir)
 
 
 def diverged(step: int, what: str, last_checkpoint: Path | None) -> TrainingDiverged:
@@ -153,9 +155,7 @@ def diverged(step: int, what: str, last_checkpoint: Path | None) -> TrainingDive
            "optim.lr." if last_checkpoint else "No checkpoint was written."))
 
 
-def summary(status: str, step: int, loss: float, checkpoint: Path | None, out_dir: Path, metrics) -> dict:
-    if metrics is not None:
-        metrics.close()
+def summary(status: str, step: int, loss: float, checkpoint: Path | None, out_dir: Path) -> dict:
     return {"status": status, "step": step, "loss": loss, "checkpoint": checkpoint, "out_dir": out_dir}
 
 

@@ -81,13 +81,15 @@ def format_duration(seconds: float) -> str:
 
 class Progress:
     """A progress bar with loss, tokens/s and ETA: tqdm when installed, else a line every
-    ``print_every`` steps."""
+    ``print_every`` steps. Only the main process reports; ``show=False`` hides the progress
+    but not the messages passed to :meth:`write`."""
 
-    def __init__(self, total: int, initial: int, print_every: int, enabled: bool = True):
-        self.total, self.print_every, self.enabled = total, print_every, enabled
+    def __init__(self, total: int, initial: int, print_every: int, main: bool = True, show: bool = True):
+        self.total, self.print_every, self.main = total, print_every, main
+        self.enabled = main and show
         self.start_step, self.start_time = initial, time.perf_counter()
         self.bar = None
-        if enabled:
+        if self.enabled:
             try:
                 from tqdm import tqdm
             except ImportError:
@@ -109,9 +111,9 @@ class Progress:
         print(f"step {step}/{self.total}  loss {loss:.4f}  {tokens_per_s:,.0f} tok/s  "
               f"ETA {format_duration(eta) if math.isfinite(eta) else '?'}", file=sys.stderr, flush=True)
 
-    def write(self, message: str) -> None:
-        """Print a line without breaking the bar."""
-        if not self.enabled:
+    def write(self, message: str, progress: bool = False) -> None:
+        """Print a line (without breaking the bar); a ``progress`` line only where progress shows."""
+        if not self.main or (progress and not self.enabled):
             return
         if self.bar is not None:
             self.bar.write(message, file=sys.stderr)
