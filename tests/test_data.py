@@ -92,3 +92,14 @@ def test_hf_dataset_from_a_local_directory(tmp_path):
     write_jsonl(tmp_path / "train.jsonl", ["first document", "second document"])
     ds = build_dataset(DataConfig(task="text", seq_len=8, text=TextConfig(hf_dataset=str(tmp_path))), 0)
     assert [w for w, _ in ds.documents] == [f"{tmp_path}[0]", f"{tmp_path}[1]"]
+
+
+def test_hugging_face_tokenizer_from_a_local_directory(tmp_path):
+    pytest.importorskip("transformers", reason="transformers is not installed")
+    from dla.data import ByteTokenizer
+
+    ByteTokenizer().save(tmp_path / "tok")
+    path = write_jsonl(tmp_path / "d.jsonl", ["héllo wörld", "second"])
+    ds = build_dataset(DataConfig(task="text", seq_len=4, text=TextConfig(paths=[path], tokenizer=str(tmp_path / "tok"))), 0)
+    assert ds.vocab_size == 257 and ds.tokenizer.eos_token_id == 256
+    assert ds.documents[0][1].tolist() == ByteTokenizer().encode("héllo wörld") + [256]
