@@ -78,6 +78,8 @@ def test_train_text_varlen(tmp_path, corpus):
     from transformers import AutoTokenizer
 
     assert AutoTokenizer.from_pretrained(saved).encode("hi") == [104, 105]  # the byte tokenizer, reloadable
+    config = json.loads((saved / "config.json").read_text())
+    assert (config["eos_token_id"], config["pad_token_id"], config["bos_token_id"]) == (256, 256, None)
 
 
 def test_interrupted_run_resumes_at_the_same_step_with_the_same_data(tmp_path, monkeypatch):

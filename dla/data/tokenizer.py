@@ -1,7 +1,9 @@
 """Tokenizers: a byte-level one that needs nothing (the default) or any Hugging Face tokenizer.
 
 Both expose ``encode(text) -> list[int]``, ``decode(ids) -> str``, ``vocab_size``,
-``eos_token_id`` (appended after every document) and ``save(directory)``, which writes files
+``eos_token_id`` (appended after every document), ``special_tokens`` (the bos / eos / pad ids a
+model config records, so that ``generate()`` stops where the tokenizer ends a document) and
+``save(directory)``, which writes files
 that ``transformers.AutoTokenizer.from_pretrained(directory)`` loads -- that is what lets a
 checkpoint run under lm-evaluation-harness.
 """
@@ -19,6 +21,8 @@ class ByteTokenizer:
     name = "byte"
     vocab_size = 257
     eos_token_id = 256
+
+    special_tokens = {"bos_token_id": None, "eos_token_id": 256, "pad_token_id": 256}
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
@@ -78,6 +82,12 @@ class HFTokenizer:
     @property
     def eos_token_id(self) -> int | None:
         return self.tokenizer.eos_token_id
+
+    @property
+    def special_tokens(self) -> dict:
+        t = self.tokenizer
+        return {"bos_token_id": t.bos_token_id, "eos_token_id": t.eos_token_id,
+                "pad_token_id": t.eos_token_id if t.pad_token_id is None else t.pad_token_id}
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)

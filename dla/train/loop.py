@@ -64,7 +64,7 @@ def _train(cfg: TrainConfig, runtime: Runtime, resume: bool, show_progress: bool
         if changed and main:
             print(f"warning: resuming {checkpoint} with a changed config:\n  " + "\n  ".join(changed))
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, dataset.vocab_size, None if state is None else checkpoint).to(runtime.device)
+    model = build_model(cfg, dataset, None if state is None else checkpoint).to(runtime.device)
     decay_names = weight_decay_names(model)
     model = wrap_model(model, runtime, cfg.parallel)
     optimizer = build_optimizer(unwrap(model), decay_names, cfg.optim)
@@ -160,10 +160,10 @@ def summary(status: str, step: int, loss: float, checkpoint: Path | None, out_di
 
 
 # ----------------------------------------------------------------------------- pieces
-def build_model(cfg: TrainConfig, vocab_size: int, checkpoint: Path | None = None):
+def build_model(cfg: TrainConfig, dataset, checkpoint: Path | None = None):
     """A :class:`dla.DLAForCausalLM` from ``cfg.model`` (keyword arguments of
-    :class:`dla.DLAConfig`; ``vocab_size`` defaults to the data's), or the one saved in
-    ``checkpoint``."""
+    :class:`dla.DLAConfig`; ``vocab_size`` and, for text, the special token ids default to the
+    dataset's), or the one saved in ``checkpoint``."""
     from dla.models import DLAConfig, DLAForCausalLM
 
     if checkpoint is not None:
@@ -176,7 +176,9 @@ def build_model(cfg: TrainConfig, vocab_size: int, checkpoint: Path | None = Non
             hint = f"did you mean 'model.{close[0]}'? " if close else ""
             raise ConfigError(f"unknown config key 'model.{key}'; {hint}the model keys are the arguments of "
                               f"dla.DLAConfig: {', '.join(known)}")
-    kwargs = {"vocab_size": vocab_size, **cfg.model}
+    vocab_size = dataset.vocab_size
+    tokenizer = getattr(dataset, "tokenizer", None)
+    kwargs = {"vocab_size": vocab_size, **({} if tokenizer is None else tokenizer.special_tokens), **cfg.model}
     if kwargs["vocab_size"] < vocab_size:
         raise ConfigError(f"model.vocab_size = {kwargs['vocab_size']} is smaller than the data's vocabulary "
                           f"({vocab_size} tokens)")
