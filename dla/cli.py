@@ -16,9 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 from pathlib import Path
 
 from dla.errors import UserError
+from dla.train.config import key_names
 
 EPILOG_TRAIN = """\
 examples:
@@ -28,14 +30,9 @@ examples:
   dla train configs/mqar.yaml --resume          # continue runs/... from its latest checkpoint
   torchrun --nproc_per_node=2 -m dla train configs/mqar.yaml parallel=fsdp
 
-Keys (nested with dots): out_dir seed steps batch_size grad_accum log_every checkpoint_every
-keep_checkpoints device precision parallel; optim.{lr,min_lr_ratio,warmup_steps,weight_decay,
-betas,eps,grad_clip}; data.{task,seq_len}; data.mqar.{vocab_size,num_kv_pairs,power_a,
-random_non_queries}; data.needle.{vocab_size,num_needles,value_len,depth}; data.text.{paths,
-hf_dataset,hf_config,hf_split,text_field,tokenizer,packing}; model.* = the arguments of
-dla.DLAConfig (mixer, hidden_size, num_hidden_layers, head_dim, state_size, policy, capacity,
-threshold, period, max_segment_len, score, label_rule, max_position_embeddings, ...).
-Use --print-config to see every value."""
+keys (model.* = the arguments of dla.DLAConfig: mixer, hidden_size, num_hidden_layers, head_dim,
+state_size, policy, capacity, threshold, period, max_segment_len, score, label_rule, ...):
+"""
 
 
 def pick_device(name: str):
@@ -188,7 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     fmt = argparse.RawDescriptionHelpFormatter
 
-    p = sub.add_parser("train", help="train a DLA language model (synthetic recall or text)", epilog=EPILOG_TRAIN,
+    keys = textwrap.fill(" ".join(key_names()), width=100, initial_indent="  ", subsequent_indent="  ")
+    p = sub.add_parser("train", help="train a DLA language model (synthetic recall or text)",
+                       epilog=EPILOG_TRAIN + keys + "\nUse --print-config to see every value.",
                        formatter_class=fmt, description="Train a dla.DLAForCausalLM. Configs are YAML, TOML or JSON "
                        "files; KEY=VALUE overrides follow (unknown keys are errors). Checkpoints go to "
                        "OUT_DIR/checkpoints/step_N (save_pretrained + optimizer state); metrics to "

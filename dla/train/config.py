@@ -207,6 +207,18 @@ def parse_scalar(text: str):
     return text
 
 
+def key_names(cls=TrainConfig, prefix: str = "") -> list[str]:
+    """Every settable key, dotted (``model.*`` stands for the arguments of ``dla.DLAConfig``)."""
+    hints = typing.get_type_hints(cls)
+    names = []
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            names += key_names(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            names.append(f"{prefix}{f.name}{'.*' if hints[f.name] is dict else ''}")
+    return names
+
+
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
