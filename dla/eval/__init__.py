@@ -73,9 +73,10 @@ def eval_lm_harness(checkpoint: Path, tasks: list[str], out: Path, include_path:
 
 def synthetic_tasks(train_config: dict | None, vocab_size: int) -> tuple[MQAR, Needle, int]:
     """The MQAR and needle tasks (vocabulary split) a model was trained with, and its training
-    length; defaults for a model not trained by ``dla train``."""
-    if train_config is None:
-        return MQAR(vocab_size=vocab_size), Needle(vocab_size=vocab_size), 256
+    length; for a text model, or one not trained by ``dla train``, tasks over its vocabulary."""
+    if train_config is None or train_config["data"]["task"] == "text":
+        seq_len = 256 if train_config is None else train_config["data"]["seq_len"]
+        return MQAR(vocab_size=vocab_size), Needle(vocab_size=vocab_size), seq_len
     data = train_config["data"]
     mqar, needle = MQAR(**data["mqar"]), replace(Needle(**data["needle"]), depth=None)
     # the task it was not trained on uses the vocabulary of the one it was
