@@ -257,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--capacity", type=int, default=16, help="DLA's capacity C")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--out", default="bench", metavar="DIR")
+    p.add_argument("--out", default="runs/bench", metavar="DIR")
     p.set_defaults(handler=cmd_bench)
 
     p = sub.add_parser("demo", help="train tiny DLA-Mamba-2 models with four policies on MQAR and compare",
@@ -270,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, help="models trained at once on CPU (default: one per core, at most 4)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--out", default="demo", metavar="DIR")
+    p.add_argument("--out", default="runs/demo", metavar="DIR")
     p.set_defaults(handler=cmd_demo)
     return parser
 
