@@ -32,11 +32,6 @@ class Batch:
     def num_tokens(self) -> int:
         return self.input_ids.numel()
 
-    @property
-    def num_targets(self) -> int:
-        """Positions that carry a loss."""
-        return int((self.targets != IGNORE_INDEX).sum())
-
 
 def batch_generator(seed: int, index: int, stream: int = 0) -> torch.Generator:
     """The random generator of batch ``index`` of a run seeded ``seed``.
