@@ -33,6 +33,9 @@ def measure(path: str, base: str, capacity: int, T: int, repeats: int) -> dict:
 
     import dla
 
+    # one thread: with two busy processes on a small machine, OpenMP's spinning threads turn any
+    # contention into 100x slowdowns; one thread keeps the ratios meaningful
+    torch.set_num_threads(1)
     torch.manual_seed(0)
     B, H, K, V = 2, 4, 64, 64
     q = torch.randn(B, T, H, K, requires_grad=True)
@@ -150,7 +153,7 @@ def main():
             summary[key + "/recurrent over chunk time"] = {
                 T: rec[T]["seconds"] / t[T]["seconds"] for T in sorted(rec) if T in t}
     meta = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
-            "processor": platform.processor(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+            "processor": platform.processor(), "cpus": os.cpu_count(), "threads": 1,
             "shapes": "B=2, H=4, K=V=64, float32, fwd+bwd, dynamic policy (single at C=1)"}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "summary": summary, "results": results},

@@ -148,13 +148,15 @@ class _TorchWalks:
     def state_recurrence(S0, M, W, dest):
         C = dest.shape[-1]
         route_carried = F.one_hot(dest, C + 1)[..., :C].transpose(-1, -2).to(W.dtype)  # [.., new, old]
+        # unbind once: indexing chunk c of a big tensor inside the loop would make every step's
+        # backward allocate (and fill) a gradient of the whole tensor, O(T^2) in all
         S, out = S0, [S0]
-        for c in range(dest.shape[2]):
-            merged = torch.einsum("nhij,nhjkv->nhikv", route_carried[:, :, c], S)
-            if M.dim() == 3:  # Mamba-2: a scalar decay per chunk
-                merged = M[:, :, c, None, None, None] * merged
+        for route_c, M_c, W_c in zip(route_carried.unbind(2), M.unbind(2), W.unbind(2)):
+            merged = torch.einsum("nhij,nhjkv->nhikv", route_c, S)
+            if M_c.dim() == 2:  # Mamba-2: a scalar decay per chunk
+                merged = M_c[:, :, None, None, None] * merged
             else:
-                merged = torch.einsum("nhab,nhibv->nhiav", M[:, :, c], merged)
-            S = merged + W[:, :, c]
+                merged = torch.einsum("nhab,nhibv->nhiav", M_c, merged)
+            S = merged + W_c
             out.append(S)
         return torch.stack(out, 2)

@@ -87,12 +87,15 @@ def recurrent_dla(q, k, v, g, lam, schedule, beta=None, scale=None, initial_stat
     S = x.q.new_zeros(N, H, C, K, V) if x.initial is None else x.initial
     slot_pos, slot_death = ds.carried_pos, ds.carried_death  # window coordinates
     outs = []
-    for t in range(Tm):
+    # unbind once: indexing step t of a whole tensor inside the loop would make every step's
+    # backward allocate a gradient of the whole tensor, O(T^2) in all
+    per_step = [t.unbind(2) for t in (x.q, x.k, x.v, x.g, x.lam)]
+    betas = [None] * Tm if x.beta is None else x.beta.unbind(2)
+    for t, (q_t, k_t, v_t, g_t, lam_all), beta_t in zip(range(Tm), zip(*per_step), betas):
         dest, slot_pos, slot_death = route_step(slot_pos, slot_death, ds.start_death[:, :, t], t)
         label = slot_labels(slot_pos, slot_death, t, ds.label_rule)
-        lam_t = x.lam[:, :, t].gather(-1, label) * (slot_death != NONE)
-        beta_t = None if x.beta is None else x.beta[:, :, t]
-        S, o_t = step(S, dest, x.q[:, :, t], x.k[:, :, t], x.v[:, :, t], x.g[:, :, t], beta_t, lam_t)
+        lam_t = lam_all.gather(-1, label) * (slot_death != NONE)
+        S, o_t = step(S, dest, q_t, k_t, v_t, g_t, beta_t, lam_t)
         outs.append(o_t)
     o = torch.stack(outs, 2) if outs else x.v.new_zeros(N, H, 0, V)
     state = None
