@@ -1,6 +1,6 @@
 """Forward+backward time and peak memory of the naive, recurrent and chunked paths vs T on CPU.
 
-    python benchmarks/cpu_scaling.py [--lengths 512 1024 ...] [--capacities 1 4 16] [--quick]
+    python benchmarks/cpu_scaling.py [--lengths 512 1024 ...] [--capacities 1 4 16] [--timeout S]
 
 Every measurement runs in its own subprocess so that the peak resident memory (high-water mark
 of the process, minus its value before the op) belongs to that one measurement. Writes

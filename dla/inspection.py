@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import html
-import io
 import json
 from pathlib import Path
 

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import dla
 from conftest import BASES, make_case, rel_err
