@@ -1,10 +1,8 @@
 """``dla inspect``: what the DLA layers of a model did on one text -- per layer and head, which
 tokens opened a state, which states merged and when, and the cache over time.
 
-The layers plan their schedule inside ``forward`` and do not return it, so the schedule is
-re-planned here from what the layer computed: each DLA mixer's ``information_scores`` is
-wrapped for the duration of one forward pass to record its scores, and ``plan_schedule`` is
-called again with the layer's policy -- the same deterministic call the layer made.
+The layers plan their schedule inside ``forward``; for one forward pass each DLA mixer is asked
+to keep the schedule and scores it used (``record_schedule``).
 """
 
 from __future__ import annotations
@@ -20,44 +18,34 @@ import torch
 from dla.errors import UserError
 from dla.layers.common import DLAMixer
 from dla.plots import pyplot, save
-from dla.schedule import NONE, plan_schedule
+from dla.schedule import NONE
 
 
 @contextlib.contextmanager
-def recorded_scores(model):
-    """Yields ``{layer index: (mixer, scores or None, (batch, length, heads))}``, filled by the
-    next forward pass of ``model``."""
-    records = {}
+def recorded_schedules(model):
+    """Yields the DLA mixers ``{layer index: mixer}``; during the block each keeps the schedule
+    and scores of its last forward pass (``last_schedule``, ``last_scores``)."""
     mixers = {i: block.mixer for i, block in enumerate(model.model.layers) if isinstance(block.mixer, DLAMixer)}
-    for i, mixer in mixers.items():
-        def record(x, k, cu_seqlens, cache, scores, _mixer=mixer, _i=i, _original=mixer.information_scores):
-            u = _original(x, k, cu_seqlens, cache, scores)
-            records[_i] = (_mixer, u, tuple(k.shape[:3]))
-            return u
-
-        mixer.information_scores = record  # an instance attribute shadows the method
+    for mixer in mixers.values():
+        mixer.record_schedule = True
     try:
-        yield records
+        yield mixers
     finally:
         for mixer in mixers.values():
-            del mixer.information_scores
+            mixer.record_schedule = False
+            mixer.last_schedule = mixer.last_scores = None
 
 
 @torch.no_grad()
 def layer_schedules(model, input_ids: torch.Tensor) -> dict[int, dict]:
     """For a ``[1, T]`` input: per DLA layer its policy, schedule and scores (``[H, T]`` or None)."""
-    with recorded_scores(model) as records:
+    with recorded_schedules(model) as mixers:
+        if not mixers:
+            raise UserError("the model has no DLA layers (mixer = attention): there is no schedule to inspect")
         model(input_ids=input_ids, use_cache=False)
-    if not records:
-        raise UserError("the model has no DLA layers (mixer = attention): there is no schedule to inspect")
-    out = {}
-    for i, (mixer, scores, (batch, length, heads)) in sorted(records.items()):
-        p = mixer.policy
-        schedule = plan_schedule(p.policy, batch=batch, heads=heads, length=length, capacity=p.capacity,
-                                 scores=scores, threshold=p.threshold, period=p.period,
-                                 max_segment_len=p.max_segment_len, label_rule=p.label_rule, device=input_ids.device)
-        out[i] = {"policy": p, "schedule": schedule, "scores": None if scores is None else scores[0].T.cpu()}
-    return out
+        return {i: {"policy": m.policy, "schedule": m.last_schedule,
+                    "scores": None if m.last_scores is None else m.last_scores[0].T.cpu()}
+                for i, m in sorted(mixers.items())}
 
 
 def head_report(schedule, head: int) -> dict:

@@ -307,6 +307,9 @@ class DLAMixer(nn.Module):
         self.lam_proj = None if p.policy == "single" else LambdaProjection(hidden_size, num_heads, p.n_labels)
         self.router = (RouterScore(hidden_size, num_heads) if p.policy == "dynamic" and p.score == "router"
                        else None)
+        # set by inspection tools: keep the last forward's schedule and scores on the module
+        self.record_schedule = False
+        self.last_schedule = self.last_scores = None
 
     def convolve(self, name: str, x: torch.Tensor, cu_seqlens, cache: MixerCache | None) -> torch.Tensor:
         """Run the :class:`ShortConvolution` ``name`` and keep its state in ``cache``."""
@@ -345,10 +348,12 @@ class DLAMixer(nn.Module):
         p = self.policy
         B, T, H = q.shape[:3]
         state = None if cache is None else cache.state
-        schedule = plan_schedule(p.policy, batch=B, heads=H, length=T, capacity=p.capacity,
-                                 scores=self.information_scores(x, k, cu_seqlens, cache, scores),
+        u = self.information_scores(x, k, cu_seqlens, cache, scores)
+        schedule = plan_schedule(p.policy, batch=B, heads=H, length=T, capacity=p.capacity, scores=u,
                                  threshold=p.threshold, period=p.period, max_segment_len=p.max_segment_len,
                                  cu_seqlens=cu_seqlens, label_rule=p.label_rule, initial_state=state, device=q.device)
+        if self.record_schedule:
+            self.last_schedule, self.last_scores = schedule, u
         lam = q.new_ones(B, T, H, 1) if self.lam_proj is None else self.lam_proj(x)
         kwargs = dict(beta=beta, scale=scale, initial_state=state, output_final_state=cache is not None,
                       cu_seqlens=cu_seqlens)
