@@ -21,13 +21,7 @@ TINY = ["batch_size=4", "log_every=5", "checkpoint_every=10", "optim.warmup_step
         "model.max_position_embeddings=128", "model.chunk_size=16"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and the machine's other cores stay free."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from mixer_helpers import one_thread  # noqa: E402, F401 (an autouse fixture: tiny models run fastest on one thread)
 
 
 def train(*items, expect=0):
