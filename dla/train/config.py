@@ -170,22 +170,15 @@ def convert(value, kind, key: str):
             return value.lower() in ("true", "yes", "1")
         if isinstance(value, bool):
             return value
-    elif kind is int:
+    elif kind in (int, float):
+        accepted = int if kind is int else (int, float)  # an int is a valid float, not the reverse
         if isinstance(value, str):
             try:
-                return int(value)
+                return kind(value)
             except ValueError:
                 pass
-        elif isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif kind is float:
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+        elif isinstance(value, accepted) and not isinstance(value, bool):
+            return kind(value)
     elif kind is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
