@@ -91,7 +91,7 @@ def run(args):
 
     for T in args.lengths:
         B = max(1, TOKENS // T)
-        for base in ("mamba2", "gated_deltanet"):
+        for base in args.bases:
             x = make_inputs(base, B, T, dev, dtype)
             H, K = x["q"].shape[2], x["q"].shape[3]
             leaves = {n: (t.requires_grad_() if t is not None else None) for n, t in x.items()}
@@ -177,6 +177,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192, 16384, 32768])
     ap.add_argument("--capacities", type=int, nargs="+", default=[8, 16, 32])
+    ap.add_argument("--bases", nargs="+", choices=("mamba2", "gated_deltanet"), default=["mamba2", "gated_deltanet"])
     ap.add_argument("--threshold", type=float, default=0.5)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "ops.json")
     ap.add_argument("--plot", type=Path, help="only draw the PNG of an existing JSON")

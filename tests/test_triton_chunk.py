@@ -67,6 +67,25 @@ def test_triton_chunk_initial_state_gradient(base):
     assert g_ref.abs().sum() > 0 and rel_err(g, g_ref) <= TOL
 
 
+@pytest.mark.parametrize("base", BASES)
+def test_triton_chunk_final_state_gradient(base):
+    """A loss on the final states (as when a prefill's state is trained through) reaches every input."""
+    inputs, schedule = make_case("dynamic", base, "recency", B=2, T=50, H=2, K=16, V=16, capacity=4,
+                                 dtype=torch.float32, requires_grad=True, device=DEVICE)
+    ref_inputs = {n: None if x is None else x.detach().double().requires_grad_() for n, x in inputs.items()}
+
+    def loss(backend, xs):
+        o, state = dla.chunk_dla(**xs, schedule=schedule, chunk_size=16, output_final_state=True, backend=backend)
+        w = torch.randn(state.states.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+        return (o * o).sum() + (state.states * w.to(state.states)).sum()
+
+    names = [n for n, x in inputs.items() if x is not None and x.requires_grad]
+    g_ref = torch.autograd.grad(loss("torch", ref_inputs), [ref_inputs[n] for n in names])
+    g = torch.autograd.grad(loss("triton", inputs), [inputs[n] for n in names])
+    for name, a, b in zip(names, g, g_ref):
+        assert rel_err(a, b) <= 10 * TOL, f"d{name}"
+
+
 def test_triton_chunk_matches_naive_directly():
     inputs, schedule = make_case("dynamic", "gated_deltanet", "recency", B=1, T=50, H=2, K=16, V=16,
                                  capacity=5, dtype=torch.float64, device=DEVICE)

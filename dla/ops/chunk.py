@@ -109,23 +109,38 @@ def chunk_dla(q, k, v, g, lam, schedule, beta=None, scale=None, initial_state: D
         M = gamma[..., -1, None, None] * torch.eye(K, dtype=A.dtype, device=dev) - k_end.transpose(-1, -2) @ W_k
     o_intra = (P * lam_intra) @ v_c
 
-    # 4. the carried states, chunk by chunk
+    # 4. the carried states, chunk by chunk, and what the queries read from them
     S0 = x.q.new_zeros(N, H, C, K, V) if x.initial is None else x.initial
-    # the chunk's tokens written into each segment they belong to at the chunk's end
-    route_tokens = F.one_hot(tok_rank, C + 1)[..., :C].to(x.q.dtype)  # [N, H, NC, L, C]
-    W = X[:, :, :, None] @ (route_tokens.transpose(-1, -2)[..., None] * v_c[:, :, :, None])  # [N,H,NC,C,K,V]
-    S = walks.state_recurrence(S0, gamma[..., -1] if x.beta is None else M, W, dest).to(x.q.dtype)
-    S_in = S[:, :, :NC]  # [N, H, NC, C, K, V]
-    # one [L, C*K] x [C*K, V] product per chunk: queries weighted by the label of each carried slot
-    q_lam = (lam_inter[..., None] * q_eff[..., None, :]).reshape(N, H, NC, L, C * K)
-    o_inter = q_lam @ S_in.reshape(N, H, NC, C * K, V)
+    if backend == "triton" and x.beta is None:  # Mamba-2: one fused Triton walk
+        from dla.ops.triton.chunk_inter import fused_inter
+
+        o_inter, S_final = fused_inter(q_eff, lam_inter, k_end, v_c, tok_rank, gamma[..., -1], dest, S0,
+                                       x.out_dtype)
+    else:
+        o_inter, S_final = _inter(walks, q_eff, lam_inter, X, v_c, tok_rank, gamma[..., -1] if x.beta is None else M,
+                                  dest, S0)
     o = (o_intra + o_inter).reshape(N, H, NC * L, V)[:, :, :Tm]
     state = None
     if output_final_state:
         final_pos, final_death = slots_pos[:, :, NC], slots_death[:, :, NC]
         starts = torch.where(final_death != NONE, final_pos + ds.position[:, None, None], NONE)
-        state = x.final_state(S[:, :, NC], starts, schedule)
+        state = x.final_state(S_final.to(x.q.dtype), starts, schedule)
     return x.output(o), state
+
+
+def _inter(walks, q_eff, lam_inter, X, v_c, tok_rank, M, dest, S0):
+    """Read-out of the carried states and the state walk, unfused: token writes ``W`` and
+    weighted queries are tensors. Returns ``o_inter [N, H, NC, L, V]`` and the final states."""
+    N, H, NC, L, K = q_eff.shape
+    C = dest.shape[-1]
+    # the chunk's tokens written into each segment they belong to at the chunk's end
+    route_tokens = F.one_hot(tok_rank, C + 1)[..., :C].to(v_c.dtype)  # [N, H, NC, L, C]
+    W = X[:, :, :, None] @ (route_tokens.transpose(-1, -2)[..., None] * v_c[:, :, :, None])  # [N,H,NC,C,K,V]
+    S = walks.state_recurrence(S0, M, W, dest).to(q_eff.dtype)
+    S_in = S[:, :, :NC]  # [N, H, NC, C, K, V]
+    # one [L, C*K] x [C*K, V] product per chunk: queries weighted by the label of each carried slot
+    q_lam = (lam_inter[..., None] * q_eff[..., None, :]).reshape(N, H, NC, L, C * K)
+    return q_lam @ S_in.reshape(N, H, NC, C * K, -1), S[:, :, NC]
 
 
 class _TorchWalks:

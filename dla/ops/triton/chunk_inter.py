@@ -1,0 +1,205 @@
+"""The inter-chunk part of the chunked path fused into one walk (Triton; Mamba-2's scalar decay).
+
+For every sequence-head the walk over chunks ``c`` does, with ``S_c[j]`` the ``C`` carried
+states entering chunk ``c``:
+
+- read-out: ``o[c] = Σ_j (λ[c, :, j] ⊙ Q_eff[c]) S_c[j]`` (``[L, K] @ [K, V]`` per slot);
+- state update: ``S_{c+1}[n] = γ_c Σ_{j -> n} S_c[j] + X_c^T diag(1[rank_s = n]) V_c``, where
+  ``X_c[s] = A_end ... A_{s+1} k_s`` (the token's key decayed to the chunk's end).
+
+The unfused PyTorch path builds the weighted queries ``λ ⊙ Q_eff`` (``T·C·K``) and the token
+writes (``T/L · C·K·V``) as tensors and reads them back; here both exist only in registers. The
+states at every chunk boundary are stored (fp32, ``T/L · C·K·V``) for the backward walk, which
+recomputes nothing else: in reverse it turns ``dS_{c+1}`` into the gradients of the token
+writes (``dX``, ``dV``), of the read-out (``dQ_eff``, ``dλ``) and of the decay, and ``dS_c``.
+One program per (sequence-head, value block); gradients that sum over value blocks (``dQ_eff``,
+``dλ``, ``dX``, ``dγ``) are accumulated atomically.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from dla.ops.triton.chunk_state import _output, _pow2, source_ranges
+
+_CONFIGS = [triton.Config({"BV": bv}, num_warps=w, num_stages=1) for bv in (16, 32, 64) for w in (4, 8)]
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _CONFIGS = [triton.Config({"BV": 16})]
+
+
+def _fitting(configs, named_args, **kwargs):
+    V = kwargs.get("V", named_args.get("V"))
+    return [c for c in configs if c.kwargs["BV"] <= V]
+
+
+@triton.autotune(configs=_CONFIGS, key=["C", "K", "V", "L", "PREC"], prune_configs_by={"early_config_prune": _fitting})
+@triton.jit
+def _inter_fwd_kernel(qe_ptr, lam_ptr, x_ptr, v_ptr, rank_ptr, gam_ptr, lo_ptr, hi_ptr, S0_ptr, S_ptr, o_ptr, NC,
+                      L: tl.constexpr, C: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr,
+                      PREC: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64)
+    vv = tl.program_id(1) * BV + tl.arange(0, BV)
+    kk = tl.arange(0, K)
+    ll = tl.arange(0, L)
+    tile = kk[:, None] * V + vv[None, :]  # a [K, BV] tile of one K x V state
+    S_row = S_ptr + r * (NC + 1) * C * K * V
+    for j in range(C):
+        tl.store(S_row + j * K * V + tile, tl.load(S0_ptr + r * C * K * V + j * K * V + tile))
+    tl.debug_barrier()
+    for c in range(NC):
+        rc = r * NC + c
+        S_in = S_row + c * C * K * V
+        S_out = S_in + C * K * V
+        tok = rc * L + ll
+        qe = tl.load(qe_ptr + tok[:, None] * K + kk[None, :])  # [L, K]
+        o = tl.zeros((L, BV), dtype=tl.float32)
+        for j in range(C):
+            lam_j = tl.load(lam_ptr + tok * C + j)
+            o += tl.dot(qe * lam_j[:, None], tl.load(S_in + j * K * V + tile), input_precision=PREC)
+        tl.store(o_ptr + tok[:, None] * V + vv[None, :], o)
+        rank = tl.load(rank_ptr + tok)
+        vals = tl.load(v_ptr + tok[:, None] * V + vv[None, :])  # [L, BV]
+        xt = tl.load(x_ptr + tok[None, :] * K + kk[:, None])  # [K, L]
+        gam = tl.load(gam_ptr + rc)
+        for n in range(C):
+            lo = tl.load(lo_ptr + rc * C + n)
+            hi = tl.load(hi_ptr + rc * C + n)
+            acc = tl.zeros((K, BV), dtype=tl.float32)
+            for j in range(lo, hi + 1):
+                acc += tl.load(S_in + j * K * V + tile)
+            acc = gam * acc
+            mine = rank == n
+            if tl.max(mine.to(tl.int32), axis=0) > 0:  # the chunk writes tokens into slot n
+                acc += tl.dot(xt, tl.where(mine[:, None], vals, 0.0), input_precision=PREC)
+            tl.store(S_out + n * K * V + tile, acc)
+        tl.debug_barrier()
+
+
+@triton.jit
+def _inter_bwd_kernel(qe_ptr, lam_ptr, x_ptr, v_ptr, rank_ptr, gam_ptr, dest_ptr, S_ptr, do_ptr, G_ptr,
+                      dqe_ptr, dlam_ptr, dx_ptr, dv_ptr, dgam_ptr, NC,
+                      L: tl.constexpr, C: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr,
+                      PREC: tl.constexpr):
+    """Reverse walk. ``G`` ([rows, 2, C, K, V]) enters with ``dS_NC`` (the final state's
+    gradient) in its first half and leaves with ``dS_0`` in half ``NC % 2``."""
+    r = tl.program_id(0).to(tl.int64)
+    vv = tl.program_id(1) * BV + tl.arange(0, BV)
+    kk = tl.arange(0, K)
+    ll = tl.arange(0, L)
+    tile = kk[:, None] * V + vv[None, :]
+    S_row = S_ptr + r * (NC + 1) * C * K * V
+    G_row = G_ptr + r * 2 * C * K * V
+    for ci in range(NC):
+        c = NC - 1 - ci
+        rc = r * NC + c
+        S_in = S_row + c * C * K * V
+        G_out = G_row + (ci % 2) * C * K * V  # dS_{c+1}
+        G_in = G_row + ((ci + 1) % 2) * C * K * V  # dS_c, written here
+        tok = rc * L + ll
+        # token writes: W[n] = X^T diag(rank = n) V
+        rank = tl.load(rank_ptr + tok)
+        vals = tl.load(v_ptr + tok[:, None] * V + vv[None, :])  # [L, BV]
+        x = tl.load(x_ptr + tok[:, None] * K + kk[None, :])  # [L, K]
+        dv = tl.zeros((L, BV), dtype=tl.float32)
+        dx = tl.zeros((L, K), dtype=tl.float32)
+        for n in range(C):
+            mine = rank == n
+            if tl.max(mine.to(tl.int32), axis=0) > 0:
+                Gn = tl.load(G_out + n * K * V + tile)  # [K, BV]
+                dv += tl.where(mine[:, None], tl.dot(x, Gn, input_precision=PREC), 0.0)
+                dx += tl.where(mine[:, None], tl.dot(vals, tl.trans(Gn), input_precision=PREC), 0.0)
+        tl.store(dv_ptr + tok[:, None] * V + vv[None, :], dv)
+        tl.atomic_add(dx_ptr + tok[:, None] * K + kk[None, :], dx)
+        # read-out and merges, per carried slot j
+        qe = tl.load(qe_ptr + tok[:, None] * K + kk[None, :])  # [L, K]
+        do = tl.load(do_ptr + tok[:, None] * V + vv[None, :])  # [L, BV]
+        gam = tl.load(gam_ptr + rc)
+        dqe = tl.zeros((L, K), dtype=tl.float32)
+        dgam = tl.zeros((BV,), dtype=tl.float32)
+        for j in range(C):
+            Sj = tl.load(S_in + j * K * V + tile)  # [K, BV]
+            lam_j = tl.load(lam_ptr + tok * C + j)
+            dqs = tl.dot(do, tl.trans(Sj), input_precision=PREC)  # [L, K]: dO S_j^T
+            dqe += lam_j[:, None] * dqs
+            tl.atomic_add(dlam_ptr + tok * C + j, tl.sum(qe * dqs, axis=1))
+            dSj = tl.dot(tl.trans(qe * lam_j[:, None]), do, input_precision=PREC)  # [K, BV]
+            n = tl.load(dest_ptr + rc * C + j)
+            if n < C:
+                Gn = tl.load(G_out + n * K * V + tile)
+                dgam += tl.sum(Gn * Sj, axis=0)
+                dSj += gam * Gn
+            tl.store(G_in + j * K * V + tile, dSj)
+        tl.atomic_add(dqe_ptr + tok[:, None] * K + kk[None, :], dqe)
+        tl.atomic_add(dgam_ptr + rc, tl.sum(dgam, axis=0))
+        tl.debug_barrier()
+
+
+def _prec(dtype) -> str:
+    # fp32 inputs get IEEE products (the 1e-5 contract); lower-precision inputs tf32
+    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+
+
+class _FusedInter(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qe, lam, x, v, gam, S0, rank, lo, hi, dest, prec):
+        R, NC, L, K = qe.shape
+        C, Vd = S0.shape[1], v.shape[-1]
+        S = _output((R, NC + 1, C, K, Vd), qe)
+        o = _output((R, NC, L, Vd), qe)
+        grid = lambda meta: (R, Vd // meta["BV"])  # noqa: E731
+        _inter_fwd_kernel[grid](qe, lam, x, v, rank, gam, lo, hi, S0, S, o, NC, L=L, C=C, K=K, V=Vd, PREC=prec)
+        ctx.save_for_backward(qe, lam, x, v, gam, rank, dest, S)
+        ctx.prec = prec
+        return o, S[:, NC]
+
+    @staticmethod
+    def backward(ctx, do, dS_final):
+        qe, lam, x, v, gam, rank, dest, S = ctx.saved_tensors
+        R, NC, L, K = qe.shape
+        C, Vd = S.shape[2], v.shape[-1]
+        G = torch.zeros((R, 2, C, K, Vd), dtype=torch.float32, device=qe.device)
+        if dS_final is not None:
+            G[:, 0] = dS_final
+        dqe, dlam, dx, dgam = (torch.zeros_like(t) for t in (qe, lam, x, gam))
+        dv = _output(v.shape, v)
+        BV = min(32, Vd)
+        _inter_bwd_kernel[(R, Vd // BV)](qe, lam, x, v, rank, gam, dest, S, do.float().contiguous(), G,
+                                         dqe, dlam, dx, dv, dgam, NC, L=L, C=C, K=K, V=Vd, BV=BV,
+                                         PREC=ctx.prec, num_warps=8)
+        return dqe, dlam, dx, dv, dgam, G[:, NC % 2], None, None, None, None, None
+
+
+def fused_inter(q_eff, lam_inter, x, v, tok_rank, gamma, dest, S0, input_dtype=torch.float32):
+    """Inter-chunk read-out and state walk for a scalar decay per chunk (Mamba-2).
+
+    ``q_eff``, ``x`` (keys decayed to the chunk's end) ``[N, H, NC, L, K]``; ``lam_inter [N, H,
+    NC, L, C]`` (λ of every query for every carried slot, zero for empty slots); ``v [N, H, NC,
+    L, V]``; ``tok_rank [N, H, NC, L]`` (the slot a token is written into at the chunk's end,
+    ``C`` = none); ``gamma [N, H, NC]`` (the chunk's total decay); ``dest [N, H, NC, C]`` (new slot
+    of every carried slot, ``C`` = none); ``S0 [N, H, C, K, V]``; ``input_dtype``: the caller's
+    dtype (float32 inputs get IEEE products, lower precisions tf32). Returns ``o_inter [N, H, NC,
+    L, V]`` and the final states ``[N, H, C, K, V]`` (float32), differentiable in every float input.
+    """
+    N, H, NC, L, K = q_eff.shape
+    C, Vd = dest.shape[-1], v.shape[-1]
+    Kp, Vp = _pow2(K), _pow2(Vd)
+    lo, hi = source_ranges(dest)
+    R = N * H
+    f32 = torch.float32
+
+    def rows(t, pad=()):  # float32, contiguous, [R, ...], K / V zero-padded to power-of-two tiles
+        t = t.to(f32)
+        if any(pad):
+            t = torch.nn.functional.pad(t, pad)
+        return t.reshape(R, *t.shape[2:]).contiguous()
+
+    o, S = _FusedInter.apply(rows(q_eff, (0, Kp - K)), rows(lam_inter), rows(x, (0, Kp - K)),
+                             rows(v, (0, Vp - Vd)), rows(gamma), rows(S0, (0, Vp - Vd, 0, Kp - K)),
+                             tok_rank.to(torch.int32).reshape(R, NC, L).contiguous(), lo.reshape(R, NC, C),
+                             hi.reshape(R, NC, C), dest.to(torch.int32).reshape(R, NC, C).contiguous(),
+                             _prec(input_dtype))
+    return o.reshape(N, H, NC, L, Vp)[..., :Vd], S.reshape(N, H, C, Kp, Vp)[..., :K, :Vd]
