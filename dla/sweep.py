@@ -97,9 +97,10 @@ def _value(v) -> str:
     return str(v)
 
 
-def load_experiment(path: str | Path) -> Experiment:
-    """Read and expand an experiment file; every run's config is built (and so checked) here."""
-    from dla.train.config import config_from_dict, read_config_file
+def load_experiment(path: str | Path, eval_overrides: list[str] = ()) -> Experiment:
+    """Read and expand an experiment file; every run's config is built (and so checked) here.
+    ``eval_overrides`` (``key=value``) change the ``eval`` section (e.g. ``examples=4`` for a smoke test)."""
+    from dla.train.config import config_from_dict, parse_scalar, read_config_file
 
     path = Path(path)
     raw = read_config_file(path)
@@ -111,6 +112,9 @@ def load_experiment(path: str | Path) -> Experiment:
             raise ConfigError(f"{path}: an experiment needs '{key}'")
     axes = {axis: _axis_choices(axis, spec) for axis, spec in raw["grid"].items()}
     ev = dict(raw["eval"])
+    for item in eval_overrides:
+        key, _, value = item.partition("=")
+        ev[key] = json.loads(value) if value.startswith("[") else parse_scalar(value)
     if ev.get("task") not in TASKS:
         raise ConfigError(f"{path}: eval.task must be one of {TASKS}, got {ev.get('task')!r}")
     report = {"rows": next(iter(axes)), "cols": None, "select": None, "average": None, "panels": [], **raw.get("report", {})}
@@ -204,7 +208,7 @@ def run_parallel(fn, jobs: list[tuple], workers: int, threads: int, deadline: fl
 
 
 def execute(exp_path: str, run_name: str, results_dir: str, work_dir: str, device: str, steps_scale: float,
-            extra: list[str], keep_checkpoints: bool, threads: int) -> dict:
+            extra: list[str], eval_extra: list[str], keep_checkpoints: bool, threads: int) -> dict:
     """Train and evaluate one run (in a worker process); write its JSON. Never raises: an
     error comes back as ``{"status": "error", ...}`` and writes nothing."""
     import torch
@@ -212,7 +216,7 @@ def execute(exp_path: str, run_name: str, results_dir: str, work_dir: str, devic
     torch.set_num_threads(threads)
     started = time.time()
     try:
-        exp = load_experiment(exp_path)
+        exp = load_experiment(exp_path, eval_extra)
         run = next(r for r in exp.runs if r.name == run_name)
         result = train_and_evaluate(exp, run, Path(work_dir), device, steps_scale, extra, keep_checkpoints)
     except Exception as e:  # one broken run must not stop the sweep
@@ -330,13 +334,13 @@ def select_runs(exp: Experiment, only: list[str] | None) -> list[Run]:
 def run_sweep(exp_path: str | Path, results_root: Path, work_root: Path, device: str = "cuda", workers: int = 1,
               steps_scale: float = 1.0, only: list[str] | None = None, time_budget: float | None = None,
               extra: list[str] = (), keep_checkpoints: bool = False, export: Path | None = None,
-              docs: Path | None = None) -> dict:
+              docs: Path | None = None, eval_extra: list[str] = ()) -> dict:
     """Train and evaluate the runs not finished yet, then aggregate. Returns the aggregate."""
     from dla.train.metrics import format_duration
 
     started = time.time()
     deadline = None if time_budget is None else started + time_budget
-    exp = load_experiment(exp_path)
+    exp = load_experiment(exp_path, eval_extra)
     results_dir = results_root / exp.name
     done = finished_runs(results_dir)
     chosen = select_runs(exp, only)
@@ -348,7 +352,7 @@ def run_sweep(exp_path: str | Path, results_root: Path, work_root: Path, device:
     cores = os.cpu_count() or 1
     threads = 1 if device == "cuda" else max(1, cores // max(1, workers))
     jobs = [(str(exp.path), r.name, str(results_dir), str(work_root / exp.name), device, steps_scale, list(extra),
-             keep_checkpoints) for r in pending]
+             list(eval_extra), keep_checkpoints) for r in pending]
     completed, errors = 0, []
     for job, result in run_parallel(execute, jobs, workers, threads, deadline):
         completed += 1
@@ -435,7 +439,7 @@ def aggregate(exp: Experiment, results_dir: Path, docs: Path | None = None) -> d
     (results_dir / "table.md").write_text(table + "\n")
     png = plot(exp, entries, group_axes, results_dir / f"{exp.name}.png") if entries else None
     update_results_md(docs or Path(__file__).resolve().parent.parent / "docs" / "results.md", exp, summary, table,
-                      png)
+                      png, results_dir)
     print(table)
     return summary
 
@@ -477,8 +481,14 @@ def markdown_tables(exp: Experiment, entries: list[dict], group_axes: list[str])
         part = [e for e in entries if all(e[a] == v for a, v in zip(rest, combo))]
         title = f"**{exp.name}** " + " ".join(f"{a}={v}" for a, v in zip(rest, combo)) + f" ({what}{sel})"
         col_values = list(exp.axes[cols]) if cols else ["result"]
-        lines = [title, "", f"| {rows} | " + " | ".join(col_values) + " |", "|---" * (len(col_values) + 1) + "|"]
+        lengths = [] if task != "needle" or cols else sorted({n for n in exp.eval.get("lengths", [])})
+        header = col_values + [f"len {n}" for n in lengths]
+        lines = [title + (" -- the len columns: mean over depths" if lengths else ""), "",
+                 f"| {rows} | " + " | ".join(header) + " |", "|---" * (len(header) + 1) + "|"]
         for rv in exp.axes[rows]:
+            match = [e for e in part if e[rows] == rv and e["detail"]]
+            by_length = [[c["accuracy"] for c in match[0]["detail"] if c["seq_len"] == n] if match else [] for n in lengths]
+            extra = [f"{100 * statistics.fmean(v):.1f}" if v else "–" for v in by_length]
             cells = []
             for cv in col_values:
                 match = [e for e in part if e[rows] == rv and (cols is None or e[cols] == cv)]
@@ -487,7 +497,7 @@ def markdown_tables(exp: Experiment, entries: list[dict], group_axes: list[str])
                     cells.append(_fmt(match[0], task) + (f" @{best}" if best else ""))
                 else:
                     cells.append("–")
-            lines.append(f"| {rv} | " + " | ".join(cells) + " |")
+            lines.append(f"| {rv} | " + " | ".join(cells + extra) + " |")
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
 
@@ -553,10 +563,14 @@ def plot(exp: Experiment, entries: list[dict], group_axes: list[str], path: Path
         if task == "text":
             ax.set(xscale="log", xlabel="context (tokens)", ylabel="mean loss up to this position")
         else:
-            ax.set(xlabel=cols, ylabel="accuracy", ylim=(0, 1.02), xscale="log")
+            ticks = [_number(c, cols) for c in exp.axes[cols]]
+            ax.set(xlabel=cols, ylabel="accuracy", ylim=(0, 1.02))
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
         ax.set_title(f"{exp.name}" + (f": {panel}" if panel else ""))
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     return save(fig, path)
 
 
@@ -584,7 +598,8 @@ def bar_plot(plt, exp: Experiment, entries: list[dict], group_axes: list[str], p
     return save(fig, path)
 
 
-def update_results_md(path: Path, exp: Experiment, summary: dict, table: str, png: Path | None) -> None:
+def update_results_md(path: Path, exp: Experiment, summary: dict, table: str, png: Path | None,
+                      results_dir: Path) -> None:
     """Replace (or add) this experiment's generated block in docs/results.md; text outside the
     blocks (conclusions) is left alone."""
     from dla.train.metrics import format_duration
@@ -602,7 +617,7 @@ def update_results_md(path: Path, exp: Experiment, summary: dict, table: str, pn
              f"- commit(s): {', '.join(summary['commits']) or '–'}; device(s): {', '.join(summary['devices']) or '–'}",
              f"- time: {format_duration(summary['wall_s'])} wall over all calls "
              f"({format_duration(summary['run_seconds'])} summed over runs)",
-             f"- metric: {summary['metric']}; data: `{rel(path.parent.parent / 'experiments' / 'results' / exp.name)}/`",
+             f"- metric: {summary['metric']}; data: `{rel(results_dir)}/`",
              "", table or "(no finished runs yet)", ""]
     if png is not None:
         lines += [f"![{exp.name}]({rel(png)})", ""]

@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--time-budget", type=float, metavar="SECONDS", help="start no run that would end after this")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="extra overrides for every run "
                    "(finished runs are not redone: use a fresh --results dir)")
+    p.add_argument("--eval-set", nargs="+", default=[], metavar="KEY=VALUE", help="change the eval section "
+                   "(e.g. examples=4 windows=1 for a smoke test)")
     p.add_argument("--results", default=str(ROOT / "experiments" / "results"), metavar="DIR")
     p.add_argument("--work-dir", default=str(ROOT / "runs" / "sweeps"), metavar="DIR", help="scratch checkpoints")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep each run's checkpoint (for dla inspect)")
@@ -51,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
 
             device = "cuda" if torch.cuda.is_available() else "cpu"
         for path in args.experiment:
-            exp = load_experiment(path)
+            exp = load_experiment(path, args.eval_set)
             if args.list:
                 runs = select_runs(exp, args.only)
                 print(f"{exp.name}: {len(runs)} of {len(exp.runs)} runs")
@@ -64,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
             run_sweep(path, Path(args.results), Path(args.work_dir), device, args.workers, args.steps_scale,
                       args.only, None if args.time_budget is None else args.time_budget - (time.time() - started),
                       args.set, args.keep_checkpoints,
-                      Path(args.export) if args.export else None, Path(args.docs))
+                      Path(args.export) if args.export else None, Path(args.docs), args.eval_set)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
