@@ -25,7 +25,6 @@ best mean over the ``average`` axis (the seeds), and reports that mean, the spre
 
 from __future__ import annotations
 
-import copy
 import fnmatch
 import itertools
 import json
@@ -219,7 +218,7 @@ def execute(exp_path: str, run_name: str, results_dir: str, work_dir: str, devic
         exp = load_experiment(exp_path, eval_extra)
         run = next(r for r in exp.runs if r.name == run_name)
         result = train_and_evaluate(exp, run, Path(work_dir), device, steps_scale, extra, keep_checkpoints)
-    except Exception as e:  # one broken run must not stop the sweep
+    except Exception as e:  # noqa: BLE001 (one broken run must not stop the sweep)
         return {"run": run_name, "status": "error", "error": f"{type(e).__name__}: {e}",
                 "traceback": traceback.format_exc(limit=4), "seconds": time.time() - started}
     result["seconds"] = time.time() - started
@@ -275,12 +274,13 @@ def evaluate(spec: dict, cfg, model, tokenizer, device: str) -> dict:
     if task == "mqar":
         n = cfg.data.mqar.num_kv_pairs
         pairs = spec.get("pairs", sorted({max(1, n // 2), n}))
-        rows = mqar_accuracy(model, cfg.data.mqar, lengths, pairs, examples=examples, seed=cfg.seed, device=device)
+        rows = mqar_accuracy(model, cfg.data.mqar, lengths, pairs, examples=examples, seed=cfg.seed, device=device,
+                             batch_size=int(spec.get("batch_size", 64)))
         valid = [r["accuracy"] for r in rows if r["accuracy"] is not None]
         return {"metric": sum(valid) / len(valid), "eval": rows}
     if task == "needle":
         rows = needle_accuracy(model, replace(cfg.data.needle, depth=None), lengths, spec.get("depths", [0.0, 0.5, 1.0]),
-                               examples=examples, seed=cfg.seed, device=device)
+                               examples=examples, seed=cfg.seed, device=device, batch_size=int(spec.get("batch_size", 32)))
         return {"metric": sum(r["accuracy"] for r in rows) / len(rows), "eval": rows}
     from dla.cli import text_tokenizer
     from dla.eval.text_loss import per_position_loss
@@ -306,10 +306,10 @@ def write_json(path: Path, data) -> None:
 
 def git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10, check=False,
                              cwd=Path(__file__).resolve().parent)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, timeout=10, cwd=Path(__file__).resolve().parent).stdout.strip()
+                               text=True, timeout=10, check=False, cwd=Path(__file__).resolve().parent).stdout.strip()
         return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -432,7 +432,8 @@ def aggregate(exp: Experiment, results_dir: Path, docs: Path | None = None) -> d
                "commits": sorted({r.get("commit", "unknown") for r in runs}),
                "devices": sorted({r.get("device", "?") for r in runs}),
                "gpu_wall_s": sum(c["wall_s"] for c in calls if c.get("device") != "cpu"),
-               "wall_s": sum(c["wall_s"] for c in calls), "run_seconds": sum(r.get("seconds", 0) for r in runs)}
+               "wall_s": sum(c["wall_s"] for c in calls), "run_seconds": sum(r.get("seconds", 0) for r in runs),
+               "commands": [list(a) for a in dict.fromkeys(tuple(c.get("argv", [])) for c in calls)]}
     results_dir.mkdir(parents=True, exist_ok=True)
     write_json(results_dir / "results.json", summary)
     table = markdown_tables(exp, entries, group_axes)
@@ -503,7 +504,7 @@ def markdown_tables(exp: Experiment, entries: list[dict], group_axes: list[str])
 
 
 def _number(label: str, axis: str):
-    text = label[len(axis):] if label.startswith(axis) else label
+    text = label.removeprefix(axis)
     try:
         return float(text)
     except ValueError:
@@ -605,18 +606,22 @@ def update_results_md(path: Path, exp: Experiment, summary: dict, table: str, pn
     from dla.train.metrics import format_duration
 
     begin, end = f"<!-- begin generated: {exp.name} -->", f"<!-- end generated: {exp.name} -->"
-    rel = lambda p: os.path.relpath(p, path.parent)  # noqa: E731
+    def rel(p: Path) -> str:
+        return os.path.relpath(p, path.parent)
+
     try:
         exp_file = exp.path.resolve().relative_to(path.resolve().parent.parent)
     except ValueError:
         exp_file = exp.path
     lines = [begin, f"_{exp.description.strip()}_" if exp.description else "", "",
-             f"- command: `python experiments/run.py {exp_file} --device cuda --workers W --time-budget 480` "
-             "(repeat until no run is left; `--steps-scale F` shrinks training)",
+             (f"- command: `python experiments/run.py {exp_file} --device cuda --workers W --time-budget 480` "
+              "(repeat until no run is left; `--steps-scale F` shrinks training)"),
+             "- commands run: " + ("; ".join(f"`python experiments/run.py {' '.join(a)}`"
+                                             for a in summary["commands"]) or "–"),
              f"- runs finished: {summary['finished_runs']} of {summary['grid_runs']}",
              f"- commit(s): {', '.join(summary['commits']) or '–'}; device(s): {', '.join(summary['devices']) or '–'}",
-             f"- time: {format_duration(summary['wall_s'])} wall over all calls "
-             f"({format_duration(summary['run_seconds'])} summed over runs)",
+             (f"- time: {format_duration(summary['wall_s'])} wall over all calls "
+              f"({format_duration(summary['run_seconds'])} summed over runs)"),
              f"- metric: {summary['metric']}; data: `{rel(results_dir)}/`",
              "", table or "(no finished runs yet)", ""]
     if png is not None:

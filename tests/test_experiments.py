@@ -2,7 +2,6 @@
 budget, and every experiment file under experiments/ parses and expands to its grid."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,9 +10,7 @@ from dla.errors import ConfigError
 from dla.sweep import aggregate, load_experiment, run_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "experiments"))
-
-from mixer_helpers import one_thread  # noqa: E402, F401 (autouse: tiny models run fastest on one thread)
+from mixer_helpers import one_thread  # noqa: F401 (autouse: tiny models run fastest on one thread)
 
 TINY = """
 name: tiny
