@@ -10,7 +10,6 @@ the same number of states. On a CPU the models train side by side, one process p
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 
 from dla.eval.recall import format_grid, mqar_accuracy
 from dla.plots import pyplot, save
+from dla.sweep import run_parallel
 from dla.train.config import TrainConfig, load_config
 from dla.train.metrics import format_duration, read_metrics
 
@@ -84,11 +84,9 @@ def run_demo(out: Path, device: torch.device, seed: int = 0, steps: int | None =
     jobs = [(p, preset, seed, out, device.type) for p in policies]
     cores = os.cpu_count() or 1
     workers = 1 if device.type == "cuda" else workers or max(1, min(cores, len(jobs), 4))
-    if workers == 1:
-        results = [train_and_evaluate(*job, threads=torch.get_num_threads()) for job in jobs]
-    else:
-        with multiprocessing.get_context("spawn").Pool(workers) as pool:
-            results = pool.starmap(train_and_evaluate, [job + (max(1, cores // workers),) for job in jobs])
+    threads = torch.get_num_threads() if workers == 1 else max(1, cores // workers)
+    finished = {job[0]: result for job, result in run_parallel(train_and_evaluate, jobs, workers, threads)}
+    results = [finished[p] for p in policies]
     elapsed = time.perf_counter() - started
     tables = []
     for length in (preset["seq_len"], preset["max_len"]):

@@ -10,6 +10,7 @@ key). ``model`` is the one free-form section: its keys are the keyword arguments
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import json
@@ -121,8 +122,13 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
-    raw = read_config_file(path) if path is not None else {}
-    cfg = build(TrainConfig, apply_overrides(raw, list(overrides)), "")
+    return config_from_dict(read_config_file(path) if path is not None else {}, overrides)
+
+
+def config_from_dict(raw: dict, overrides: list[str] = ()) -> TrainConfig:
+    """The checked :class:`TrainConfig` of a nested dict (as a config file holds it) plus overrides;
+    ``raw`` itself is left unchanged."""
+    cfg = build(TrainConfig, apply_overrides(copy.deepcopy(raw), list(overrides)), "")
     cfg.check()
     return cfg
 

@@ -1,0 +1,638 @@
+"""Sweeps: a grid of ``dla train`` overrides over a base config, each run trained and evaluated in
+a worker process, results kept as one small JSON file per run, then aggregated.
+
+An experiment file (YAML / TOML / JSON, see ``experiments/``) holds::
+
+    name: mqar                       # results go to RESULTS/<name>/
+    description: ...
+    base: {...}                      # a dla train config, as in configs/*.yaml
+    grid:                            # the runs: the product of the axes, in this order
+      model:                         # a named axis: each choice sets several keys
+        mamba2/single: {model.mixer: mamba2, model.policy: single}
+      width: {key: model.hidden_size, values: [16, 32, 64]}
+      lr: {key: optim.lr, values: [1.0e-3, 3.0e-3]}
+      seed: {key: seed, values: [0, 1]}
+    eval: {task: mqar, lengths: [256], pairs: [16, 32, 64], examples: 1000}
+    report: {rows: model, cols: width, select: lr, average: seed, panels: [mamba2, gated_deltanet]}
+
+Every run is named by its axis labels (``mamba2-single__width16__lr0.001__seed0``); a run whose
+JSON exists (trained to the end or diverged) is skipped, so a sweep continues across several
+short calls. Checkpoints live in a scratch directory and are deleted after evaluation.
+
+The report picks, per group of the other axes, the ``select`` value (the learning rate) with the
+best mean over the ``average`` axis (the seeds), and reports that mean, the spread and the seeds.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import itertools
+import json
+import math
+import multiprocessing
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dla.errors import ConfigError
+
+TASKS = ("mqar", "needle", "text")
+RESULTS_MD_TITLE = "# Results: does dynamic merging win?"
+
+
+# ----------------------------------------------------------------------------- experiment files
+@dataclass
+class Run:
+    name: str
+    labels: dict  # axis -> label of its value
+    overrides: list[str]
+
+
+@dataclass
+class Experiment:
+    name: str
+    path: Path
+    base: dict
+    axes: dict  # axis -> {label: [overrides]}
+    eval: dict
+    report: dict
+    description: str = ""
+    runs: list[Run] = field(default_factory=list)
+
+
+def _label(value) -> str:
+    return str(value).replace("/", "-").replace(" ", "")
+
+
+def _axis_choices(axis: str, spec) -> dict[str, list[str]]:
+    """``label -> overrides`` of one axis: ``{key, values}`` or ``{label: {key: value, ...}}``."""
+    if not isinstance(spec, dict) or not spec:
+        raise ConfigError(f"grid.{axis} must be {{key: ..., values: [...]}} or a mapping of named choices")
+    if "key" in spec and "values" in spec:
+        if not isinstance(spec["values"], list) or not spec["values"]:
+            raise ConfigError(f"grid.{axis}.values must be a non-empty list")
+        return {f"{axis}{_label(v)}": [f"{spec['key']}={_value(v)}"] for v in spec["values"]}
+    choices = {}
+    for label, keys in spec.items():
+        if not isinstance(keys, dict):
+            raise ConfigError(f"grid.{axis}.{label} must be a mapping of config keys to values")
+        choices[_label(label)] = [f"{k}={_value(v)}" for k, v in keys.items()]
+    return choices
+
+
+def _value(v) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, list):
+        return ",".join(str(x) for x in v)
+    return str(v)
+
+
+def load_experiment(path: str | Path, eval_overrides: list[str] = ()) -> Experiment:
+    """Read and expand an experiment file; every run's config is built (and so checked) here.
+    ``eval_overrides`` (``key=value``) change the ``eval`` section (e.g. ``examples=4`` for a smoke test)."""
+    from dla.train.config import config_from_dict, parse_scalar, read_config_file
+
+    path = Path(path)
+    raw = read_config_file(path)
+    unknown = set(raw) - {"name", "description", "base", "grid", "eval", "report"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown experiment keys {sorted(unknown)}")
+    for key in ("name", "base", "grid", "eval"):
+        if key not in raw:
+            raise ConfigError(f"{path}: an experiment needs '{key}'")
+    axes = {axis: _axis_choices(axis, spec) for axis, spec in raw["grid"].items()}
+    ev = dict(raw["eval"])
+    for item in eval_overrides:
+        key, _, value = item.partition("=")
+        ev[key] = json.loads(value) if value.startswith("[") else parse_scalar(value)
+    if ev.get("task") not in TASKS:
+        raise ConfigError(f"{path}: eval.task must be one of {TASKS}, got {ev.get('task')!r}")
+    report = {"rows": next(iter(axes)), "cols": None, "select": None, "average": None, "panels": [], **raw.get("report", {})}
+    exp = Experiment(raw["name"], path, raw["base"], axes, ev, report, raw.get("description", ""))
+    checked: set = set()
+    for combo in itertools.product(*(choices.items() for choices in axes.values())):
+        labels = {axis: label for axis, (label, _) in zip(axes, combo)}
+        overrides = [o for _, keys in combo for o in keys]
+        run = Run("__".join(labels.values()), labels, overrides)
+        check_model(config_from_dict(exp.base, overrides), checked)  # errors show before anything trains
+        exp.runs.append(run)
+    names = [r.name for r in exp.runs]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{path}: two runs have the same name; make the axis labels distinct")
+    return exp
+
+
+def check_model(cfg, checked: set) -> None:
+    """Build the run's :class:`dla.DLAConfig` (once per distinct model section), so that a wrong
+    model key or value is an error when the experiment is read."""
+    key = json.dumps(cfg.model, sort_keys=True) + str(cfg.data.seq_len)
+    if key in checked:
+        return
+    from dla.models import DLAConfig
+
+    try:
+        config = DLAConfig(**{"vocab_size": 512, **cfg.model})
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"model: {e} (model section {cfg.model})") from e
+    if cfg.data.seq_len > config.max_position_embeddings:
+        raise ConfigError(f"data.seq_len = {cfg.data.seq_len} > model.max_position_embeddings = "
+                          f"{config.max_position_embeddings}")
+    checked.add(key)
+
+
+def run_config(exp: Experiment, run: Run, work_dir: Path, device: str, steps_scale: float = 1.0,
+               extra: list[str] = ()):
+    """The :class:`TrainConfig` of one run: base + axis overrides + ``extra``, scaled steps, and
+    an out_dir under ``work_dir``."""
+    from dla.train.config import config_from_dict
+
+    cfg = config_from_dict(exp.base, run.overrides + list(extra) + [
+        f"out_dir={work_dir / run.name}", f"device={device}", "checkpoint_every=0", "keep_checkpoints=1"])
+    if steps_scale != 1.0:
+        cfg.steps = max(1, round(cfg.steps * steps_scale))
+        cfg.optim.warmup_steps = min(cfg.optim.warmup_steps, max(1, cfg.steps // 10))
+        cfg.log_every = min(cfg.log_every, cfg.steps)
+    cfg.check()
+    return cfg
+
+
+# ----------------------------------------------------------------------------- worker processes
+def run_parallel(fn, jobs: list[tuple], workers: int, threads: int, deadline: float | None = None):
+    """Call ``fn(*job, threads)`` for every job, ``workers`` at a time, each worker a separate
+    (spawned, long-lived) process; ``workers == 1`` runs them here. Yields ``(job, result)`` in
+    the order they finish. With a ``deadline`` (``time.time()`` seconds) no job is started that
+    the typical job time so far says would end after it."""
+    durations: list[float] = []
+
+    def may_start() -> bool:
+        if deadline is None:
+            return True
+        expected = statistics.median(durations) if durations else 0.0
+        return time.time() + expected <= deadline
+
+    if workers <= 1:
+        for job in jobs:
+            if not may_start():
+                return
+            started = time.time()
+            result = fn(*job, threads)
+            durations.append(time.time() - started)
+            yield job, result
+        return
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        queue, running = list(jobs), {}
+        while queue or running:
+            while queue and len(running) < workers and may_start():
+                job = queue.pop(0)
+                running[id(job)] = (job, time.time(), pool.apply_async(fn, job + (threads,)))
+            if not running:
+                return
+            done = [key for key, (_, _, res) in running.items() if res.ready()]
+            if not done:
+                time.sleep(0.2)
+                continue
+            for key in done:
+                job, started, res = running.pop(key)
+                durations.append(time.time() - started)
+                yield job, res.get()
+
+
+def execute(exp_path: str, run_name: str, results_dir: str, work_dir: str, device: str, steps_scale: float,
+            extra: list[str], eval_extra: list[str], keep_checkpoints: bool, threads: int) -> dict:
+    """Train and evaluate one run (in a worker process); write its JSON. Never raises: an
+    error comes back as ``{"status": "error", ...}`` and writes nothing."""
+    import torch
+
+    torch.set_num_threads(threads)
+    started = time.time()
+    try:
+        exp = load_experiment(exp_path, eval_extra)
+        run = next(r for r in exp.runs if r.name == run_name)
+        result = train_and_evaluate(exp, run, Path(work_dir), device, steps_scale, extra, keep_checkpoints)
+    except Exception as e:  # noqa: BLE001 (one broken run must not stop the sweep)
+        return {"run": run_name, "status": "error", "error": f"{type(e).__name__}: {e}",
+                "traceback": traceback.format_exc(limit=4), "seconds": time.time() - started}
+    result["seconds"] = time.time() - started
+    write_json(Path(results_dir) / "runs" / f"{run_name}.json", result)
+    return result
+
+
+def train_and_evaluate(exp: Experiment, run: Run, work_dir: Path, device: str, steps_scale: float,
+                       extra: list[str], keep_checkpoints: bool) -> dict:
+    import torch
+
+    from dla.errors import TrainingDiverged
+    from dla.train import train
+    from dla.train.checkpoint import load_model
+    from dla.train.config import to_dict
+    from dla.train.metrics import read_metrics
+
+    cfg = run_config(exp, run, work_dir, device, steps_scale, extra)
+    out = Path(cfg.out_dir)
+    shutil.rmtree(out, ignore_errors=True)  # a run cut off by an earlier call starts over
+    t0 = time.time()
+    result = {"run": run.name, "experiment": exp.name, "labels": run.labels, "overrides": run.overrides + list(extra),
+              "steps": cfg.steps, "config": to_dict(cfg), "commit": git_commit(),
+              "device": torch.cuda.get_device_name() if torch.cuda.is_available() and device != "cpu" else "cpu"}
+    try:
+        summary = train(cfg, show_progress=False)
+    except TrainingDiverged as e:
+        result.update(status="diverged", error=str(e), train_seconds=time.time() - t0, final_loss=None,
+                      metric=0.0 if exp.eval["task"] != "text" else None)
+        shutil.rmtree(out, ignore_errors=True)
+        return result
+    curve = [(m["step"], round(m["loss"], 5)) for m in read_metrics(out / "metrics.jsonl")]
+    result.update(status="done", train_seconds=time.time() - t0, final_loss=summary["loss"], curve=curve[-200:])
+    t1 = time.time()
+    model, tokenizer, _ = load_model(summary["checkpoint"], device)
+    result["params"] = sum(p.numel() for p in model.parameters())
+    result.update(evaluate(exp.eval, cfg, model, tokenizer, device))
+    result["eval_seconds"] = time.time() - t1
+    if not keep_checkpoints:
+        shutil.rmtree(out, ignore_errors=True)
+    return result
+
+
+def evaluate(spec: dict, cfg, model, tokenizer, device: str) -> dict:
+    """``metric`` (the run's one number) and the detail of the evaluation named by ``spec['task']``."""
+    from dataclasses import replace
+
+    from dla.eval.recall import mqar_accuracy, needle_accuracy
+
+    task = spec["task"]
+    examples = int(spec.get("examples", 256))
+    lengths = spec.get("lengths", [cfg.data.seq_len])
+    if task == "mqar":
+        n = cfg.data.mqar.num_kv_pairs
+        pairs = spec.get("pairs", sorted({max(1, n // 2), n}))
+        rows = mqar_accuracy(model, cfg.data.mqar, lengths, pairs, examples=examples, seed=cfg.seed, device=device,
+                             batch_size=int(spec.get("batch_size", 64)))
+        valid = [r["accuracy"] for r in rows if r["accuracy"] is not None]
+        return {"metric": sum(valid) / len(valid), "eval": rows}
+    if task == "needle":
+        rows = needle_accuracy(model, replace(cfg.data.needle, depth=None), lengths, spec.get("depths", [0.0, 0.5, 1.0]),
+                               examples=examples, seed=cfg.seed, device=device, batch_size=int(spec.get("batch_size", 32)))
+        return {"metric": sum(r["accuracy"] for r in rows) / len(rows), "eval": rows}
+    from dla.cli import text_tokenizer
+    from dla.eval.text_loss import per_position_loss
+
+    seq_len = int(spec.get("seq_len", cfg.data.seq_len))
+    loss = per_position_loss(model, text_tokenizer(tokenizer, model), spec["paths"], seq_len,
+                             max_windows=int(spec.get("windows", 64)), device=device)
+    marks = sorted({min(seq_len, 2 ** i) for i in range(seq_len.bit_length() + 1)} | {seq_len})
+    # the mean loss over positions up to each mark (a smoothed per-position curve, small enough for JSON)
+    cumulative = loss.cumsum(0)
+    curve = [(m, round(float(cumulative[m - 1] / m), 5)) for m in marks]
+    mean = float(loss.mean())
+    return {"metric": mean, "perplexity": math.exp(mean), "eval": {"seq_len": seq_len, "mean_loss_upto": curve,
+                                                                   "last_quarter_loss": float(loss[-seq_len // 4:].mean())}}
+
+
+def write_json(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10, check=False,
+                             cwd=Path(__file__).resolve().parent)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, timeout=10, check=False, cwd=Path(__file__).resolve().parent).stdout.strip()
+        return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+# ----------------------------------------------------------------------------- the sweep
+def finished_runs(results_dir: Path) -> dict[str, dict]:
+    found = {}
+    for path in sorted((results_dir / "runs").glob("*.json")):
+        data = json.loads(path.read_text())
+        if data.get("status") in ("done", "diverged"):
+            found[data["run"]] = data
+    return found
+
+
+def select_runs(exp: Experiment, only: list[str] | None) -> list[Run]:
+    if not only:
+        return exp.runs
+    return [r for r in exp.runs if any(fnmatch.fnmatch(r.name, p) or p in r.name for p in only)]
+
+
+def run_sweep(exp_path: str | Path, results_root: Path, work_root: Path, device: str = "cuda", workers: int = 1,
+              steps_scale: float = 1.0, only: list[str] | None = None, time_budget: float | None = None,
+              extra: list[str] = (), keep_checkpoints: bool = False, export: Path | None = None,
+              docs: Path | None = None, eval_extra: list[str] = ()) -> dict:
+    """Train and evaluate the runs not finished yet, then aggregate. Returns the aggregate."""
+    from dla.train.metrics import format_duration
+
+    started = time.time()
+    deadline = None if time_budget is None else started + time_budget
+    exp = load_experiment(exp_path, eval_extra)
+    results_dir = results_root / exp.name
+    done = finished_runs(results_dir)
+    chosen = select_runs(exp, only)
+    pending = [r for r in chosen if r.name not in done]
+    print(f"{exp.name}: {len(exp.runs)} runs in the grid, {len(chosen)} selected, "
+          f"{len(chosen) - len(pending)} already finished, {len(pending)} to run on {device} with {workers} worker(s)"
+          + (f", steps x{steps_scale}" if steps_scale != 1.0 else "")
+          + (f", time budget {format_duration(time_budget)}" if time_budget else ""), flush=True)
+    cores = os.cpu_count() or 1
+    threads = 1 if device == "cuda" else max(1, cores // max(1, workers))
+    jobs = [(str(exp.path), r.name, str(results_dir), str(work_root / exp.name), device, steps_scale, list(extra),
+             list(eval_extra), keep_checkpoints) for r in pending]
+    completed, errors = 0, []
+    for job, result in run_parallel(execute, jobs, workers, threads, deadline):
+        completed += 1
+        status = result["status"]
+        line = f"[{completed}/{len(pending)} {format_duration(time.time() - started)}] {result['run']}: {status}"
+        if status == "done":
+            line += f", metric {result['metric']:.4f}, loss {result['final_loss']:.3f}, {result['seconds']:.0f}s"
+        elif status == "error":
+            errors.append(result)
+            line += f" -- {result['error']}"
+        print(line, flush=True)
+    left = len(pending) - completed
+    wall = time.time() - started
+    record = {"started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)), "wall_s": round(wall, 1),
+              "runs": completed - len(errors), "errors": len(errors), "left": left, "device": device,
+              "workers": workers, "steps_scale": steps_scale, "commit": git_commit(), "argv": sys.argv[1:]}
+    if pending:
+        results_dir.mkdir(parents=True, exist_ok=True)
+        with open(results_dir / "calls.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+    print(f"{exp.name}: {completed - len(errors)} runs finished in {format_duration(wall)}, {len(errors)} errors, "
+          f"{left} not started (time budget)" if left else
+          f"{exp.name}: {completed - len(errors)} runs finished in {format_duration(wall)}, {len(errors)} errors",
+          flush=True)
+    for e in errors:
+        print(f"error in {e['run']}:\n{e['traceback']}", file=sys.stderr)
+    summary = aggregate(exp, results_dir, docs)
+    if export is not None:
+        shutil.copytree(results_dir, export / "results" / exp.name, dirs_exist_ok=True)
+    return summary
+
+
+# ----------------------------------------------------------------------------- aggregation
+def aggregate(exp: Experiment, results_dir: Path, docs: Path | None = None) -> dict:
+    """Best ``select`` value per group, mean and spread over ``average``; writes results.json,
+    table.md and a PNG into ``results_dir`` and updates the experiment's block in ``docs``
+    (default: docs/results.md next to the package)."""
+    rep = exp.report
+    lower_is_better = exp.eval["task"] == "text"
+    finished = finished_runs(results_dir)
+    runs = [finished[r.name] for r in exp.runs if r.name in finished]
+    group_axes = [a for a in exp.axes if a not in (rep["select"], rep["average"])]
+    groups: dict[tuple, dict] = {}
+    for r in runs:
+        key = tuple(r["labels"][a] for a in group_axes)
+        sel = r["labels"].get(rep["select"], "-")
+        groups.setdefault(key, {}).setdefault(sel, []).append(r)
+    entries = []
+    for key, by_select in groups.items():
+        means = {}
+        for sel, rs in by_select.items():
+            values = [r["metric"] for r in rs if r["metric"] is not None]
+            if values and len(values) == len(rs):
+                means[sel] = statistics.fmean(values)
+        if not means:
+            continue
+        best = (min if lower_is_better else max)(means, key=means.get)
+        chosen = by_select[best]
+        values = [r["metric"] for r in chosen]
+        entry = {**dict(zip(group_axes, key)), "best_" + (rep["select"] or "choice"): best, "mean": means[best],
+                 "std": statistics.pstdev(values) if len(values) > 1 else 0.0, "n": len(values),
+                 "by_" + (rep["select"] or "choice"): means, "runs": [r["run"] for r in chosen],
+                 "params": chosen[0].get("params"), "train_seconds": statistics.fmean(r.get("train_seconds", 0)
+                                                                                      for r in chosen)}
+        if exp.eval["task"] == "text":
+            entry["perplexity"] = math.exp(entry["mean"])
+        entry["detail"] = mean_detail(exp.eval["task"], chosen)
+        entries.append(entry)
+    order = {a: list(exp.axes[a]) for a in group_axes}
+    entries.sort(key=lambda e: [order[a].index(e[a]) for a in group_axes])
+    calls = [json.loads(line) for line in (results_dir / "calls.jsonl").read_text().splitlines()] \
+        if (results_dir / "calls.jsonl").exists() else []
+    summary = {"experiment": exp.name, "description": exp.description, "task": exp.eval["task"],
+               "metric": "mean validation loss (nats/token), lower is better" if lower_is_better
+               else "accuracy (mean over the eval cells), higher is better",
+               "grid_runs": len(exp.runs), "finished_runs": len(runs), "entries": entries,
+               "commits": sorted({r.get("commit", "unknown") for r in runs}),
+               "devices": sorted({r.get("device", "?") for r in runs}),
+               "gpu_wall_s": sum(c["wall_s"] for c in calls if c.get("device") != "cpu"),
+               "wall_s": sum(c["wall_s"] for c in calls), "run_seconds": sum(r.get("seconds", 0) for r in runs),
+               "commands": [list(a) for a in dict.fromkeys(tuple(c.get("argv", [])) for c in calls)]}
+    results_dir.mkdir(parents=True, exist_ok=True)
+    write_json(results_dir / "results.json", summary)
+    table = markdown_tables(exp, entries, group_axes)
+    (results_dir / "table.md").write_text(table + "\n")
+    png = plot(exp, entries, group_axes, results_dir / f"{exp.name}.png") if entries else None
+    update_results_md(docs or Path(__file__).resolve().parent.parent / "docs" / "results.md", exp, summary, table,
+                      png, results_dir)
+    print(table)
+    return summary
+
+
+def mean_detail(task: str, runs: list[dict]):
+    """The evaluation detail averaged over ``runs`` (seeds): accuracy per cell, or the loss curve."""
+    done = [r for r in runs if r["status"] == "done"]
+    if not done:
+        return None
+    if task == "text":
+        curves = [r["eval"]["mean_loss_upto"] for r in done]
+        return [(pos, statistics.fmean(c[i][1] for c in curves)) for i, (pos, _) in enumerate(curves[0])]
+    keys = [k for k in done[0]["eval"][0] if k not in ("accuracy", "examples")]
+    cells = {}
+    for r in runs:  # a diverged seed counts as 0 in every cell
+        for i, row in enumerate(done[0]["eval"]):
+            acc = r["eval"][i]["accuracy"] if r["status"] == "done" else 0.0
+            if acc is not None:
+                cells.setdefault(i, []).append(acc)
+    return [{**{k: row[k] for k in keys}, "accuracy": statistics.fmean(cells[i]) if i in cells else None}
+            for i, row in enumerate(done[0]["eval"])]
+
+
+def _fmt(entry: dict, task: str) -> str:
+    if task == "text":
+        return f"{entry['mean']:.3f} (ppl {entry['perplexity']:.2f})" + (f" ±{entry['std']:.3f}" if entry["n"] > 1 else "")
+    return f"{100 * entry['mean']:.1f}" + (f" ±{100 * entry['std']:.1f}" if entry["n"] > 1 else "") + f" (n={entry['n']})"
+
+
+def markdown_tables(exp: Experiment, entries: list[dict], group_axes: list[str]) -> str:
+    """One table (rows x cols) per combination of the remaining axes."""
+    rep, task = exp.report, exp.eval["task"]
+    rows, cols = rep["rows"], rep["cols"]
+    rest = [a for a in group_axes if a not in (rows, cols)]
+    what = "validation loss, nats/token (perplexity)" if task == "text" else "accuracy %, mean ±std over seeds"
+    sel = f", best {rep['select']} per cell" if rep["select"] else ""
+    blocks = []
+    for combo in itertools.product(*(list(exp.axes[a]) for a in rest)):
+        part = [e for e in entries if all(e[a] == v for a, v in zip(rest, combo))]
+        title = f"**{exp.name}** " + " ".join(f"{a}={v}" for a, v in zip(rest, combo)) + f" ({what}{sel})"
+        col_values = list(exp.axes[cols]) if cols else ["result"]
+        lengths = [] if task != "needle" or cols else sorted({n for n in exp.eval.get("lengths", [])})
+        header = col_values + [f"len {n}" for n in lengths]
+        lines = [title + (" -- the len columns: mean over depths" if lengths else ""), "",
+                 f"| {rows} | " + " | ".join(header) + " |", "|---" * (len(header) + 1) + "|"]
+        for rv in exp.axes[rows]:
+            match = [e for e in part if e[rows] == rv and e["detail"]]
+            by_length = [[c["accuracy"] for c in match[0]["detail"] if c["seq_len"] == n] if match else [] for n in lengths]
+            extra = [f"{100 * statistics.fmean(v):.1f}" if v else "–" for v in by_length]
+            cells = []
+            for cv in col_values:
+                match = [e for e in part if e[rows] == rv and (cols is None or e[cols] == cv)]
+                if match:
+                    best = match[0].get("best_" + rep["select"]) if rep["select"] else None
+                    cells.append(_fmt(match[0], task) + (f" @{best}" if best else ""))
+                else:
+                    cells.append("–")
+            lines.append(f"| {rv} | " + " | ".join(cells + extra) + " |")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+def _number(label: str, axis: str):
+    text = label.removeprefix(axis)
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def plot(exp: Experiment, entries: list[dict], group_axes: list[str], path: Path) -> Path | None:
+    """``lines``: the metric against the ``cols`` axis, one line per ``rows`` value, a panel per
+    base (``panels``: row labels starting with ``PANEL-``; the others are drawn in every panel).
+    Needle runs: one heatmap (depth x length) per row label. Text runs: loss against context."""
+    from dla.plots import pyplot, save
+
+    plt = pyplot()
+    if plt is None:
+        return None
+    rep, task = exp.report, exp.eval["task"]
+    rows, cols = rep["rows"], rep["cols"]
+    if task == "needle":
+        models = [e for e in entries if e["detail"]]
+        fig, axes = plt.subplots(1, len(models), figsize=(3.2 * len(models) + 1, 3.4), squeeze=False)
+        for ax, e in zip(axes[0], models):
+            lengths = sorted({c["seq_len"] for c in e["detail"]})
+            depths = sorted({c["depth"] for c in e["detail"]})
+            grid = [[next(c["accuracy"] for c in e["detail"] if c["depth"] == d and c["seq_len"] == n)
+                     for n in lengths] for d in depths]
+            ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+            ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=7)
+            ax.set_yticks(range(len(depths)), [str(d) for d in depths], fontsize=7)
+            for i, row in enumerate(grid):
+                for j, v in enumerate(row):
+                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6)
+            ax.set_title(" ".join(str(e[a]) for a in group_axes), fontsize=8)
+            ax.set(xlabel="length", ylabel="depth")
+        return save(fig, path)
+    numeric_cols = cols is not None and all(_number(c, cols) is not None for c in exp.axes[cols])
+    if task != "text" and not numeric_cols:
+        return bar_plot(plt, exp, entries, group_axes, path)
+    panels = rep.get("panels") or [None]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        for rv in exp.axes[rows]:
+            if panel is not None and "-" in rv and not rv.startswith(panel + "-"):
+                continue
+            mine = [e for e in entries if e[rows] == rv]
+            if task == "text":
+                for e in mine:
+                    if e["detail"]:
+                        ax.plot(*zip(*e["detail"]), label=" ".join(str(e[a]) for a in group_axes if a != rows) + f" {rv}")
+                continue
+            by_rest: dict[tuple, list] = {}
+            for e in mine:
+                by_rest.setdefault(tuple(e[a] for a in group_axes if a not in (rows, cols)), []).append(e)
+            for rest, es in by_rest.items():
+                points = sorted((_number(e[cols], cols), e["mean"], e["std"]) for e in es)
+                xs, ys, ss = zip(*points)
+                ax.errorbar(xs, ys, yerr=ss, marker="o", capsize=3, label=" ".join([rv, *rest]))
+        if task == "text":
+            ax.set(xscale="log", xlabel="context (tokens)", ylabel="mean loss up to this position")
+        else:
+            ticks = [_number(c, cols) for c in exp.axes[cols]]
+            ax.set(xlabel=cols, ylabel="accuracy", ylim=(0, 1.02))
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.set_title(f"{exp.name}" + (f": {panel}" if panel else ""))
+        ax.grid(True, alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    return save(fig, path)
+
+
+def bar_plot(plt, exp: Experiment, entries: list[dict], group_axes: list[str], path: Path) -> Path:
+    """Mean ± spread per ``rows`` value, one bar per value of the other axes (``cols`` first)."""
+    from dla.plots import save
+
+    rows = exp.report["rows"]
+    others = [a for a in group_axes if a != rows]
+    series: dict[str, dict] = {}
+    for e in entries:
+        series.setdefault(" ".join(str(e[a]) for a in others) or "mean", {})[e[rows]] = e
+    labels = [r for r in exp.axes[rows] if any(r in s for s in series.values())]
+    width = 0.8 / max(1, len(series))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(labels) * max(1, len(series))), 4.2))
+    for i, (name, by_row) in enumerate(series.items()):
+        xs = [j + i * width for j, r in enumerate(labels) if r in by_row]
+        ax.bar(xs, [by_row[r]["mean"] for r in labels if r in by_row], width,
+               yerr=[by_row[r]["std"] for r in labels if r in by_row], capsize=2, label=name)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(labels))], labels, rotation=45, ha="right", fontsize=8)
+    ax.set(ylabel="accuracy", ylim=(0, 1.02), title=exp.name)
+    ax.grid(True, axis="y", alpha=0.3)
+    if len(series) > 1:
+        ax.legend(fontsize=8)
+    return save(fig, path)
+
+
+def update_results_md(path: Path, exp: Experiment, summary: dict, table: str, png: Path | None,
+                      results_dir: Path) -> None:
+    """Replace (or add) this experiment's generated block in docs/results.md; text outside the
+    blocks (conclusions) is left alone."""
+    from dla.train.metrics import format_duration
+
+    begin, end = f"<!-- begin generated: {exp.name} -->", f"<!-- end generated: {exp.name} -->"
+    def rel(p: Path) -> str:
+        return os.path.relpath(p, path.parent)
+
+    try:
+        exp_file = exp.path.resolve().relative_to(path.resolve().parent.parent)
+    except ValueError:
+        exp_file = exp.path
+    lines = [begin, f"_{exp.description.strip()}_" if exp.description else "", "",
+             (f"- command: `python experiments/run.py {exp_file} --device cuda --workers W --time-budget 480` "
+              "(repeat until no run is left; `--steps-scale F` shrinks training)"),
+             "- commands run: " + ("; ".join(f"`python experiments/run.py {' '.join(a)}`"
+                                             for a in summary["commands"]) or "–"),
+             f"- runs finished: {summary['finished_runs']} of {summary['grid_runs']}",
+             f"- commit(s): {', '.join(summary['commits']) or '–'}; device(s): {', '.join(summary['devices']) or '–'}",
+             (f"- time: {format_duration(summary['wall_s'])} wall over all calls "
+              f"({format_duration(summary['run_seconds'])} summed over runs)"),
+             f"- metric: {summary['metric']}; data: `{rel(results_dir)}/`",
+             "", table or "(no finished runs yet)", ""]
+    if png is not None:
+        lines += [f"![{exp.name}]({rel(png)})", ""]
+    lines.append(end)
+    block = "\n".join(lines)
+    text = path.read_text() if path.exists() else RESULTS_MD_TITLE + "\n"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + f"\n\n## {exp.name}\n\n" + block + "\n\n**Conclusion:** (to be written from the data)\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)

@@ -1,0 +1,107 @@
+"""Sweeps (dla.sweep, experiments/run.py): a 2-run sweep end to end on CPU, resumption, the time
+budget, and every experiment file under experiments/ parses and expands to its grid."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dla.errors import ConfigError
+from dla.sweep import aggregate, load_experiment, run_sweep
+
+ROOT = Path(__file__).resolve().parent.parent
+from mixer_helpers import one_thread  # noqa: F401 (autouse: tiny models run fastest on one thread)
+
+TINY = """
+name: tiny
+description: two tiny MQAR runs
+base:
+  steps: 3
+  batch_size: 4
+  log_every: 1
+  data: {task: mqar, seq_len: 32, mqar: {vocab_size: 32, num_kv_pairs: 4}}
+  optim: {warmup_steps: 1}
+  model: {hidden_size: 32, num_hidden_layers: 1, head_dim: 16, state_size: 8, max_position_embeddings: 32,
+          chunk_size: 16, policy: dynamic, capacity: 4}
+grid:
+  model:
+    mamba2/dynamic-C4: {model.mixer: mamba2}
+  lr: {key: optim.lr, values: [1.0e-3, 3.0e-3]}
+eval: {task: mqar, pairs: [2, 4], examples: 8}
+report: {rows: model, cols: null, select: lr, panels: [mamba2]}
+"""
+
+GRID_SIZES = {"mqar": 13 * 3 * 3 * 2, "recall": 3 * 9 * 2 * 2 * 2, "needle": 2 * 7 * 2 * 2, "text": 7,
+              "ablations": 2 * 16 * 2}
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY)
+    return path
+
+
+def sweep(path, tmp_path, **kwargs):
+    return run_sweep(path, tmp_path / "results", tmp_path / "work", device="cpu", workers=1,
+                     docs=tmp_path / "results.md", **kwargs)
+
+
+def test_sweep_end_to_end_and_resumes(tiny, tmp_path, capsys):
+    summary = sweep(tiny, tmp_path)
+    runs = sorted((tmp_path / "results" / "tiny" / "runs").glob("*.json"))
+    assert [r.stem for r in runs] == ["mamba2-dynamic-C4__lr0.001", "mamba2-dynamic-C4__lr0.003"]
+    for path in runs:
+        data = json.loads(path.read_text())
+        assert data["status"] == "done" and data["steps"] == 3 and 0 <= data["metric"] <= 1
+        assert [r["num_kv_pairs"] for r in data["eval"]] == [2, 4] and all(0 <= r["accuracy"] <= 1 for r in data["eval"])
+        assert data["params"] > 0 and data["seconds"] > 0 and data["config"]["optim"]["lr"] in (1e-3, 3e-3)
+    assert not list((tmp_path / "work" / "tiny").glob("*/checkpoints"))  # checkpoints are deleted
+    (entry,) = summary["entries"]
+    assert entry["best_lr"] in ("lr0.001", "lr0.003") and entry["n"] == 1 and 0 <= entry["mean"] <= 1
+    assert set(entry["by_lr"]) == {"lr0.001", "lr0.003"} and summary["finished_runs"] == 2
+    results = tmp_path / "results" / "tiny"
+    assert json.loads((results / "results.json").read_text())["entries"][0]["mean"] == entry["mean"]
+    assert "| mamba2-dynamic-C4 |" in (results / "table.md").read_text()
+    doc = (tmp_path / "results.md").read_text()
+    assert "<!-- begin generated: tiny -->" in doc and "runs finished: 2 of 2" in doc
+
+    # a second call trains nothing; removing one result redoes exactly that run
+    mtimes = {p.name: p.stat().st_mtime_ns for p in runs}
+    capsys.readouterr()
+    sweep(tiny, tmp_path)
+    assert "2 already finished, 0 to run" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in runs} == mtimes
+    runs[1].unlink()
+    sweep(tiny, tmp_path)
+    assert "1 already finished, 1 to run" in capsys.readouterr().out
+    assert runs[1].exists() and runs[0].stat().st_mtime_ns == mtimes[runs[0].name]
+    assert doc.count("begin generated: tiny") == (tmp_path / "results.md").read_text().count("begin generated: tiny")
+
+
+def test_time_budget_starts_nothing_past_it(tiny, tmp_path, capsys):
+    sweep(tiny, tmp_path, time_budget=0)
+    assert not (tmp_path / "results" / "tiny" / "runs").exists()
+    assert "2 not started" in capsys.readouterr().out
+
+
+def test_only_and_errors(tiny, tmp_path):
+    exp = load_experiment(tiny)
+    from dla.sweep import select_runs
+
+    assert [r.name for r in select_runs(exp, ["*lr0.003"])] == ["mamba2-dynamic-C4__lr0.003"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(TINY.replace("{model.mixer: mamba2}", "{model.mixer: mamba3}"))
+    with pytest.raises(ConfigError, match="mixer"):
+        load_experiment(bad)
+    aggregate(exp, tmp_path / "empty", tmp_path / "results.md")  # nothing finished: still a valid page
+    assert "runs finished: 0 of 2" in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.parametrize("name", sorted(GRID_SIZES))
+def test_experiment_files_expand(name):
+    exp = load_experiment(ROOT / "experiments" / f"{name}.yaml")
+    assert exp.name == name and len(exp.runs) == GRID_SIZES[name]
+    assert len({r.name for r in exp.runs}) == len(exp.runs)
+    for axis in ("rows", "cols", "select", "average"):
+        assert exp.report[axis] is None or exp.report[axis] in exp.axes
