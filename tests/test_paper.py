@@ -1,6 +1,7 @@
 """The paper recipe: configs (sizes, tiny instantiation), the throughput benchmark's --tiny mode."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -49,3 +50,16 @@ def test_paper_configs_resolve_for_dla_train():
 
     assert main(["train", str(ROOT / "experiments/paper/dla_gdn_1.3b.yaml"), "--print-config"]) == 0
     assert paper_configs() == list(TARGETS)
+
+
+def test_train_throughput_tiny_on_cpu(tmp_path):
+    out = tmp_path / "tp.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks/train_throughput.py"), "--tiny", "--configs", "dla_gdn_1.3b",
+           "--steps", "2", "--warmup", "1", "--out", str(out)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["config"] == "dla_gdn_1.3b" and row["steps_timed"] == 2 and row["tokens_per_s"] > 0
+    table = subprocess.run([sys.executable, str(ROOT / "benchmarks/train_throughput.py"), "--estimate", str(out)],
+                           capture_output=True, text=True, timeout=120).stdout
+    assert "| dla_gdn_1.3b | 1 (cpu) |" in table
