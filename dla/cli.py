@@ -69,6 +69,14 @@ def cmd_eval(args) -> int:
 
     device = pick_device(args.device)
     directory = resolve_checkpoint(args.checkpoint)
+    if args.suite:
+        from dla.eval.suite import run_suite
+
+        out = Path(args.out) if args.out else directory / "eval"
+        run_suite(directory, out, args.suite_data, args.suite_tasks, args.lm_eval_limit, args.batch_size, device,
+                  args.ruler_lengths)
+        print(f"wrote {out / 'suite.json'}, {out / 'suite.md'}")
+        return 0
     model, tokenizer, train_config = load_model(directory, device)
     out = Path(args.out) if args.out else directory / "eval"
     out.mkdir(parents=True, exist_ok=True)
@@ -205,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "Results go to OUT (default CHECKPOINT/eval) as JSON, tables on stdout, PNG plots.",
                        epilog="examples:\n  dla eval runs/mqar\n  dla eval runs/mqar --mqar --lengths 64 128 256 "
                        "--pairs 4 8 16 32\n  dla eval runs/text --text valid.jsonl\n  dla eval runs/text --lm-eval "
-                       "my_task --lm-eval-include tasks/")
+                       "my_task --lm-eval-include tasks/\n  dla eval runs/paper/dla_mamba2_780m --suite paper")
     p.add_argument("checkpoint", metavar="CHECKPOINT")
     p.add_argument("--mqar", action="store_true", help="MQAR accuracy by number of key-value pairs and length")
     p.add_argument("--needle", action="store_true", help="needle accuracy by depth and length (heatmap)")
@@ -213,6 +221,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lm-eval", nargs="+", metavar="TASK", help="lm-evaluation-harness tasks (needs lm-eval)")
     p.add_argument("--lm-eval-include", metavar="DIR", help="a directory of extra lm-eval task YAMLs")
     p.add_argument("--lm-eval-limit", type=int, metavar="N", help="at most N examples per lm-eval task")
+    p.add_argument("--suite", choices=("paper",), help="the paper's three categories through lm-eval in one run, "
+                   "one table (OUT/suite.json, OUT/suite.md); tasks whose data is absent are skipped, never downloaded")
+    p.add_argument("--suite-data", metavar="DIR", help="local stand-in datasets: DIR/<dataset path>/ (e.g. "
+                   "DIR/baber/piqa/validation.jsonl), found before the datasets cache")
+    p.add_argument("--suite-tasks", nargs="+", metavar="TASK", help="a subset of the suite (tasks or categories)")
+    p.add_argument("--ruler-lengths", type=int, nargs="+", default=[4096, 8192, 16384], metavar="T",
+                   help="RULER needle lengths for --suite")
     p.add_argument("--lengths", type=int, nargs="+", metavar="T", help="sequence lengths (default: the training "
                    "length, x2, x4)")
     p.add_argument("--pairs", type=int, nargs="+", metavar="N", help="MQAR key-value pairs (default: n/2, n, 2n, 4n "

@@ -103,3 +103,39 @@ def test_hugging_face_tokenizer_from_a_local_directory(tmp_path):
     ds = build_dataset(DataConfig(task="text", seq_len=4, text=TextConfig(paths=[path], tokenizer=str(tmp_path / "tok"))), 0)
     assert ds.vocab_size == 257 and ds.tokenizer.eos_token_id == 256
     assert ds.documents[0][1].tolist() == ByteTokenizer().encode("héllo wörld") + [256]
+
+
+@pytest.mark.parametrize("packing", ["varlen", "fixed"])
+def test_streaming_packs_every_target_once_in_full_batches(tmp_path, packing):
+    texts = ["a" * 30, "bb", "c" * 7, "d" * 50, "e"]
+    path = write_jsonl(tmp_path / "d.jsonl", texts)
+    cfg = DataConfig(task="text", seq_len=8, text=TextConfig(paths=[path], packing=packing, streaming=True))
+    ds = build_dataset(cfg, 0)
+    assert not hasattr(ds, "documents")  # nothing is read before a batch is asked for
+    batches = [ds.batch(i, 3) for i in range(4)]
+    targets = []
+    for b in batches:
+        assert b.num_tokens == 3 * 8
+        if packing == "varlen":
+            lengths = b.cu_seqlens.diff()
+            assert b.input_ids.shape == (1, 24) and int(lengths.sum()) == 24 and int(lengths.max()) <= 8
+            for s, e in zip(b.cu_seqlens[:-1].tolist(), b.cu_seqlens[1:].tolist()):  # targets are next inputs
+                assert torch.equal(b.targets[0, s:e - 1], b.input_ids[0, s + 1:e])
+        else:
+            assert b.input_ids.shape == (3, 8)
+        targets += b.targets.flatten().tolist()
+    # every document's targets, in stream order, each once (the stream loops in epochs)
+    stream = [t for text in texts for t in [ord(c) for c in text][1:] + [256]]
+    assert targets[:len(stream)] == stream and targets[len(stream):] == stream[:96 - len(stream)]
+    assert torch.equal(ds.batch(1, 3).input_ids, batches[1].input_ids)  # random access re-reads the stream
+    assert torch.equal(build_dataset(cfg, 0).batch(3, 3).targets, batches[3].targets)
+
+
+def test_streaming_a_hugging_face_dataset(tmp_path):
+    pytest.importorskip("datasets", reason="the datasets package is not installed (optional)")
+    path = write_jsonl(tmp_path / "train.jsonl", ["first document", "second document"])
+    cfg = DataConfig(task="text", seq_len=16, text=TextConfig(hf_dataset="json", hf_data_files=[path],
+                                                              packing="varlen", streaming=True))
+    batch = build_dataset(cfg, 0).batch(0, 2)
+    assert batch.cu_seqlens.tolist() == [0, 14, 29, 32]
+    assert bytes(batch.input_ids[0, :14].tolist()) == b"first document"

@@ -92,6 +92,30 @@ def test_training_step_and_parameter_count(mixer, policy):
     print(f"tiny {mixer} {policy}: {dla.count_parameters(model)} parameters")
 
 
+@pytest.mark.parametrize("mixer, policy", [("mamba2", "dynamic"), ("gated_deltanet", "fenwick"), ("attention", "single")])
+def test_activation_checkpointing_gives_the_same_gradients(mixer, policy):
+    """Per-block torch.utils.checkpoint (HF's switch, and the config flag) changes no gradient."""
+    torch.manual_seed(0)
+    ids = torch.randint(1, 64, (1, 40))
+    cu = torch.tensor([0, 17, 40])
+    grads = []
+    for how in ("off", "enable", "config"):
+        torch.manual_seed(0)
+        model = tiny_model(mixer, policy, **({"gradient_checkpointing": True} if how == "config" else {})).train()
+        if how == "enable":
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        assert model.is_activation_checkpointing == (how != "off")
+        calls = []
+        model.model.layers[0].mixer.register_forward_hook(lambda *_: calls.append(1))
+        model(ids, cu_seqlens=cu, labels=ids).loss.backward()
+        assert len(calls) == (1 if how == "off" else 2)  # checkpointed blocks run again in the backward pass
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for other in grads[1:]:
+        assert other.keys() == grads[0].keys()
+        for name in grads[0]:
+            assert max_err(other[name], grads[0][name]) < 1e-6, name
+
+
 @pytest.mark.parametrize("mixer", ["mamba2", "gated_deltanet", "attention"])
 def test_parameter_count_of_a_125m_configuration(mixer):
     """hidden 768, 12 layers, 32k vocabulary, SwiGLU 2048, tied embeddings (built on the meta device)."""

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from dla.data.batch import IGNORE_INDEX, Batch, batch_generator
 from dla.data.synthetic import MQAR, TASKS, Needle, SyntheticDataset
+from dla.data.stream import StreamingTextDataset
 from dla.data.text import TextConfig, TextDataset, read_documents
 from dla.data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 from dla.errors import ConfigError
@@ -27,16 +28,16 @@ class DataConfig:
     text: TextConfig = field(default_factory=TextConfig)
 
 
-def build_dataset(cfg: DataConfig, seed: int) -> SyntheticDataset | TextDataset:
+def build_dataset(cfg: DataConfig, seed: int) -> SyntheticDataset | TextDataset | StreamingTextDataset:
     if cfg.seq_len < 1:
         raise ConfigError(f"data.seq_len must be >= 1, got {cfg.seq_len}")
     if cfg.task in TASKS:
         return SyntheticDataset(getattr(cfg, cfg.task), cfg.seq_len, seed)
     if cfg.task == "text":
-        return TextDataset(cfg.text, cfg.seq_len, seed)
+        return (StreamingTextDataset if cfg.text.streaming else TextDataset)(cfg.text, cfg.seq_len, seed)
     raise ConfigError(f"data.task must be one of {(*TASKS, 'text')}, got {cfg.task!r}")
 
 
 __all__ = ["Batch", "ByteTokenizer", "DataConfig", "HFTokenizer", "IGNORE_INDEX", "MQAR", "Needle",
-           "SyntheticDataset", "TextConfig", "TextDataset", "batch_generator", "build_dataset", "load_tokenizer",
-           "read_documents"]
+           "StreamingTextDataset", "SyntheticDataset", "TextConfig", "TextDataset", "batch_generator", "build_dataset",
+           "load_tokenizer", "read_documents"]

@@ -45,8 +45,11 @@ class TextConfig:
     hf_config: str | None = None
     hf_split: str = "train"
     text_field: str = "text"  # the field that holds the text, in JSONL lines and dataset rows
+    hf_data_files: list[str] = field(default_factory=list)  # data_files for datasets.load_dataset (optional)
     tokenizer: str = "byte"  # "byte" or a Hugging Face tokenizer name / directory
     packing: str = "fixed"
+    streaming: bool = False  # read, tokenise and pack on the fly (dla.data.stream) instead of all up front
+    shuffle_buffer: int = 0  # streaming: documents shuffled in a seeded buffer of this many (0: stream order)
 
     def check(self) -> None:
         if self.packing not in PACKINGS:
@@ -55,8 +58,10 @@ class TextConfig:
             raise ConfigError("text data needs data.text.paths (files) or data.text.hf_dataset")
 
 
-def read_documents(cfg: TextConfig):
-    """Yield ``(where, text)`` for every document; ``where`` names its file (and line)."""
+def read_documents(cfg: TextConfig, seed: int = 0):
+    """Yield ``(where, text)`` for every document; ``where`` names its file (and line). With
+    ``cfg.streaming`` a Hugging Face dataset is streamed (``load_dataset(..., streaming=True)``,
+    nothing is downloaded up front), shuffled in a buffer of ``cfg.shuffle_buffer`` documents."""
     for pattern in cfg.paths:
         files = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
         if not files:
@@ -74,7 +79,18 @@ def read_documents(cfg: TextConfig):
             import datasets
         except ImportError as e:
             raise ConfigError("data.text.hf_dataset needs the datasets package (pip install datasets)") from e
-        rows = datasets.load_dataset(cfg.hf_dataset, cfg.hf_config, split=cfg.hf_split)
+        extra = {"data_files": cfg.hf_data_files} if cfg.hf_data_files else {}
+        rows = datasets.load_dataset(cfg.hf_dataset, cfg.hf_config, split=cfg.hf_split, streaming=cfg.streaming,
+                                     **extra)
+        if cfg.streaming:
+            if cfg.shuffle_buffer > 0:
+                rows = rows.shuffle(seed=seed, buffer_size=cfg.shuffle_buffer)
+            for i, row in enumerate(rows):
+                if cfg.text_field not in row:
+                    raise DataError(f"dataset {cfg.hf_dataset!r} has no column {cfg.text_field!r} "
+                                    f"(columns: {sorted(row)}); set data.text.text_field")
+                yield f"{cfg.hf_dataset}[{i}]", row[cfg.text_field]
+            return
         if cfg.text_field not in rows.column_names:
             raise DataError(f"dataset {cfg.hf_dataset!r} has no column {cfg.text_field!r} "
                             f"(columns: {rows.column_names}); set data.text.text_field")

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
@@ -76,8 +77,14 @@ class DLAMLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class DLABlock(nn.Module):
-    """``x + mixer(RMSNorm(x))``, then ``x + MLP(RMSNorm(x))``."""
+class DLABlock(GradientCheckpointingLayer):
+    """``x + mixer(RMSNorm(x))``, then ``x + MLP(RMSNorm(x))``.
+
+    With activation checkpointing on (``model.activation_checkpointing_enable()``, HF's
+    ``gradient_checkpointing_enable()``, or ``DLAConfig(gradient_checkpointing=True)``), a block in
+    training keeps only its input and recomputes the rest in the backward pass
+    (``torch.utils.checkpoint``, non-reentrant); the schedule is recomputed from the same inputs, so
+    it is the same."""
 
     def __init__(self, config: DLAConfig):
         super().__init__()
@@ -97,6 +104,7 @@ class DLAPreTrainedModel(PreTrainedModel):
     config_class = DLAConfig
     base_model_prefix = "model"
     _no_split_modules = ["DLABlock"]
+    supports_gradient_checkpointing = True
 
     def _init_weights(self, module):
         """Linear and embedding weights N(0, initializer_range²); everything the layers initialise
@@ -172,7 +180,7 @@ class DLAModel(DLAPreTrainedModel):
         for i, block in enumerate(self.layers):
             if output_hidden_states:
                 hidden_states.append(x if unpadded is None else unpadded.unpack(x))
-            x = block(x, cu_seqlens, None if cache is None else cache.layers[i], layer_scores[i])
+            x = block(x, cu_seqlens=cu_seqlens, cache=None if cache is None else cache.layers[i], scores=layer_scores[i])
         x = self.norm(x)
         if unpadded is not None:
             x = unpadded.unpack(x)

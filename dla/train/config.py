@@ -53,6 +53,7 @@ class TrainConfig:
     device: str = "auto"  # auto (cuda when available) | cpu | cuda
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
     parallel: str = "ddp"  # under torchrun: ddp (replicated) | fsdp (FSDP2 fully_shard)
+    activation_checkpointing: bool = False  # recompute each decoder block in the backward pass (less memory)
     model: dict = field(default_factory=dict)  # keyword arguments of dla.DLAConfig
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

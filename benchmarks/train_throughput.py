@@ -1,0 +1,207 @@
+"""Training throughput (tokens/s) and peak memory of the paper configs at sequence length 16K.
+
+Each config runs in its own process (an out-of-memory config does not spoil the next): a few
+warm-up steps (Triton compilation and autotuning, excluded), then timed optimizer steps of one
+packed row of ``seq_len`` tokens per GPU (random tokens, documents of mixed lengths as
+``cu_seqlens``), bf16 autocast, AdamW, activation checkpointing as the config says. Results are
+appended to the JSON file after every config, so a run cut short keeps what it measured.
+
+    # one GPU, all paper configs, within ~9 minutes (per-config time budget, progress printed):
+    python benchmarks/train_throughput.py --out benchmarks/results/train_throughput_h100.json
+    # two GPUs, FSDP2 (each config under torchrun); scaling vs the one-GPU file:
+    python benchmarks/train_throughput.py --gpus 2 --baseline benchmarks/results/train_throughput_h100.json \\
+        --out benchmarks/results/train_throughput_2gpu_h100.json
+    # CPU smoke test
+    python benchmarks/train_throughput.py --tiny --configs dla_mamba2_780m --out /tmp/tp.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def worker(args) -> None:
+    """One config, in this process (under torchrun with --gpus > 1): prints one JSON line."""
+    import torch
+
+    from dla.models import DLAForCausalLM
+    from dla.paper import load, model_config
+    from dla.train.distributed import init_runtime, shutdown, wrap_model
+    from dla.train.optim import build_optimizer
+    from dla.train.loop import grad_clip, lm_loss
+    from dla.data import Batch
+
+    cfg = load(args.worker)
+    runtime = init_runtime("cpu" if args.tiny else "cuda")
+    seq_len = args.seq_len or (128 if args.tiny else cfg.data.seq_len)
+    config = model_config(cfg, tiny=args.tiny)
+    config.max_position_embeddings = max(config.max_position_embeddings, seq_len)
+    torch.manual_seed(0)
+    model = DLAForCausalLM(config).to(runtime.device)
+    n_params = sum(p.numel() for p in model.parameters())
+    if cfg.activation_checkpointing and not args.no_checkpointing:
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    model = wrap_model(model, runtime, "fsdp")
+    optimizer = build_optimizer(model, set(), cfg.optim)
+    gen = torch.Generator().manual_seed(runtime.rank)
+    lengths, total = [], 0
+    while total < seq_len:  # documents of 1/8 to 1 of the row, the last one cut to fit
+        n = min(int(torch.randint(seq_len // 8, seq_len + 1, (1,), generator=gen)), seq_len - total)
+        lengths.append(n)
+        total += n
+    ids = torch.randint(0, config.vocab_size, (1, seq_len + 1), generator=gen)
+    cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+    batch = Batch(ids[:, :-1], ids[:, 1:], cu).to(runtime.device)
+    use_bf16 = runtime.device.type == "cuda"
+    cuda = runtime.device.type == "cuda"
+
+    def step():
+        with torch.autocast(runtime.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            loss = lm_loss(model, batch)
+        loss.backward()
+        grad_clip(model, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    started = time.perf_counter()
+    for _ in range(args.warmup):
+        step()
+    sync()
+    warmup_s = time.perf_counter() - started
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    times, budget_end = [], time.perf_counter() + args.budget
+    for i in range(args.steps):
+        t0 = time.perf_counter()
+        loss = step()
+        sync()
+        times.append(time.perf_counter() - t0)
+        if runtime.is_main:
+            print(f"  {args.worker}: step {i + 1}/{args.steps} {times[-1]:.2f} s, loss {loss.item():.3f}",
+                  file=sys.stderr, flush=True)
+        if time.perf_counter() > budget_end:
+            break
+    step_s = sum(times) / len(times)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    result = {"config": args.worker, "parameters": n_params, "gpus": runtime.world_size, "seq_len": seq_len,
+              "tokens_per_step": seq_len * runtime.world_size, "steps_timed": len(times), "warmup_steps": args.warmup,
+              "warmup_s": warmup_s, "step_s": step_s, "tokens_per_s": seq_len * runtime.world_size / step_s,
+              "tokens_per_s_per_gpu": seq_len / step_s, "peak_mem_gib": peak,
+              "activation_checkpointing": bool(cfg.activation_checkpointing and not args.no_checkpointing),
+              "device": torch.cuda.get_device_name() if cuda else "cpu", "tiny": args.tiny}
+    if runtime.is_main:
+        print("RESULT " + json.dumps(result), flush=True)
+    shutdown(runtime)
+
+
+def launch(name: str, args, timeout: float) -> dict:
+    """Run one config in a child process (torchrun for several GPUs); its result or its error."""
+    flags = ["--worker", name, "--steps", str(args.steps), "--warmup", str(args.warmup),
+             "--budget", str(args.budget)] + (["--tiny"] if args.tiny else []) + (
+        ["--seq-len", str(args.seq_len)] if args.seq_len else []) + (
+        ["--no-checkpointing"] if args.no_checkpointing else [])
+    if args.gpus > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.gpus}",
+               __file__] + flags
+    else:
+        cmd = [sys.executable, __file__] + flags
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    try:
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"config": name, "gpus": args.gpus, "error": f"timed out after {timeout:.0f} s"}
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    tail = proc.stdout.strip().splitlines()[-1:] or ["no output"]
+    return {"config": name, "gpus": args.gpus, "error": f"exit {proc.returncode}: {tail[0][:300]}"}
+
+
+def add_scaling(rows: list[dict], baseline: Path | None) -> None:
+    """``scaling_efficiency`` = tokens/s per GPU here / tokens/s on one GPU (same config)."""
+    if baseline is None or not baseline.is_file():
+        return
+    one = {r["config"]: r for r in json.loads(baseline.read_text())["rows"] if r.get("gpus") == 1 and "error" not in r}
+    for r in rows:
+        if "error" not in r and r["config"] in one:
+            r["scaling_efficiency"] = r["tokens_per_s_per_gpu"] / one[r["config"]]["tokens_per_s_per_gpu"]
+
+
+def estimate(path: Path, tokens: float = 50e9, gpus: int = 8) -> str:
+    """A Markdown table: the wall-clock days for ``tokens`` on ``gpus`` GPUs from measured rows,
+    assuming per-GPU throughput scales as measured (the 2-GPU FSDP2 rows' efficiency when present,
+    else perfectly). Used to fill the estimate section of docs/reproduce.md."""
+    rows = [r for r in json.loads(Path(path).read_text())["rows"] if "error" not in r]
+    lines = [f"| config | GPUs measured | tokens/s per GPU | peak GiB | days for {tokens / 1e9:g}B tokens on {gpus} GPUs |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        per_gpu = r["tokens_per_s_per_gpu"]
+        days = tokens / (per_gpu * gpus) / 86400
+        lines.append(f"| {r['config']} | {r['gpus']} ({r['device']}) | {per_gpu:,.0f} | "
+                     f"{r['peak_mem_gib'] or 0:.1f} | {days:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--configs", nargs="+", help="paper config names (default: all)")
+    p.add_argument("--steps", type=int, default=20, help="timed steps (fewer if --budget runs out)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, autotuning)")
+    p.add_argument("--budget", type=float, default=40, help="seconds of timed steps per config at most")
+    p.add_argument("--deadline", type=float, default=530, help="seconds for the whole run; each config gets an "
+                   "equal share of what is left (a config over its share is stopped and reported)")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs per config (>1: torchrun + FSDP2)")
+    p.add_argument("--seq-len", type=int, help="default: the config's (16384); --tiny: 128")
+    p.add_argument("--no-checkpointing", action="store_true", help="turn activation checkpointing off")
+    p.add_argument("--tiny", action="store_true", help="tiny widths on CPU (smoke test)")
+    p.add_argument("--baseline", type=Path, help="a one-GPU result file, for scaling efficiency")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/train_throughput.json")
+    p.add_argument("--estimate", type=Path, metavar="JSON", help="print the wall-clock estimate table of a result "
+                   "file (--tokens on --estimate-gpus GPUs) and exit")
+    p.add_argument("--tokens", type=float, default=50e9, help="token budget for --estimate")
+    p.add_argument("--estimate-gpus", type=int, default=8)
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        worker(args)
+        return 0
+    if args.estimate:
+        print(estimate(args.estimate, args.tokens, args.estimate_gpus), end="")
+        return 0
+    from dla.paper import paper_configs
+
+    names = args.configs or paper_configs()
+    start, rows = time.perf_counter(), []
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(names):
+        left = args.deadline - (time.perf_counter() - start)
+        share = left / (len(names) - i)
+        print(f"[{i + 1}/{len(names)}] {name} on {args.gpus} {'CPU process' if args.tiny else 'GPU'}(s), "
+              f"{share:.0f} s at most ({left:.0f} s left)", flush=True)
+        row = launch(name, args, timeout=max(share, 10))
+        rows.append(row)
+        print("    " + (f"error: {row['error']}" if "error" in row else
+                        f"{row['tokens_per_s']:,.0f} tokens/s, {row['step_s']:.2f} s/step over {row['steps_timed']} "
+                        f"steps, peak {row['peak_mem_gib'] or 0:.1f} GiB"), flush=True)
+        add_scaling(rows, args.baseline)
+        args.out.write_text(json.dumps({"rows": rows}, indent=1) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

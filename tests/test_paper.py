@@ -1,0 +1,65 @@
+"""The paper recipe: configs (sizes, tiny instantiation), the throughput benchmark's --tiny mode."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import dla
+from dla.paper import TARGETS, count_parameters, load, model_config, paper_configs, parameter_table
+from mixer_helpers import one_thread  # noqa: F401 (autouse fixture)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_every_target_has_a_config_and_its_size():
+    rows = {r["config"]: r for r in parameter_table()}
+    assert set(rows) == set(TARGETS)
+    for name, row in rows.items():
+        assert abs(row["parameters"] / row["target"] - 1) < 0.10, (name, row["parameters"])
+    assert rows["dla_mamba2_780m"]["capacity"] == rows["dla_gdn_1.3b"]["capacity"] == 30
+    assert rows["loglinear_mamba2_780m"]["capacity"] == 15  # fenwick: ceil(log2 16384) + 1, fixed by the length
+
+
+@pytest.mark.parametrize("name", list(TARGETS))
+def test_paper_config_at_a_tiny_width_has_the_same_structure_and_trains(name):
+    cfg = load(name)
+    assert cfg.data.seq_len == 16384 and cfg.parallel == "fsdp" and cfg.activation_checkpointing
+    assert cfg.data.text.streaming and cfg.data.text.packing == "varlen" and cfg.data.text.hf_dataset
+    full, tiny = model_config(cfg), model_config(cfg, tiny=True)
+    for key in ("mixer", "policy", "capacity", "threshold", "expand", "expand_v", "n_groups"):
+        assert getattr(full, key) == getattr(tiny, key), key
+    if full.mixer == "gated_deltanet":
+        assert full.num_heads == tiny.num_heads
+    assert count_parameters(tiny) < 1e6
+    torch.manual_seed(0)
+    model = dla.DLAForCausalLM(tiny).train()
+    model.activation_checkpointing_enable({"use_reentrant": False})
+    ids = torch.randint(0, tiny.vocab_size, (1, 48))
+    out = model(ids, cu_seqlens=torch.tensor([0, 20, 48]), labels=ids)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and all(p.grad is not None for p in model.parameters())
+
+
+def test_paper_configs_resolve_for_dla_train():
+    from dla.cli import main
+
+    assert main(["train", str(ROOT / "experiments/paper/dla_gdn_1.3b.yaml"), "--print-config"]) == 0
+    assert paper_configs() == list(TARGETS)
+
+
+def test_train_throughput_tiny_on_cpu(tmp_path):
+    out = tmp_path / "tp.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks/train_throughput.py"), "--tiny", "--configs", "dla_gdn_1.3b",
+           "--steps", "2", "--warmup", "1", "--out", str(out)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["config"] == "dla_gdn_1.3b" and row["steps_timed"] == 2 and row["tokens_per_s"] > 0
+    table = subprocess.run([sys.executable, str(ROOT / "benchmarks/train_throughput.py"), "--estimate", str(out)],
+                           capture_output=True, text=True, timeout=120).stdout
+    assert "| dla_gdn_1.3b | 1 (cpu) |" in table
