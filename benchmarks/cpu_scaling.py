@@ -1,10 +1,19 @@
 """Forward+backward time and peak memory of the naive, recurrent and chunked paths vs T on CPU.
 
     python benchmarks/cpu_scaling.py [--lengths 512 1024 ...] [--capacities 1 4 16] [--timeout S]
+                                     [--paths chunk ...] [--malloc glibc|tuned]
 
 Every measurement runs in its own subprocess so that the peak resident memory (high-water mark
 of the process, minus its value before the op) belongs to that one measurement. Writes
-``benchmarks/results/cpu_scaling.json`` and ``.png``. Shapes: B*H = 8 (B=2, H=4), K = V = 64.
+``benchmarks/results/cpu_scaling.json`` and ``.png`` (a later run with other ``--paths`` or
+``--malloc`` adds its measurements to the file). Shapes: B*H = 8 (B=2, H=4), K = V = 64.
+
+``--malloc tuned`` keeps freed memory in glibc's heap (``MALLOC_MMAP_THRESHOLD_``,
+``MALLOC_TRIM_THRESHOLD_``). With the defaults every tensor over 32 MiB is a fresh ``mmap``
+whose pages the kernel zeroes on first touch, so an elementwise op on 8M floats costs 1.7 ns per
+element instead of 0.3: at T >= 8K the chunked path's per-chunk tensors cross that size and its
+time grows faster than T although its work does not. PyTorch's CPU tuning guide recommends
+jemalloc or tcmalloc for the same reason.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ RESULTS = Path(__file__).parent / "results"
 PATHS = ("naive", "recurrent", "chunk")
 BASES = ("mamba2", "gated_deltanet")
 MEMORY_LIMIT = 14 << 30
+TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(1 << 32), "MALLOC_TRIM_THRESHOLD_": str(1 << 36)}
 
 
 def measure(path: str, base: str, capacity: int, T: int, repeats: int) -> dict:
@@ -64,16 +74,21 @@ def measure(path: str, base: str, capacity: int, T: int, repeats: int) -> dict:
     return {"seconds": statistics.median(times), "runs": len(times), "peak_mib": (rss1 - rss0) / 1024}
 
 
-def run_child(path, base, capacity, T, repeats, timeout):
+def run_child(path, base, capacity, T, repeats, timeout, malloc):
     cmd = [sys.executable, __file__, "--child", path, base, str(capacity), str(T), str(repeats)]
+    env = {**os.environ, **(TUNED_MALLOC if malloc == "tuned" else {})}
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=True)
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=True, env=env)
     except subprocess.TimeoutExpired:
         return {"skipped": f"over {timeout:.0f} s"}
     except subprocess.CalledProcessError as e:
         last = e.stderr.strip().splitlines()[-1] if e.stderr.strip() else "failed"
         return {"skipped": "out of memory" if "alloc" in last.lower() or "memory" in last.lower() else last}
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _label(r: dict) -> str:
+    return r["path"] + (", tuned malloc" if r.get("malloc") == "tuned" else "")
 
 
 def plot(results: list[dict], path: Path) -> None:
@@ -84,14 +99,14 @@ def plot(results: list[dict], path: Path) -> None:
 
     caps = sorted({r["capacity"] for r in results})
     fig, axes = plt.subplots(2, len(BASES), figsize=(6 * len(BASES), 8), squeeze=False)
-    styles = {"naive": ":", "recurrent": "--", "chunk": "-"}
+    styles = {"naive": ":", "recurrent": "--", "chunk": "-", "chunk, tuned malloc": "-."}
     for col, base in enumerate(BASES):
         for row, (key, ylabel) in enumerate([("seconds", "fwd+bwd time (s)"), ("peak_mib", "peak memory (MiB)")]):
             ax = axes[row][col]
             for i, cap in enumerate(caps):
-                for p in PATHS:
-                    pts = [(r["T"], r[key]) for r in results
-                           if r["base"] == base and r["capacity"] == cap and r["path"] == p and key in r]
+                for p in styles:
+                    pts = [(r["T"], r[key]) for r in results if r["base"] == base and r["capacity"] == cap
+                           and _label(r) == p and key in r]
                     if pts:
                         xs, ys = zip(*pts)
                         ax.plot(xs, [max(y, 1e-3) for y in ys], styles[p], marker="o", color=f"C{i}",
@@ -120,37 +135,50 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--timeout", type=float, default=240, help="seconds per measurement before giving up")
     ap.add_argument("--naive-max", type=int, default=4096, help="longest T for the O(T^2) path")
+    ap.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS))
+    ap.add_argument("--malloc", choices=("glibc", "tuned"), default="glibc",
+                    help="glibc's defaults, or freed memory kept in the heap (see above)")
     ap.add_argument("--out", type=Path, default=RESULTS / "cpu_scaling")
     args = ap.parse_args()
     import torch
 
-    results = []
+    def key(r):
+        return r["path"], r["base"], r["capacity"], r["T"], r.get("malloc", "glibc")
+
+    old = args.out.with_suffix(".json")
+    results = json.loads(old.read_text())["results"] if old.exists() else []
     given_up = set()  # (path, base, C): once a length times out, longer ones are not tried
     for base in BASES:
         for cap in args.capacities:
             for T in args.lengths:
-                for p in PATHS:
+                for p in args.paths:
                     if (p, base, cap) in given_up or (p == "naive" and T > args.naive_max):
                         continue
-                    r = run_child(p, base, cap, T, args.repeats if T <= 4096 or p == "chunk" else 1, args.timeout)
-                    r.update(path=p, base=base, capacity=cap, T=T)
+                    r = run_child(p, base, cap, T, args.repeats if T <= 4096 or p == "chunk" else 1, args.timeout,
+                                  args.malloc)
+                    r.update(path=p, base=base, capacity=cap, T=T, malloc=args.malloc)
                     if "skipped" in r:
                         given_up.add((p, base, cap))
-                    results.append(r)
+                    results = [o for o in results if key(o) != key(r)] + [r]
                     shown = f"{r['seconds']:9.3f} s {r['peak_mib']:9.1f} MiB" if "seconds" in r else r["skipped"]
-                    print(f"{base:15s} C={cap:<3d} T={T:<6d} {p:10s} {shown}", flush=True)
+                    print(f"{base:15s} C={cap:<3d} T={T:<6d} {p:10s} {args.malloc:6s} {shown}", flush=True)
     summary = {}
     for base in BASES:
-        for cap in args.capacities:
-            t = {r["T"]: r for r in results if r["base"] == base and r["capacity"] == cap and "seconds" in r
-                 and r["path"] == "chunk"}
-            rec = {r["T"]: r for r in results if r["base"] == base and r["capacity"] == cap and "seconds" in r
-                   and r["path"] == "recurrent"}
-            key = f"{base}/C={cap}"
-            if 2048 in t and 16384 in t:
-                summary[key + "/chunk time(16K)/time(2K)"] = t[16384]["seconds"] / t[2048]["seconds"]
-                summary[key + "/chunk mem(16K)/mem(2K)"] = t[16384]["peak_mib"] / max(t[2048]["peak_mib"], 1e-9)
-            summary[key + "/recurrent over chunk time"] = {
+        for cap in sorted({r["capacity"] for r in results}):
+            def timed(path, malloc="glibc"):
+                return {r["T"]: r for r in results if key(r)[:3] == (path, base, cap) and "seconds" in r
+                        and r.get("malloc", "glibc") == malloc}
+            rec = timed("recurrent")
+            name = f"{base}/C={cap}"
+            for malloc in ("glibc", "tuned"):
+                t = timed("chunk", malloc)
+                if 2048 in t and 16384 in t:
+                    summary[f"{name}/chunk time(16K)/time(2K), {malloc} malloc"] = (
+                        t[16384]["seconds"] / t[2048]["seconds"])
+                    summary[f"{name}/chunk mem(16K)/mem(2K), {malloc} malloc"] = (
+                        t[16384]["peak_mib"] / max(t[2048]["peak_mib"], 1e-9))
+            t = timed("chunk")
+            summary[name + "/recurrent over chunk time"] = {
                 T: rec[T]["seconds"] / t[T]["seconds"] for T in sorted(rec) if T in t}
     meta = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
             "processor": platform.processor(), "cpus": os.cpu_count(), "threads": 1,

@@ -49,7 +49,7 @@ def worker(args) -> None:
     model = DLAForCausalLM(config).to(runtime.device)
     n_params = sum(p.numel() for p in model.parameters())
     if cfg.activation_checkpointing and not args.no_checkpointing:
-        model.activation_checkpointing_enable({"use_reentrant": False})
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = wrap_model(model, runtime, "fsdp")
     optimizer = build_optimizer(model, set(), cfg.optim)
     gen = torch.Generator().manual_seed(runtime.rank)

@@ -38,7 +38,7 @@ def test_paper_config_at_a_tiny_width_has_the_same_structure_and_trains(name):
     assert count_parameters(tiny) < 1e6
     torch.manual_seed(0)
     model = dla.DLAForCausalLM(tiny).train()
-    model.activation_checkpointing_enable({"use_reentrant": False})
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ids = torch.randint(0, tiny.vocab_size, (1, 48))
     out = model(ids, cu_seqlens=torch.tensor([0, 20, 48]), labels=ids)
     out.loss.backward()

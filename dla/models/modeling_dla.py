@@ -80,7 +80,7 @@ class DLAMLP(nn.Module):
 class DLABlock(GradientCheckpointingLayer):
     """``x + mixer(RMSNorm(x))``, then ``x + MLP(RMSNorm(x))``.
 
-    With activation checkpointing on (``model.activation_checkpointing_enable()``, HF's
+    With activation checkpointing on (``model.gradient_checkpointing_enable()``, HF's
     ``gradient_checkpointing_enable()``, or ``DLAConfig(gradient_checkpointing=True)``), a block in
     training keeps only its input and recomputes the rest in the backward pass
     (``torch.utils.checkpoint``, non-reentrant); the schedule is recomputed from the same inputs, so
