@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dla.ops.triton.chunk_state import _output, _pow2, source_ranges
+from dla.ops.triton.chunk_state import _copy_initial, _merged, _output, _pow2, source_ranges
 
 _CONFIGS = [triton.Config({"BV": bv}, num_warps=w, num_stages=1) for bv in (16, 32, 64) for w in (4, 8)]
 if os.environ.get("TRITON_INTERPRET") == "1":
@@ -47,9 +47,7 @@ def _inter_fwd_kernel(qe_ptr, lam_ptr, x_ptr, v_ptr, rank_ptr, gam_ptr, lo_ptr, 
     ll = tl.arange(0, L)
     tile = kk[:, None] * V + vv[None, :]  # a [K, BV] tile of one K x V state
     S_row = S_ptr + r * (NC + 1) * C * K * V
-    for j in range(C):
-        tl.store(S_row + j * K * V + tile, tl.load(S0_ptr + r * C * K * V + j * K * V + tile))
-    tl.debug_barrier()
+    _copy_initial(S0_ptr, S_row, r, tile, C, K, V)
     for c in range(NC):
         rc = r * NC + c
         S_in = S_row + c * C * K * V
@@ -66,12 +64,7 @@ def _inter_fwd_kernel(qe_ptr, lam_ptr, x_ptr, v_ptr, rank_ptr, gam_ptr, lo_ptr, 
         xt = tl.load(x_ptr + tok[None, :] * K + kk[:, None])  # [K, L]
         gam = tl.load(gam_ptr + rc)
         for n in range(C):
-            lo = tl.load(lo_ptr + rc * C + n)
-            hi = tl.load(hi_ptr + rc * C + n)
-            acc = tl.zeros((K, BV), dtype=tl.float32)
-            for j in range(lo, hi + 1):
-                acc += tl.load(S_in + j * K * V + tile)
-            acc = gam * acc
+            acc = gam * _merged(S_in, tl.load(lo_ptr + rc * C + n), tl.load(hi_ptr + rc * C + n), tile, K, V, BV)
             mine = rank == n
             if tl.max(mine.to(tl.int32), axis=0) > 0:  # the chunk writes tokens into slot n
                 acc += tl.dot(xt, tl.where(mine[:, None], vals, 0.0), input_precision=PREC)

@@ -92,6 +92,23 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     _FWD_CONFIGS = [triton.Config({"BK": 16, "BV": 16})]
 
 
+@triton.jit
+def _copy_initial(S0_ptr, S_row, r, tile, C: tl.constexpr, K: tl.constexpr, V: tl.constexpr):
+    """The row's carried states at the first chunk boundary: ``S_row[0] = S0[r]`` (one tile)."""
+    for j in range(C):
+        tl.store(S_row + j * K * V + tile, tl.load(S0_ptr + r * C * K * V + j * K * V + tile))
+    tl.debug_barrier()
+
+
+@triton.jit
+def _merged(S_in, lo, hi, tile, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr):
+    """Σ of the old slots ``lo..hi`` (the ones merging into one new slot), one ``[K, BV]`` tile."""
+    acc = tl.zeros((K, BV), dtype=tl.float32)
+    for j in range(lo, hi + 1):
+        acc += tl.load(S_in + j * K * V + tile)
+    return acc
+
+
 @triton.autotune(configs=_FWD_CONFIGS, key=["C", "K", "V", "MATRIX"],
                  prune_configs_by={"early_config_prune": _fitting_configs})
 @triton.jit
@@ -105,20 +122,14 @@ def _state_fwd_kernel(S0_ptr, S_ptr, lo_ptr, hi_ptr, M_ptr, W_ptr, NC,
     bk = tl.arange(0, BK)
     tile = kk[:, None] * V + vv[None, :]  # a [K, BV] tile of one K x V state
     S_row = S_ptr + r * (NC + 1) * C * K * V
-    for j in range(C):
-        tl.store(S_row + j * K * V + tile, tl.load(S0_ptr + r * C * K * V + j * K * V + tile))
-    tl.debug_barrier()
+    _copy_initial(S0_ptr, S_row, r, tile, C, K, V)
     for c in range(NC):
         rc = r * NC + c
         S_in = S_row + c * C * K * V
         S_out = S_in + C * K * V
         W_c = W_ptr + rc * C * K * V
         for n in range(C):
-            lo = tl.load(lo_ptr + rc * C + n)
-            hi = tl.load(hi_ptr + rc * C + n)
-            acc = tl.zeros((K, BV), dtype=tl.float32)  # Σ of the old slots merging into slot n
-            for j in range(lo, hi + 1):
-                acc += tl.load(S_in + j * K * V + tile)
+            acc = _merged(S_in, tl.load(lo_ptr + rc * C + n), tl.load(hi_ptr + rc * C + n), tile, K, V, BV)
             if MATRIX:
                 for kb in tl.static_range(K // BK):
                     rows = kb * BK + bk
@@ -157,9 +168,7 @@ def _state_bwd_kernel(S_ptr, dS_ptr, lo_ptr, hi_ptr, M_ptr, dM_ptr, NC,
             lo = tl.load(lo_ptr + rc * C + n)
             hi = tl.load(hi_ptr + rc * C + n)
             G = tl.load(dS_out + n * K * V + tile)  # [K, BV]
-            acc = tl.zeros((K, BV), dtype=tl.float32)
-            for j in range(lo, hi + 1):
-                acc += tl.load(S_in + j * K * V + tile)
+            acc = _merged(S_in, lo, hi, tile, K, V, BV)
             if MATRIX:
                 for kb in tl.static_range(K // BK):
                     rows = kb * BK + bk
