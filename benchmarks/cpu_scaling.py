@@ -4,16 +4,16 @@
                                      [--paths chunk ...] [--malloc glibc|tuned]
 
 Every measurement runs in its own subprocess so that the peak resident memory (high-water mark
-of the process, minus its value before the op) belongs to that one measurement. Writes
+of the process, minus its value before the op) belongs to that one measurement. Time is the
+median wall-clock time of the repeats and the smallest process CPU time (user + system; one
+thread, so other work on a shared machine hardly changes it). Writes
 ``benchmarks/results/cpu_scaling.json`` and ``.png`` (a later run with other ``--paths`` or
 ``--malloc`` adds its measurements to the file). Shapes: B*H = 8 (B=2, H=4), K = V = 64.
 
-``--malloc tuned`` keeps freed memory in glibc's heap (``MALLOC_MMAP_THRESHOLD_``,
-``MALLOC_TRIM_THRESHOLD_``). With the defaults every tensor over 32 MiB is a fresh ``mmap``
-whose pages the kernel zeroes on first touch, so an elementwise op on 8M floats costs 1.7 ns per
-element instead of 0.3: at T >= 8K the chunked path's per-chunk tensors cross that size and its
-time grows faster than T although its work does not. PyTorch's CPU tuning guide recommends
-jemalloc or tcmalloc for the same reason.
+``--malloc tuned`` keeps freed memory in glibc's heap (:func:`dla.cpu_allocator.keep_freed_memory`,
+which the ``dla`` command calls at start). With the defaults every tensor over 32 MiB is a fresh
+``mmap`` whose pages the kernel zeroes on first touch: at T >= 4K the chunked path's per-chunk
+tensors cross that size and its time grows faster than T although its work does not.
 """
 
 from __future__ import annotations
@@ -33,15 +33,18 @@ RESULTS = Path(__file__).parent / "results"
 PATHS = ("naive", "recurrent", "chunk")
 BASES = ("mamba2", "gated_deltanet")
 MEMORY_LIMIT = 14 << 30
-TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(1 << 32), "MALLOC_TRIM_THRESHOLD_": str(1 << 36)}
 
 
-def measure(path: str, base: str, capacity: int, T: int, repeats: int) -> dict:
+def measure(path: str, base: str, capacity: int, T: int, repeats: int, malloc: str) -> dict:
     """Run in a child process: median forward+backward seconds and peak RSS increase (MiB)."""
     import torch
     import torch.nn.functional as F
 
     import dla
+    from dla.cpu_allocator import keep_freed_memory
+
+    if malloc == "tuned":
+        keep_freed_memory()
 
     # one thread: with two busy processes on a small machine, OpenMP's spinning threads turn any
     # contention into 100x slowdowns; one thread keeps the ratios meaningful
@@ -65,20 +68,21 @@ def measure(path: str, base: str, capacity: int, T: int, repeats: int) -> dict:
         o.sum().backward()
 
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    times = []
+    times, cpu_times = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step()
         times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)
     rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"seconds": statistics.median(times), "runs": len(times), "peak_mib": (rss1 - rss0) / 1024}
+    return {"seconds": statistics.median(times), "cpu_seconds": min(cpu_times), "runs": len(times),
+            "peak_mib": (rss1 - rss0) / 1024}
 
 
 def run_child(path, base, capacity, T, repeats, timeout, malloc):
-    cmd = [sys.executable, __file__, "--child", path, base, str(capacity), str(T), str(repeats)]
-    env = {**os.environ, **(TUNED_MALLOC if malloc == "tuned" else {})}
+    cmd = [sys.executable, __file__, "--child", path, base, str(capacity), str(T), str(repeats), malloc]
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=True, env=env)
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=True)
     except subprocess.TimeoutExpired:
         return {"skipped": f"over {timeout:.0f} s"}
     except subprocess.CalledProcessError as e:
@@ -104,12 +108,12 @@ def plot(results: list[dict], path: Path) -> None:
         for row, (key, ylabel) in enumerate([("seconds", "fwd+bwd time (s)"), ("peak_mib", "peak memory (MiB)")]):
             ax = axes[row][col]
             for i, cap in enumerate(caps):
-                for p in styles:
+                for p, style in styles.items():
                     pts = [(r["T"], r[key]) for r in results if r["base"] == base and r["capacity"] == cap
                            and _label(r) == p and key in r]
                     if pts:
                         xs, ys = zip(*pts)
-                        ax.plot(xs, [max(y, 1e-3) for y in ys], styles[p], marker="o", color=f"C{i}",
+                        ax.plot(xs, [max(y, 1e-3) for y in ys], style, marker="o", color=f"C{i}",
                                 label=f"{p}, C={cap}")
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
@@ -126,8 +130,8 @@ def main():
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         # a measurement that needs more than MEMORY_LIMIT fails cleanly instead of swapping
         resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
-        path, base, cap, T, repeats = sys.argv[2:7]
-        print(json.dumps(measure(path, base, int(cap), int(T), int(repeats))))
+        path, base, cap, T, repeats, malloc = sys.argv[2:8]
+        print(json.dumps(measure(path, base, int(cap), int(T), int(repeats), malloc)))
         return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384])
@@ -165,7 +169,7 @@ def main():
     summary = {}
     for base in BASES:
         for cap in sorted({r["capacity"] for r in results}):
-            def timed(path, malloc="glibc"):
+            def timed(path, malloc="glibc", base=base, cap=cap):
                 return {r["T"]: r for r in results if key(r)[:3] == (path, base, cap) and "seconds" in r
                         and r.get("malloc", "glibc") == malloc}
             rec = timed("recurrent")
@@ -175,6 +179,9 @@ def main():
                 if 2048 in t and 16384 in t:
                     summary[f"{name}/chunk time(16K)/time(2K), {malloc} malloc"] = (
                         t[16384]["seconds"] / t[2048]["seconds"])
+                    if "cpu_seconds" in t[2048] and "cpu_seconds" in t[16384]:
+                        summary[f"{name}/chunk cpu time(16K)/cpu time(2K), {malloc} malloc"] = (
+                            t[16384]["cpu_seconds"] / t[2048]["cpu_seconds"])
                     summary[f"{name}/chunk mem(16K)/mem(2K), {malloc} malloc"] = (
                         t[16384]["peak_mib"] / max(t[2048]["peak_mib"], 1e-9))
             t = timed("chunk")

@@ -19,6 +19,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+from dla.cpu_allocator import keep_freed_memory
 from dla.errors import UserError
 from dla.train.config import key_names
 
@@ -64,7 +65,14 @@ def cmd_train(args) -> int:
 
 # ----------------------------------------------------------------------------- eval
 def cmd_eval(args) -> int:
-    from dla.eval import default_lengths, eval_lm_harness, eval_mqar, eval_needle, eval_text, synthetic_tasks
+    from dla.eval import (
+        default_lengths,
+        eval_lm_harness,
+        eval_mqar,
+        eval_needle,
+        eval_text,
+        synthetic_tasks,
+    )
     from dla.train.checkpoint import load_model, resolve_checkpoint
 
     device = pick_device(args.device)
@@ -292,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    keep_freed_memory()  # CPU training would otherwise pay the kernel's page zeroing at every step
     try:
         return args.handler(args)
     except UserError as e:

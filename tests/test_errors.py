@@ -93,3 +93,16 @@ def test_device_names_without_index_match():
     assert same_device(torch.device("cuda"), torch.device("cuda:0"))
     assert not same_device(torch.device("cuda:1"), torch.device("cuda:0"))
     assert not same_device(torch.device("cpu"), torch.device("cuda"))
+
+
+def test_keep_freed_memory_applies_on_glibc():
+    """The dla command raises glibc's mmap/trim thresholds; elsewhere it reports that it could not."""
+    import platform
+
+    from dla.cpu_allocator import keep_freed_memory
+
+    applied = keep_freed_memory()
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert applied is True
+    else:
+        assert applied is False
