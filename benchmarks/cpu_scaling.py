@@ -105,12 +105,13 @@ def plot(results: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(2, len(BASES), figsize=(6 * len(BASES), 8), squeeze=False)
     styles = {"naive": ":", "recurrent": "--", "chunk": "-", "chunk, tuned malloc": "-."}
     for col, base in enumerate(BASES):
-        for row, (key, ylabel) in enumerate([("seconds", "fwd+bwd time (s)"), ("peak_mib", "peak memory (MiB)")]):
+        # CPU time where measured (one thread: the wall time of an uncontended run), else wall time
+        for row, (key, ylabel) in enumerate([("cpu_seconds", "fwd+bwd CPU time (s)"), ("peak_mib", "peak memory (MiB)")]):
             ax = axes[row][col]
             for i, cap in enumerate(caps):
                 for p, style in styles.items():
-                    pts = [(r["T"], r[key]) for r in results if r["base"] == base and r["capacity"] == cap
-                           and _label(r) == p and key in r]
+                    pts = [(r["T"], r.get(key, r.get("seconds"))) for r in results if r["base"] == base
+                           and r["capacity"] == cap and _label(r) == p and "seconds" in r]
                     if pts:
                         xs, ys = zip(*pts)
                         ax.plot(xs, [max(y, 1e-3) for y in ys], style, marker="o", color=f"C{i}",
