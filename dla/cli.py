@@ -32,7 +32,7 @@ examples:
   torchrun --nproc_per_node=2 -m dla train configs/mqar.yaml parallel=fsdp
 
 keys (model.* = the arguments of dla.DLAConfig: mixer, hidden_size, num_hidden_layers, head_dim,
-state_size, policy, capacity, threshold, period, max_segment_len, score, label_rule, ...):
+state_size, policy, capacity, threshold, period, max_segment_len, merge, score, label_rule, ...):
 """
 
 

@@ -32,7 +32,7 @@ report: {rows: model, cols: null, select: lr, panels: [mamba2]}
 """
 
 GRID_SIZES = {"mqar": 13 * 3 * 3 * 2, "recall": 3 * 9 * 2 * 2 * 2, "needle": 2 * 7 * 2 * 2, "text": 7,
-              "ablations": 2 * 16 * 2}
+              "ablations": 2 * 17 * 2}
 
 
 @pytest.fixture

@@ -34,6 +34,7 @@ def make_layer(base, policy_case="dynamic", chunk_size=16):
     (dict(policy="greedy"), "policy"),
     (dict(score="entropy"), "score"),
     (dict(label_rule="oldest"), "label_rule"),
+    (dict(merge="newest"), "merge"),
     (dict(capacity=0), "capacity"),
     (dict(capacity=2.5), "capacity"),
     (dict(policy="single", capacity=4), "capacity"),

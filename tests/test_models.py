@@ -47,6 +47,7 @@ def tiny_model(mixer, policy="dynamic", **overrides):
     (dict(mixer="rwkv"), "mixer"),
     (dict(policy="random"), "policy"),
     (dict(label_rule="newest"), "label_rule"),
+    (dict(merge="cheapest"), "merge"),
     (dict(score="entropy"), "score"),
     (dict(capacity=0), "capacity"),
     (dict(policy="single", capacity=3), "capacity"),

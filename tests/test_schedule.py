@@ -11,7 +11,7 @@ from dla.schedule.schedule import live_boundary_count
 
 
 # ----------------------------------------------------------------------------- reference planner
-def reference_dynamic(u, capacity, threshold, max_segment_len=None):
+def reference_dynamic(u, capacity, threshold, max_segment_len=None, merge="least_info"):
     """Spec §3 `dynamic`, one sequence, plain Python. Returns death (never = len(u))."""
     T = len(u)
     death = [-1] * T
@@ -29,7 +29,10 @@ def reference_dynamic(u, capacity, threshold, max_segment_len=None):
             segs[-1][1] = max(segs[-1][1], u[t])
         if len(segs) > capacity:
             closed_pairs = range(len(segs) - 2)  # (i, i+1), both closed; oldest first
-            i = min(closed_pairs, key=lambda i: (segs[i][1] + segs[i + 1][1], i))  # ties: older pair
+            def cost(i):
+                return 0 if merge == "oldest" else segs[i][1] + segs[i + 1][1]
+
+            i = min(closed_pairs, key=lambda i: (cost(i), i))  # ties: older pair
             death[segs[i + 1][0]] = t
             segs[i][1] = max(segs[i][1], segs[i + 1][1])
             del segs[i + 1]
@@ -42,13 +45,24 @@ scores_strategy = st.integers(1, 300).flatmap(
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(u=scores_strategy, capacity=st.integers(1, 32), threshold=st.sampled_from([0.0, 0.25, 0.5, 0.8, 1.0]),
-       max_len=st.sampled_from([None, 1, 4, 17]))
-def test_dynamic_matches_plain_python_reference(u, capacity, threshold, max_len):
+       max_len=st.sampled_from([None, 1, 4, 17]), merge=st.sampled_from(["least_info", "oldest"]))
+def test_dynamic_matches_plain_python_reference(u, capacity, threshold, max_len, merge):
     T = len(u)
     scores = torch.tensor(u, dtype=torch.float32).view(1, T, 1)
     s = dla.plan_schedule("dynamic", batch=1, heads=1, length=T, capacity=capacity, scores=scores,
-                          threshold=threshold, max_segment_len=max_len)
-    assert s.death[0, 0].tolist() == reference_dynamic(u, capacity, threshold, max_len)
+                          threshold=threshold, max_segment_len=max_len, merge=merge)
+    assert s.death[0, 0].tolist() == reference_dynamic(u, capacity, threshold, max_len, merge)
+
+
+def test_oldest_merge_differs_from_least_info():
+    """A planted case: the newest closed pair holds the least information, so the two rules part."""
+    u = [1.0, 0.9, 0.9, 0.1, 0.1, 1.0]  # every token opens a segment (threshold 0.05), capacity 4
+    scores = torch.tensor(u).view(1, 6, 1)
+    kw = dict(batch=1, heads=1, length=6, capacity=4, scores=scores, threshold=0.05)
+    least = dla.plan_schedule("dynamic", **kw).death[0, 0].tolist()
+    oldest = dla.plan_schedule("dynamic", merge="oldest", **kw).death[0, 0].tolist()
+    assert least == reference_dynamic(u, 4, 0.05) and oldest == reference_dynamic(u, 4, 0.05, merge="oldest")
+    assert oldest[1] == 4 and least[1] != 4  # at t = 4 the oldest pair (0, 1) merges: segment 1 dies
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])

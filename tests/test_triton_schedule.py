@@ -14,12 +14,12 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 10**6), T=st.integers(1, 120), capacity=st.integers(1, 9),
        threshold=st.sampled_from([0.0, 0.4, 0.5, 1.0]), max_len=st.sampled_from([None, 3]),
-       split=st.floats(0, 1))
-def test_triton_scan_matches_torch(seed, T, capacity, threshold, max_len, split):
+       split=st.floats(0, 1), merge=st.sampled_from(["least_info", "oldest"]))
+def test_triton_scan_matches_torch(seed, T, capacity, threshold, max_len, split, merge):
     gen = torch.Generator().manual_seed(seed)
     B, H = 2, 2
     scores = (torch.rand(B, T, H, generator=gen) * 8).round() / 8  # a coarse grid makes ties common
-    kw = dict(batch=B, heads=H, capacity=capacity, threshold=threshold, max_segment_len=max_len)
+    kw = dict(batch=B, heads=H, capacity=capacity, threshold=threshold, max_segment_len=max_len, merge=merge)
     ref = dla.plan_schedule("dynamic", length=T, scores=scores, backend="torch", **kw)
     out = dla.plan_schedule("dynamic", length=T, scores=scores.to(DEVICE), backend="triton", **kw)
     assert torch.equal(out.death.cpu(), ref.death)

@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dla.ops import DLAState, chunk_dla, recurrent_dla
-from dla.schedule import POLICIES, SegmentState, novelty_scores, plan_schedule
+from dla.schedule import MERGE_RULES, POLICIES, SegmentState, novelty_scores, plan_schedule
 from dla.varlen import pack, seq_lengths, unpack
 
 SCORES = ("novelty", "router", "external")
@@ -53,6 +53,7 @@ class PolicyConfig:
     threshold: float = 0.5
     period: int | None = None
     max_segment_len: int | None = None
+    merge: str = "least_info"
     score: str = "novelty"
     label_rule: str | None = None
     max_position_embeddings: int = 2048
@@ -60,6 +61,8 @@ class PolicyConfig:
     def __post_init__(self):
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+        if self.merge not in MERGE_RULES:
+            raise ValueError(f"merge must be one of {MERGE_RULES}, got {self.merge!r}")
         if self.score not in SCORES:
             raise ValueError(f"score must be one of {SCORES}, got {self.score!r}")
         if self.label_rule is not None and self.label_rule not in LABEL_RULES:
@@ -351,7 +354,7 @@ class DLAMixer(nn.Module):
         u = self.information_scores(x, k, cu_seqlens, cache, scores)
         schedule = plan_schedule(p.policy, batch=B, heads=H, length=T, capacity=p.capacity, scores=u,
                                  threshold=p.threshold, period=p.period, max_segment_len=p.max_segment_len,
-                                 cu_seqlens=cu_seqlens, label_rule=p.label_rule, initial_state=state, device=q.device)
+                                 merge=p.merge, cu_seqlens=cu_seqlens, label_rule=p.label_rule, initial_state=state, device=q.device)
         if self.record_schedule:
             self.last_schedule, self.last_scores = schedule, u
         lam = q.new_ones(B, T, H, 1) if self.lam_proj is None else self.lam_proj(x)

@@ -31,7 +31,8 @@ class DLAConfig(PreTrainedConfig):
       expansion; ``conv_size`` the short convolution's kernel.
     - the DLA policy (ignored by ``attention``; see :class:`dla.layers.PolicyConfig`): ``policy``
       (``single``, ``fixed``, ``fenwick``, ``dynamic``), ``capacity``, ``threshold``, ``period``,
-      ``max_segment_len``, ``score`` (``novelty``, ``router``, ``external``), ``label_rule``.
+      ``max_segment_len``, ``merge`` (``least_info``, ``oldest``), ``score`` (``novelty``, ``router``,
+      ``external``), ``label_rule``.
       ``max_position_embeddings`` fixes the fenwick capacity and the number of level labels.
     - ``intermediate_size``: the MLP width (default: 8/3 of ``hidden_size`` rounded up to 64).
     - ``chunk_size``: the chunked op's chunk (16, 32, 64 or 128).
@@ -48,7 +49,8 @@ class DLAConfig(PreTrainedConfig):
                  intermediate_size: int | None = None, norm_eps: float = 1e-5, initializer_range: float = 0.02,
                  rope_theta: float = 10000.0, max_position_embeddings: int = 2048, chunk_size: int = 64,
                  policy: str = "dynamic", capacity: int | None = None, threshold: float = 0.5,
-                 period: int | None = None, max_segment_len: int | None = None, score: str = "novelty",
+                 period: int | None = None, max_segment_len: int | None = None, merge: str = "least_info",
+                 score: str = "novelty",
                  label_rule: str | None = None, tie_word_embeddings: bool = True, use_cache: bool = True,
                  pad_token_id: int | None = None, bos_token_id: int | None = 1, eos_token_id: int | None = 2,
                  **kwargs):
@@ -93,7 +95,7 @@ class DLAConfig(PreTrainedConfig):
         self.norm_eps, self.initializer_range, self.rope_theta = norm_eps, initializer_range, rope_theta
         self.max_position_embeddings, self.chunk_size = max_position_embeddings, chunk_size
         self.policy, self.capacity, self.threshold, self.period = policy, capacity, threshold, period
-        self.max_segment_len, self.score, self.label_rule = max_segment_len, score, label_rule
+        self.max_segment_len, self.merge, self.score, self.label_rule = max_segment_len, merge, score, label_rule
         self.use_cache = use_cache
         self.policy_config()  # validates the policy fields
         super().__init__(tie_word_embeddings=tie_word_embeddings, pad_token_id=pad_token_id,
@@ -102,5 +104,5 @@ class DLAConfig(PreTrainedConfig):
     def policy_config(self) -> PolicyConfig:
         """The resolved schedule options every DLA layer of the model uses."""
         return PolicyConfig(policy=self.policy, capacity=self.capacity, threshold=self.threshold, period=self.period,
-                            max_segment_len=self.max_segment_len, score=self.score, label_rule=self.label_rule,
+                            max_segment_len=self.max_segment_len, merge=self.merge, score=self.score, label_rule=self.label_rule,
                             max_position_embeddings=self.max_position_embeddings)

@@ -6,7 +6,8 @@
   at position ``p`` dies at ``p + lowbit(p)`` (binary-counter carries), level labels.
 - ``dynamic``: DLA. A boundary where the token score reaches ``threshold`` (or the open segment
   reaches ``max_segment_len``); on overflow the adjacent pair of closed segments with the
-  smallest summed information merges, ties to the older pair.
+  smallest summed information merges, ties to the older pair (``merge="least_info"``, the spec);
+  ``merge="oldest"`` (an ablation) merges the two oldest closed segments instead.
 
 ``single``, ``fixed`` and ``fenwick`` are closed forms of absolute positions; ``dynamic`` is a
 scan over time, vectorised over sequences and heads, O(T * C) per sequence-head. All of them
@@ -22,6 +23,7 @@ from dla.schedule.schedule import NEVER, NONE, Schedule, SegmentState
 from dla.varlen import check_cu_seqlens, seq_lengths, unpack
 
 POLICIES = ("single", "fixed", "fenwick", "dynamic")
+MERGE_RULES = ("least_info", "oldest")
 DEFAULT_CAPACITY = 16
 
 
@@ -36,7 +38,7 @@ def plan_schedule(policy: str, *, batch: int, heads: int, length: int, capacity:
                   scores: torch.Tensor | None = None, threshold: float = 0.5, period: int | None = None,
                   max_segment_len: int | None = None, cu_seqlens: torch.Tensor | None = None,
                   label_rule: str | None = None, initial_state=None, device=None,
-                  backend: str | None = None) -> Schedule:
+                  backend: str | None = None, merge: str = "least_info") -> Schedule:
     """Plan a :class:`Schedule` for ``[batch, heads, length]`` tokens.
 
     ``scores``: ``[B, T, H]`` token information in [0, 1] (``dynamic`` only; e.g.
@@ -48,12 +50,15 @@ def plan_schedule(policy: str, *, batch: int, heads: int, length: int, capacity:
     ``device``: where the schedule lives (default: that of ``scores``, else of ``cu_seqlens``,
     else CPU; it must be the device of the op's inputs). ``backend``: ``"torch"`` or
     ``"triton"`` for the ``dynamic`` scan (default: Triton on CUDA
-    tensors, PyTorch elsewhere); both give identical schedules.
+    tensors, PyTorch elsewhere); both give identical schedules. ``merge`` (``dynamic`` only): which
+    adjacent closed pair merges on overflow, ``least_info`` (the spec) or ``oldest`` (an ablation).
     """
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
     if backend not in (None, "torch", "triton"):
         raise ValueError(f"backend must be None, 'torch' or 'triton', got {backend!r}")
+    if merge not in MERGE_RULES:
+        raise ValueError(f"merge must be one of {MERGE_RULES}, got {merge!r}")
     for name, value in (("batch", batch), ("heads", heads)):
         _check_int(name, value, 1)
     _check_int("length", length, 0)
@@ -136,11 +141,10 @@ def plan_schedule(policy: str, *, batch: int, heads: int, length: int, capacity:
         if backend is None:
             backend = "triton" if rows_scores.is_cuda else "torch"
         if backend == "triton":
-            from dla.schedule.triton_scan import dynamic_scan
-
-            death, carried, final = dynamic_scan(rows_scores, lengths, seg, capacity, threshold, max_segment_len)
+            from dla.schedule.triton_scan import dynamic_scan as scan
         else:
-            death, carried, final = _dynamic(rows_scores, lengths, seg, capacity, threshold, max_segment_len)
+            scan = _dynamic
+        death, carried, final = scan(rows_scores, lengths, seg, capacity, threshold, max_segment_len, merge)
     if ((starts > 0) & (carried < 0)).any():
         raise ValueError("initial_state's segments are inconsistent with the policy: a boundary would have died "
                          "before this window")
@@ -159,7 +163,7 @@ def _closed_form(pos, in_seq, starts, position, is_boundary, death_of, heads):
     return death.expand(-1, heads, -1).clone(), carried
 
 
-def _dynamic(scores, lengths, seg: SegmentState, capacity: int, threshold: float, max_segment_len):
+def _dynamic(scores, lengths, seg: SegmentState, capacity: int, threshold: float, max_segment_len, merge):
     """The DLA scan. Slots are kept newest first with one spare for the moment of overflow."""
     N, H, Tm = scores.shape
     R, C = N * H, capacity
@@ -197,6 +201,8 @@ def _dynamic(scores, lengths, seg: SegmentState, capacity: int, threshold: float
         # overflow: merge the adjacent closed pair (j, j+1), j in 1..C-1, of least summed information
         over = count > C
         cost = slot_info[:, 1:C] + slot_info[:, 2:C + 1]
+        if merge == "oldest":  # every pair costs the same, so the tie rule picks the oldest
+            cost = torch.zeros_like(cost)
         j = (C - 1 - cost.flip(1).argmin(1))[:, None]  # ties go to the older pair (larger j)
         dying = origin.gather(1, j)
         in_window = over[:, None] & (dying >= 0)

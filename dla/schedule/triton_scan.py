@@ -24,7 +24,7 @@ _NEVER = tl.constexpr(NEVER)
 def _dynamic_scan_kernel(scores_ptr, lengths_ptr, position_ptr, starts_ptr, info_ptr,
                          death_ptr, carried_ptr, final_starts_ptr, final_info_ptr,
                          Tm, H, threshold, max_segment_len,
-                         C: tl.constexpr, CP: tl.constexpr, HAS_MAX: tl.constexpr):
+                         C: tl.constexpr, CP: tl.constexpr, HAS_MAX: tl.constexpr, OLDEST: tl.constexpr):
     r = tl.program_id(0).to(tl.int64)
     n = r // H
     length = tl.load(lengths_ptr + n)
@@ -61,7 +61,10 @@ def _dynamic_scan_kernel(scores_ptr, lengths_ptr, position_ptr, starts_ptr, info
             older_start = tl.max(tl.where((s_j < s_i) & (s_j >= 0), s_j, -1), axis=1)
             older_info = tl.max(tl.where(s_j == older_start[:, None], info[None, :], -1.0), axis=1)
             closed = (start >= 0) & (start < pos) & (older_start >= 0)
-            cost = tl.where(closed, info + older_info, float("inf"))
+            if OLDEST:  # every pair costs the same, so the tie rule picks the oldest
+                cost = tl.where(closed, 0.0, float("inf"))
+            else:
+                cost = tl.where(closed, info + older_info, float("inf"))
             cheapest = closed & (cost == tl.min(cost, axis=0))
             dying_start = tl.min(tl.where(cheapest, start, 2**62), axis=0)  # ties: the older pair
             dying = start == dying_start
@@ -82,7 +85,7 @@ def _dynamic_scan_kernel(scores_ptr, lengths_ptr, position_ptr, starts_ptr, info
 
 
 def dynamic_scan(scores: torch.Tensor, lengths: torch.Tensor, seg: SegmentState, capacity: int,
-                 threshold: float, max_segment_len: int | None):
+                 threshold: float, max_segment_len: int | None, merge: str = "least_info"):
     """Triton twin of ``policies._dynamic``: ``(death [N,H,Tm], carried [N,H,C], final)``."""
     N, H, Tm = scores.shape
     R, C = N * H, capacity
@@ -97,6 +100,6 @@ def dynamic_scan(scores: torch.Tensor, lengths: torch.Tensor, seg: SegmentState,
             seg.starts.long().contiguous(), seg.info.float().contiguous(),
             death, carried, final_starts, final_info, Tm, H, float(threshold),
             int(max_segment_len or 0), C=C, CP=triton.next_power_of_2(C + 1),
-            HAS_MAX=max_segment_len is not None, num_warps=1)
+            HAS_MAX=max_segment_len is not None, OLDEST=merge == "oldest", num_warps=1)
     final = SegmentState(final_starts.view(N, H, C), final_info.view(N, H, C), seg.position.long() + lengths)
     return death.view(N, H, Tm), carried.view(N, H, C), final
