@@ -29,6 +29,74 @@ def test_mqar_answers_are_the_values_of_the_queried_keys():
         assert all(k < 64 for k in pairs) and all(v >= 64 for v in pairs.values())
 
 
+MIXTURE = [[16, 2], [32, 4], [64, 8]]
+
+
+def test_mqar_mixture_pads_each_row_of_its_slice_and_is_deterministic():
+    task = MQAR(vocab_size=128, num_kv_pairs=8, mixture=MIXTURE, mixture_weights=[2, 1, 1])
+    cfg = DataConfig(task="mqar", seq_len=64, mqar=task)
+    batch = build_dataset(cfg, 0).batch(0, 64)
+    again, other = build_dataset(cfg, 0).batch(0, 64), build_dataset(cfg, 1).batch(0, 64)
+    assert torch.equal(batch.input_ids, again.input_ids) and torch.equal(batch.targets, again.targets)
+    assert not torch.equal(batch.input_ids, other.input_ids)
+    assert batch.input_ids.shape == batch.targets.shape == (64, 64)
+    seen = set()
+    for x, y in zip(batch.input_ids, batch.targets):
+        answers = (y != IGNORE_INDEX).nonzero().flatten()
+        n = len(answers)
+        length = {2: 16, 4: 32, 8: 64}[n]  # the number of answers names the slice
+        seen.add(n)
+        pairs = dict(zip(x[0:2 * n:2].tolist(), x[1:2 * n:2].tolist()))
+        assert (answers >= 2 * n).all() and (answers < length).all()
+        assert [pairs[int(x[t])] for t in answers] == y[answers].tolist()
+        assert (x[length:] == 0).all() and (y[length:] == IGNORE_INDEX).all()  # the padding carries no loss
+    assert seen == {2, 4, 8}
+
+
+def test_mqar_mixture_weights_set_the_share_of_each_slice():
+    task = MQAR(vocab_size=128, mixture=MIXTURE, mixture_weights=[0, 1, 3])
+    batch = build_dataset(DataConfig(task="mqar", seq_len=64, mqar=task), 0).batch(0, 400)
+    counts = (batch.targets != IGNORE_INDEX).sum(1).bincount(minlength=9)
+    assert counts[2] == 0 and counts[4] + counts[8] == 400 and 0.65 < counts[8] / 400 < 0.85
+
+
+def test_mqar_without_mixture_is_unchanged_by_it():
+    plain = DataConfig(task="mqar", seq_len=64, mqar=MQAR(vocab_size=128, num_kv_pairs=8))
+    one = DataConfig(task="mqar", seq_len=64, mqar=MQAR(vocab_size=128, num_kv_pairs=8, mixture=None))
+    assert torch.equal(build_dataset(plain, 2).batch(3, 4).input_ids, build_dataset(one, 2).batch(3, 4).input_ids)
+
+
+def test_mqar_mixture_from_a_config_and_its_errors():
+    from dla.train.config import config_from_dict
+
+    cfg = config_from_dict({"data": {"task": "mqar", "seq_len": 64}},
+                           ["data.mqar.mixture=[[16, 2], [64, 8]]", "data.mqar.mixture_weights=[5, 1]"])
+    assert cfg.data.mqar.mixture == [[16, 2], [64, 8]] and cfg.data.mqar.mixture_weights == [5.0, 1.0]
+    for task, message in [(MQAR(mixture=[[128, 4]]), "longer than seq_len"),
+                          (MQAR(mixture=[[16, 8]]), "seq_len >= 4"),
+                          (MQAR(mixture=[[16, 2]], mixture_weights=[1, 1]), "mixture_weights"),
+                          (MQAR(mixture_weights=[1]), "needs a mixture")]:
+        with pytest.raises(DataError, match=message):
+            build_dataset(DataConfig(task="mqar", seq_len=64, mqar=task), 0)
+
+
+def test_mqar_eval_uses_one_slice_not_the_training_mixture():
+    from dla.eval.recall import mqar_accuracy
+
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, input_ids, use_cache=False):
+            seen.append(input_ids)
+            return type("Out", (), {"logits": torch.zeros(*input_ids.shape, 128)})()
+
+    task = MQAR(vocab_size=128, num_kv_pairs=8, random_non_queries=False, mixture=MIXTURE)
+    rows = mqar_accuracy(Recorder(), task, [64], [4, 8], examples=6)
+    assert [(r["seq_len"], r["num_kv_pairs"], r["examples"]) for r in rows] == [(64, 4, 6), (64, 8, 6)]
+    for x, n in zip(seen, [4, 8]):  # n pairs and n queries per row: no row of another slice, no padding
+        assert x.shape == (6, 64) and ((x != 0).sum(1) == 3 * n).all()
+
+
 def test_needle_places_the_queried_needle_at_the_depth():
     task = Needle(vocab_size=64, num_needles=3, value_len=2, depth=0.0)
     batch = build_dataset(DataConfig(task="needle", seq_len=40, needle=task), 0).batch(0, 4)

@@ -40,28 +40,72 @@ class MQAR:
     probability proportional to ``power_a * i ** (power_a - 1)`` (i = gap + 1), so small gaps
     are likely. ``random_non_queries`` fills the positions that are not queries with uniform
     random tokens (Zoology's default) instead of 0.
+
+    ``mixture`` (``[[length, pairs], ...]``) trains on several slices at once, as Zoology does
+    (e.g. ``[[64, 4], [128, 8], [256, 16], [256, 32], [256, 64]]``): every row of a batch draws
+    its slice with probability proportional to ``mixture_weights`` (default: equal), is
+    generated at that length with that many pairs, and is padded to ``seq_len`` with token 0
+    and ignored targets. ``num_kv_pairs`` is then only the default of the evaluation; the
+    evaluation (:func:`dla.eval.recall.mqar_accuracy`) never uses the mixture.
     """
 
     vocab_size: int = 8192
     num_kv_pairs: int = 8
     power_a: float = 0.01
     random_non_queries: bool = True
+    mixture: list[list[int]] | None = None
+    mixture_weights: list[float] | None = None
+
+    def slices(self, seq_len: int) -> list[tuple[int, int]]:
+        """``(length, pairs)`` of every training slice: the mixture, or ``(seq_len, num_kv_pairs)``."""
+        if not self.mixture:
+            return [(seq_len, self.num_kv_pairs)]
+        return [tuple(s) for s in self.mixture]
 
     def check(self, seq_len: int) -> None:
-        n = self.num_kv_pairs
-        if n < 1:
-            raise DataError(f"mqar: num_kv_pairs must be >= 1, got {n}")
-        if 4 * n > seq_len:
-            raise DataError(f"mqar: {n} key-value pairs need seq_len >= 4 * num_kv_pairs = {4 * n}, got {seq_len}")
-        if min(self.vocab_size // 2 - 1, self.vocab_size - self.vocab_size // 2) < n:
-            raise DataError(f"mqar: vocab_size {self.vocab_size} has fewer than {n} distinct keys or values; "
-                            f"it must be >= {2 * n + 2}")
+        if self.mixture:
+            for s in self.mixture:
+                if len(s) != 2:
+                    raise DataError(f"mqar: every mixture slice must be [length, pairs], got {s}")
+                if not 1 <= s[0] <= seq_len:
+                    raise DataError(f"mqar: mixture slice {s} is longer than seq_len = {seq_len}")
+            weights = self.mixture_weights
+            if weights is not None and (len(weights) != len(self.mixture) or min(weights) < 0 or sum(weights) <= 0):
+                raise DataError(f"mqar: mixture_weights must be {len(self.mixture)} non-negative numbers "
+                                f"(one per slice, not all 0), got {weights}")
+        elif self.mixture_weights is not None:
+            raise DataError("mqar: mixture_weights needs a mixture")
+        for length, n in {(seq_len, self.num_kv_pairs), *self.slices(seq_len)}:
+            if n < 1:
+                raise DataError(f"mqar: num_kv_pairs must be >= 1, got {n}")
+            if 4 * n > length:
+                raise DataError(f"mqar: {n} key-value pairs need seq_len >= 4 * num_kv_pairs = {4 * n}, got {length}")
+            if min(self.vocab_size // 2 - 1, self.vocab_size - self.vocab_size // 2) < n:
+                raise DataError(f"mqar: vocab_size {self.vocab_size} has fewer than {n} distinct keys or values; "
+                                f"it must be >= {2 * n + 2}")
         if not self.power_a > 0:
             raise DataError(f"mqar: power_a must be > 0, got {self.power_a}")
 
     def batch(self, seq_len: int, batch_size: int, generator: torch.Generator) -> Batch:
         self.check(seq_len)
-        B, n, V = batch_size, self.num_kv_pairs, self.vocab_size
+        if not self.mixture:
+            return self._examples(seq_len, self.num_kv_pairs, batch_size, generator)
+        slices = self.slices(seq_len)
+        weights = torch.tensor(self.mixture_weights or [1.0] * len(slices), dtype=torch.float64)
+        choice = torch.multinomial(weights, batch_size, replacement=True, generator=generator)
+        input_ids = torch.zeros(batch_size, seq_len, dtype=torch.long)
+        targets = torch.full((batch_size, seq_len), IGNORE_INDEX, dtype=torch.long)
+        for s, (length, n) in enumerate(slices):
+            rows = (choice == s).nonzero().flatten()
+            if len(rows):
+                part = self._examples(length, n, len(rows), generator)
+                input_ids[rows, :length] = part.input_ids
+                targets[rows, :length] = part.targets
+        return Batch(input_ids, targets)
+
+    def _examples(self, seq_len: int, n: int, batch_size: int, generator: torch.Generator) -> Batch:
+        """``batch_size`` examples of length ``seq_len`` with ``n`` pairs."""
+        B, V = batch_size, self.vocab_size
         context = 2 * n
         keys = _distinct(B, 1, V // 2, n, generator)
         values = _distinct(B, V // 2, V, n, generator)

@@ -39,7 +39,7 @@ def mqar_accuracy(model, task: MQAR, lengths: list[int], pairs: list[int], examp
     rows = []
     for seq_len in lengths:
         for n in pairs:
-            cell = replace(task, num_kv_pairs=n)
+            cell = replace(task, num_kv_pairs=n, mixture=None, mixture_weights=None)  # one slice, never the mixture
             try:
                 cell.check(seq_len)
             except DataError:
