@@ -106,7 +106,8 @@ def plot(results: list[dict], path: Path) -> None:
     styles = {"naive": ":", "recurrent": "--", "chunk": "-", "chunk, tuned malloc": "-."}
     for col, base in enumerate(BASES):
         # CPU time where measured (one thread: the wall time of an uncontended run), else wall time
-        for row, (key, ylabel) in enumerate([("cpu_seconds", "fwd+bwd CPU time (s)"), ("peak_mib", "peak memory (MiB)")]):
+        panels = [("cpu_seconds", "fwd+bwd CPU time (s)"), ("peak_mib", "peak memory (MiB)")]
+        for row, (key, ylabel) in enumerate(panels):
             ax = axes[row][col]
             for i, cap in enumerate(caps):
                 for p, style in styles.items():

@@ -354,7 +354,8 @@ class DLAMixer(nn.Module):
         u = self.information_scores(x, k, cu_seqlens, cache, scores)
         schedule = plan_schedule(p.policy, batch=B, heads=H, length=T, capacity=p.capacity, scores=u,
                                  threshold=p.threshold, period=p.period, max_segment_len=p.max_segment_len,
-                                 merge=p.merge, cu_seqlens=cu_seqlens, label_rule=p.label_rule, initial_state=state, device=q.device)
+                                 merge=p.merge, cu_seqlens=cu_seqlens, label_rule=p.label_rule, initial_state=state,
+                                 device=q.device)
         if self.record_schedule:
             self.last_schedule, self.last_scores = schedule, u
         lam = q.new_ones(B, T, H, 1) if self.lam_proj is None else self.lam_proj(x)

@@ -104,5 +104,5 @@ class DLAConfig(PreTrainedConfig):
     def policy_config(self) -> PolicyConfig:
         """The resolved schedule options every DLA layer of the model uses."""
         return PolicyConfig(policy=self.policy, capacity=self.capacity, threshold=self.threshold, period=self.period,
-                            max_segment_len=self.max_segment_len, merge=self.merge, score=self.score, label_rule=self.label_rule,
-                            max_position_embeddings=self.max_position_embeddings)
+                            max_segment_len=self.max_segment_len, merge=self.merge, score=self.score,
+                            label_rule=self.label_rule, max_position_embeddings=self.max_position_embeddings)

@@ -80,8 +80,8 @@ class DLAMLP(nn.Module):
 class DLABlock(GradientCheckpointingLayer):
     """``x + mixer(RMSNorm(x))``, then ``x + MLP(RMSNorm(x))``.
 
-    With activation checkpointing on (``model.gradient_checkpointing_enable()``, HF's
-    ``gradient_checkpointing_enable()``, or ``DLAConfig(gradient_checkpointing=True)``), a block in
+    With activation checkpointing on (HF's ``model.gradient_checkpointing_enable()`` or
+    ``DLAConfig(gradient_checkpointing=True)``), a block in
     training keeps only its input and recomputes the rest in the backward pass
     (``torch.utils.checkpoint``, non-reentrant); the schedule is recomputed from the same inputs, so
     it is the same."""
@@ -180,7 +180,8 @@ class DLAModel(DLAPreTrainedModel):
         for i, block in enumerate(self.layers):
             if output_hidden_states:
                 hidden_states.append(x if unpadded is None else unpadded.unpack(x))
-            x = block(x, cu_seqlens=cu_seqlens, cache=None if cache is None else cache.layers[i], scores=layer_scores[i])
+            layer_cache = None if cache is None else cache.layers[i]
+            x = block(x, cu_seqlens=cu_seqlens, cache=layer_cache, scores=layer_scores[i])
         x = self.norm(x)
         if unpadded is not None:
             x = unpadded.unpack(x)

@@ -65,8 +65,8 @@ def _train(cfg: TrainConfig, runtime: Runtime, resume: bool, show_progress: bool
             print(f"warning: resuming {checkpoint} with a changed config:\n  " + "\n  ".join(changed))
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, dataset, None if state is None else checkpoint).to(runtime.device)
-    if cfg.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # per block, before FSDP shards them
+    if cfg.activation_checkpointing:  # per block, before FSDP shards them
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     decay_names = weight_decay_names(model)
     model = wrap_model(model, runtime, cfg.parallel)
     optimizer = build_optimizer(unwrap(model), decay_names, cfg.optim)
