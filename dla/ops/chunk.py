@@ -18,8 +18,9 @@ bookkeeping and nothing is ever T x T.
 
 Memory kept for backward (autograd): per chunk the states carried in (``C K V`` per chunk, i.e.
 ``T K V C / L`` in total) and ``O(L (C + L) + L K)`` per chunk of coefficients, labels and
-effective queries. Nothing is recomputed; a fused kernel would recompute the per-chunk
-coefficients in backward and keep only the carried states.
+effective queries; the unfused inter part (:func:`_inter`) also keeps the weighted queries
+(``T C K``) and the token writes (``T / L · C K V``). For Mamba-2 on CUDA the inter part is one
+fused Triton walk (:mod:`dla.ops.triton.chunk_inter`) that keeps only the carried states.
 """
 
 from __future__ import annotations
