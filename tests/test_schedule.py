@@ -76,8 +76,11 @@ def test_schedule_invariants(seed, T, capacity, threshold, policy):
               capacity=None if policy == "fenwick" else capacity)
     s = dla.plan_schedule(policy, **kw)
     dense = s.dense()
-    # capacity never exceeded (the constructor validates it too; assert the number here)
+    # capacity never exceeded (the validator checks it too; assert the number here)
     assert int(live_boundary_count(dense).max()) <= s.capacity - 1
+    # the planner skips validation; its output passes every check of the validator
+    checked = dla.Schedule(s.death, s.capacity, s.label_rule)
+    assert torch.equal(checked.dense().start_death, dense.start_death)
     # identical whether the batch is planned at once or one sequence (and head) at a time
     one = dla.plan_schedule(policy, **{**kw, "batch": 1, "heads": 1, "scores": scores[1:2, :, 2:3]})
     assert torch.equal(one.death[0, 0], s.death[1, 2])
@@ -145,6 +148,8 @@ def test_online_continuation_gives_identical_deaths(policy, T1):
         prev_key = k[:, t - 1] if t > 0 else None
         u = dla.novelty_scores(k[:, t:t + 1], prev_key=prev_key) if policy == "dynamic" else None
         step = dla.plan_schedule(policy, length=1, scores=u, initial_state=state, **kw)
+        # a continued window passes the validator's checks of its carried segments too
+        dla.Schedule(step.death, step.capacity, step.label_rule, initial=step.initial, carried_death=step.carried_death)
         death[..., t] = torch.where(step.death[..., 0] >= 1, T, step.death[..., 0])
         dies = step.carried_death == 0
         b, h, j = dies.nonzero(as_tuple=True)

@@ -150,7 +150,7 @@ def plan_schedule(policy: str, *, batch: int, heads: int, length: int, capacity:
                          "before this window")
     carried = torch.where(starts > 0, carried, torch.full_like(carried, NONE))
     public = _to_public(death, lengths, cu_seqlens, length)
-    return Schedule(public, capacity, label_rule, cu_seqlens=cu_seqlens,
+    return Schedule(public, capacity, label_rule, cu_seqlens=cu_seqlens, validate=False,
                     initial=None if initial_state is None else seg,
                     carried_death=None if initial_state is None else carried, final=final)
 
