@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dla.ops.triton.chunk_state import _copy_initial, _merged, _output, _pow2, source_ranges
+from dla.ops.triton.chunk_state import _merged, _output, _pow2, _walk_start, source_ranges
 
 _CONFIGS = [triton.Config({"BV": bv}, num_warps=w, num_stages=1) for bv in (16, 32, 64) for w in (4, 8)]
 if os.environ.get("TRITON_INTERPRET") == "1":
@@ -41,13 +41,8 @@ def _fitting(configs, named_args, **kwargs):
 def _inter_fwd_kernel(qe_ptr, lam_ptr, x_ptr, v_ptr, rank_ptr, gam_ptr, lo_ptr, hi_ptr, S0_ptr, S_ptr, o_ptr, NC,
                       L: tl.constexpr, C: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr,
                       PREC: tl.constexpr):
-    r = tl.program_id(0).to(tl.int64)
-    vv = tl.program_id(1) * BV + tl.arange(0, BV)
-    kk = tl.arange(0, K)
+    r, vv, kk, tile, S_row = _walk_start(S0_ptr, S_ptr, NC, C, K, V, BV)
     ll = tl.arange(0, L)
-    tile = kk[:, None] * V + vv[None, :]  # a [K, BV] tile of one K x V state
-    S_row = S_ptr + r * (NC + 1) * C * K * V
-    _copy_initial(S0_ptr, S_row, r, tile, C, K, V)
     for c in range(NC):
         rc = r * NC + c
         S_in = S_row + c * C * K * V

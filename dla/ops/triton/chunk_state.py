@@ -5,10 +5,11 @@ left is a walk over chunks for every sequence-head:
 
 - :func:`carried_slots`: the segments alive at every chunk boundary (positions and deaths), from
   the schedule alone: one program per sequence-head, slots in registers;
-- :func:`state_recurrence`: ``S_{c+1}[n] = M_c Σ_{j -> n} S_c[j] + W_c[n]`` with a
-  hand-written backward (reverse walk). One program per (sequence-head, value block). ``M_c``
-  is a scalar decay for Mamba-2 and a K x K matrix for Gated DeltaNet; ``W_c[n]`` (the chunk's
-  tokens written into slot n) is computed outside, in parallel over chunks, on tensor cores.
+- :func:`state_recurrence` (Gated DeltaNet): ``S_{c+1}[n] = M_c Σ_{j -> n} S_c[j] + W_c[n]``
+  with a hand-written backward (reverse walk). One program per (sequence-head, value block).
+  ``M_c`` is the chunk's K x K transition; ``W_c[n]`` (the chunk's tokens written into slot n)
+  is computed outside, in parallel over chunks, on tensor cores. (Mamba-2's scalar decay takes
+  the fused walk of :mod:`dla.ops.triton.chunk_inter` instead.)
   Old slot ``j`` goes to new slot ``dest[c, j]``; the sources of a new slot are a contiguous
   range of old slots (merges join neighbours), given as ``[lo, hi]``. ``C`` means "nowhere".
 """
@@ -93,11 +94,19 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
 
 @triton.jit
-def _copy_initial(S0_ptr, S_row, r, tile, C: tl.constexpr, K: tl.constexpr, V: tl.constexpr):
-    """The row's carried states at the first chunk boundary: ``S_row[0] = S0[r]`` (one tile)."""
+def _walk_start(S0_ptr, S_ptr, NC, C: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr):
+    """The program's row ``r``, value columns ``vv``, key rows ``kk``, the offsets of its ``[K, BV]``
+    tile in one K x V state, and the row's states ``S_row [NC + 1, C, K, V]``, whose first chunk
+    boundary it fills with ``S0[r]``."""
+    r = tl.program_id(0).to(tl.int64)
+    vv = tl.program_id(1) * BV + tl.arange(0, BV)
+    kk = tl.arange(0, K)
+    tile = kk[:, None] * V + vv[None, :]
+    S_row = S_ptr + r * (NC + 1) * C * K * V
     for j in range(C):
         tl.store(S_row + j * K * V + tile, tl.load(S0_ptr + r * C * K * V + j * K * V + tile))
     tl.debug_barrier()
+    return r, vv, kk, tile, S_row
 
 
 @triton.jit
@@ -109,20 +118,14 @@ def _merged(S_in, lo, hi, tile, K: tl.constexpr, V: tl.constexpr, BV: tl.constex
     return acc
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=["C", "K", "V", "MATRIX"],
+@triton.autotune(configs=_FWD_CONFIGS, key=["C", "K", "V"],
                  prune_configs_by={"early_config_prune": _fitting_configs})
 @triton.jit
 def _state_fwd_kernel(S0_ptr, S_ptr, lo_ptr, hi_ptr, M_ptr, W_ptr, NC,
-                      C: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr,
-                      MATRIX: tl.constexpr):
+                      C: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr):
     """S[c+1, n] = M_c Σ_{j = lo..hi} S[c, j] + W[c, n]: one program per (row, value block)."""
-    r = tl.program_id(0).to(tl.int64)
-    vv = tl.program_id(1) * BV + tl.arange(0, BV)
-    kk = tl.arange(0, K)
+    r, vv, kk, tile, S_row = _walk_start(S0_ptr, S_ptr, NC, C, K, V, BV)
     bk = tl.arange(0, BK)
-    tile = kk[:, None] * V + vv[None, :]  # a [K, BV] tile of one K x V state
-    S_row = S_ptr + r * (NC + 1) * C * K * V
-    _copy_initial(S0_ptr, S_row, r, tile, C, K, V)
     for c in range(NC):
         rc = r * NC + c
         S_in = S_row + c * C * K * V
@@ -130,23 +133,18 @@ def _state_fwd_kernel(S0_ptr, S_ptr, lo_ptr, hi_ptr, M_ptr, W_ptr, NC,
         W_c = W_ptr + rc * C * K * V
         for n in range(C):
             acc = _merged(S_in, tl.load(lo_ptr + rc * C + n), tl.load(hi_ptr + rc * C + n), tile, K, V, BV)
-            if MATRIX:
-                for kb in tl.static_range(K // BK):
-                    rows = kb * BK + bk
-                    M_blk = tl.load(M_ptr + (rc * K + rows[:, None]) * K + kk[None, :])  # [BK, K]
-                    blk = rows[:, None] * V + vv[None, :]
-                    out = tl.dot(M_blk, acc, input_precision="ieee") + tl.load(W_c + n * K * V + blk)
-                    tl.store(S_out + n * K * V + blk, out)
-            else:
-                out = tl.load(M_ptr + rc) * acc + tl.load(W_c + n * K * V + tile)
-                tl.store(S_out + n * K * V + tile, out)
+            for kb in tl.static_range(K // BK):
+                rows = kb * BK + bk
+                M_blk = tl.load(M_ptr + (rc * K + rows[:, None]) * K + kk[None, :])  # [BK, K]
+                blk = rows[:, None] * V + vv[None, :]
+                out = tl.dot(M_blk, acc, input_precision="ieee") + tl.load(W_c + n * K * V + blk)
+                tl.store(S_out + n * K * V + blk, out)
         tl.debug_barrier()
 
 
 @triton.jit
 def _state_bwd_kernel(S_ptr, dS_ptr, lo_ptr, hi_ptr, M_ptr, dM_ptr, NC,
-                      C: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr,
-                      MATRIX: tl.constexpr):
+                      C: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr):
     """Reverse walk. ``dS`` enters holding the gradients w.r.t. every S_c from outside the
     recurrence and leaves holding the total gradients (so dW[c] = dS[c + 1]); dM is accumulated
     atomically over value blocks."""
@@ -163,31 +161,21 @@ def _state_bwd_kernel(S_ptr, dS_ptr, lo_ptr, hi_ptr, M_ptr, dM_ptr, NC,
         S_in = S_row + c * C * K * V
         dS_in = dS_row + c * C * K * V
         dS_out = dS_in + C * K * V
-        dgamma = tl.zeros((BV,), dtype=tl.float32)
         for n in range(C):
             lo = tl.load(lo_ptr + rc * C + n)
             hi = tl.load(hi_ptr + rc * C + n)
             G = tl.load(dS_out + n * K * V + tile)  # [K, BV]
             acc = _merged(S_in, lo, hi, tile, K, V, BV)
-            if MATRIX:
-                for kb in tl.static_range(K // BK):
-                    rows = kb * BK + bk
-                    G_blk = tl.load(dS_out + n * K * V + rows[:, None] * V + vv[None, :])  # [BK, BV]
-                    tl.atomic_add(dM_ptr + (rc * K + rows[:, None]) * K + kk[None, :],
-                                  tl.dot(G_blk, tl.trans(acc), input_precision="ieee"))
-                    Mt_blk = tl.load(M_ptr + (rc * K + kk[None, :]) * K + rows[:, None])  # rows of M^T
-                    dA_blk = tl.dot(Mt_blk, G, input_precision="ieee")
-                    for j in range(lo, hi + 1):
-                        p = dS_in + j * K * V + rows[:, None] * V + vv[None, :]
-                        tl.store(p, tl.load(p) + dA_blk)
-            else:
-                dgamma += tl.sum(G * acc, axis=0)
-                dA = tl.load(M_ptr + rc) * G
+            for kb in tl.static_range(K // BK):
+                rows = kb * BK + bk
+                G_blk = tl.load(dS_out + n * K * V + rows[:, None] * V + vv[None, :])  # [BK, BV]
+                tl.atomic_add(dM_ptr + (rc * K + rows[:, None]) * K + kk[None, :],
+                              tl.dot(G_blk, tl.trans(acc), input_precision="ieee"))
+                Mt_blk = tl.load(M_ptr + (rc * K + kk[None, :]) * K + rows[:, None])  # rows of M^T
+                dA_blk = tl.dot(Mt_blk, G, input_precision="ieee")
                 for j in range(lo, hi + 1):
-                    p = dS_in + j * K * V + tile
-                    tl.store(p, tl.load(p) + dA)
-        if not MATRIX:
-            tl.atomic_add(dM_ptr + rc, tl.sum(dgamma, axis=0))
+                    p = dS_in + j * K * V + rows[:, None] * V + vv[None, :]
+                    tl.store(p, tl.load(p) + dA_blk)
         tl.debug_barrier()
 
 
@@ -210,30 +198,27 @@ class _StateRecurrence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, S0, M, W, lo, hi):
         R, NC, C, K, Vd = W.shape
-        matrix = M.dim() == 4
         S = _output((R, NC + 1, C, K, Vd), S0)
         grid = lambda meta: (R, Vd // meta["BV"])  # noqa: E731
-        _state_fwd_kernel[grid](S0, S, lo, hi, M, W, NC, C=C, K=K, V=Vd, MATRIX=matrix)
+        _state_fwd_kernel[grid](S0, S, lo, hi, M, W, NC, C=C, K=K, V=Vd)
         ctx.save_for_backward(S, M, lo, hi)
-        ctx.blocks = (min(32, Vd), min(32, K) if matrix else K, matrix)
         return S
 
     @staticmethod
     def backward(ctx, dS):
         S, M, lo, hi = ctx.saved_tensors
-        BV, BK, matrix = ctx.blocks
         R, NC1, C, K, Vd = S.shape
+        BV, BK = min(32, Vd), min(32, K)
         dS = dS.float().contiguous().clone()
         dM = torch.zeros_like(M)
-        _state_bwd_kernel[(R, Vd // BV)](S, dS, lo, hi, M, dM, NC1 - 1, C=C, K=K, V=Vd, BV=BV, BK=BK,
-                                         MATRIX=matrix, num_warps=8)
+        _state_bwd_kernel[(R, Vd // BV)](S, dS, lo, hi, M, dM, NC1 - 1, C=C, K=K, V=Vd, BV=BV, BK=BK, num_warps=8)
         return dS[:, 0], dM, dS[:, 1:], None, None
 
 
 def state_recurrence(S0, M, W, dest):
     """States at every chunk boundary, ``[N, H, NC + 1, C, K, V]`` (float32):
     ``S[c + 1, n] = M_c Σ_{j: dest[c, j] = n} S[c, j] + W[c, n]``, differentiable in ``S0
-    [N,H,C,K,V]``, ``M`` (``[N,H,NC]`` decays or ``[N,H,NC,K,K]``) and ``W [N,H,NC,C,K,V]``;
+    [N,H,C,K,V]``, the transitions ``M [N,H,NC,K,K]`` and ``W [N,H,NC,C,K,V]``;
     ``dest [N,H,NC,C]`` routes old slots to new ones (``C`` = nowhere)."""
     N, H, NC, C = dest.shape
     K, Vd = W.shape[-2], W.shape[-1]
@@ -246,11 +231,9 @@ def state_recurrence(S0, M, W, dest):
 
     S0 = pad(S0.to(f32), (0, Vp - Vd, 0, Kp - K))
     W = pad(W.to(f32), (0, Vp - Vd, 0, Kp - K))
-    if M.dim() == 5:
-        M = pad(M.to(f32), (0, Kp - K, 0, Kp - K))
+    M = pad(M.to(f32), (0, Kp - K, 0, Kp - K))
     rows = N * H
-    S = _StateRecurrence.apply(S0.reshape(rows, C, Kp, Vp).contiguous(),
-                               M.to(f32).reshape((rows, NC) + M.shape[3:]).contiguous(),
+    S = _StateRecurrence.apply(S0.reshape(rows, C, Kp, Vp).contiguous(), M.reshape(rows, NC, Kp, Kp).contiguous(),
                                W.reshape(rows, NC, C, Kp, Vp).contiguous(),
                                lo.reshape(rows, NC, C).contiguous(), hi.reshape(rows, NC, C).contiguous())
     return S.reshape(N, H, NC + 1, C, Kp, Vp)[..., :K, :Vd]
