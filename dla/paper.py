@@ -58,7 +58,7 @@ def model_config(train_config, tiny: bool = False):
     return DLAConfig(**kwargs)
 
 
-def count_parameters(config) -> int:
+def parameters_of(config) -> int:
     """The parameter count of ``DLAForCausalLM(config)``, built on the meta device (no memory)."""
     import torch
 
@@ -77,6 +77,6 @@ def parameter_table(directory: str | Path | None = None) -> list[dict]:
         rows.append({"config": name, "mixer": config.mixer, "policy": config.policy,
                      "capacity": config.policy_config().capacity if config.mixer != "attention" else None,
                      "layers": config.num_hidden_layers, "hidden_size": config.hidden_size,
-                     "heads": config.num_heads, "parameters": count_parameters(config),
+                     "heads": config.num_heads, "parameters": parameters_of(config),
                      "target": TARGETS.get(name)})
     return rows

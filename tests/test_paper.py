@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import dla
-from dla.paper import TARGETS, count_parameters, load, model_config, paper_configs, parameter_table
+from dla.paper import TARGETS, load, model_config, paper_configs, parameter_table, parameters_of
 from mixer_helpers import one_thread  # noqa: F401 (autouse fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,7 +35,7 @@ def test_paper_config_at_a_tiny_width_has_the_same_structure_and_trains(name):
         assert getattr(full, key) == getattr(tiny, key), key
     if full.mixer == "gated_deltanet":
         assert full.num_heads == tiny.num_heads
-    assert count_parameters(tiny) < 1e6
+    assert parameters_of(tiny) < 1e6
     torch.manual_seed(0)
     model = dla.DLAForCausalLM(tiny).train()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
