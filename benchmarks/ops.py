@@ -65,6 +65,10 @@ def run(args):
     dev = "cuda"
     dtype = torch.bfloat16
     results = []
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "python": platform.python_version(), "tokens_per_batch": TOKENS, "dtype": "bfloat16",
+            "threshold": args.threshold}
+    data = {"meta": meta, "results": results}
 
     def record(name, base, T, C, fn, tensors, extra=None):
         try:
@@ -75,12 +79,13 @@ def run(args):
             torch.cuda.empty_cache()
         row.update(extra or {})
         results.append(row)
+        save(data, args.out)  # after every row: a call cut short keeps what it measured
         shown = (f"fwd {row['fwd_ms']:8.2f} ms  fwd+bwd {row['fwd_bwd_ms']:8.2f} ms  peak {row['peak_mib']:8.0f} MiB"
                  if "fwd_ms" in row else row["error"][:90])
         print(f"{name:28s} T={T:<6d} C={str(C):4s} {shown}", flush=True)
 
     try:
-        import fla.ops as fla_ops  # noqa: F401
+        import fla
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule
         from fla.ops.log_linear_attn import chunk_log_linear_attn
         from fla.ops.simple_gla import chunk_simple_gla
@@ -88,6 +93,8 @@ def run(args):
     except ImportError:
         have_fla = False
         print("flash-linear-attention not importable: fla baselines skipped")
+    if have_fla:
+        meta["fla"] = fla.__version__
 
     for T in args.lengths:
         B = max(1, TOKENS // T)
@@ -133,16 +140,12 @@ def run(args):
                lambda: torch.nn.functional.scaled_dot_product_attention(qa, ka, va, is_causal=True), [qa, ka, va])
         del qa, ka, va
         torch.cuda.empty_cache()
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "python": platform.python_version(), "tokens_per_batch": TOKENS, "dtype": "bfloat16",
-            "threshold": args.threshold}
-    try:
-        import fla
+    return data
 
-        meta["fla"] = fla.__version__
-    except ImportError:
-        pass
-    return {"meta": meta, "results": results}
+
+def save(data, path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1))
 
 
 def plot(data, path):
@@ -186,8 +189,6 @@ def main():
         plot(json.loads(args.plot.read_text()), args.plot.with_suffix(".png"))
         return
     data = run(args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(data, indent=1))
     try:
         plot(data, args.out.with_suffix(".png"))
     except ImportError:

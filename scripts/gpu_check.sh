@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU correctness suite and op benchmarks. Writes logs and JSON under $OUT (default
-# benchmarks/results). Usage: scripts/gpu_check.sh [tests|profile|decode|bench|all] [extra args for ops.py]
+# benchmarks/results). Usage: scripts/gpu_check.sh [tests|causality|profile|decode|bench|all] [extra args for ops.py]
 # Carries optional wheels from .whl/ (flash-linear-attention, pytest, hypothesis) when present.
 set -uo pipefail
 mode=${1:-all}; shift || true
@@ -18,6 +18,9 @@ PY
 if [[ $mode == tests || $mode == all ]]; then
   python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu.py tests/test_triton_chunk.py tests/test_triton_schedule.py \
     2>&1 | tee "$OUT/gpu_tests.log" | tail -15
+fi
+if [[ $mode == causality || $mode == all ]]; then
+  python3 scripts/causality_check.py --out "$OUT/causality.json" 2>&1 | tee "$OUT/causality.log"
 fi
 if [[ $mode == profile || $mode == all ]]; then
   python3 benchmarks/profile_chunk.py 2>&1 | tee "$OUT/profile.txt" | tail -40
