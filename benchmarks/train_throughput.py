@@ -58,13 +58,15 @@ def worker(args) -> None:
         n = min(int(torch.randint(seq_len // 8, seq_len + 1, (1,), generator=gen)), seq_len - total)
         lengths.append(n)
         total += n
-    ids = torch.randint(0, config.vocab_size, (1, seq_len + 1), generator=gen)
     cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
-    batch = Batch(ids[:, :-1], ids[:, 1:], cu).to(runtime.device)
     use_bf16 = runtime.device.type == "cuda"
     cuda = runtime.device.type == "cuda"
 
     def step():
+        # fresh random tokens every step: a repeated batch would be memorised (a large model's loss
+        # then falls to ~0 within a few steps and looks like a leak of the targets)
+        ids = torch.randint(0, config.vocab_size, (1, seq_len + 1), generator=gen)
+        batch = Batch(ids[:, :-1], ids[:, 1:], cu).to(runtime.device)
         with torch.autocast(runtime.device.type, dtype=torch.bfloat16, enabled=use_bf16):
             loss = lm_loss(model, batch)
         loss.backward()
