@@ -132,3 +132,29 @@ def test_permuting_labels_changes_the_output():
         assert rel_err(o_perm, o) > 1e-3
     o_same, _ = dla.chunk_dla(**{**inputs, "lam": lam}, schedule=schedule, chunk_size=32)
     assert rel_err(o_same, o) <= 1e-12
+
+
+@pytest.mark.parametrize("base", BASES)
+def test_inter_in_value_blocks_equals_whole(base, monkeypatch):
+    """Over the memory budget, the unfused inter part runs in blocks of value columns (40 -> 4
+    blocks of 10 here), each recomputed in the backward: the same function, gradients included."""
+    inputs, schedule = make_case("dynamic", base, None, B=2, T=70, H=2, K=5, V=40, capacity=4,
+                                 threshold=0.55, requires_grad=True)
+    kw = dict(schedule=schedule, chunk_size=16, output_final_state=True)
+    o_ref, s_ref = dla.chunk_dla(**inputs, **kw)
+    g_ref = grads(o_ref + s_ref.states.sum(), inputs)
+    monkeypatch.setattr(dla.ops.chunk, "INTER_BLOCK_BYTES", 1)
+    inter, widths = dla.ops.chunk._inter, []
+
+    def spy(*args):
+        widths.append(args[4].shape[-1])  # the value block
+        return inter(*args)
+
+    monkeypatch.setattr(dla.ops.chunk, "_inter", spy)
+    o, s = dla.chunk_dla(**inputs, **kw)
+    assert widths == [10] * 4
+    g = grads(o + s.states.sum(), inputs)
+    assert widths == [10] * 8  # each block recomputed once in the backward
+    assert rel_err(o, o_ref) <= 1e-12 and rel_err(s.states, s_ref.states) <= 1e-12
+    for name in g_ref:
+        assert rel_err(g[name], g_ref[name]) <= 1e-12, f"d{name}"

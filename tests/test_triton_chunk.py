@@ -116,3 +116,12 @@ def test_triton_decode_steps_match_recurrent(policy, base):
         outs.append(o_t)
     assert rel_err(torch.cat(outs, 1), o_ref) <= TOL
     assert rel_err(state.states, ref_state.states) <= TOL
+
+
+def test_gated_deltanet_inter_in_value_blocks(monkeypatch):
+    """The unfused (Gated DeltaNet) inter part over value blocks, recomputed in the backward:
+    Triton walks per block == the PyTorch path (40 columns -> 4 blocks of 10, padded to 16)."""
+    monkeypatch.setattr(dla.ops.chunk, "INTER_BLOCK_BYTES", 1)
+    inputs, schedule = make_case("dynamic", "gated_deltanet", None, B=1, T=40, H=2, K=8, V=40, capacity=3,
+                                 dtype=torch.float32, device=DEVICE, requires_grad=True)
+    check(inputs, schedule)

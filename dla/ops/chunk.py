@@ -19,19 +19,26 @@ bookkeeping and nothing is ever T x T.
 Memory kept for backward (autograd): per chunk the states carried in (``C K V`` per chunk, i.e.
 ``T K V C / L`` in total) and ``O(L (C + L) + L K)`` per chunk of coefficients, labels and
 effective queries; the unfused inter part (:func:`_inter`) also keeps the weighted queries
-(``T C K``) and the token writes (``T / L · C K V``). For Mamba-2 on CUDA the inter part is one
-fused Triton walk (:mod:`dla.ops.triton.chunk_inter`) that keeps only the carried states.
+(``T C K``) and the token writes (``T / L · C K V``), in blocks of value columns recomputed in the
+backward when the states would exceed ``INTER_BLOCK_BYTES``. For Mamba-2 on CUDA the inter part
+is one fused Triton walk (:mod:`dla.ops.triton.chunk_inter`) that keeps only the carried states.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from dla.ops.common import DLAState, prepare
 from dla.schedule.schedule import NONE, advance_slots, segment_structure
 
 CHUNK_SIZES = (16, 32, 64, 128)
+# The unfused inter part keeps the state of every slot at every chunk boundary (N·H·(NC+1)·C·K·V
+# floats) and its backward several buffers of that size. Above this many bytes for that tensor it
+# runs over blocks of value columns, which are independent there, and recomputes each block in the
+# backward instead of keeping it, so peak memory is that of one block (at ~1/3 more inter time).
+INTER_BLOCK_BYTES = 4 * 2**30
 
 
 def chunk_dla(q, k, v, g, lam, schedule, beta=None, scale=None, initial_state: DLAState | None = None,
@@ -118,8 +125,8 @@ def chunk_dla(q, k, v, g, lam, schedule, beta=None, scale=None, initial_state: D
         o_inter, S_final = fused_inter(q_eff, lam_inter, k_end, v_c, tok_rank, gamma[..., -1], dest, S0,
                                        x.out_dtype)
     else:
-        o_inter, S_final = _inter(walks, q_eff, lam_inter, X, v_c, tok_rank, gamma[..., -1] if x.beta is None else M,
-                                  dest, S0)
+        o_inter, S_final = _inter_blocked(walks, q_eff, lam_inter, X, v_c, tok_rank,
+                                          gamma[..., -1] if x.beta is None else M, dest, S0)
     o = (o_intra + o_inter).reshape(N, H, NC * L, V)[:, :, :Tm]
     state = None
     if output_final_state:
@@ -127,6 +134,22 @@ def chunk_dla(q, k, v, g, lam, schedule, beta=None, scale=None, initial_state: D
         starts = torch.where(final_death != NONE, final_pos + ds.position[:, None, None], NONE)
         state = x.final_state(S_final.to(x.q.dtype), starts, schedule)
     return x.output(o), state
+
+
+def _inter_blocked(walks, q_eff, lam_inter, X, v_c, tok_rank, M, dest, S0):
+    """:func:`_inter` over blocks of value columns, each recomputed in the backward, when the
+    stored states would exceed ``INTER_BLOCK_BYTES`` (halving the block while it is over 16 columns)."""
+    N, H, NC, L, K = q_eff.shape
+    C, V = dest.shape[-1], v_c.shape[-1]
+    column_bytes = N * H * (NC + 1) * C * K * 4
+    block = V
+    while block > 16 and column_bytes * block > INTER_BLOCK_BYTES:
+        block = -(-block // 2)
+    if block == V:
+        return _inter(walks, q_eff, lam_inter, X, v_c, tok_rank, M, dest, S0)
+    parts = [checkpoint(_inter, walks, q_eff, lam_inter, X, v_c[..., a:a + block], tok_rank, M, dest,
+                        S0[..., a:a + block], use_reentrant=False) for a in range(0, V, block)]
+    return torch.cat([o for o, _ in parts], -1), torch.cat([s for _, s in parts], -1)
 
 
 def _inter(walks, q_eff, lam_inter, X, v_c, tok_rank, M, dest, S0):
