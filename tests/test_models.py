@@ -198,6 +198,24 @@ def test_packed_loss_ignores_sequence_boundaries():
     assert abs(packed.loss.item() - padded.loss.item()) < 1e-5
 
 
+def test_logits_mask_and_the_training_loss_score_only_answer_positions():
+    model = tiny_model("mamba2")
+    ids = torch.randint(1, 64, (2, 30))
+    targets = torch.full((2, 30), -100)
+    targets[0, [3, 17, 29]], targets[1, 8] = torch.tensor([5, 6, 7]), 9
+    full = model(ids).logits
+    scored = targets != -100
+    masked = model(ids, logits_mask=scored).logits
+    assert masked.shape == (4, 64) and max_err(masked, full[scored]) < 1e-6
+    from dla.data import Batch
+    from dla.train import lm_loss
+
+    want = F.cross_entropy(full.flatten(0, 1), targets.flatten(), ignore_index=-100)
+    assert abs(lm_loss(model, Batch(ids, targets, None)).item() - want.item()) < 1e-6
+    with pytest.raises(ValueError, match="logits_mask"):
+        model(ids, logits_mask=scored, labels=ids)
+
+
 def test_external_scores_per_layer_with_padding():
     model = tiny_model("mamba2", score="external")
     H = model.config.num_heads

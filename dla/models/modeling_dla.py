@@ -229,14 +229,19 @@ class DLAForCausalLM(DLAPreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids=None, attention_mask=None, cache=None, inputs_embeds=None, labels=None,
                 use_cache=None, logits_to_keep: int = 0, output_hidden_states=None, return_dict=None, cu_seqlens=None,
-                scores=None, **kwargs):
+                scores=None, logits_mask=None, **kwargs):
         """As :meth:`DLAModel.forward`, plus ``labels [B, T]`` (next-token cross-entropy, -100 ignored;
         with ``cu_seqlens`` no sequence predicts the next one's first token) and ``logits_to_keep``
-        (logits of the last ``logits_to_keep`` positions only; 0 = all)."""
+        (logits of the last ``logits_to_keep`` positions only; 0 = all). ``logits_mask [B, T]``
+        (bool) computes the logits only where it is true, returned flat as ``[N, vocab]``: on
+        tasks scored at a few positions (recall) the output layer is then a small part of a step."""
+        if logits_mask is not None and (labels is not None or logits_to_keep):
+            raise ValueError("logits_mask cannot be combined with labels or logits_to_keep")
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, cache=cache, inputs_embeds=inputs_embeds,
                          use_cache=use_cache, output_hidden_states=output_hidden_states, cu_seqlens=cu_seqlens,
                          scores=scores, **kwargs)
-        logits = self.lm_head(out.last_hidden_state[:, -logits_to_keep:])
+        hidden = out.last_hidden_state
+        logits = self.lm_head(hidden[logits_mask] if logits_mask is not None else hidden[:, -logits_to_keep:])
         loss = None
         if labels is not None:
             targets = labels[:, 1:].clone()

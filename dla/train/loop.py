@@ -195,10 +195,12 @@ def build_model(cfg: TrainConfig, dataset, checkpoint: Path | None = None):
 
 
 def lm_loss(model, batch: Batch) -> torch.Tensor:
-    """Mean cross-entropy over the positions whose target is not ignored."""
+    """Mean cross-entropy over the positions whose target is not ignored (the only positions whose
+    logits are computed)."""
     kwargs = {} if batch.cu_seqlens is None else {"cu_seqlens": batch.cu_seqlens}
-    logits = model(input_ids=batch.input_ids, use_cache=False, **kwargs).logits
-    return F.cross_entropy(logits.flatten(0, 1).float(), batch.targets.flatten(), ignore_index=IGNORE_INDEX)
+    scored = batch.targets != IGNORE_INDEX
+    logits = model(input_ids=batch.input_ids, use_cache=False, logits_mask=scored, **kwargs).logits
+    return F.cross_entropy(logits.float(), batch.targets[scored])
 
 
 def grad_clip(model, max_norm: float) -> float:
