@@ -95,14 +95,17 @@ def test_triton_chunk_matches_naive_directly():
 
 
 @pytest.mark.parametrize("base", BASES)
-@pytest.mark.parametrize("policy", ["fenwick", "dynamic"])
+@pytest.mark.parametrize("policy", ["fixed", "fenwick", "dynamic"])
 def test_triton_decode_steps_match_recurrent(policy, base):
-    """Decoding token by token with the fused kernel == the differentiable recurrence."""
-    T, B, H = 40, 2, 3
-    inputs, schedule = make_case(policy, base, "level", B=B, T=T, H=H, K=12, V=20, capacity=4,
+    """Decoding token by token with the fused kernel == the differentiable recurrence (2000 steps
+    on a GPU, 40 in the interpreter)."""
+    T, B, H = (2000 if DEVICE == "cuda" else 40), 2, 3
+    capacity = (T - 1).bit_length() + 1 if policy == "fenwick" else 4
+    inputs, schedule = make_case(policy, base, "level", B=B, T=T, H=H, K=12, V=20, capacity=capacity, period=7,
                                  dtype=torch.float32, device=DEVICE)
     o_ref, ref_state = dla.recurrent_dla(**inputs, schedule=schedule, output_final_state=True, backend="torch")
-    kw = dict(batch=B, heads=H, capacity=schedule.capacity, label_rule="level", device=DEVICE)
+    kw = dict(batch=B, heads=H, capacity=schedule.capacity, label_rule="level", device=DEVICE,
+              period=7 if policy == "fixed" else None)
     state = dla.DLAState(torch.zeros(B, H, schedule.capacity, 12, 20, device=DEVICE),
                          dla.SegmentState.empty(B, H, schedule.capacity, DEVICE))
     outs = []
