@@ -40,6 +40,7 @@ def worker(args) -> None:
     from dla.train.loop import grad_clip, lm_loss
     from dla.data import Batch
 
+    built = time.perf_counter()
     cfg = load(args.worker)
     runtime = init_runtime("cpu" if args.tiny else "cuda")
     seq_len = args.seq_len or (128 if args.tiny else cfg.data.seq_len)
@@ -79,10 +80,16 @@ def worker(args) -> None:
         if cuda:
             torch.cuda.synchronize()
 
+    def progress(msg):  # on stderr, so that a config stopped by its time share shows how far it got
+        if runtime.is_main:
+            print(f"  {args.worker}: {msg}", file=sys.stderr, flush=True)
+
+    progress(f"built and wrapped in {time.perf_counter() - built:.1f} s")
     started = time.perf_counter()
-    for _ in range(args.warmup):
+    for i in range(args.warmup):
         step()
-    sync()
+        sync()
+        progress(f"warm-up step {i + 1}/{args.warmup} done after {time.perf_counter() - started:.1f} s")
     warmup_s = time.perf_counter() - started
     if cuda:
         torch.cuda.reset_peak_memory_stats()
