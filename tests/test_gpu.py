@@ -25,6 +25,20 @@ def rel_rmse(a, b):
 def test_kernels_vs_torch_path(policy, base, capacity, T):
     if policy == "fenwick" and capacity != 16:
         pytest.skip("fenwick's capacity is set by T")
+    compare_with_torch_path(policy, base, capacity, T)
+
+
+@pytest.mark.parametrize("T", [63, 4096])
+@pytest.mark.parametrize("capacity", [1, 16, 32])
+@pytest.mark.parametrize("policy", ["fixed", "dynamic"])
+def test_fused_gated_deltanet_walk_vs_torch_path(policy, capacity, T, monkeypatch):
+    """The opt-in fused walk for Gated DeltaNet (DLA_FUSED_GDN=1), to be made the default once this passes."""
+    monkeypatch.setattr(dla.ops.chunk, "FUSED_GATED_DELTANET", True)
+    compare_with_torch_path(policy, "gated_deltanet", capacity, T)
+
+
+def compare_with_torch_path(policy, base, capacity, T):
+    """o and every gradient of the Triton path, fp32 and bf16 inputs, against the fp64 PyTorch path."""
     inputs, schedule = make_case(policy, base, None, B=2, T=T, H=4, K=64, V=64, capacity=capacity, period=64,
                                  dtype=torch.float32, requires_grad=True, device="cuda")
     ref = {n: None if x is None else x.detach().double().requires_grad_() for n, x in inputs.items()}

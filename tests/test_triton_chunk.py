@@ -12,6 +12,25 @@ pytest.importorskip("triton", reason="triton is not installed")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # fp32 kernels with IEEE dot products; the references run in float64
 TOL = 1e-5
+# (base, Gated DeltaNet through the fused walk): the tests below run for both Gated DeltaNet walks
+WALKS = [("mamba2", False), ("gated_deltanet", False), ("gated_deltanet", True)]
+WALK_IDS = ["mamba2", "gated_deltanet", "gated_deltanet-fused"]
+
+
+@pytest.fixture(autouse=True)
+def _gated_deltanet_walk(request, monkeypatch):
+    """Sets the walk a WALKS case asks for, and checks afterwards that the fused walk ran iff it should."""
+    params = getattr(getattr(request.node, "callspec", None), "params", {})
+    if "fused" not in params:
+        yield
+        return
+    from dla.ops.triton import chunk_inter
+
+    monkeypatch.setattr(dla.ops.chunk, "FUSED_GATED_DELTANET", params["fused"])
+    calls, fused_inter = [], chunk_inter.fused_inter
+    monkeypatch.setattr(chunk_inter, "fused_inter", lambda *a, **kw: calls.append(1) or fused_inter(*a, **kw))
+    yield
+    assert bool(calls) == (params["base"] == "mamba2" or params["fused"]), "the fused walk ran iff it should"
 
 
 def check(inputs, schedule, chunk_size=16, cu_seqlens=None, initial_state=None, tol=TOL):
@@ -29,24 +48,33 @@ def check(inputs, schedule, chunk_size=16, cu_seqlens=None, initial_state=None, 
 
 
 @pytest.mark.parametrize("label_rule", ["recency", "level"])
-@pytest.mark.parametrize("base", BASES)
+@pytest.mark.parametrize("base, fused", WALKS, ids=WALK_IDS)
 @pytest.mark.parametrize("policy", ["single", "fixed", "fenwick", "dynamic"])
-def test_triton_chunk_matches_torch(policy, base, label_rule):
+def test_triton_chunk_matches_torch(policy, base, fused, label_rule):
     inputs, schedule = make_case(policy, base, label_rule, B=2, T=45, H=2, K=16, V=16, capacity=4, period=5,
                                  dtype=torch.float32, requires_grad=True, device=DEVICE)
     check(inputs, schedule)
 
 
-@pytest.mark.parametrize("base", BASES)
-def test_triton_chunk_odd_head_sizes_and_varlen(base):
+@pytest.mark.parametrize("base, fused", WALKS, ids=WALK_IDS)
+def test_triton_chunk_odd_head_sizes_and_varlen(base, fused):
     cu = torch.tensor([0, 5, 40, 40, 77], device=DEVICE)
     inputs, schedule = make_case("dynamic", base, None, B=1, T=77, H=3, K=7, V=20, capacity=3,
                                  dtype=torch.float32, requires_grad=True, cu_seqlens=cu, device=DEVICE)
     check(inputs, schedule, chunk_size=32, cu_seqlens=cu)
 
 
-@pytest.mark.parametrize("base", BASES)
-def test_triton_chunk_initial_state_gradient(base):
+@pytest.mark.parametrize("base, fused", WALKS, ids=WALK_IDS)
+def test_triton_chunk_wide_heads(base, fused):
+    """K = 64 (the transition in two row blocks of 32), V = 40 (padded to 64: several value
+    blocks whose gradients meet in atomics)."""
+    inputs, schedule = make_case("dynamic", base, None, B=1, T=40, H=1, K=64, V=40, capacity=3,
+                                 dtype=torch.float32, requires_grad=True, device=DEVICE)
+    check(inputs, schedule)
+
+
+@pytest.mark.parametrize("base, fused", WALKS, ids=WALK_IDS)
+def test_triton_chunk_initial_state_gradient(base, fused):
     T, T1 = 70, 33
     inputs, _ = make_case("dynamic", base, "level", B=2, T=T, H=2, K=16, V=16, capacity=4, dtype=torch.float32,
                           device=DEVICE)
@@ -67,8 +95,8 @@ def test_triton_chunk_initial_state_gradient(base):
     assert g_ref.abs().sum() > 0 and rel_err(g, g_ref) <= TOL
 
 
-@pytest.mark.parametrize("base", BASES)
-def test_triton_chunk_final_state_gradient(base):
+@pytest.mark.parametrize("base, fused", WALKS, ids=WALK_IDS)
+def test_triton_chunk_final_state_gradient(base, fused):
     """A loss on the final states (as when a prefill's state is trained through) reaches every input."""
     inputs, schedule = make_case("dynamic", base, "recency", B=2, T=50, H=2, K=16, V=16, capacity=4,
                                  dtype=torch.float32, requires_grad=True, device=DEVICE)

@@ -26,6 +26,8 @@ is one fused Triton walk (:mod:`dla.ops.triton.chunk_inter`) that keeps only the
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -39,6 +41,9 @@ CHUNK_SIZES = (16, 32, 64, 128)
 # runs over blocks of value columns, which are independent there, and recomputes each block in the
 # backward instead of keeping it, so peak memory is that of one block (at ~1/3 more inter time).
 INTER_BLOCK_BYTES = 4 * 2**30
+# Gated DeltaNet through the fused walk (its K x K transition per chunk): checked against the
+# PyTorch path in Triton's interpreter, not yet on a GPU, so opt-in until it is (DLA_FUSED_GDN=1).
+FUSED_GATED_DELTANET = os.environ.get("DLA_FUSED_GDN") == "1"
 
 
 def chunk_dla(q, k, v, g, lam, schedule, beta=None, scale=None, initial_state: DLAState | None = None,
@@ -119,11 +124,15 @@ def chunk_dla(q, k, v, g, lam, schedule, beta=None, scale=None, initial_state: D
 
     # 4. the carried states, chunk by chunk, and what the queries read from them
     S0 = x.q.new_zeros(N, H, C, K, V) if x.initial is None else x.initial
-    if backend == "triton" and x.beta is None:  # Mamba-2: one fused Triton walk
+    if backend == "triton" and (x.beta is None or FUSED_GATED_DELTANET):  # one fused Triton walk
         from dla.ops.triton.chunk_inter import fused_inter
 
-        o_inter, S_final = fused_inter(q_eff, lam_inter, k_end, v_c, tok_rank, gamma[..., -1], dest, S0,
-                                       x.out_dtype)
+        if x.beta is None:
+            o_inter, S_final = fused_inter(q_eff, lam_inter, k_end, v_c, tok_rank, gamma[..., -1], dest, S0,
+                                           x.out_dtype)
+        else:
+            o_inter, S_final = fused_inter(q_eff, lam_inter, X.transpose(-1, -2), v_c, tok_rank, M, dest, S0,
+                                           x.out_dtype)
     else:
         o_inter, S_final = _inter_blocked(walks, q_eff, lam_inter, X, v_c, tok_rank,
                                           gamma[..., -1] if x.beta is None else M, dest, S0)

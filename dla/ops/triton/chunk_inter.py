@@ -1,11 +1,13 @@
-"""The inter-chunk part of the chunked path fused into one walk (Triton; Mamba-2's scalar decay).
+"""The inter-chunk part of the chunked path fused into one walk (Triton).
 
 For every sequence-head the walk over chunks ``c`` does, with ``S_c[j]`` the ``C`` carried
 states entering chunk ``c``:
 
 - read-out: ``o[c] = Σ_j (λ[c, :, j] ⊙ Q_eff[c]) S_c[j]`` (``[L, K] @ [K, V]`` per slot);
 - state update: ``S_{c+1}[n] = γ_c Σ_{j -> n} S_c[j] + X_c^T diag(1[rank_s = n]) V_c``, where
-  ``X_c[s] = A_end ... A_{s+1} k_s`` (the token's key decayed to the chunk's end).
+  ``X_c[s] = A_end ... A_{s+1} k_s`` (the token's key decayed to the chunk's end) and ``γ_c`` is
+  the chunk's scalar decay (Mamba-2) or its ``K x K`` transition ``M_c`` (Gated DeltaNet, whose
+  ``X_c`` also carries the UT transform).
 
 The unfused PyTorch path builds the weighted queries ``λ ⊙ Q_eff`` (``T·C·K``) and the token
 writes (``T/L · C·K·V``) as tensors and reads them back; here both exist only in registers. The
@@ -36,13 +38,15 @@ def _fitting(configs, named_args, **kwargs):
     return [c for c in configs if c.kwargs["BV"] <= V]
 
 
-@triton.autotune(configs=_CONFIGS, key=["C", "K", "V", "L", "PREC"], prune_configs_by={"early_config_prune": _fitting})
+@triton.autotune(configs=_CONFIGS, key=["C", "K", "V", "L", "PREC", "MATRIX"],
+                 prune_configs_by={"early_config_prune": _fitting})
 @triton.jit
 def _inter_fwd_kernel(qe_ptr, lam_ptr, x_ptr, v_ptr, rank_ptr, gam_ptr, lo_ptr, hi_ptr, S0_ptr, S_ptr, o_ptr, NC,
                       L: tl.constexpr, C: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr,
-                      PREC: tl.constexpr):
+                      BK: tl.constexpr, PREC: tl.constexpr, MATRIX: tl.constexpr):
     r, vv, kk, tile, S_row = _walk_start(S0_ptr, S_ptr, NC, C, K, V, BV)
     ll = tl.arange(0, L)
+    bk = tl.arange(0, BK)
     for c in range(NC):
         rc = r * NC + c
         S_in = S_row + c * C * K * V
@@ -56,14 +60,26 @@ def _inter_fwd_kernel(qe_ptr, lam_ptr, x_ptr, v_ptr, rank_ptr, gam_ptr, lo_ptr, 
         tl.store(o_ptr + tok[:, None] * V + vv[None, :], o)
         rank = tl.load(rank_ptr + tok)
         vals = tl.load(v_ptr + tok[:, None] * V + vv[None, :])  # [L, BV]
-        xt = tl.load(x_ptr + tok[None, :] * K + kk[:, None])  # [K, L]
-        gam = tl.load(gam_ptr + rc)
+        xt = tl.load(x_ptr + tok[None, :] * K + kk[:, None])  # [K, L] (unused, so not loaded, if MATRIX)
         for n in range(C):
-            acc = gam * _merged(S_in, tl.load(lo_ptr + rc * C + n), tl.load(hi_ptr + rc * C + n), tile, K, V, BV)
+            merged = _merged(S_in, tl.load(lo_ptr + rc * C + n), tl.load(hi_ptr + rc * C + n), tile, K, V, BV)
             mine = rank == n
-            if tl.max(mine.to(tl.int32), axis=0) > 0:  # the chunk writes tokens into slot n
-                acc += tl.dot(xt, tl.where(mine[:, None], vals, 0.0), input_precision=PREC)
-            tl.store(S_out + n * K * V + tile, acc)
+            writes = tl.max(mine.to(tl.int32), axis=0) > 0  # the chunk writes tokens into slot n
+            mine_vals = tl.where(mine[:, None], vals, 0.0)
+            if MATRIX:  # M_c [K, K] applied in blocks of BK rows (IEEE: the transition compounds)
+                for kb in tl.static_range(K // BK):
+                    rows = kb * BK + bk
+                    M_blk = tl.load(gam_ptr + (rc * K + rows[:, None]) * K + kk[None, :])  # [BK, K]
+                    out = tl.dot(M_blk, merged, input_precision="ieee")
+                    if writes:
+                        xt_blk = tl.load(x_ptr + tok[None, :] * K + rows[:, None])  # [BK, L]
+                        out += tl.dot(xt_blk, mine_vals, input_precision=PREC)
+                    tl.store(S_out + n * K * V + rows[:, None] * V + vv[None, :], out)
+            else:
+                acc = tl.load(gam_ptr + rc) * merged
+                if writes:
+                    acc += tl.dot(xt, mine_vals, input_precision=PREC)
+                tl.store(S_out + n * K * V + tile, acc)
         tl.debug_barrier()
 
 
@@ -71,13 +87,14 @@ def _inter_fwd_kernel(qe_ptr, lam_ptr, x_ptr, v_ptr, rank_ptr, gam_ptr, lo_ptr, 
 def _inter_bwd_kernel(qe_ptr, lam_ptr, x_ptr, v_ptr, rank_ptr, gam_ptr, dest_ptr, S_ptr, do_ptr, G_ptr,
                       dqe_ptr, dlam_ptr, dx_ptr, dv_ptr, dgam_ptr, NC,
                       L: tl.constexpr, C: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr,
-                      PREC: tl.constexpr):
+                      BK: tl.constexpr, PREC: tl.constexpr, MATRIX: tl.constexpr):
     """Reverse walk. ``G`` ([rows, 2, C, K, V]) enters with ``dS_NC`` (the final state's
     gradient) in its first half and leaves with ``dS_0`` in half ``NC % 2``."""
     r = tl.program_id(0).to(tl.int64)
     vv = tl.program_id(1) * BV + tl.arange(0, BV)
     kk = tl.arange(0, K)
     ll = tl.arange(0, L)
+    bk = tl.arange(0, BK)
     tile = kk[:, None] * V + vv[None, :]
     S_row = S_ptr + r * (NC + 1) * C * K * V
     G_row = G_ptr + r * 2 * C * K * V
@@ -117,12 +134,22 @@ def _inter_bwd_kernel(qe_ptr, lam_ptr, x_ptr, v_ptr, rank_ptr, gam_ptr, dest_ptr
             dSj = tl.dot(tl.trans(qe * lam_j[:, None]), do, input_precision=PREC)  # [K, BV]
             n = tl.load(dest_ptr + rc * C + j)
             if n < C:
-                Gn = tl.load(G_out + n * K * V + tile)
-                dgam += tl.sum(Gn * Sj, axis=0)
-                dSj += gam * Gn
+                if MATRIX:  # S_{c+1}[n] = M_c (... + S_c[j] + ...): dS_c[j] += M_c^T G_n, dM_c += G_n S_c[j]^T
+                    for kb in tl.static_range(K // BK):
+                        rows = kb * BK + bk
+                        G_blk = tl.load(G_out + n * K * V + rows[:, None] * V + vv[None, :])  # [BK, BV]
+                        M_blk = tl.load(gam_ptr + (rc * K + rows[:, None]) * K + kk[None, :])  # [BK, K]
+                        dSj += tl.dot(tl.trans(M_blk), G_blk, input_precision="ieee")
+                        tl.atomic_add(dgam_ptr + (rc * K + rows[:, None]) * K + kk[None, :],
+                                      tl.dot(G_blk, tl.trans(Sj), input_precision="ieee"))
+                else:
+                    Gn = tl.load(G_out + n * K * V + tile)
+                    dgam += tl.sum(Gn * Sj, axis=0)
+                    dSj += gam * Gn
             tl.store(G_in + j * K * V + tile, dSj)
         tl.atomic_add(dqe_ptr + tok[:, None] * K + kk[None, :], dqe)
-        tl.atomic_add(dgam_ptr + rc, tl.sum(dgam, axis=0))
+        if not MATRIX:
+            tl.atomic_add(dgam_ptr + rc, tl.sum(dgam, axis=0))
         tl.debug_barrier()
 
 
@@ -139,7 +166,8 @@ class _FusedInter(torch.autograd.Function):
         S = _output((R, NC + 1, C, K, Vd), qe)
         o = _output((R, NC, L, Vd), qe)
         grid = lambda meta: (R, Vd // meta["BV"])  # noqa: E731
-        _inter_fwd_kernel[grid](qe, lam, x, v, rank, gam, lo, hi, S0, S, o, NC, L=L, C=C, K=K, V=Vd, PREC=prec)
+        _inter_fwd_kernel[grid](qe, lam, x, v, rank, gam, lo, hi, S0, S, o, NC, L=L, C=C, K=K, V=Vd,
+                                BK=min(32, K), PREC=prec, MATRIX=gam.dim() == 4)
         ctx.save_for_backward(qe, lam, x, v, gam, rank, dest, S)
         ctx.prec = prec
         return o, S[:, NC]
@@ -156,13 +184,14 @@ class _FusedInter(torch.autograd.Function):
         dv = _output(v.shape, v)
         BV = min(32, Vd)
         _inter_bwd_kernel[(R, Vd // BV)](qe, lam, x, v, rank, gam, dest, S, do.float().contiguous(), G,
-                                         dqe, dlam, dx, dv, dgam, NC, L=L, C=C, K=K, V=Vd, BV=BV,
-                                         PREC=ctx.prec, num_warps=8)
+                                         dqe, dlam, dx, dv, dgam, NC, L=L, C=C, K=K, V=Vd, BV=BV, BK=min(32, K),
+                                         PREC=ctx.prec, MATRIX=gam.dim() == 4, num_warps=8)
         return dqe, dlam, dx, dv, dgam, G[:, NC % 2], None, None, None, None, None
 
 
 def fused_inter(q_eff, lam_inter, x, v, tok_rank, gamma, dest, S0, input_dtype=torch.float32):
-    """Inter-chunk read-out and state walk for a scalar decay per chunk (Mamba-2).
+    """Inter-chunk read-out and state walk: a scalar decay per chunk (Mamba-2, ``gamma [N, H,
+    NC]``) or a ``K x K`` transition per chunk (Gated DeltaNet, ``gamma [N, H, NC, K, K]``).
 
     ``q_eff``, ``x`` (keys decayed to the chunk's end) ``[N, H, NC, L, K]``; ``lam_inter [N, H,
     NC, L, C]`` (λ of every query for every carried slot, zero for empty slots); ``v [N, H, NC,
@@ -185,8 +214,9 @@ def fused_inter(q_eff, lam_inter, x, v, tok_rank, gamma, dest, S0, input_dtype=t
             t = torch.nn.functional.pad(t, pad)
         return t.reshape(R, *t.shape[2:]).contiguous()
 
+    transition = rows(gamma, (0, Kp - K, 0, Kp - K)) if gamma.dim() == 5 else rows(gamma)
     o, S = _FusedInter.apply(rows(q_eff, (0, Kp - K)), rows(lam_inter), rows(x, (0, Kp - K)),
-                             rows(v, (0, Vp - Vd)), rows(gamma), rows(S0, (0, Vp - Vd, 0, Kp - K)),
+                             rows(v, (0, Vp - Vd)), transition, rows(S0, (0, Vp - Vd, 0, Kp - K)),
                              tok_rank.to(torch.int32).reshape(R, NC, L).contiguous(), lo.reshape(R, NC, C),
                              hi.reshape(R, NC, C), dest.to(torch.int32).reshape(R, NC, C).contiguous(),
                              _prec(input_dtype))
