@@ -34,11 +34,13 @@ def _dynamic_scan_kernel(scores_ptr, lengths_ptr, position_ptr, starts_ptr, info
     start = tl.load(starts_ptr + r * C + idx, mask=in_c, other=-1)
     info = tl.load(info_ptr + r * C + idx, mask=in_c, other=0.0)
     origin = tl.where(in_c, -(idx + 1), -(C + 1)).to(tl.int64)  # window index, or -(carried slot + 1)
+    # the live count and the open segment's start are carried as scalars, not reduced every step:
+    # a birth adds one and becomes the open segment, a merge removes one closed segment
+    count = tl.sum((start >= 0).to(tl.int32), axis=0)
+    open_start = tl.max(start, axis=0)
     for t in range(0, length):
         pos = pos0 + t
         u = tl.load(scores_ptr + r * Tm + t)
-        count = tl.sum((start >= 0).to(tl.int32), axis=0)
-        open_start = tl.max(start, axis=0)
         wants = u >= threshold
         if HAS_MAX:
             wants = wants | ((pos - open_start) >= max_segment_len)
@@ -53,6 +55,7 @@ def _dynamic_scan_kernel(scores_ptr, lengths_ptr, position_ptr, starts_ptr, info
             if not first:
                 tl.store(death_ptr + r * Tm + t, _NEVER)
             count += 1
+            open_start = pos
         else:
             info = tl.where(start == open_start, tl.maximum(info, u), info)
         if count > C:
@@ -78,6 +81,7 @@ def _dynamic_scan_kernel(scores_ptr, lengths_ptr, position_ptr, starts_ptr, info
             start = tl.where(dying, -1, start)
             info = tl.where(dying, 0.0, info)
             origin = tl.where(dying, -(C + 1), origin)
+            count -= 1
     filled = start >= 0
     newer = tl.sum(((start[None, :] > start[:, None]) & (start[None, :] >= 0)).to(tl.int32), axis=1)
     tl.store(final_starts_ptr + r * C + newer, start, mask=filled)
