@@ -82,8 +82,18 @@ def _check_tensor(name, x, dims, dtype=None, device=None):
         raise TypeError(f"{name} has dtype {x.dtype} but q has {dtype}")
     if device is not None and x.device != device:
         raise ValueError(f"{name} is on {x.device} but q is on {device}")
-    if not torch.isfinite(x).all():
-        raise ValueError(f"{name} contains NaN or Inf")
+
+
+def _check_values(finite: dict, g: torch.Tensor) -> None:
+    """NaN/Inf in any of ``finite`` or a positive log-decay: one host sync for all the checks (each
+    would stall a GPU's queue), and an error naming the first bad argument."""
+    bad = torch.stack([~torch.isfinite(x).all() for x in finite.values()] + [(g > 0).any()])
+    if bool(bad.any()):
+        flags = bad.tolist()
+        for name, flag in zip(finite, flags):
+            if flag:
+                raise ValueError(f"{name} contains NaN or Inf")
+        raise ValueError("g is a log-decay and must be <= 0")
 
 
 def prepare(q, k, v, g, lam, schedule, beta=None, scale=None, cu_seqlens=None, initial_state=None) -> Prepared:
@@ -101,8 +111,6 @@ def prepare(q, k, v, g, lam, schedule, beta=None, scale=None, cu_seqlens=None, i
         raise ValueError(f"v must be [B, T, H, V] = [{B}, {T}, {H}, V], got {tuple(v.shape)}")
     if g.shape != (B, T, H):
         raise ValueError(f"g must be [B, T, H] = [{B}, {T}, {H}], got {tuple(g.shape)}")
-    if (g > 0).any():
-        raise ValueError("g is a log-decay and must be <= 0")
     if beta is not None:
         _check_tensor("beta", beta, "BTH", None, dev)
         if beta.shape != (B, T, H):
@@ -125,6 +133,7 @@ def prepare(q, k, v, g, lam, schedule, beta=None, scale=None, cu_seqlens=None, i
                          f"capacity {schedule.capacity}) needs {schedule.n_labels}")
     if scale is None:
         scale = K ** -0.5
+    finite = {"q": q, "k": k, "v": v, "g": g, "lam": lam, **({} if beta is None else {"beta": beta})}
     dense = schedule.dense()
     N = dense.lengths.numel()
     C = schedule.capacity
@@ -142,10 +151,12 @@ def prepare(q, k, v, g, lam, schedule, beta=None, scale=None, cu_seqlens=None, i
             raise ValueError(f"initial_state.states must be [{N}, {H}, {C}, {K}, {V}], "
                              f"got {tuple(initial_state.states.shape)}")
         _check_tensor("initial_state.states", initial_state.states, "NHCKV", None, dev)
+        finite["initial_state.states"] = initial_state.states
         initial = initial_state.states
         prev_key0 = initial_state.prev_key
     elif schedule.initial is not None and (schedule.initial.starts >= 0).any():
         raise ValueError("the schedule continues earlier segments; pass their states as initial_state")
+    _check_values(finite, g)
 
     cdt = torch.float64 if dt == torch.float64 else torch.float32
 

@@ -78,7 +78,7 @@ def plan_schedule(policy: str, *, batch: int, heads: int, length: int, capacity:
     else:
         lengths = seq_lengths(cu_seqlens.to(device))
     num_seqs = lengths.numel()
-    max_len = int(lengths.max()) if num_seqs else 0
+    max_len = length if cu_seqlens is None else (int(lengths.max()) if num_seqs else 0)  # no sync if known
 
     seg = getattr(initial_state, "segments", initial_state)
     if seg is not None:
@@ -119,7 +119,7 @@ def plan_schedule(policy: str, *, batch: int, heads: int, length: int, capacity:
         if not isinstance(scores, torch.Tensor) or scores.shape != (batch, length, heads):
             raise ValueError(f"scores must be [B, T, H] = [{batch}, {length}, {heads}], "
                              f"got {tuple(getattr(scores, 'shape', ()))}")
-        if not torch.isfinite(scores).all() or (scores < 0).any() or (scores > 1).any():
+        if not bool(((scores >= 0) & (scores <= 1)).all()):  # one sync; NaN and Inf fail it too
             raise ValueError("scores must be finite and in [0, 1]")
         rows_scores = scores if cu_seqlens is None else unpack(scores, cu_seqlens, max_len)
         rows_scores = rows_scores.transpose(1, 2).to(device)  # [N, H, Tm]
@@ -145,7 +145,7 @@ def plan_schedule(policy: str, *, batch: int, heads: int, length: int, capacity:
         else:
             scan = _dynamic
         death, carried, final = scan(rows_scores, lengths, seg, capacity, threshold, max_segment_len, merge)
-    if ((starts > 0) & (carried < 0)).any():
+    if initial_state is not None and ((starts > 0) & (carried < 0)).any():
         raise ValueError("initial_state's segments are inconsistent with the policy: a boundary would have died "
                          "before this window")
     carried = torch.where(starts > 0, carried, torch.full_like(carried, NONE))
