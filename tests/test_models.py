@@ -117,6 +117,21 @@ def test_activation_checkpointing_gives_the_same_gradients(mixer, policy):
             assert max_err(other[name], grads[0][name]) < 1e-6, name
 
 
+def test_value_blocks_inside_checkpointed_blocks_give_the_same_gradients(monkeypatch):
+    """The inter part's own recomputation (value blocks) nested in per-block checkpointing."""
+    ids = torch.randint(1, 64, (2, 40))
+    torch.manual_seed(0)
+    model = tiny_model("gated_deltanet", "dynamic").double().train()
+    model(ids, labels=ids).loss.backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    monkeypatch.setattr(dla.ops.chunk, "INTER_BLOCK_BYTES", 1)  # value dim 32 -> 2 blocks of 16
+    model(ids, labels=ids).loss.backward()
+    for name, p in model.named_parameters():
+        assert max_err(p.grad, want[name]) < 1e-10, name
+
+
 @pytest.mark.parametrize("mixer", ["mamba2", "gated_deltanet", "attention"])
 def test_parameter_count_of_a_125m_configuration(mixer):
     """hidden 768, 12 layers, 32k vocabulary, SwiGLU 2048, tied embeddings (built on the meta device)."""
