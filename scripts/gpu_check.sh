@@ -16,7 +16,7 @@ import torch, triton
 print("device", torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__)
 PY
 if [[ $mode == tests || $mode == all ]]; then
-  python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu.py tests/test_triton_chunk.py tests/test_triton_schedule.py \
+  python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu.py tests/test_gpu_models.py tests/test_triton_chunk.py tests/test_triton_schedule.py \
     2>&1 | tee "$OUT/gpu_tests.log" | tail -15
 fi
 if [[ $mode == causality || $mode == all ]]; then
