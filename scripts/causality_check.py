@@ -46,7 +46,7 @@ def model_case(mixer, policy, capacity, T, device, varlen, bf16):
     p = (cu[-2].item() if varlen else T // 2) + 7  # inside the last document
     changed = ids.clone()
     changed[0, p] = (changed[0, p] + 1) % 512
-    kw = dict(cu_seqlens=cu, use_cache=False) if varlen else dict(use_cache=False)
+    kw = dict(cu_seqlens=cu, use_cache=False)
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         a = model(input_ids=ids, **kw).logits.float()
         a2 = model(input_ids=ids, **kw).logits.float()
@@ -62,12 +62,12 @@ def op_case(capacity, T, H, device, varlen, dtype=torch.float32):
     g = torch.nn.functional.logsigmoid(torch.randn(1, T, H, device=device)) * 0.1
     cu = doc_boundaries(T).to(device) if varlen else None
     sched = dla.plan_schedule("dynamic", batch=1, heads=H, length=T, capacity=capacity,
-                              scores=dla.novelty_scores(k, cu_seqlens=cu) if varlen else dla.novelty_scores(k),
+                              scores=dla.novelty_scores(k, cu_seqlens=cu),
                               threshold=0.5, cu_seqlens=cu)
     lam = torch.rand(1, T, H, sched.n_labels, device=device)
     p = (cu[-2].item() if varlen else T // 2) + 7
     out = {}
-    kw = dict(cu_seqlens=cu) if varlen else {}
+    kw = dict(cu_seqlens=cu)
     o = dla.chunk_dla(q, k, v, g, lam, sched, scale=K ** -0.5, **kw)[0]
     v2 = v.clone()
     v2[0, p] += 1.0
