@@ -35,6 +35,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tarfile
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -380,8 +381,10 @@ def run_sweep(exp_path: str | Path, results_root: Path, work_root: Path, device:
     for e in errors:
         print(f"error in {e['run']}:\n{e['traceback']}", file=sys.stderr)
     summary = aggregate(exp, results_dir, docs)
-    if export is not None:
-        shutil.copytree(results_dir, export / "results" / exp.name, dirs_exist_ok=True)
+    if export is not None:  # one archive: a GPU call returns few files, none deeper than two folders
+        export.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(export / f"{exp.name}.tar.gz", "w:gz") as tar:
+            tar.add(results_dir, arcname=exp.name)
     return summary
 
 
@@ -438,9 +441,10 @@ def aggregate(exp: Experiment, results_dir: Path, docs: Path | None = None) -> d
     write_json(results_dir / "results.json", summary)
     table = markdown_tables(exp, entries, group_axes)
     (results_dir / "table.md").write_text(table + "\n")
-    png = plot(exp, entries, group_axes, results_dir / f"{exp.name}.png") if entries else None
+    pngs = [plot(exp, entries, group_axes, results_dir / f"{exp.name}.png"),
+            plot_curves(exp, entries, finished, results_dir / f"{exp.name}_curves.png")] if entries else []
     update_results_md(docs or Path(__file__).resolve().parent.parent / "docs" / "results.md", exp, summary, table,
-                      png, results_dir)
+                      [p for p in pngs if p is not None], results_dir)
     print(table)
     return summary
 
@@ -575,6 +579,40 @@ def plot(exp: Experiment, entries: list[dict], group_axes: list[str], path: Path
     return save(fig, path)
 
 
+def plot_curves(exp: Experiment, entries: list[dict], finished: dict[str, dict], path: Path) -> Path | None:
+    """Training loss against sequences seen for the first run of each table cell (its chosen
+    ``select`` value), at the largest ``cols`` value when that axis is numeric, a panel per base."""
+    from dla.plots import pyplot, save
+
+    plt = pyplot()
+    rep = exp.report
+    rows, cols = rep["rows"], rep["cols"]
+    if plt is None:
+        return None
+    if cols is not None and all(_number(c, cols) is not None for c in exp.axes[cols]):
+        widest = max(exp.axes[cols], key=lambda c: _number(c, cols))
+        entries = [e for e in entries if e[cols] == widest]
+    panels = rep.get("panels") or [None]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        for e in entries:
+            run = finished[e["runs"][0]]
+            rv = e[rows]
+            if not run.get("curve") or (panel is not None and "-" in rv and not rv.startswith(panel + "-")):
+                continue
+            batch = run["config"]["batch_size"]
+            steps, losses = zip(*run["curve"])
+            select = rep["select"]
+            ax.plot([s * batch for s in steps], losses, label=" ".join(
+                [str(e[a]) for a in e if a in exp.axes and a not in (select, rep["average"])]
+                + ([str(e["best_" + select])] if select else [])))
+        ax.set(xlabel="sequences seen", ylabel="training loss", title=f"{exp.name}" + (f": {panel}" if panel else ""))
+        ax.grid(True, alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    return save(fig, path)
+
+
 def bar_plot(plt, exp: Experiment, entries: list[dict], group_axes: list[str], path: Path) -> Path:
     """Mean ± spread per ``rows`` value, one bar per value of the other axes (``cols`` first)."""
     from dla.plots import save
@@ -599,7 +637,7 @@ def bar_plot(plt, exp: Experiment, entries: list[dict], group_axes: list[str], p
     return save(fig, path)
 
 
-def update_results_md(path: Path, exp: Experiment, summary: dict, table: str, png: Path | None,
+def update_results_md(path: Path, exp: Experiment, summary: dict, table: str, pngs: list[Path],
                       results_dir: Path) -> None:
     """Replace (or add) this experiment's generated block in docs/results.md; text outside the
     blocks (conclusions) is left alone."""
@@ -624,8 +662,8 @@ def update_results_md(path: Path, exp: Experiment, summary: dict, table: str, pn
               f"({format_duration(summary['run_seconds'])} summed over runs)"),
              f"- metric: {summary['metric']}; data: `{rel(results_dir)}/`",
              "", table or "(no finished runs yet)", ""]
-    if png is not None:
-        lines += [f"![{exp.name}]({rel(png)})", ""]
+    for png in pngs:
+        lines += [f"![{png.stem}]({rel(png)})", ""]
     lines.append(end)
     block = "\n".join(lines)
     text = path.read_text() if path.exists() else RESULTS_MD_TITLE + "\n"

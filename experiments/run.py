@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", default=str(ROOT / "experiments" / "results"), metavar="DIR")
     p.add_argument("--work-dir", default=str(ROOT / "runs" / "sweeps"), metavar="DIR", help="scratch checkpoints")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep each run's checkpoint (for dla inspect)")
-    p.add_argument("--export", metavar="DIR", help="also copy the results to DIR/results/NAME (e.g. $OUT)")
+    p.add_argument("--export", metavar="DIR", help="also pack the results into DIR/NAME.tar.gz (e.g. $OUT); "
+                   "unpack it with tar xzf NAME.tar.gz -C experiments/results")
     p.add_argument("--docs", default=str(ROOT / "docs" / "results.md"), metavar="FILE", help="the results page whose "
                    "generated block for the experiment is updated")
     p.add_argument("--aggregate-only", action="store_true", help="train nothing; rebuild tables, plot, docs")

@@ -1,7 +1,9 @@
 """Sweeps (dla.sweep, experiments/run.py): a 2-run sweep end to end on CPU, resumption, the time
 budget, and every experiment file under experiments/ parses and expands to its grid."""
 
+import importlib.util
 import json
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -65,12 +67,17 @@ def test_sweep_end_to_end_and_resumes(tiny, tmp_path, capsys):
     assert "| mamba2-dynamic-C4 |" in (results / "table.md").read_text()
     doc = (tmp_path / "results.md").read_text()
     assert "<!-- begin generated: tiny -->" in doc and "runs finished: 2 of 2" in doc
+    if importlib.util.find_spec("matplotlib"):  # the accuracy plot and the training curves, both linked
+        assert (results / "tiny.png").exists() and (results / "tiny_curves.png").exists()
+        assert "results/tiny/tiny.png)" in doc and "results/tiny/tiny_curves.png)" in doc
 
     # a second call trains nothing; removing one result redoes exactly that run
     mtimes = {p.name: p.stat().st_mtime_ns for p in runs}
     capsys.readouterr()
-    sweep(tiny, tmp_path)
+    sweep(tiny, tmp_path, export=tmp_path / "out")
     assert "2 already finished, 0 to run" in capsys.readouterr().out
+    with tarfile.open(tmp_path / "out" / "tiny.tar.gz") as tar:  # the export: one archive of the results
+        assert {f"tiny/runs/{p.name}" for p in runs} <= set(tar.getnames())
     assert {p.name: p.stat().st_mtime_ns for p in runs} == mtimes
     runs[1].unlink()
     sweep(tiny, tmp_path)
