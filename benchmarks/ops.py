@@ -155,8 +155,9 @@ def plot(data, path):
     import matplotlib.pyplot as plt
 
     rows = [r for r in data["results"] if "fwd_bwd_ms" in r]
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
-    for ax, base in zip(axes, ("mamba2", "gated_deltanet")):
+    bases = [b for b in ("mamba2", "gated_deltanet") if any(r["base"] == b for r in rows)] or ["attention"]
+    fig, axes = plt.subplots(1, len(bases), figsize=(6.5 * len(bases), 5), squeeze=False)
+    for ax, base in zip(axes[0], bases):
         series = {}
         for r in rows:
             if r["base"] in (base, "attention"):

@@ -31,9 +31,9 @@ def test_kernels_vs_torch_path(policy, base, capacity, T):
 @pytest.mark.parametrize("T", [63, 4096])
 @pytest.mark.parametrize("capacity", [1, 16, 32])
 @pytest.mark.parametrize("policy", ["fixed", "dynamic"])
-def test_fused_gated_deltanet_walk_vs_torch_path(policy, capacity, T, monkeypatch):
-    """The opt-in fused walk for Gated DeltaNet (DLA_FUSED_GDN=1), to be made the default once this passes."""
-    monkeypatch.setattr(dla.ops.chunk, "FUSED_GATED_DELTANET", True)
+def test_unfused_gated_deltanet_walks_vs_torch_path(policy, capacity, T, monkeypatch):
+    """Gated DeltaNet's fallback (DLA_FUSED_GDN=0): the unfused walks; the cases above take the fused one."""
+    monkeypatch.setattr(dla.ops.chunk, "FUSED_GATED_DELTANET", False)
     compare_with_torch_path(policy, "gated_deltanet", capacity, T)
 
 

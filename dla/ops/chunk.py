@@ -41,9 +41,11 @@ CHUNK_SIZES = (16, 32, 64, 128)
 # runs over blocks of value columns, which are independent there, and recomputes each block in the
 # backward instead of keeping it, so peak memory is that of one block (at ~1/3 more inter time).
 INTER_BLOCK_BYTES = 4 * 2**30
-# Gated DeltaNet through the fused walk (its K x K transition per chunk): checked against the
-# PyTorch path in Triton's interpreter, not yet on a GPU, so opt-in until it is (DLA_FUSED_GDN=1).
-FUSED_GATED_DELTANET = os.environ.get("DLA_FUSED_GDN") == "1"
+# Gated DeltaNet through the fused walk (its K x K transition per chunk; checked against the PyTorch
+# path on an H100 with Triton 3.6). DLA_FUSED_GDN=0 falls back to the unfused Triton walks, which
+# keep every slot's state at every chunk boundary (about twice the memory), should a Triton version
+# miscompile the fused one.
+FUSED_GATED_DELTANET = os.environ.get("DLA_FUSED_GDN", "1") != "0"
 
 
 def chunk_dla(q, k, v, g, lam, schedule, beta=None, scale=None, initial_state: DLAState | None = None,
