@@ -15,7 +15,9 @@ states at every chunk boundary are stored (fp32, ``T/L · C·K·V``) for the bac
 recomputes nothing else: in reverse it turns ``dS_{c+1}`` into the gradients of the token
 writes (``dX``, ``dV``), of the read-out (``dQ_eff``, ``dλ``) and of the decay, and ``dS_c``.
 One program per (sequence-head, value block); gradients that sum over value blocks (``dQ_eff``,
-``dλ``, ``dX``, ``dγ``) are accumulated atomically.
+``dλ``, ``dX``, ``dγ``) are accumulated atomically. Both walks run over blocks of ``BK`` key rows,
+so no per-token tile of size ``K`` stays in registers (at K = 256 those spilled:
+benchmarks/kernel_resources.py).
 """
 
 from __future__ import annotations
@@ -52,11 +54,14 @@ def _inter_fwd_kernel(qe_ptr, lam_ptr, x_ptr, v_ptr, rank_ptr, gam_ptr, lo_ptr, 
         S_in = S_row + c * C * K * V
         S_out = S_in + C * K * V
         tok = rc * L + ll
-        qe = tl.load(qe_ptr + tok[:, None] * K + kk[None, :])  # [L, K]
         o = tl.zeros((L, BV), dtype=tl.float32)
-        for j in range(C):
-            lam_j = tl.load(lam_ptr + tok * C + j)
-            o += tl.dot(qe * lam_j[:, None], tl.load(S_in + j * K * V + tile), input_precision=PREC)
+        for kb in range(K // BK):  # blocks of key rows: a whole [L, K] query tile spills at K = 256
+            rows = kb * BK + bk
+            qe = tl.load(qe_ptr + tok[:, None] * K + rows[None, :])  # [L, BK]
+            for j in range(C):
+                lam_j = tl.load(lam_ptr + tok * C + j)
+                S_blk = tl.load(S_in + j * K * V + rows[:, None] * V + vv[None, :])  # [BK, BV]
+                o += tl.dot(qe * lam_j[:, None], S_blk, input_precision=PREC)
         tl.store(o_ptr + tok[:, None] * V + vv[None, :], o)
         rank = tl.load(rank_ptr + tok)
         vals = tl.load(v_ptr + tok[:, None] * V + vv[None, :])  # [L, BV]
@@ -67,7 +72,7 @@ def _inter_fwd_kernel(qe_ptr, lam_ptr, x_ptr, v_ptr, rank_ptr, gam_ptr, lo_ptr, 
             writes = tl.max(mine.to(tl.int32), axis=0) > 0  # the chunk writes tokens into slot n
             mine_vals = tl.where(mine[:, None], vals, 0.0)
             if MATRIX:  # M_c [K, K] applied in blocks of BK rows (IEEE: the transition compounds)
-                for kb in tl.static_range(K // BK):
+                for kb in range(K // BK):
                     rows = kb * BK + bk
                     M_blk = tl.load(gam_ptr + (rc * K + rows[:, None]) * K + kk[None, :])  # [BK, K]
                     out = tl.dot(M_blk, merged, input_precision="ieee")
@@ -92,10 +97,8 @@ def _inter_bwd_kernel(qe_ptr, lam_ptr, x_ptr, v_ptr, rank_ptr, gam_ptr, dest_ptr
     gradient) in its first half and leaves with ``dS_0`` in half ``NC % 2``."""
     r = tl.program_id(0).to(tl.int64)
     vv = tl.program_id(1) * BV + tl.arange(0, BV)
-    kk = tl.arange(0, K)
     ll = tl.arange(0, L)
     bk = tl.arange(0, BK)
-    tile = kk[:, None] * V + vv[None, :]
     S_row = S_ptr + r * (NC + 1) * C * K * V
     G_row = G_ptr + r * 2 * C * K * V
     for ci in range(NC):
@@ -105,49 +108,55 @@ def _inter_bwd_kernel(qe_ptr, lam_ptr, x_ptr, v_ptr, rank_ptr, gam_ptr, dest_ptr
         G_out = G_row + (ci % 2) * C * K * V  # dS_{c+1}
         G_in = G_row + ((ci + 1) % 2) * C * K * V  # dS_c, written here
         tok = rc * L + ll
+        # Everything below runs over blocks of BK key rows, so no [L, K] or [K, K] tile is ever
+        # held: at K = 256 whole-K tiles spill (benchmarks/kernel_resources.py).
         # token writes: W[n] = X^T diag(rank = n) V
         rank = tl.load(rank_ptr + tok)
         vals = tl.load(v_ptr + tok[:, None] * V + vv[None, :])  # [L, BV]
-        x = tl.load(x_ptr + tok[:, None] * K + kk[None, :])  # [L, K]
         dv = tl.zeros((L, BV), dtype=tl.float32)
-        dx = tl.zeros((L, K), dtype=tl.float32)
-        for n in range(C):
-            mine = rank == n
-            if tl.max(mine.to(tl.int32), axis=0) > 0:
-                Gn = tl.load(G_out + n * K * V + tile)  # [K, BV]
-                dv += tl.where(mine[:, None], tl.dot(x, Gn, input_precision=PREC), 0.0)
-                dx += tl.where(mine[:, None], tl.dot(vals, tl.trans(Gn), input_precision=PREC), 0.0)
+        for kb in range(K // BK):
+            rows = kb * BK + bk
+            x = tl.load(x_ptr + tok[:, None] * K + rows[None, :])  # [L, BK]
+            dx = tl.zeros((L, BK), dtype=tl.float32)
+            for n in range(C):
+                mine = rank == n
+                if tl.max(mine.to(tl.int32), axis=0) > 0:
+                    Gn = tl.load(G_out + n * K * V + rows[:, None] * V + vv[None, :])  # [BK, BV]
+                    dv += tl.where(mine[:, None], tl.dot(x, Gn, input_precision=PREC), 0.0)
+                    dx += tl.where(mine[:, None], tl.dot(vals, tl.trans(Gn), input_precision=PREC), 0.0)
+            tl.atomic_add(dx_ptr + tok[:, None] * K + rows[None, :], dx)
         tl.store(dv_ptr + tok[:, None] * V + vv[None, :], dv)
-        tl.atomic_add(dx_ptr + tok[:, None] * K + kk[None, :], dx)
         # read-out and merges, per carried slot j
-        qe = tl.load(qe_ptr + tok[:, None] * K + kk[None, :])  # [L, K]
         do = tl.load(do_ptr + tok[:, None] * V + vv[None, :])  # [L, BV]
         gam = tl.load(gam_ptr + rc)
-        dqe = tl.zeros((L, K), dtype=tl.float32)
         dgam = tl.zeros((BV,), dtype=tl.float32)
-        for j in range(C):
-            Sj = tl.load(S_in + j * K * V + tile)  # [K, BV]
-            lam_j = tl.load(lam_ptr + tok * C + j)
-            dqs = tl.dot(do, tl.trans(Sj), input_precision=PREC)  # [L, K]: dO S_j^T
-            dqe += lam_j[:, None] * dqs
-            tl.atomic_add(dlam_ptr + tok * C + j, tl.sum(qe * dqs, axis=1))
-            dSj = tl.dot(tl.trans(qe * lam_j[:, None]), do, input_precision=PREC)  # [K, BV]
-            n = tl.load(dest_ptr + rc * C + j)
-            if n < C:
-                if MATRIX:  # S_{c+1}[n] = M_c (... + S_c[j] + ...): dS_c[j] += M_c^T G_n, dM_c += G_n S_c[j]^T
-                    for kb in tl.static_range(K // BK):
-                        rows = kb * BK + bk
-                        G_blk = tl.load(G_out + n * K * V + rows[:, None] * V + vv[None, :])  # [BK, BV]
-                        M_blk = tl.load(gam_ptr + (rc * K + rows[:, None]) * K + kk[None, :])  # [BK, K]
-                        dSj += tl.dot(tl.trans(M_blk), G_blk, input_precision="ieee")
-                        tl.atomic_add(dgam_ptr + (rc * K + rows[:, None]) * K + kk[None, :],
-                                      tl.dot(G_blk, tl.trans(Sj), input_precision="ieee"))
-                else:
-                    Gn = tl.load(G_out + n * K * V + tile)
-                    dgam += tl.sum(Gn * Sj, axis=0)
-                    dSj += gam * Gn
-            tl.store(G_in + j * K * V + tile, dSj)
-        tl.atomic_add(dqe_ptr + tok[:, None] * K + kk[None, :], dqe)
+        for kb in range(K // BK):
+            rows = kb * BK + bk
+            qe = tl.load(qe_ptr + tok[:, None] * K + rows[None, :])  # [L, BK]
+            dqe = tl.zeros((L, BK), dtype=tl.float32)
+            for j in range(C):
+                Sj = tl.load(S_in + j * K * V + rows[:, None] * V + vv[None, :])  # [BK, BV]
+                lam_j = tl.load(lam_ptr + tok * C + j)
+                dqs = tl.dot(do, tl.trans(Sj), input_precision=PREC)  # [L, BK]: dO S_j^T
+                dqe += lam_j[:, None] * dqs
+                tl.atomic_add(dlam_ptr + tok * C + j, tl.sum(qe * dqs, axis=1))
+                dSj = tl.dot(tl.trans(qe * lam_j[:, None]), do, input_precision=PREC)  # [BK, BV]
+                n = tl.load(dest_ptr + rc * C + j)
+                if n < C:
+                    if MATRIX:  # S_{c+1}[n] = M_c (... + S_c[j] + ...): dS_c[j] += M_c^T G_n, dM_c += G_n S_c[j]^T
+                        for kb2 in range(K // BK):
+                            rows2 = kb2 * BK + bk
+                            G_blk = tl.load(G_out + n * K * V + rows2[:, None] * V + vv[None, :])  # [BK, BV]
+                            M_blk = tl.load(gam_ptr + (rc * K + rows2[:, None]) * K + rows[None, :])  # [BK, BK]
+                            dSj += tl.dot(tl.trans(M_blk), G_blk, input_precision="ieee")
+                            tl.atomic_add(dgam_ptr + (rc * K + rows2[:, None]) * K + rows[None, :],
+                                          tl.dot(G_blk, tl.trans(Sj), input_precision="ieee"))
+                    else:
+                        Gn = tl.load(G_out + n * K * V + rows[:, None] * V + vv[None, :])
+                        dgam += tl.sum(Gn * Sj, axis=0)
+                        dSj += gam * Gn
+                tl.store(G_in + j * K * V + rows[:, None] * V + vv[None, :], dSj)
+            tl.atomic_add(dqe_ptr + tok[:, None] * K + rows[None, :], dqe)
         if not MATRIX:
             tl.atomic_add(dgam_ptr + rc, tl.sum(dgam, axis=0))
         tl.debug_barrier()

@@ -1,0 +1,114 @@
+"""Registers and spills of the fused inter-chunk walk, compiled for Hopper without a GPU.
+
+Triton compiles a kernel to PTX on any machine; ptxas (shipped with Triton) then reports what
+each thread needs. A walk that spills keeps its tiles in local memory and runs many times slower,
+so this table predicts which shapes the GPU run will find slow, before a GPU is at hand.
+
+    python benchmarks/kernel_resources.py                 # the benchmark and paper shapes
+    python benchmarks/kernel_resources.py --out benchmarks/results/kernel_resources.json
+
+Columns: registers per thread, bytes of spill stores / loads in the code (static counts), stack
+frame per thread, shared memory, compile seconds. Numbers depend on the Triton version (and its
+ptxas): the device's Triton may differ in detail.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+# (label, K, V, C, MATRIX): the op benchmark's shapes (docs/kernels.md) and the paper configs'
+SHAPES = [
+    ("mamba2 bench (K=128, V=64)", 128, 64, 16, False),
+    ("gdn bench (K=V=128)", 128, 128, 16, True),
+    ("dla_mamba2_780m (K=128, V=64, C=30)", 128, 64, 30, False),
+    ("dla_gdn_1.3b (K=256, V=512, C=30)", 256, 512, 30, True),
+]
+INT_POINTERS = {"rank_ptr", "lo_ptr", "hi_ptr", "dest_ptr"}
+
+
+def ptxas_report(ptx: str) -> dict:
+    """``ptxas -v`` on one PTX file for sm_90a, with whichever bundled ptxas accepts its version."""
+    import triton
+
+    bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "kernel.ptx"
+        src.write_text(ptx)
+        for name in ("ptxas", "ptxas-blackwell"):
+            if not (bin_dir / name).exists():
+                continue
+            r = subprocess.run([str(bin_dir / name), "-v", "--gpu-name", "sm_90a", str(src), "-o",
+                                os.path.join(tmp, "kernel.cubin")], capture_output=True, text=True)
+            if r.returncode == 0:
+                text = r.stderr
+
+                def num(pattern):
+                    m = re.search(pattern, text)
+                    return int(m.group(1)) if m else None
+
+                return {"registers": num(r"Used (\d+) registers"), "spill_stores": num(r"(\d+) bytes spill stores"),
+                        "spill_loads": num(r"(\d+) bytes spill loads"), "stack": num(r"(\d+) bytes stack frame")}
+    raise RuntimeError("no bundled ptxas accepted the PTX")
+
+
+def compile_walk(kernel, K: int, V: int, C: int, matrix: bool, BV: int, num_warps: int, L: int = 64) -> dict:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from triton.runtime.jit import JITFunction
+
+    fn = kernel
+    while not isinstance(fn, JITFunction):  # unwrap the Autotuner
+        fn = fn.fn
+    const = dict(L=L, C=C, K=K, V=V, BV=BV, BK=min(32, K), PREC="tf32", MATRIX=matrix)
+    signature = {name: ("constexpr" if name in const else "i32" if name == "NC"
+                        else "*i32" if name in INT_POINTERS else "*fp32") for name in fn.arg_names}
+    src = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in const.items()})
+    started = time.time()
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=1))
+    return {**ptxas_report(compiled.asm["ptx"]), "shared": compiled.metadata.shared,
+            "compile_s": round(time.time() - started, 1)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", help="write the table as JSON here")
+    args = p.parse_args(argv)
+    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp()  # compile from scratch: honest compile times
+    import triton
+
+    from dla.ops.triton.chunk_inter import _CONFIGS, _inter_bwd_kernel, _inter_fwd_kernel
+
+    rows = []
+    print(f"Triton {triton.__version__}, target sm_90a (compiled on this machine, no GPU needed)")
+    print(f"{'shape':40s} {'kernel':4s} {'BV':>3s} {'warps':>5s} {'regs':>5s} {'spill st/ld (B)':>17s} "
+          f"{'stack':>6s} {'shared':>7s} {'compile':>8s}")
+    for label, K, V, C, matrix in SHAPES:
+        fwd = [(c.kwargs["BV"], c.num_warps) for c in _CONFIGS if c.kwargs["BV"] <= V]
+        for kernel, name, configs in ((_inter_fwd_kernel, "fwd", fwd), (_inter_bwd_kernel, "bwd", [(32, 8)])):
+            for BV, warps in configs:
+                r = {"shape": label, "K": K, "V": V, "C": C, "matrix": matrix, "kernel": name, "BV": BV,
+                     "num_warps": warps, **compile_walk(kernel, K, V, C, matrix, BV, warps)}
+                rows.append(r)
+                print(f"{label:40s} {name:4s} {BV:3d} {warps:5d} {r['registers']:5d} "
+                      f"{r['spill_stores']:>8d}/{r['spill_loads']:<8d} {r['stack']:6d} {r['shared']:7d} "
+                      f"{r['compile_s']:7.1f}s", flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps({"triton": triton.__version__, "target": "sm_90a", "rows": rows},
+                                             indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
