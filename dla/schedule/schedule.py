@@ -334,7 +334,7 @@ def segment_structure(live: torch.Tensor, pos: torch.Tensor, exists: torch.Tenso
     """
     live = live & exists
     zero = torch.zeros((), dtype=torch.long, device=live.device)
-    after = live.flip(-1).long().cumsum(-1).flip(-1) - live.long()
+    after = live.sum(-1, keepdim=True) - live.cumsum(-1)  # live starts strictly after each unit
     out = {"rank": torch.where(exists, after, zero)}
     if label_rule == "recency" and not extents:
         out["label"] = out["rank"]
