@@ -76,7 +76,8 @@ def chunk_dla(q, k, v, g, lam, schedule, beta=None, scale=None, initial_state: D
     dev = x.q.device
 
     def chunks(t, fill=0.0):  # [N, H, Tm, ...] -> [N, H, NC, L, ...], padded with identity steps
-        t = F.pad(t, (0, 0) * (t.dim() - 3) + (0, pad), value=fill)
+        if pad:  # (F.pad copies even when there is nothing to pad)
+            t = F.pad(t, (0, 0) * (t.dim() - 3) + (0, pad), value=fill)
         return t.reshape(N, H, NC, L, *t.shape[3:])
 
     q_c, k_c, v_c, g_c, lam_c = chunks(x.q), chunks(x.k), chunks(x.v), chunks(x.g), chunks(x.lam)
