@@ -36,6 +36,19 @@ def test_triton_scan_matches_torch(seed, T, capacity, threshold, max_len, split,
     assert torch.equal(out2.carried_death.cpu(), ref2.carried_death)
 
 
+@pytest.mark.parametrize("T", [63, 64, 65, 200])
+@pytest.mark.parametrize("merge", ["least_info", "oldest"])
+def test_triton_scan_across_score_blocks(T, merge):
+    """The scan loads scores 64 at a time: exact block ends, one token past, and a partial last block."""
+    scores = (torch.rand(2, T, 3, generator=torch.Generator().manual_seed(T)) * 8).round() / 8
+    kw = dict(batch=2, heads=3, length=T, capacity=4, threshold=0.5, merge=merge)
+    ref = dla.plan_schedule("dynamic", scores=scores, backend="torch", **kw)
+    out = dla.plan_schedule("dynamic", scores=scores.to(DEVICE), backend="triton", **kw)
+    assert (ref.death != dla.schedule.schedule.NONE).any()  # segments really closed
+    assert torch.equal(out.death.cpu(), ref.death) and torch.equal(out.final.starts.cpu(), ref.final.starts)
+    assert torch.equal(out.final.info.cpu(), ref.final.info)
+
+
 def test_triton_scan_varlen():
     cu = torch.tensor([0, 17, 17, 60, 100])
     scores = dla.novelty_scores(torch.randn(1, 100, 3, 8), cu_seqlens=cu)

@@ -6,7 +6,8 @@ a Python loop launching tensor ops for every token.
 
 Slots are unordered here: a birth takes any free slot, the open segment is the slot with the
 newest start, and on overflow each closed slot finds its older neighbour by comparing starts
-(a C x C comparison, only at overflow). The final slots are written newest first.
+(a C x C comparison, only at overflow). The final slots are written newest first. Scores are
+loaded 64 tokens at a time, so the sequential walk does not wait on a memory load per token.
 """
 
 from __future__ import annotations
@@ -21,10 +22,61 @@ _NEVER = tl.constexpr(NEVER)
 
 
 @triton.jit
+def _scan_step(t, u, pos0, start, info, origin, count, open_start, idx, r, Tm, threshold, max_segment_len,
+               death_ptr, carried_ptr, C: tl.constexpr, CP: tl.constexpr, HAS_MAX: tl.constexpr,
+               OLDEST: tl.constexpr):
+    """Token ``t`` (score ``u``): open a segment or extend the open one, then merge on overflow."""
+    pos = pos0 + t
+    wants = u >= threshold
+    if HAS_MAX:
+        wants = wants | ((pos - open_start) >= max_segment_len)
+    first = count == 0
+    new = first | wants
+    if new:
+        free = tl.min(tl.where(start < 0, idx, CP), axis=0)
+        at_free = idx == free
+        start = tl.where(at_free, pos, start)
+        info = tl.where(at_free, u, info)
+        origin = tl.where(at_free, t, origin)
+        if not first:
+            tl.store(death_ptr + r * Tm + t, _NEVER)
+        count += 1
+        open_start = pos
+    else:
+        info = tl.where(start == open_start, tl.maximum(info, u), info)
+    if count > C:
+        s_i = start[:, None]
+        s_j = start[None, :]
+        older_start = tl.max(tl.where((s_j < s_i) & (s_j >= 0), s_j, -1), axis=1)
+        older_info = tl.max(tl.where(s_j == older_start[:, None], info[None, :], -1.0), axis=1)
+        closed = (start >= 0) & (start < pos) & (older_start >= 0)
+        if OLDEST:  # every pair costs the same, so the tie rule picks the oldest
+            cost = tl.where(closed, 0.0, float("inf"))
+        else:
+            cost = tl.where(closed, info + older_info, float("inf"))
+        cheapest = closed & (cost == tl.min(cost, axis=0))
+        dying_start = tl.min(tl.where(cheapest, start, 2**62), axis=0)  # ties: the older pair
+        dying = start == dying_start
+        dying_origin = tl.sum(tl.where(dying, origin, 0), axis=0)
+        survivor = start == tl.sum(tl.where(dying, older_start, 0), axis=0)
+        info = tl.where(survivor, tl.maximum(info, tl.sum(tl.where(dying, info, 0.0), axis=0)), info)
+        if dying_origin >= 0:
+            tl.store(death_ptr + r * Tm + dying_origin, pos - pos0)
+        else:
+            tl.store(carried_ptr + r * C - dying_origin - 1, pos - pos0)
+        start = tl.where(dying, -1, start)
+        info = tl.where(dying, 0.0, info)
+        origin = tl.where(dying, -(C + 1), origin)
+        count -= 1
+    return start, info, origin, count, open_start
+
+
+@triton.jit
 def _dynamic_scan_kernel(scores_ptr, lengths_ptr, position_ptr, starts_ptr, info_ptr,
                          death_ptr, carried_ptr, final_starts_ptr, final_info_ptr,
                          Tm, H, threshold, max_segment_len,
-                         C: tl.constexpr, CP: tl.constexpr, HAS_MAX: tl.constexpr, OLDEST: tl.constexpr):
+                         C: tl.constexpr, CP: tl.constexpr, HAS_MAX: tl.constexpr, OLDEST: tl.constexpr,
+                         TB: tl.constexpr):
     r = tl.program_id(0).to(tl.int64)
     n = r // H
     length = tl.load(lengths_ptr + n)
@@ -38,50 +90,16 @@ def _dynamic_scan_kernel(scores_ptr, lengths_ptr, position_ptr, starts_ptr, info
     # a birth adds one and becomes the open segment, a merge removes one closed segment
     count = tl.sum((start >= 0).to(tl.int32), axis=0)
     open_start = tl.max(start, axis=0)
-    for t in range(0, length):
-        pos = pos0 + t
-        u = tl.load(scores_ptr + r * Tm + t)
-        wants = u >= threshold
-        if HAS_MAX:
-            wants = wants | ((pos - open_start) >= max_segment_len)
-        first = count == 0
-        new = first | wants
-        if new:
-            free = tl.min(tl.where(start < 0, idx, CP), axis=0)
-            at_free = idx == free
-            start = tl.where(at_free, pos, start)
-            info = tl.where(at_free, u, info)
-            origin = tl.where(at_free, t, origin)
-            if not first:
-                tl.store(death_ptr + r * Tm + t, _NEVER)
-            count += 1
-            open_start = pos
-        else:
-            info = tl.where(start == open_start, tl.maximum(info, u), info)
-        if count > C:
-            s_i = start[:, None]
-            s_j = start[None, :]
-            older_start = tl.max(tl.where((s_j < s_i) & (s_j >= 0), s_j, -1), axis=1)
-            older_info = tl.max(tl.where(s_j == older_start[:, None], info[None, :], -1.0), axis=1)
-            closed = (start >= 0) & (start < pos) & (older_start >= 0)
-            if OLDEST:  # every pair costs the same, so the tie rule picks the oldest
-                cost = tl.where(closed, 0.0, float("inf"))
-            else:
-                cost = tl.where(closed, info + older_info, float("inf"))
-            cheapest = closed & (cost == tl.min(cost, axis=0))
-            dying_start = tl.min(tl.where(cheapest, start, 2**62), axis=0)  # ties: the older pair
-            dying = start == dying_start
-            dying_origin = tl.sum(tl.where(dying, origin, 0), axis=0)
-            survivor = start == tl.sum(tl.where(dying, older_start, 0), axis=0)
-            info = tl.where(survivor, tl.maximum(info, tl.sum(tl.where(dying, info, 0.0), axis=0)), info)
-            if dying_origin >= 0:
-                tl.store(death_ptr + r * Tm + dying_origin, pos - pos0)
-            else:
-                tl.store(carried_ptr + r * C - dying_origin - 1, pos - pos0)
-            start = tl.where(dying, -1, start)
-            info = tl.where(dying, 0.0, info)
-            origin = tl.where(dying, -(C + 1), origin)
-            count -= 1
+    tb = tl.arange(0, TB)
+    for t0 in range(0, length, TB):
+        # a block of scores per load: the walk then waits on no memory access per token
+        u_blk = tl.load(scores_ptr + r * Tm + t0 + tb, mask=t0 + tb < length, other=0.0)
+        for tt in range(0, tl.minimum(TB, length - t0)):
+            t = t0 + tt
+            u = tl.max(tl.where(tb == tt, u_blk, float("-inf")), axis=0)
+            start, info, origin, count, open_start = _scan_step(
+                t, u, pos0, start, info, origin, count, open_start, idx, r, Tm, threshold, max_segment_len,
+                death_ptr, carried_ptr, C, CP, HAS_MAX, OLDEST)
     filled = start >= 0
     newer = tl.sum(((start[None, :] > start[:, None]) & (start[None, :] >= 0)).to(tl.int32), axis=1)
     tl.store(final_starts_ptr + r * C + newer, start, mask=filled)
@@ -104,6 +122,6 @@ def dynamic_scan(scores: torch.Tensor, lengths: torch.Tensor, seg: SegmentState,
             seg.starts.long().contiguous(), seg.info.float().contiguous(),
             death, carried, final_starts, final_info, Tm, H, float(threshold),
             int(max_segment_len or 0), C=C, CP=triton.next_power_of_2(C + 1),
-            HAS_MAX=max_segment_len is not None, OLDEST=merge == "oldest", num_warps=1)
+            HAS_MAX=max_segment_len is not None, OLDEST=merge == "oldest", TB=64, num_warps=1)
     final = SegmentState(final_starts.view(N, H, C), final_info.view(N, H, C), seg.position.long() + lengths)
     return death.view(N, H, Tm), carried.view(N, H, C), final
