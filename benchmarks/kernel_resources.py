@@ -1,4 +1,5 @@
-"""Registers and spills of the fused inter-chunk walk, compiled for Hopper without a GPU.
+"""Registers and spills of the fused inter-chunk walks and the decode step, compiled for Hopper
+without a GPU.
 
 Triton compiles a kernel to PTX on any machine; ptxas (shipped with Triton) then reports what
 each thread needs. A walk that spills keeps its tiles in local memory and runs many times slower,
@@ -33,7 +34,7 @@ SHAPES = [
     ("dla_mamba2_780m (K=128, V=64, C=30)", 128, 64, 30, False),
     ("dla_gdn_1.3b (K=256, V=512, C=30)", 256, 512, 30, True),
 ]
-INT_POINTERS = {"rank_ptr", "lo_ptr", "hi_ptr", "dest_ptr"}
+INT_POINTERS = {"rank_ptr", "lo_ptr", "hi_ptr", "dest_ptr"}  # the rest are fp32
 
 
 def ptxas_report(ptx: str) -> dict:
@@ -61,24 +62,42 @@ def ptxas_report(ptx: str) -> dict:
     raise RuntimeError("no bundled ptxas accepted the PTX")
 
 
-def compile_walk(kernel, K: int, V: int, C: int, matrix: bool, BV: int, num_warps: int, L: int = 64) -> dict:
+def compile_kernel(kernel, const: dict, num_warps: int) -> dict:
+    """Compile ``kernel`` (a Triton JIT function, maybe autotuned) for sm_90a with the constexprs
+    ``const``; pointers are fp32 except those named in INT_POINTERS. Returns ptxas's report."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-
     from triton.runtime.jit import JITFunction
 
     fn = kernel
     while not isinstance(fn, JITFunction):  # unwrap the Autotuner
         fn = fn.fn
-    const = dict(L=L, C=C, K=K, V=V, BV=BV, BK=min(32, K), PREC="tf32", MATRIX=matrix)
-    signature = {name: ("constexpr" if name in const else "i32" if name == "NC"
-                        else "*i32" if name in INT_POINTERS else "*fp32") for name in fn.arg_names}
+    signature = {name: ("constexpr" if name in const else "*i32" if name in INT_POINTERS
+                        else "*fp32" if name.endswith("_ptr") else "i32") for name in fn.arg_names}
     src = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in const.items()})
     started = time.time()
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=1))
     return {**ptxas_report(compiled.asm["ptx"]), "shared": compiled.metadata.shared,
             "compile_s": round(time.time() - started, 1)}
+
+
+def compile_walk(kernel, K: int, V: int, C: int, matrix: bool, BV: int, num_warps: int, L: int = 64) -> dict:
+    """One of the fused inter-chunk walks (dla/ops/triton/chunk_inter.py) at one shape."""
+    return compile_kernel(kernel, dict(L=L, C=C, K=K, V=V, BV=BV, BK=min(32, K), PREC="tf32", MATRIX=matrix),
+                          num_warps)
+
+
+def compile_decode(K: int, V: int, C: int, delta: bool) -> dict:
+    """The decode step (dla/ops/triton/decode.py) at one shape, with the launch's own BV and warps."""
+    import triton
+
+    from dla.ops.triton.decode import _decode_kernel, launch_shape
+
+    BV, num_warps = launch_shape(K, V, delta)
+    return {"BV": BV, "num_warps": num_warps,
+            **compile_kernel(_decode_kernel, dict(C=C, K=K, V=V, KP=triton.next_power_of_2(K), BV=BV, DELTA=delta),
+                             num_warps)}
 
 
 def main(argv=None) -> int:
@@ -104,6 +123,13 @@ def main(argv=None) -> int:
                 print(f"{label:40s} {name:4s} {BV:3d} {warps:5d} {r['registers']:5d} "
                       f"{r['spill_stores']:>8d}/{r['spill_loads']:<8d} {r['stack']:6d} {r['shared']:7d} "
                       f"{r['compile_s']:7.1f}s", flush=True)
+    for label, K, V, C, matrix in SHAPES:
+        r = {"shape": label, "K": K, "V": V, "C": C, "matrix": matrix, "kernel": "decode",
+             **compile_decode(K, V, C, matrix)}
+        rows.append(r)
+        print(f"{label:40s} {'dec':4s} {r['BV']:3d} {r['num_warps']:5d} {r['registers']:5d} "
+              f"{r['spill_stores']:>8d}/{r['spill_loads']:<8d} {r['stack']:6d} {r['shared']:7d} "
+              f"{r['compile_s']:7.1f}s", flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps({"triton": triton.__version__, "target": "sm_90a", "rows": rows},
                                              indent=1) + "\n")

@@ -48,6 +48,15 @@ def _decode_kernel(S_ptr, S_new_ptr, lo_ptr, hi_ptr, q_ptr, k_ptr, v_ptr, g_ptr,
     tl.store(o_ptr + r * V + vv, o, mask=vv < V)
 
 
+def launch_shape(K: int, V: int, delta: bool) -> tuple[int, int]:
+    """``(BV, num_warps)``: at most 8192 state numbers per program ([K, BV] tile), and 8 warps
+    where the delta rule's extra products would otherwise spill (K = V = 128 and K = 256 spilled
+    with 4 warps: benchmarks/kernel_resources.py)."""
+    KP = triton.next_power_of_2(K)
+    BV = min(64, triton.next_power_of_2(V), max(16, 8192 // KP))
+    return BV, 8 if delta and KP * BV >= 8192 else 4
+
+
 def decode_step(S, dest, q, k, v, g, beta, lam):
     """Same contract as ``dla.ops.recurrent._torch_step``: returns ``(S_new, o)``."""
     N, H, C, K, V = S.shape
@@ -55,10 +64,10 @@ def decode_step(S, dest, q, k, v, g, beta, lam):
     S = S.float().contiguous()
     S_new = torch.empty_like(S)
     o = torch.empty(N, H, V, dtype=torch.float32, device=S.device)
-    BV = min(64, triton.next_power_of_2(V))
+    BV, num_warps = launch_shape(K, V, beta is not None)
     grid = (N * H, triton.cdiv(V, BV))
     _decode_kernel[grid](S, S_new, lo, hi, q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(),
                          g if beta is None else beta.contiguous(), lam.contiguous(), o,
                          C=C, K=K, V=V, KP=triton.next_power_of_2(K), BV=BV, DELTA=beta is not None,
-                         num_warps=4)
+                         num_warps=num_warps)
     return S_new.to(q.dtype), o.to(q.dtype)
