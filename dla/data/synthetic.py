@@ -23,8 +23,10 @@ from dla.errors import DataError
 
 
 def _distinct(batch: int, low: int, high: int, count: int, generator: torch.Generator) -> torch.Tensor:
-    """``[batch, count]`` tokens drawn without replacement from ``[low, high)``, per row."""
-    return torch.rand(batch, high - low, generator=generator).argsort(1)[:, :count] + low
+    """``[batch, count]`` tokens drawn without replacement from ``[low, high)``, per row (the
+    ``count`` smallest of uniform draws: a uniform subset in random order; ``topk`` is ~10x
+    faster than a full ``argsort``, and MQAR batches are drawn on the CPU every step)."""
+    return torch.rand(batch, high - low, generator=generator).topk(count, 1, largest=False).indices + low
 
 
 @dataclass
