@@ -35,7 +35,7 @@ def worker(args) -> None:
 
     from dla.models import DLAForCausalLM
     from dla.paper import load, model_config
-    from dla.train.distributed import init_runtime, shutdown, wrap_model
+    from dla.train.distributed import enable_activation_checkpointing, init_runtime, shutdown, wrap_model
     from dla.train.optim import build_optimizer
     from dla.train.loop import grad_clip, lm_loss
     from dla.data import Batch
@@ -50,7 +50,7 @@ def worker(args) -> None:
     model = DLAForCausalLM(config).to(runtime.device)
     n_params = sum(p.numel() for p in model.parameters())
     if cfg.activation_checkpointing and not args.no_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     model = wrap_model(model, runtime, "fsdp")
     optimizer = build_optimizer(model, set(), cfg.optim)
     gen = torch.Generator().manual_seed(runtime.rank)
@@ -63,14 +63,20 @@ def worker(args) -> None:
     use_bf16 = runtime.device.type == "cuda"
     cuda = runtime.device.type == "cuda"
 
-    def step():
+    def step(phases=False):
         # fresh random tokens every step: a repeated batch would be memorised (a large model's loss
         # then falls to ~0 within a few steps and looks like a leak of the targets)
         ids = torch.randint(0, config.vocab_size, (1, seq_len + 1), generator=gen)
         batch = Batch(ids[:, :-1], ids[:, 1:], cu).to(runtime.device)
         with torch.autocast(runtime.device.type, dtype=torch.bfloat16, enabled=use_bf16):
             loss = lm_loss(model, batch)
+        if phases:  # the first step compiles and autotunes: say which phase takes the time
+            sync()
+            progress(f"first forward done after {time.perf_counter() - started:.1f} s")
         loss.backward()
+        if phases:
+            sync()
+            progress(f"first backward done after {time.perf_counter() - started:.1f} s")
         grad_clip(model, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -87,7 +93,7 @@ def worker(args) -> None:
     progress(f"built and wrapped in {time.perf_counter() - built:.1f} s")
     started = time.perf_counter()
     for i in range(args.warmup):
-        step()
+        step(phases=i == 0)
         sync()
         progress(f"warm-up step {i + 1}/{args.warmup} done after {time.perf_counter() - started:.1f} s")
     warmup_s = time.perf_counter() - started

@@ -17,6 +17,7 @@ pytest.importorskip("transformers")
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM  # noqa: E402
 
 from dla.models.modeling_dla import CACHE_FIELD  # noqa: E402
+from dla.train.distributed import enable_activation_checkpointing  # noqa: E402
 from mixer_helpers import max_err, one_thread  # noqa: E402, F401 (one_thread is an autouse fixture)
 
 MAXPOS = 4096
@@ -104,7 +105,7 @@ def test_activation_checkpointing_gives_the_same_gradients(mixer, policy):
         torch.manual_seed(0)
         model = tiny_model(mixer, policy, **({"gradient_checkpointing": True} if how == "config" else {})).train()
         if how == "enable":
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model)
         assert model.is_activation_checkpointing == (how != "off")
         calls = []
         model.model.layers[0].mixer.register_forward_hook(lambda *_: calls.append(1))
@@ -125,7 +126,7 @@ def test_value_blocks_inside_checkpointed_blocks_give_the_same_gradients(monkeyp
     model(ids, labels=ids).loss.backward()
     want = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(model)
     monkeypatch.setattr(dla.ops.chunk, "INTER_BLOCK_BYTES", 1)  # value dim 32 -> 2 blocks of 16
     model(ids, labels=ids).loss.backward()
     for name, p in model.named_parameters():

@@ -11,6 +11,7 @@ import torch
 
 import dla
 from dla.paper import TARGETS, load, model_config, paper_configs, parameter_table, parameters_of
+from dla.train.distributed import enable_activation_checkpointing
 from mixer_helpers import one_thread  # noqa: F401 (autouse fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,7 +39,7 @@ def test_paper_config_at_a_tiny_width_has_the_same_structure_and_trains(name):
     assert parameters_of(tiny) < 1e6
     torch.manual_seed(0)
     model = dla.DLAForCausalLM(tiny).train()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(model)
     ids = torch.randint(0, tiny.vocab_size, (1, 48))
     out = model(ids, cu_seqlens=torch.tensor([0, 20, 48]), labels=ids)
     out.loss.backward()

@@ -80,7 +80,8 @@ class DLAMLP(nn.Module):
 class DLABlock(GradientCheckpointingLayer):
     """``x + mixer(RMSNorm(x))``, then ``x + MLP(RMSNorm(x))``.
 
-    With activation checkpointing on (HF's ``model.gradient_checkpointing_enable()`` or
+    With activation checkpointing on (HF's ``model.activation_checkpointing_enable()``, formerly
+    ``gradient_checkpointing_enable()``, or
     ``DLAConfig(gradient_checkpointing=True)``), a block in
     training keeps only its input and recomputes the rest in the backward pass
     (``torch.utils.checkpoint``, non-reentrant); the schedule is recomputed from the same inputs, so

@@ -55,6 +55,15 @@ def shutdown(runtime: Runtime) -> None:
         dist.destroy_process_group()
 
 
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant checkpointing per block (before FSDP shards them), through the transformers
+    API of the installed version (``gradient_checkpointing_enable`` warns from transformers 5.x)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def wrap_model(model: nn.Module, runtime: Runtime, parallel: str) -> nn.Module:
     """DDP or FSDP2 around ``model`` (already on its device) when there are several processes.
 

@@ -30,8 +30,8 @@ from dla.data import IGNORE_INDEX, Batch, build_dataset
 from dla.errors import ConfigError, TrainingDiverged
 from dla.train import checkpoint as ckpt
 from dla.train.config import TrainConfig, diff, to_dict
-from dla.train.distributed import (Runtime, all_reduce_sum, gradient_sync, init_runtime, shutdown, unwrap,
-                                   wrap_model)
+from dla.train.distributed import (Runtime, all_reduce_sum, enable_activation_checkpointing, gradient_sync,
+                                   init_runtime, shutdown, unwrap, wrap_model)
 from dla.train.metrics import MetricsLog, Progress
 from dla.train.optim import build_optimizer, build_scheduler, weight_decay_names
 
@@ -65,8 +65,8 @@ def _train(cfg: TrainConfig, runtime: Runtime, resume: bool, show_progress: bool
             print(f"warning: resuming {checkpoint} with a changed config:\n  " + "\n  ".join(changed))
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, dataset, None if state is None else checkpoint).to(runtime.device)
-    if cfg.activation_checkpointing:  # per block, before FSDP shards them
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.activation_checkpointing:
+        enable_activation_checkpointing(model)
     decay_names = weight_decay_names(model)
     model = wrap_model(model, runtime, cfg.parallel)
     optimizer = build_optimizer(unwrap(model), decay_names, cfg.optim)
