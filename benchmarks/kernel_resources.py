@@ -62,9 +62,10 @@ def ptxas_report(ptx: str) -> dict:
     raise RuntimeError("no bundled ptxas accepted the PTX")
 
 
-def compile_kernel(kernel, const: dict, num_warps: int) -> dict:
+def compile_kernel(kernel, const: dict, num_warps: int, num_stages: int) -> dict:
     """Compile ``kernel`` (a Triton JIT function, maybe autotuned) for sm_90a with the constexprs
-    ``const``; pointers are fp32 except those named in INT_POINTERS. Returns ptxas's report."""
+    ``const`` and the launch's warps and stages (the stages change the registers: keep them equal
+    to the launch's); pointers are fp32 except those named in INT_POINTERS. Returns ptxas's report."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -77,19 +78,21 @@ def compile_kernel(kernel, const: dict, num_warps: int) -> dict:
                         else "*fp32" if name.endswith("_ptr") else "i32") for name in fn.arg_names}
     src = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in const.items()})
     started = time.time()
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=1))
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
     return {**ptxas_report(compiled.asm["ptx"]), "shared": compiled.metadata.shared,
             "compile_s": round(time.time() - started, 1)}
 
 
 def compile_walk(kernel, K: int, V: int, C: int, matrix: bool, BV: int, num_warps: int, L: int = 64) -> dict:
-    """One of the fused inter-chunk walks (dla/ops/triton/chunk_inter.py) at one shape."""
+    """One of the fused inter-chunk walks (dla/ops/triton/chunk_inter.py) at one shape; both are
+    launched with one stage."""
     return compile_kernel(kernel, dict(L=L, C=C, K=K, V=V, BV=BV, BK=min(32, K), PREC="tf32", MATRIX=matrix),
-                          num_warps)
+                          num_warps, 1)
 
 
 def compile_decode(K: int, V: int, C: int, delta: bool) -> dict:
-    """The decode step (dla/ops/triton/decode.py) at one shape, with the launch's own BV and warps."""
+    """The decode step (dla/ops/triton/decode.py) at one shape, with the launch's own BV, warps and
+    stages (Triton's default, 3)."""
     import triton
 
     from dla.ops.triton.decode import _decode_kernel, launch_shape
@@ -97,7 +100,7 @@ def compile_decode(K: int, V: int, C: int, delta: bool) -> dict:
     BV, num_warps = launch_shape(K, V, delta)
     return {"BV": BV, "num_warps": num_warps,
             **compile_kernel(_decode_kernel, dict(C=C, K=K, V=V, KP=triton.next_power_of_2(K), BV=BV, DELTA=delta),
-                             num_warps)}
+                             num_warps, 3)}
 
 
 def main(argv=None) -> int:

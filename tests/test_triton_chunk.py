@@ -153,9 +153,49 @@ def test_gated_deltanet_inter_in_value_blocks(monkeypatch):
     """The unfused (Gated DeltaNet) inter part over value blocks, recomputed in the backward:
     Triton walks per block == the PyTorch path (40 columns -> 4 blocks of 10, padded to 16)."""
     monkeypatch.setattr(dla.ops.chunk, "INTER_BLOCK_BYTES", 1)
+    monkeypatch.setattr(dla.ops.chunk, "FUSED_GATED_DELTANET", False)  # the value blocks are the unfused path's
     inputs, schedule = make_case("dynamic", "gated_deltanet", None, B=1, T=40, H=2, K=8, V=40, capacity=3,
                                  dtype=torch.float32, device=DEVICE, requires_grad=True)
     check(inputs, schedule)
+
+
+@pytest.mark.parametrize("K, V", [(64, 40), (40, 16)])
+@pytest.mark.parametrize("matrix", [False, True], ids=["scalar", "matrix"])
+def test_fused_walk_against_the_torch_walks(matrix, K, V):
+    """fused_inter directly against the unfused PyTorch walks, in the regime the model-level cases
+    barely reach: decays of order 1 and a non-symmetric K x K transition (so a transposed or
+    misplaced key block of M or dM shows), merges and dropped slots, a final-state gradient, and
+    two key blocks (K = 64; K = 40 padded to 64)."""
+    from dla.ops.chunk import _inter, _TorchWalks
+    from dla.ops.triton.chunk_inter import fused_inter
+
+    gen = torch.Generator().manual_seed(K + V + matrix)
+    N, H, NC, L, C = 1, 2, 4, 16, 3
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    rank = torch.randint(0, C + 1, (N, H, NC, L), generator=gen)  # C: the token is routed nowhere
+    dest = torch.randint(0, C + 1, (N * H * NC, C), generator=gen).sort(-1).values.reshape(N, H, NC, C)
+    if matrix:
+        gam = 0.9 * torch.eye(K, dtype=torch.float64) + 0.2 * randn(N, H, NC, K, K) / K ** 0.5
+    else:
+        gam = 0.4 + 0.5 * torch.rand(N, H, NC, generator=gen, dtype=torch.float64)
+    leaves = [randn(N, H, NC, L, K), torch.rand(N, H, NC, L, C, generator=gen, dtype=torch.float64),
+              randn(N, H, NC, L, K) / K ** 0.5, randn(N, H, NC, L, V), gam, randn(N, H, C, K, V)]
+    w_o, w_s = randn(N, H, NC, L, V), randn(N, H, C, K, V)
+    results = []
+    for fused in (False, True):
+        ins = [t.clone().requires_grad_() for t in leaves]
+        q_eff, lam, x, v, gamma, S0 = ins
+        if fused:
+            o, S = fused_inter(*(t.float() for t in (q_eff, lam, x, v)), rank, gamma.float(), dest, S0.float())
+        else:
+            o, S = _inter(_TorchWalks, q_eff, lam, x.transpose(-1, -2), v, rank, gamma, dest, S0)
+        results.append([o, S, *torch.autograd.grad((o * w_o).sum() + (S * w_s).sum(), ins)])
+    names = ["o", "S_final", "dq_eff", "dlam", "dx", "dv", "dgamma", "dS0"]
+    for name, got, want in zip(names, results[1], results[0]):
+        assert rel_err(got.double(), want) < 1e-5, name
 
 
 def test_walks_and_decode_spill_nothing_at_the_paper_shape():

@@ -46,12 +46,12 @@ def _fitting(configs, named_args, **kwargs):
 def _inter_fwd_kernel(qe_ptr, lam_ptr, x_ptr, v_ptr, rank_ptr, gam_ptr, lo_ptr, hi_ptr, S0_ptr, S_ptr, o_ptr, NC,
                       L: tl.constexpr, C: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr,
                       BK: tl.constexpr, PREC: tl.constexpr, MATRIX: tl.constexpr):
-    r, vv, kk, tile, S_row = _walk_start(S0_ptr, S_ptr, NC, C, K, V, BV)
+    r, vv, kk, tile = _walk_start(S0_ptr, S_ptr, NC, C, K, V, BV)
     ll = tl.arange(0, L)
     bk = tl.arange(0, BK)
     for c in range(NC):
-        rc = r * NC + c
-        S_in = S_row + c * C * K * V
+        rc = r * NC + c  # int64 (r is), so offsets from it do not overflow as c * C*K*V (int32) would
+        S_in = S_ptr + (rc + r) * C * K * V  # S[r, c]: rows hold NC + 1 boundaries
         S_out = S_in + C * K * V
         tok = rc * L + ll
         o = tl.zeros((L, BV), dtype=tl.float32)
@@ -99,12 +99,11 @@ def _inter_bwd_kernel(qe_ptr, lam_ptr, x_ptr, v_ptr, rank_ptr, gam_ptr, dest_ptr
     vv = tl.program_id(1) * BV + tl.arange(0, BV)
     ll = tl.arange(0, L)
     bk = tl.arange(0, BK)
-    S_row = S_ptr + r * (NC + 1) * C * K * V
     G_row = G_ptr + r * 2 * C * K * V
     for ci in range(NC):
         c = NC - 1 - ci
-        rc = r * NC + c
-        S_in = S_row + c * C * K * V
+        rc = r * NC + c  # int64, as in the forward
+        S_in = S_ptr + (rc + r) * C * K * V
         G_out = G_row + (ci % 2) * C * K * V  # dS_{c+1}
         G_in = G_row + ((ci + 1) % 2) * C * K * V  # dS_c, written here
         tok = rc * L + ll
@@ -194,7 +193,8 @@ class _FusedInter(torch.autograd.Function):
         BV = min(32, Vd)
         _inter_bwd_kernel[(R, Vd // BV)](qe, lam, x, v, rank, gam, dest, S, do.float().contiguous(), G,
                                          dqe, dlam, dx, dv, dgam, NC, L=L, C=C, K=K, V=Vd, BV=BV, BK=min(32, K),
-                                         PREC=ctx.prec, MATRIX=gam.dim() == 4, num_warps=8)
+                                         PREC=ctx.prec, MATRIX=gam.dim() == 4, num_warps=8,
+                                         num_stages=1)  # the default (3) spills at K = 256
         return dqe, dlam, dx, dv, dgam, G[:, NC % 2], None, None, None, None, None
 
 

@@ -95,9 +95,9 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
 @triton.jit
 def _walk_start(S0_ptr, S_ptr, NC, C: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr):
-    """The program's row ``r``, value columns ``vv``, key rows ``kk``, the offsets of its ``[K, BV]``
-    tile in one K x V state, and the row's states ``S_row [NC + 1, C, K, V]``, whose first chunk
-    boundary it fills with ``S0[r]``."""
+    """The program's row ``r``, value columns ``vv``, key rows ``kk`` and the offsets of its
+    ``[K, BV]`` tile in one K x V state; fills the first chunk boundary of the row's states
+    ``S[r] [NC + 1, C, K, V]`` with ``S0[r]``."""
     r = tl.program_id(0).to(tl.int64)
     vv = tl.program_id(1) * BV + tl.arange(0, BV)
     kk = tl.arange(0, K)
@@ -106,7 +106,7 @@ def _walk_start(S0_ptr, S_ptr, NC, C: tl.constexpr, K: tl.constexpr, V: tl.const
     for j in range(C):
         tl.store(S_row + j * K * V + tile, tl.load(S0_ptr + r * C * K * V + j * K * V + tile))
     tl.debug_barrier()
-    return r, vv, kk, tile, S_row
+    return r, vv, kk, tile
 
 
 @triton.jit
@@ -124,11 +124,11 @@ def _merged(S_in, lo, hi, tile, K: tl.constexpr, V: tl.constexpr, BV: tl.constex
 def _state_fwd_kernel(S0_ptr, S_ptr, lo_ptr, hi_ptr, M_ptr, W_ptr, NC,
                       C: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr):
     """S[c+1, n] = M_c Σ_{j = lo..hi} S[c, j] + W[c, n]: one program per (row, value block)."""
-    r, vv, kk, tile, S_row = _walk_start(S0_ptr, S_ptr, NC, C, K, V, BV)
+    r, vv, kk, tile = _walk_start(S0_ptr, S_ptr, NC, C, K, V, BV)
     bk = tl.arange(0, BK)
     for c in range(NC):
-        rc = r * NC + c
-        S_in = S_row + c * C * K * V
+        rc = r * NC + c  # int64 (r is), so offsets from it do not overflow as c * C*K*V (int32) would
+        S_in = S_ptr + (rc + r) * C * K * V  # S[r, c]: rows hold NC + 1 boundaries
         S_out = S_in + C * K * V
         W_c = W_ptr + rc * C * K * V
         for n in range(C):
@@ -153,13 +153,11 @@ def _state_bwd_kernel(S_ptr, dS_ptr, lo_ptr, hi_ptr, M_ptr, dM_ptr, NC,
     kk = tl.arange(0, K)
     bk = tl.arange(0, BK)
     tile = kk[:, None] * V + vv[None, :]
-    S_row = S_ptr + r * (NC + 1) * C * K * V
-    dS_row = dS_ptr + r * (NC + 1) * C * K * V
     for ci in range(NC):
         c = NC - 1 - ci
-        rc = r * NC + c
-        S_in = S_row + c * C * K * V
-        dS_in = dS_row + c * C * K * V
+        rc = r * NC + c  # int64, as in the forward
+        S_in = S_ptr + (rc + r) * C * K * V
+        dS_in = dS_ptr + (rc + r) * C * K * V
         dS_out = dS_in + C * K * V
         for n in range(C):
             lo = tl.load(lo_ptr + rc * C + n)
