@@ -18,12 +18,19 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-300)).item()
 
 
+FAST_DECAY = (0.05, 0.7)  # per-token log-decay magnitudes: forgets within a few tokens
+SLOW_DECAY = (0.001, 0.02)  # per-token decay 0.98-0.999: a 64-token chunk keeps 28-94% of a state
+
+
 def make_case(policy="dynamic", base="mamba2", label_rule=None, B=2, T=33, H=2, K=6, V=5, capacity=4,
               dtype=torch.float64, cu_seqlens=None, seed=0, requires_grad=False, threshold=0.5, period=3,
-              extra_labels=1, device="cpu"):
+              extra_labels=1, device="cpu", decay=FAST_DECAY):
     """Random, never-zero inputs and a schedule planned on them (novelty scores of the keys).
 
-    Keys are unit-norm for Gated DeltaNet, decays lie in [-0.7, -0.05], λ in [0.25, 1.25]."""
+    Keys are unit-norm for Gated DeltaNet, λ in [0.25, 1.25], log-decays uniform in
+    ``[-decay[1], -decay[0]]``: ``FAST_DECAY`` (the default) forgets within a few tokens (short
+    sequences see every path); ``SLOW_DECAY`` keeps states over many chunks, as trained models do,
+    so that the inter-chunk transitions dominate the output."""
     gen = torch.Generator().manual_seed(seed)
     gd = base == "gated_deltanet"
     q = torch.randn(B, T, H, K, generator=gen, dtype=torch.float64)
@@ -31,7 +38,7 @@ def make_case(policy="dynamic", base="mamba2", label_rule=None, B=2, T=33, H=2, 
     if gd:
         k = F.normalize(k, dim=-1)
     v = torch.randn(B, T, H, V, generator=gen, dtype=torch.float64)
-    g = -(torch.rand(B, T, H, generator=gen, dtype=torch.float64) * 0.65 + 0.05)
+    g = -(torch.rand(B, T, H, generator=gen, dtype=torch.float64) * (decay[1] - decay[0]) + decay[0])
     beta = torch.rand(B, T, H, generator=gen, dtype=torch.float64) * 0.9 + 0.05 if gd else None
     if cu_seqlens is not None:
         cu_seqlens = cu_seqlens.cpu()

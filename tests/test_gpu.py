@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import dla
-from conftest import BASES, grads, make_case, rel_err
+from conftest import BASES, FAST_DECAY, SLOW_DECAY, grads, make_case, rel_err
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CPU CI checks the "
                                 "Triton kernels through the interpreter in test_triton_*.py)")
@@ -28,6 +28,14 @@ def test_kernels_vs_torch_path(policy, base, capacity, T):
     compare_with_torch_path(policy, base, capacity, T)
 
 
+@pytest.mark.parametrize("capacity", [1, 16])
+@pytest.mark.parametrize("base", BASES)
+def test_kernels_vs_torch_path_with_slow_decays(base, capacity):
+    """States that survive many chunks (as in trained models), so that the inter-chunk transitions
+    dominate the output; the cases above forget within a few tokens."""
+    compare_with_torch_path("dynamic", base, capacity, 4096, decay=SLOW_DECAY)
+
+
 @pytest.mark.parametrize("T", [63, 4096])
 @pytest.mark.parametrize("capacity", [1, 16, 32])
 @pytest.mark.parametrize("policy", ["fixed", "dynamic"])
@@ -37,10 +45,10 @@ def test_unfused_gated_deltanet_walks_vs_torch_path(policy, capacity, T, monkeyp
     compare_with_torch_path(policy, "gated_deltanet", capacity, T)
 
 
-def compare_with_torch_path(policy, base, capacity, T):
+def compare_with_torch_path(policy, base, capacity, T, decay=FAST_DECAY):
     """o and every gradient of the Triton path, fp32 and bf16 inputs, against the fp64 PyTorch path."""
     inputs, schedule = make_case(policy, base, None, B=2, T=T, H=4, K=64, V=64, capacity=capacity, period=64,
-                                 dtype=torch.float32, requires_grad=True, device="cuda")
+                                 dtype=torch.float32, requires_grad=True, device="cuda", decay=decay)
     ref = {n: None if x is None else x.detach().double().requires_grad_() for n, x in inputs.items()}
     o_ref, _ = dla.chunk_dla(**ref, schedule=schedule, backend="torch")
     g_ref = grads(o_ref, ref)

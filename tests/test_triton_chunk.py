@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import dla
-from conftest import BASES, grads, make_case, rel_err
+from conftest import BASES, SLOW_DECAY, grads, make_case, rel_err
 
 pytest.importorskip("triton", reason="triton is not installed")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -70,6 +70,15 @@ def test_triton_chunk_wide_heads(base, fused):
     blocks whose gradients meet in atomics)."""
     inputs, schedule = make_case("dynamic", base, None, B=1, T=40, H=1, K=64, V=40, capacity=3,
                                  dtype=torch.float32, requires_grad=True, device=DEVICE)
+    check(inputs, schedule)
+
+
+@pytest.mark.parametrize("base, fused", WALKS, ids=WALK_IDS)
+def test_triton_chunk_slow_decays_across_many_chunks(base, fused):
+    """Decays near 1 (as trained models have) over 8 chunks with two key blocks: the states carried
+    across chunks, and so the transitions and their gradients, dominate o."""
+    inputs, schedule = make_case("dynamic", base, None, B=1, T=128, H=2, K=64, V=16, capacity=4,
+                                 dtype=torch.float32, requires_grad=True, device=DEVICE, decay=SLOW_DECAY)
     check(inputs, schedule)
 
 
