@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import dla
-from conftest import BASES, grads, make_case, rel_err
+from conftest import BASES, SLOW_DECAY, grads, make_case, rel_err
 
 POLICIES = ("single", "fixed", "fenwick", "dynamic")
 
@@ -40,6 +40,16 @@ def test_chunk_equals_naive_long(policy, base, label_rule):
     inputs, schedule = make_case(policy, base, label_rule, B=1, T=1000, H=2, K=4, V=3, capacity=8, period=37,
                                  threshold=0.6, requires_grad=True)
     check_chunk_vs_naive(inputs, schedule, 64, 1e-9)
+
+
+@pytest.mark.parametrize("label_rule", ["recency", "level"])
+@pytest.mark.parametrize("base", BASES)
+@pytest.mark.parametrize("policy", POLICIES)
+def test_chunk_equals_naive_with_slow_decays(policy, base, label_rule):
+    """Decays near 1: states carried (and merged) over many chunks dominate o and its gradients."""
+    inputs, schedule = make_case(policy, base, label_rule, B=1, T=300, H=2, K=6, V=4, capacity=6, period=23,
+                                 threshold=0.55, requires_grad=True, decay=SLOW_DECAY)
+    check_chunk_vs_naive(inputs, schedule, 16, 1e-9)
 
 
 @pytest.mark.parametrize("chunk_size", [16, 64])

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import dla
-from conftest import BASES, SLOW_DECAY, grads, make_case, rel_err
+from conftest import BASES, FAST_DECAY, SLOW_DECAY, grads, make_case, rel_err
 
 pytest.importorskip("triton", reason="triton is not installed")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -131,15 +131,16 @@ def test_triton_chunk_matches_naive_directly():
     assert rel_err(o, o_ref) <= TOL
 
 
+@pytest.mark.parametrize("decay", [FAST_DECAY, SLOW_DECAY], ids=["fast", "slow"])
 @pytest.mark.parametrize("base", BASES)
 @pytest.mark.parametrize("policy", ["fixed", "fenwick", "dynamic"])
-def test_triton_decode_steps_match_recurrent(policy, base):
+def test_triton_decode_steps_match_recurrent(policy, base, decay):
     """Decoding token by token with the fused kernel == the differentiable recurrence (2000 steps
-    on a GPU, 40 in the interpreter)."""
+    on a GPU, 40 in the interpreter); slow decays keep merged old states in the output."""
     T, B, H = (2000 if DEVICE == "cuda" else 40), 2, 3
     capacity = (T - 1).bit_length() + 1 if policy == "fenwick" else 4
     inputs, schedule = make_case(policy, base, "level", B=B, T=T, H=H, K=12, V=20, capacity=capacity, period=7,
-                                 dtype=torch.float32, device=DEVICE)
+                                 dtype=torch.float32, device=DEVICE, decay=decay)
     o_ref, ref_state = dla.recurrent_dla(**inputs, schedule=schedule, output_final_state=True, backend="torch")
     kw = dict(batch=B, heads=H, capacity=schedule.capacity, label_rule="level", device=DEVICE,
               period=7 if policy == "fixed" else None)
