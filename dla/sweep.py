@@ -332,6 +332,61 @@ def select_runs(exp: Experiment, only: list[str] | None) -> list[Run]:
     return [r for r in exp.runs if any(fnmatch.fnmatch(r.name, p) or p in r.name for p in only)]
 
 
+def probe_one(exp_path: str, run_name: str, work_dir: str, device: str, steps: int, threads: int) -> dict:
+    """Train one run for ``steps`` steps (in a worker process) and time the second half of them,
+    after compilation and autotuning; the checkpoint is deleted. Never raises."""
+    import torch
+
+    from dla.train import train
+    from dla.train.metrics import read_metrics
+
+    torch.set_num_threads(threads)
+    try:
+        exp = load_experiment(exp_path)
+        run = next(r for r in exp.runs if r.name == run_name)
+        full_steps = run_config(exp, run, Path(work_dir), device).steps
+        cfg = run_config(exp, run, Path(work_dir), device, steps / full_steps)
+        cfg.log_every = max(1, cfg.steps // 2)
+        out = Path(cfg.out_dir)
+        shutil.rmtree(out, ignore_errors=True)
+        train(cfg, show_progress=False)
+        logged = read_metrics(out / "metrics.jsonl")  # at half the steps and at the end
+        shutil.rmtree(out, ignore_errors=True)
+        half, end = logged[0], logged[-1]
+        step_s = (end["elapsed_s"] - half["elapsed_s"]) / (end["step"] - half["step"])
+        return {"run": run_name, "status": "done", "step_s": step_s, "full_steps": full_steps,
+                "train_s": step_s * full_steps}
+    except Exception as e:  # noqa: BLE001 (one broken probe must not stop the others)
+        return {"run": run_name, "status": "error", "error": f"{type(e).__name__}: {e}"}
+
+
+def probe_sweep(exp_path: str | Path, work_root: Path, device: str = "cuda", workers: int = 1, steps: int = 40,
+                only: list[str] | None = None, call_s: float = 540.0) -> list[dict]:
+    """Step time of one run per table cell (the first of its ``select`` / ``average`` values),
+    ``workers`` at a time as the sweep would run them, and what that means for a full run and for
+    a GPU call of ``call_s`` seconds; prints a table, trains nothing to the end, writes no result."""
+    exp = load_experiment(exp_path)
+    rep = exp.report
+    cells: dict[tuple, Run] = {}
+    for r in select_runs(exp, only):
+        cells.setdefault(tuple(v for a, v in r.labels.items() if a not in (rep["select"], rep["average"])), r)
+    threads = 1 if device == "cuda" else max(1, (os.cpu_count() or 1) // max(1, workers))
+    jobs = [(str(exp.path), r.name, str(work_root / exp.name / "probe"), device, steps) for r in cells.values()]
+    print(f"{exp.name}: probing {len(jobs)} runs ({steps} steps each, the second half timed) on {device} "
+          f"with {workers} worker(s)", flush=True)
+    rows = [result for _, result in run_parallel(probe_one, jobs, workers, threads)]
+    shutil.rmtree(work_root / exp.name / "probe", ignore_errors=True)
+    for r in rows:
+        if r["status"] == "done":
+            fit = int(call_s // r["train_s"])
+            print(f"  {r['run']:55s} {r['step_s']:7.3f} s/step  x {r['full_steps']} steps = "
+                  f"{r['train_s'] / 60:5.1f} min per run; {fit * workers if fit else 0} runs per {call_s / 60:.0f}-min call",
+                  flush=True)
+        else:
+            print(f"  {r['run']:55s} {r['error']}", flush=True)
+    return rows
+
+
 def run_sweep(exp_path: str | Path, results_root: Path, work_root: Path, device: str = "cuda", workers: int = 1,
               steps_scale: float = 1.0, only: list[str] | None = None, time_budget: float | None = None,
               extra: list[str] = (), keep_checkpoints: bool = False, export: Path | None = None,

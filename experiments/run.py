@@ -3,6 +3,7 @@
     python experiments/run.py experiments/mqar.yaml --device cuda --workers 16 --time-budget 480
     python experiments/run.py experiments/mqar.yaml --aggregate-only
     python experiments/run.py experiments/mqar.yaml --list
+    python experiments/run.py experiments/*.yaml --device cuda --workers 9 --probe 40   # size a session
 
 Finished runs (a JSON under experiments/results/NAME/runs/) are skipped, so repeating the command
 continues the sweep; --time-budget stops starting runs so that the call ends in time. Checkpoints
@@ -21,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 def main(argv: list[str] | None = None) -> int:
     from dla.errors import UserError
-    from dla.sweep import aggregate, load_experiment, run_sweep, select_runs
+    from dla.sweep import aggregate, load_experiment, probe_sweep, run_sweep, select_runs
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("experiment", nargs="+", help="experiment files (experiments/*.yaml), run one after another")
@@ -43,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
                    "generated block for the experiment is updated")
     p.add_argument("--aggregate-only", action="store_true", help="train nothing; rebuild tables, plot, docs")
     p.add_argument("--list", action="store_true", help="print the runs of the grid and exit")
+    p.add_argument("--probe", type=int, metavar="STEPS", help="train one run per table cell for STEPS steps, "
+                   "--workers at a time, and print the step times, minutes per run and runs per 9-minute call "
+                   "(sizing a GPU session; writes no results)")
     args = p.parse_args(argv)
     try:
         import time
@@ -60,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{exp.name}: {len(runs)} of {len(exp.runs)} runs")
                 for r in runs:
                     print(f"  {r.name}")
+                continue
+            if args.probe:
+                probe_sweep(path, Path(args.work_dir), device, args.workers, args.probe, args.only)
                 continue
             if args.aggregate_only:
                 aggregate(exp, Path(args.results) / exp.name, Path(args.docs))

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from dla.errors import ConfigError
-from dla.sweep import aggregate, load_experiment, run_sweep
+from dla.sweep import aggregate, load_experiment, probe_sweep, run_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 from mixer_helpers import one_thread  # noqa: F401 (autouse: tiny models run fastest on one thread)
@@ -84,6 +84,17 @@ def test_sweep_end_to_end_and_resumes(tiny, tmp_path, capsys):
     assert "1 already finished, 1 to run" in capsys.readouterr().out
     assert runs[1].exists() and runs[0].stat().st_mtime_ns == mtimes[runs[0].name]
     assert doc.count("begin generated: tiny") == (tmp_path / "results.md").read_text().count("begin generated: tiny")
+
+
+def test_probe_times_one_run_per_cell_and_writes_nothing(tiny, tmp_path, capsys):
+    """--probe: one run per table cell (here one model; the lr axis is the selected one), a few
+    steps, the second half timed and scaled to the run's full length."""
+    rows = probe_sweep(tiny, tmp_path / "work", device="cpu", workers=1, steps=4)
+    (row,) = rows
+    assert row["status"] == "done" and row["run"] == "mamba2-dynamic-C4__lr0.001"
+    assert row["full_steps"] == 3 and row["step_s"] > 0 and row["train_s"] == pytest.approx(3 * row["step_s"])
+    assert "s/step" in capsys.readouterr().out
+    assert not (tmp_path / "results").exists() and not list((tmp_path / "work").rglob("*.jsonl"))
 
 
 def test_time_budget_starts_nothing_past_it(tiny, tmp_path, capsys):
