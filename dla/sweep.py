@@ -332,6 +332,11 @@ def select_runs(exp: Experiment, only: list[str] | None) -> list[Run]:
     return [r for r in exp.runs if any(fnmatch.fnmatch(r.name, p) or p in r.name for p in only)]
 
 
+def worker_threads(device: str, workers: int) -> int:
+    """CPU threads per worker process: one on a GPU (the GPU does the work), else a share of the cores."""
+    return 1 if device == "cuda" else max(1, (os.cpu_count() or 1) // max(1, workers))
+
+
 def probe_one(exp_path: str, run_name: str, work_dir: str, device: str, steps: int, threads: int) -> dict:
     """Train one run for ``steps`` steps (in a worker process) and time the second half of them,
     after compilation and autotuning; the checkpoint is deleted. Never raises."""
@@ -370,17 +375,16 @@ def probe_sweep(exp_path: str | Path, work_root: Path, device: str = "cuda", wor
     cells: dict[tuple, Run] = {}
     for r in select_runs(exp, only):
         cells.setdefault(tuple(v for a, v in r.labels.items() if a not in (rep["select"], rep["average"])), r)
-    threads = 1 if device == "cuda" else max(1, (os.cpu_count() or 1) // max(1, workers))
     jobs = [(str(exp.path), r.name, str(work_root / exp.name / "probe"), device, steps) for r in cells.values()]
     print(f"{exp.name}: probing {len(jobs)} runs ({steps} steps each, the second half timed) on {device} "
           f"with {workers} worker(s)", flush=True)
-    rows = [result for _, result in run_parallel(probe_one, jobs, workers, threads)]
+    rows = [result for _, result in run_parallel(probe_one, jobs, workers, worker_threads(device, workers))]
     shutil.rmtree(work_root / exp.name / "probe", ignore_errors=True)
     for r in rows:
         if r["status"] == "done":
             fit = int(call_s // r["train_s"])
             print(f"  {r['run']:55s} {r['step_s']:7.3f} s/step  x {r['full_steps']} steps = "
-                  f"{r['train_s'] / 60:5.1f} min per run; {fit * workers if fit else 0} runs per {call_s / 60:.0f}-min call",
+                  f"{r['train_s'] / 60:5.1f} min per run; {fit * workers} runs per {call_s / 60:.0f}-min call",
                   flush=True)
         else:
             print(f"  {r['run']:55s} {r['error']}", flush=True)
@@ -405,8 +409,7 @@ def run_sweep(exp_path: str | Path, results_root: Path, work_root: Path, device:
           f"{len(chosen) - len(pending)} already finished, {len(pending)} to run on {device} with {workers} worker(s)"
           + (f", steps x{steps_scale}" if steps_scale != 1.0 else "")
           + (f", time budget {format_duration(time_budget)}" if time_budget else ""), flush=True)
-    cores = os.cpu_count() or 1
-    threads = 1 if device == "cuda" else max(1, cores // max(1, workers))
+    threads = worker_threads(device, workers)
     jobs = [(str(exp.path), r.name, str(results_dir), str(work_root / exp.name), device, steps_scale, list(extra),
              list(eval_extra), keep_checkpoints) for r in pending]
     completed, errors = 0, []
