@@ -78,7 +78,8 @@ def compile_kernel(kernel, const: dict, num_warps: int, num_stages: int) -> dict
                         else "*fp32" if name.endswith("_ptr") else "i32") for name in fn.arg_names}
     src = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in const.items()})
     started = time.time()
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=num_warps, num_stages=num_stages))
     return {**ptxas_report(compiled.asm["ptx"]), "shared": compiled.metadata.shared,
             "compile_s": round(time.time() - started, 1)}
 
@@ -103,6 +104,12 @@ def compile_decode(K: int, V: int, C: int, delta: bool) -> dict:
                              num_warps, 3)}
 
 
+def print_row(r: dict) -> None:
+    print(f"{r['shape']:40s} {r['kernel'][:3]:4s} {r['BV']:3d} {r['num_warps']:5d} {r['registers']:5d} "
+          f"{r['spill_stores']:>8d}/{r['spill_loads']:<8d} {r['stack']:6d} {r['shared']:7d} {r['compile_s']:7.1f}s",
+          flush=True)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", help="write the table as JSON here")
@@ -120,19 +127,13 @@ def main(argv=None) -> int:
         fwd = [(c.kwargs["BV"], c.num_warps) for c in _CONFIGS if c.kwargs["BV"] <= V]
         for kernel, name, configs in ((_inter_fwd_kernel, "fwd", fwd), (_inter_bwd_kernel, "bwd", [(32, 8)])):
             for BV, warps in configs:
-                r = {"shape": label, "K": K, "V": V, "C": C, "matrix": matrix, "kernel": name, "BV": BV,
-                     "num_warps": warps, **compile_walk(kernel, K, V, C, matrix, BV, warps)}
-                rows.append(r)
-                print(f"{label:40s} {name:4s} {BV:3d} {warps:5d} {r['registers']:5d} "
-                      f"{r['spill_stores']:>8d}/{r['spill_loads']:<8d} {r['stack']:6d} {r['shared']:7d} "
-                      f"{r['compile_s']:7.1f}s", flush=True)
+                rows.append({"shape": label, "K": K, "V": V, "C": C, "matrix": matrix, "kernel": name, "BV": BV,
+                             "num_warps": warps, **compile_walk(kernel, K, V, C, matrix, BV, warps)})
+                print_row(rows[-1])
     for label, K, V, C, matrix in SHAPES:
-        r = {"shape": label, "K": K, "V": V, "C": C, "matrix": matrix, "kernel": "decode",
-             **compile_decode(K, V, C, matrix)}
-        rows.append(r)
-        print(f"{label:40s} {'dec':4s} {r['BV']:3d} {r['num_warps']:5d} {r['registers']:5d} "
-              f"{r['spill_stores']:>8d}/{r['spill_loads']:<8d} {r['stack']:6d} {r['shared']:7d} "
-              f"{r['compile_s']:7.1f}s", flush=True)
+        rows.append({"shape": label, "K": K, "V": V, "C": C, "matrix": matrix, "kernel": "decode",
+                     **compile_decode(K, V, C, matrix)})
+        print_row(rows[-1])
     if args.out:
         Path(args.out).write_text(json.dumps({"triton": triton.__version__, "target": "sm_90a", "rows": rows},
                                              indent=1) + "\n")

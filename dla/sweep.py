@@ -601,14 +601,14 @@ def plot(exp: Experiment, entries: list[dict], group_axes: list[str], path: Path
             ax.set_title(" ".join(str(e[a]) for a in group_axes), fontsize=8)
             ax.set(xlabel="length", ylabel="depth")
         return save(fig, path)
-    numeric_cols = cols is not None and all(_number(c, cols) is not None for c in exp.axes[cols])
+    numeric_cols = _numeric_axis(exp, cols)
     if task != "text" and not numeric_cols:
         return bar_plot(plt, exp, entries, group_axes, path)
     panels = rep.get("panels") or [None]
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
     for ax, panel in zip(axes[0], panels):
         for rv in exp.axes[rows]:
-            if panel is not None and "-" in rv and not rv.startswith(panel + "-"):
+            if not _in_panel(rv, panel):
                 continue
             mine = [e for e in entries if e[rows] == rv]
             if task == "text":
@@ -637,17 +637,26 @@ def plot(exp: Experiment, entries: list[dict], group_axes: list[str], path: Path
     return save(fig, path)
 
 
+def _numeric_axis(exp: Experiment, axis: str | None) -> bool:
+    return axis is not None and all(_number(v, axis) is not None for v in exp.axes[axis])
+
+
+def _in_panel(row_label: str, panel: str | None) -> bool:
+    """Row labels ``BASE-...`` belong to the panel of that base; the others (attention) to every panel."""
+    return panel is None or "-" not in row_label or row_label.startswith(panel + "-")
+
+
 def plot_curves(exp: Experiment, entries: list[dict], finished: dict[str, dict], path: Path) -> Path | None:
     """Training loss against sequences seen for the first run of each table cell (its chosen
     ``select`` value), at the largest ``cols`` value when that axis is numeric, a panel per base."""
     from dla.plots import pyplot, save
 
     plt = pyplot()
-    rep = exp.report
-    rows, cols = rep["rows"], rep["cols"]
     if plt is None:
         return None
-    if cols is not None and all(_number(c, cols) is not None for c in exp.axes[cols]):
+    rep = exp.report
+    rows, cols, select = rep["rows"], rep["cols"], rep["select"]
+    if _numeric_axis(exp, cols):
         widest = max(exp.axes[cols], key=lambda c: _number(c, cols))
         entries = [e for e in entries if e[cols] == widest]
     panels = rep.get("panels") or [None]
@@ -655,12 +664,10 @@ def plot_curves(exp: Experiment, entries: list[dict], finished: dict[str, dict],
     for ax, panel in zip(axes[0], panels):
         for e in entries:
             run = finished[e["runs"][0]]
-            rv = e[rows]
-            if not run.get("curve") or (panel is not None and "-" in rv and not rv.startswith(panel + "-")):
+            if not run.get("curve") or not _in_panel(e[rows], panel):
                 continue
             batch = run["config"]["batch_size"]
             steps, losses = zip(*run["curve"])
-            select = rep["select"]
             ax.plot([s * batch for s in steps], losses, label=" ".join(
                 [str(e[a]) for a in e if a in exp.axes and a not in (select, rep["average"])]
                 + ([str(e["best_" + select])] if select else [])))
