@@ -21,7 +21,10 @@ if [[ $mode == tests || $mode == all ]]; then
   # default files, to split it over two calls (e.g. `tests tests/test_gpu.py`, then the other three)
   tests=(tests/test_gpu.py tests/test_gpu_models.py tests/test_triton_chunk.py tests/test_triton_schedule.py)
   [[ $mode == tests && $# -gt 0 ]] && tests=("$@")
-  python3 -m pytest -q -x -p no:cacheprovider --durations=10 "${tests[@]}" 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+  # with pytest-xdist (carried in .whl/), 8 processes share the GPU: most of the suite's time is
+  # Triton compiling on the CPU, and the machine has 16 cores
+  workers=(); python3 -c "import xdist" 2>/dev/null && workers=(-n 8)
+  python3 -m pytest -q -x -p no:cacheprovider --durations=10 "${workers[@]}" "${tests[@]}" 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
 fi
 if [[ $mode == causality || $mode == all ]]; then
   python3 scripts/causality_check.py --out "$OUT/causality.json" 2>&1 | tee "$OUT/causality.log"

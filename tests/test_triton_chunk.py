@@ -169,13 +169,15 @@ def test_gated_deltanet_inter_in_value_blocks(monkeypatch):
     check(inputs, schedule)
 
 
+@pytest.mark.parametrize("key_block", ["32", "64"])
 @pytest.mark.parametrize("K, V", [(64, 40), (40, 16)])
 @pytest.mark.parametrize("matrix", [False, True], ids=["scalar", "matrix"])
-def test_fused_walk_against_the_torch_walks(matrix, K, V):
+def test_fused_walk_against_the_torch_walks(matrix, K, V, key_block, monkeypatch):
     """fused_inter directly against the unfused PyTorch walks, in the regime the model-level cases
     barely reach: decays of order 1 and a non-symmetric K x K transition (so a transposed or
     misplaced key block of M or dM shows), merges and dropped slots, a final-state gradient, and
-    two key blocks (K = 64; K = 40 padded to 64)."""
+    two key blocks (K = 64; K = 40 padded to 64) or one (DLA_WALK_KEY_BLOCK = 64)."""
+    monkeypatch.setenv("DLA_WALK_KEY_BLOCK", key_block)
     from dla.ops.chunk import _inter, _TorchWalks
     from dla.ops.triton.chunk_inter import fused_inter
 
@@ -194,6 +196,8 @@ def test_fused_walk_against_the_torch_walks(matrix, K, V):
     leaves = [randn(N, H, NC, L, K), torch.rand(N, H, NC, L, C, generator=gen, dtype=torch.float64),
               randn(N, H, NC, L, K) / K ** 0.5, randn(N, H, NC, L, V), gam, randn(N, H, C, K, V)]
     w_o, w_s = randn(N, H, NC, L, V), randn(N, H, C, K, V)
+    leaves, w_o, w_s, rank, dest = [t.to(DEVICE) for t in leaves], w_o.to(DEVICE), w_s.to(DEVICE), rank.to(DEVICE), \
+        dest.to(DEVICE)  # made on the CPU: the same numbers on either device
     results = []
     for fused in (False, True):
         ins = [t.clone().requires_grad_() for t in leaves]

@@ -71,11 +71,12 @@ def _inter_fwd_kernel(qe_ptr, lam_ptr, x_ptr, v_ptr, rank_ptr, gam_ptr, lo_ptr, 
             mine = rank == n
             writes = tl.max(mine.to(tl.int32), axis=0) > 0  # the chunk writes tokens into slot n
             mine_vals = tl.where(mine[:, None], vals, 0.0)
-            if MATRIX:  # M_c [K, K] applied in blocks of BK rows (IEEE: the transition compounds)
+            if MATRIX:  # M_c [K, K] applied in blocks of BK rows (tf32 for bf16 inputs: within
+                # their tolerance on an H100, and 1.8x faster than IEEE there)
                 for kb in range(K // BK):
                     rows = kb * BK + bk
                     M_blk = tl.load(gam_ptr + (rc * K + rows[:, None]) * K + kk[None, :])  # [BK, K]
-                    out = tl.dot(M_blk, merged, input_precision="ieee")
+                    out = tl.dot(M_blk, merged, input_precision=PREC)
                     if writes:
                         xt_blk = tl.load(x_ptr + tok[None, :] * K + rows[:, None])  # [BK, L]
                         out += tl.dot(xt_blk, mine_vals, input_precision=PREC)
@@ -142,21 +143,34 @@ def _inter_bwd_kernel(qe_ptr, lam_ptr, x_ptr, v_ptr, rank_ptr, gam_ptr, dest_ptr
                 dSj = tl.dot(tl.trans(qe * lam_j[:, None]), do, input_precision=PREC)  # [BK, BV]
                 n = tl.load(dest_ptr + rc * C + j)
                 if n < C:
-                    if MATRIX:  # S_{c+1}[n] = M_c (... + S_c[j] + ...): dS_c[j] += M_c^T G_n, dM_c += G_n S_c[j]^T
+                    if MATRIX:  # S_{c+1}[n] = M_c (... + S_c[j] + ...): dS_c[j] += M_c^T G_n (dM_c below)
                         for kb2 in range(K // BK):
                             rows2 = kb2 * BK + bk
                             G_blk = tl.load(G_out + n * K * V + rows2[:, None] * V + vv[None, :])  # [BK, BV]
                             M_blk = tl.load(gam_ptr + (rc * K + rows2[:, None]) * K + rows[None, :])  # [BK, BK]
-                            dSj += tl.dot(tl.trans(M_blk), G_blk, input_precision="ieee")
-                            tl.atomic_add(dgam_ptr + (rc * K + rows2[:, None]) * K + rows[None, :],
-                                          tl.dot(G_blk, tl.trans(Sj), input_precision="ieee"))
+                            dSj += tl.dot(tl.trans(M_blk), G_blk, input_precision=PREC)
                     else:
                         Gn = tl.load(G_out + n * K * V + rows[:, None] * V + vv[None, :])
                         dgam += tl.sum(Gn * Sj, axis=0)
                         dSj += gam * Gn
                 tl.store(G_in + j * K * V + rows[:, None] * V + vv[None, :], dSj)
             tl.atomic_add(dqe_ptr + tok[:, None] * K + rows[None, :], dqe)
-        if not MATRIX:
+        if MATRIX:
+            # dM_c = sum_j G_{dest j} S_c[j]^T, one [BK, BK] tile at a time summed over the slots in
+            # registers: one atomic add per tile, not one per slot and key block
+            for ka in range(K // BK):
+                rows_a = ka * BK + bk
+                for kb in range(K // BK):
+                    rows_b = kb * BK + bk
+                    dM = tl.zeros((BK, BK), dtype=tl.float32)
+                    for j in range(C):
+                        n = tl.load(dest_ptr + rc * C + j)
+                        if n < C:
+                            G_blk = tl.load(G_out + n * K * V + rows_a[:, None] * V + vv[None, :])  # [BK, BV]
+                            S_blk = tl.load(S_in + j * K * V + rows_b[:, None] * V + vv[None, :])  # [BK, BV]
+                            dM += tl.dot(G_blk, tl.trans(S_blk), input_precision=PREC)
+                    tl.atomic_add(dgam_ptr + (rc * K + rows_a[:, None]) * K + rows_b[None, :], dM)
+        else:
             tl.atomic_add(dgam_ptr + rc, tl.sum(dgam, axis=0))
         tl.debug_barrier()
 
@@ -164,6 +178,14 @@ def _inter_bwd_kernel(qe_ptr, lam_ptr, x_ptr, v_ptr, rank_ptr, gam_ptr, dest_ptr
 def _prec(dtype) -> str:
     # fp32 inputs get IEEE products (the 1e-5 contract); lower-precision inputs tf32
     return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+
+
+def _key_block(K):
+    """Key rows per block of the walks. 32 is the default checked on an H100 (Triton 3.6). On that
+    H100 the Mamba-2 shape (K = 128) ran its forward+backward in 74 ms with DLA_WALK_KEY_BLOCK=128
+    against 104 ms with 32 (T = 4K, C = 16), but 128 has not yet passed the GPU suite; at K = 256
+    anything above 32 spills (benchmarks/kernel_resources.py)."""
+    return min(int(os.environ.get("DLA_WALK_KEY_BLOCK", "32")), K)
 
 
 class _FusedInter(torch.autograd.Function):
@@ -175,7 +197,7 @@ class _FusedInter(torch.autograd.Function):
         o = _output((R, NC, L, Vd), qe)
         grid = lambda meta: (R, Vd // meta["BV"])  # noqa: E731
         _inter_fwd_kernel[grid](qe, lam, x, v, rank, gam, lo, hi, S0, S, o, NC, L=L, C=C, K=K, V=Vd,
-                                BK=min(32, K), PREC=prec, MATRIX=gam.dim() == 4)
+                                BK=_key_block(K), PREC=prec, MATRIX=gam.dim() == 4)
         ctx.save_for_backward(qe, lam, x, v, gam, rank, dest, S)
         ctx.prec = prec
         return o, S[:, NC]
@@ -192,7 +214,7 @@ class _FusedInter(torch.autograd.Function):
         dv = _output(v.shape, v)
         BV = min(32, Vd)
         _inter_bwd_kernel[(R, Vd // BV)](qe, lam, x, v, rank, gam, dest, S, do.float().contiguous(), G,
-                                         dqe, dlam, dx, dv, dgam, NC, L=L, C=C, K=K, V=Vd, BV=BV, BK=min(32, K),
+                                         dqe, dlam, dx, dv, dgam, NC, L=L, C=C, K=K, V=Vd, BV=BV, BK=_key_block(K),
                                          PREC=ctx.prec, MATRIX=gam.dim() == 4, num_warps=8,
                                          num_stages=1)  # the default (3) spills at K = 256
         return dqe, dlam, dx, dv, dgam, G[:, NC % 2], None, None, None, None, None
