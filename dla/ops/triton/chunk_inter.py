@@ -185,7 +185,10 @@ def _key_block(K):
     H100 the Mamba-2 shape (K = 128) ran its forward+backward in 74 ms with DLA_WALK_KEY_BLOCK=128
     against 104 ms with 32 (T = 4K, C = 16), but 128 has not yet passed the GPU suite; at K = 256
     anything above 32 spills (benchmarks/kernel_resources.py)."""
-    return min(int(os.environ.get("DLA_WALK_KEY_BLOCK", "32")), K)
+    block = int(os.environ.get("DLA_WALK_KEY_BLOCK", "32"))
+    if block < 16 or block & (block - 1):
+        raise ValueError(f"DLA_WALK_KEY_BLOCK must be a power of two >= 16, got {block}")
+    return min(block, K)
 
 
 class _FusedInter(torch.autograd.Function):
