@@ -85,9 +85,11 @@ def compile_kernel(kernel, const: dict, num_warps: int, num_stages: int) -> dict
 
 
 def compile_walk(kernel, K: int, V: int, C: int, matrix: bool, BV: int, num_warps: int, L: int = 64) -> dict:
-    """One of the fused inter-chunk walks (dla/ops/triton/chunk_inter.py) at one shape; both are
-    launched with one stage."""
-    return compile_kernel(kernel, dict(L=L, C=C, K=K, V=V, BV=BV, BK=min(32, K), PREC="tf32", MATRIX=matrix),
+    """One of the fused inter-chunk walks (dla/ops/triton/chunk_inter.py) at one shape, with the
+    launch's key block (DLA_WALK_KEY_BLOCK applies); both are launched with one stage."""
+    from dla.ops.triton.chunk_inter import _key_block
+
+    return compile_kernel(kernel, dict(L=L, C=C, K=K, V=V, BV=BV, BK=_key_block(K), PREC="tf32", MATRIX=matrix),
                           num_warps, 1)
 
 

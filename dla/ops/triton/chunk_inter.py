@@ -198,11 +198,12 @@ class _FusedInter(torch.autograd.Function):
         C, Vd = S0.shape[1], v.shape[-1]
         S = _output((R, NC + 1, C, K, Vd), qe)
         o = _output((R, NC, L, Vd), qe)
+        key_block = _key_block(K)
         grid = lambda meta: (R, Vd // meta["BV"])  # noqa: E731
         _inter_fwd_kernel[grid](qe, lam, x, v, rank, gam, lo, hi, S0, S, o, NC, L=L, C=C, K=K, V=Vd,
-                                BK=_key_block(K), PREC=prec, MATRIX=gam.dim() == 4)
+                                BK=key_block, PREC=prec, MATRIX=gam.dim() == 4)
         ctx.save_for_backward(qe, lam, x, v, gam, rank, dest, S)
-        ctx.prec = prec
+        ctx.prec, ctx.key_block = prec, key_block  # the backward walks the same blocks
         return o, S[:, NC]
 
     @staticmethod
@@ -217,7 +218,7 @@ class _FusedInter(torch.autograd.Function):
         dv = _output(v.shape, v)
         BV = min(32, Vd)
         _inter_bwd_kernel[(R, Vd // BV)](qe, lam, x, v, rank, gam, dest, S, do.float().contiguous(), G,
-                                         dqe, dlam, dx, dv, dgam, NC, L=L, C=C, K=K, V=Vd, BV=BV, BK=_key_block(K),
+                                         dqe, dlam, dx, dv, dgam, NC, L=L, C=C, K=K, V=Vd, BV=BV, BK=ctx.key_block,
                                          PREC=ctx.prec, MATRIX=gam.dim() == 4, num_warps=8,
                                          num_stages=1)  # the default (3) spills at K = 256
         return dqe, dlam, dx, dv, dgam, G[:, NC % 2], None, None, None, None, None
