@@ -100,6 +100,8 @@ def _inter_bwd_kernel(qe_ptr, lam_ptr, x_ptr, v_ptr, rank_ptr, gam_ptr, dest_ptr
     vv = tl.program_id(1) * BV + tl.arange(0, BV)
     ll = tl.arange(0, L)
     bk = tl.arange(0, BK)
+    BT: tl.constexpr = 128 if K > 128 else K  # columns of a transition tile: [BK, 256] ones spill
+    bt = tl.arange(0, BT)
     G_row = G_ptr + r * 2 * C * K * V
     for ci in range(NC):
         c = NC - 1 - ci
@@ -109,7 +111,9 @@ def _inter_bwd_kernel(qe_ptr, lam_ptr, x_ptr, v_ptr, rank_ptr, gam_ptr, dest_ptr
         G_in = G_row + ((ci + 1) % 2) * C * K * V  # dS_c, written here
         tok = rc * L + ll
         # Everything below runs over blocks of BK key rows, so no [L, K] or [K, K] tile is ever
-        # held: at K = 256 whole-K tiles spill (benchmarks/kernel_resources.py).
+        # held: at K = 256 those spill (benchmarks/kernel_resources.py). The transition's products
+        # use [BK, BT] and [BT, BV] tiles (BT = K up to 128): one dot per slot and block at K = 128
+        # instead of K / BK small ones, each with its own trip through shared memory.
         # token writes: W[n] = X^T diag(rank = n) V
         rank = tl.load(rank_ptr + tok)
         vals = tl.load(v_ptr + tok[:, None] * V + vv[None, :])  # [L, BV]
@@ -144,11 +148,11 @@ def _inter_bwd_kernel(qe_ptr, lam_ptr, x_ptr, v_ptr, rank_ptr, gam_ptr, dest_ptr
                 n = tl.load(dest_ptr + rc * C + j)
                 if n < C:
                     if MATRIX:  # S_{c+1}[n] = M_c (... + S_c[j] + ...): dS_c[j] += M_c^T G_n (dM_c below)
-                        for kb2 in range(K // BK):
-                            rows2 = kb2 * BK + bk
-                            G_blk = tl.load(G_out + n * K * V + rows2[:, None] * V + vv[None, :])  # [BK, BV]
-                            M_blk = tl.load(gam_ptr + (rc * K + rows2[:, None]) * K + rows[None, :])  # [BK, BK]
-                            dSj += tl.dot(tl.trans(M_blk), G_blk, input_precision=PREC)
+                        for kt in range(K // BT):
+                            cols = kt * BT + bt
+                            Gn = tl.load(G_out + n * K * V + cols[:, None] * V + vv[None, :])  # [BT, BV]
+                            Mt = tl.load(gam_ptr + (rc * K + cols[None, :]) * K + rows[:, None])  # [BK, BT]: M^T
+                            dSj += tl.dot(Mt, Gn, input_precision=PREC)
                     else:
                         Gn = tl.load(G_out + n * K * V + rows[:, None] * V + vv[None, :])
                         dgam += tl.sum(Gn * Sj, axis=0)
@@ -156,20 +160,20 @@ def _inter_bwd_kernel(qe_ptr, lam_ptr, x_ptr, v_ptr, rank_ptr, gam_ptr, dest_ptr
                 tl.store(G_in + j * K * V + rows[:, None] * V + vv[None, :], dSj)
             tl.atomic_add(dqe_ptr + tok[:, None] * K + rows[None, :], dqe)
         if MATRIX:
-            # dM_c = sum_j G_{dest j} S_c[j]^T, one [BK, BK] tile at a time summed over the slots in
-            # registers: one atomic add per tile, not one per slot and key block
+            # dM_c = sum_j G_{dest j} S_c[j]^T, one [BK, BT] block at a time summed over the slots in
+            # registers: one atomic add per block, not one per slot
             for ka in range(K // BK):
                 rows_a = ka * BK + bk
-                for kb in range(K // BK):
-                    rows_b = kb * BK + bk
-                    dM = tl.zeros((BK, BK), dtype=tl.float32)
+                for kt in range(K // BT):
+                    cols = kt * BT + bt
+                    dM = tl.zeros((BK, BT), dtype=tl.float32)
                     for j in range(C):
                         n = tl.load(dest_ptr + rc * C + j)
                         if n < C:
                             G_blk = tl.load(G_out + n * K * V + rows_a[:, None] * V + vv[None, :])  # [BK, BV]
-                            S_blk = tl.load(S_in + j * K * V + rows_b[:, None] * V + vv[None, :])  # [BK, BV]
-                            dM += tl.dot(G_blk, tl.trans(S_blk), input_precision=PREC)
-                    tl.atomic_add(dgam_ptr + (rc * K + rows_a[:, None]) * K + rows_b[None, :], dM)
+                            St = tl.load(S_in + j * K * V + cols[None, :] * V + vv[:, None])  # [BV, BT]: S_c[j]^T
+                            dM += tl.dot(G_blk, St, input_precision=PREC)
+                    tl.atomic_add(dgam_ptr + (rc * K + rows_a[:, None]) * K + cols[None, :], dM)
         else:
             tl.atomic_add(dgam_ptr + rc, tl.sum(dgam, axis=0))
         tl.debug_barrier()
@@ -180,12 +184,15 @@ def _prec(dtype) -> str:
     return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
 
 
-def _key_block(K):
-    """Key rows per block of the walks. 32 is the default checked on an H100 (Triton 3.6). On that
-    H100 the Mamba-2 shape (K = 128) ran its forward+backward in 74 ms with DLA_WALK_KEY_BLOCK=128
-    against 104 ms with 32 (T = 4K, C = 16), but 128 has not yet passed the GPU suite; at K = 256
-    anything above 32 spills (benchmarks/kernel_resources.py)."""
-    block = int(os.environ.get("DLA_WALK_KEY_BLOCK", "32"))
+def _key_block(K: int, matrix: bool) -> int:
+    """Key rows per block of the walks. Fewer, larger blocks mean fewer small dots, each with its
+    own trip through shared memory: on an H100 (Triton 3.6) the Mamba-2 shape (K = 128) ran its
+    forward+backward in 74 ms with whole-K blocks against 104 ms with 32 (T = 4K, C = 16), though
+    its backward spills a little (~200 bytes). The Gated DeltaNet walks also hold transition tiles
+    and spill far more above 32 (K = 128: ~300 bytes at 64, ~1.5 KB at 128), as the scalar walk does
+    at K = 256 (benchmarks/kernel_resources.py, Triton 3.9's ptxas). DLA_WALK_KEY_BLOCK overrides."""
+    default = 128 if K <= 128 and not matrix else 32
+    block = int(os.environ.get("DLA_WALK_KEY_BLOCK", default))
     if block < 16 or block & (block - 1):
         raise ValueError(f"DLA_WALK_KEY_BLOCK must be a power of two >= 16, got {block}")
     return min(block, K)
@@ -198,7 +205,7 @@ class _FusedInter(torch.autograd.Function):
         C, Vd = S0.shape[1], v.shape[-1]
         S = _output((R, NC + 1, C, K, Vd), qe)
         o = _output((R, NC, L, Vd), qe)
-        key_block = _key_block(K)
+        key_block = _key_block(K, matrix=gam.dim() == 4)
         grid = lambda meta: (R, Vd // meta["BV"])  # noqa: E731
         _inter_fwd_kernel[grid](qe, lam, x, v, rank, gam, lo, hi, S0, S, o, NC, L=L, C=C, K=K, V=Vd,
                                 BK=key_block, PREC=prec, MATRIX=gam.dim() == 4)

@@ -1,0 +1,87 @@
+"""A/B of the fused inter-chunk walk: this tree's against another version of the same file.
+
+    git show REV:dla/ops/triton/chunk_inter.py > /tmp/walk_old.py
+    python benchmarks/walk_ab.py /tmp/walk_old.py [--lengths 4096] [--capacity 16] [--out FILE.json]
+
+Both versions run in the same process on the same inputs (the op benchmark's shapes, bf16, 32K
+tokens per batch, a dynamic schedule): forward and forward+backward median times of ``chunk_dla``
+and the relative error of the other version's output and gradients against this tree's. Only
+``fused_inter`` is swapped; everything around it is this tree's. Needs a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.ops import TOKENS, make_inputs, timed  # noqa: E402
+
+
+def load_module(path: Path):
+    spec = importlib.util.spec_from_file_location("walk_other", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("other", type=Path, help="another version of dla/ops/triton/chunk_inter.py")
+    p.add_argument("--bases", nargs="+", choices=("mamba2", "gated_deltanet"), default=["gated_deltanet", "mamba2"])
+    p.add_argument("--lengths", type=int, nargs="+", default=[4096])
+    p.add_argument("--capacity", type=int, default=16)
+    p.add_argument("--out", type=Path)
+    args = p.parse_args(argv)
+
+    import torch
+    import triton
+
+    import dla
+    from dla.ops.triton import chunk_inter
+
+    versions = {"this tree": chunk_inter.fused_inter, str(args.other): load_module(args.other).fused_inter}
+    rows = []
+    for base in args.bases:
+        for T in args.lengths:
+            B = max(1, TOKENS // T)
+            x = make_inputs(base, B, T, "cuda", torch.bfloat16)
+            H, K = x["q"].shape[2:]
+            sched = dla.plan_schedule("dynamic", batch=B, heads=H, length=T, capacity=args.capacity,
+                                      scores=dla.novelty_scores(x["k"]), threshold=0.5)
+            lam = torch.full((B, T, H, sched.n_labels), 0.7, device="cuda", dtype=torch.bfloat16)
+            leaves = [t.requires_grad_() for t in (*x.values(), lam) if t is not None]
+            do = torch.randn(B, T, H, x["v"].shape[-1], device="cuda", dtype=torch.bfloat16)
+            results = {}
+            for name, walk in versions.items():
+                chunk_inter.fused_inter = walk  # dla.ops.chunk imports it at call time
+
+                def forward():
+                    return dla.chunk_dla(x["q"], x["k"], x["v"], x["g"], lam, sched, beta=x["beta"],
+                                         scale=K ** -0.5)[0]
+
+                o = forward()
+                results[name] = [o.float(), *(g.float() for g in torch.autograd.grad(o, leaves, do))]
+                fwd, both, peak = timed(forward, leaves)
+                row = dict(version=name, base=base, T=T, C=args.capacity, fwd_ms=fwd, fwd_bwd_ms=both, peak_mib=peak)
+                mine = results["this tree"]
+                row["rel_err_vs_this_tree"] = max(float((a - b).norm() / b.norm().clamp_min(1e-30))
+                                                  for a, b in zip(results[name], mine))
+                rows.append(row)
+                print(f"{base:15s} T={T:<6d} C={args.capacity:<3d} fwd {fwd:8.2f} ms  fwd+bwd {both:8.2f} ms  "
+                      f"peak {peak:7.0f} MiB  max rel err {row['rel_err_vs_this_tree']:.1e}  {name}", flush=True)
+            chunk_inter.fused_inter = versions["this tree"]
+            del x, leaves, lam, do, results
+            torch.cuda.empty_cache()
+    if args.out:
+        meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
+        args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
