@@ -156,16 +156,20 @@ def plot(data, path):
 
     rows = [r for r in data["results"] if "fwd_bwd_ms" in r]
     bases = [b for b in ("mamba2", "gated_deltanet") if any(r["base"] == b for r in rows)] or ["attention"]
+    def label(r):  # one series per op and capacity; "dla-<base>" drops the base (the panel names it)
+        return ("dla" if r["name"].startswith("dla") else r["name"]) + (f" C={r['C']}" if r["name"].startswith("dla") else "")
+
+    colors = {name: f"C{i}" for i, name in enumerate(sorted({label(r) for r in rows}))}  # same in both panels
     fig, axes = plt.subplots(1, len(bases), figsize=(6.5 * len(bases), 5), squeeze=False)
     for ax, base in zip(axes[0], bases):
         series = {}
         for r in rows:
             if r["base"] in (base, "attention"):
-                label = r["name"] + (f" C={r['C']}" if r["name"].startswith("dla") else "")
-                series.setdefault(label, []).append((r["T"], r["fwd_bwd_ms"]))
-        for label, pts in sorted(series.items()):
+                series.setdefault(label(r), []).append((r["T"], r["fwd_bwd_ms"]))
+        for name, pts in sorted(series.items()):
             xs, ys = zip(*sorted(pts))
-            ax.plot(xs, ys, marker="o", linestyle="-" if label.startswith("dla") else "--", label=label)
+            ax.plot(xs, ys, marker="o", linestyle="-" if name.startswith("dla") else "--", color=colors[name],
+                    label=name)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("sequence length T (32K tokens per batch)")
