@@ -90,6 +90,17 @@ def test_gpu_scheduler_matches_cpu():
     assert torch.equal(out.death.cpu(), ref.death)
 
 
+@pytest.mark.parametrize("M, p", [(80, 0.3), (2048, 1.0), (2049, 1.0)])
+def test_count_after_on_gpu_equals_the_cumulative_sum(M, p):
+    """On CUDA ``count_after`` is an fp16 product (exact up to M = 2048, every entry true is its
+    largest count) and a cumulative sum beyond; both equal the CPU's cumulative sum."""
+    from dla.schedule.schedule import count_after
+
+    mask = torch.rand(3, 5, M, generator=torch.Generator().manual_seed(M)) < p
+    want = mask.sum(-1, keepdim=True) - mask.cumsum(-1)
+    assert torch.equal(count_after(mask.cuda()).cpu(), want)
+
+
 fla_simple_gla = pytest.importorskip("fla.ops.simple_gla", reason="flash-linear-attention is not installed")
 
 
