@@ -45,18 +45,30 @@ def test_unfused_gated_deltanet_walks_vs_torch_path(policy, capacity, T, monkeyp
     compare_with_torch_path(policy, "gated_deltanet", capacity, T)
 
 
-def compare_with_torch_path(policy, base, capacity, T, decay=FAST_DECAY):
-    """o and every gradient of the Triton path, fp32 and bf16 inputs, against the fp64 PyTorch path."""
-    inputs, schedule = make_case(policy, base, None, B=2, T=T, H=4, K=64, V=64, capacity=capacity, period=64,
+@pytest.mark.parametrize("K, V", [(128, 64), (256, 128)])
+@pytest.mark.parametrize("base", BASES)
+def test_kernels_vs_torch_path_at_wide_heads(base, K, V):
+    """The benchmark's and the paper's head sizes, which the cases above (K = 64) do not reach:
+    whole-K key blocks of the Mamba-2 walk (K = 128), two column blocks of the Gated DeltaNet
+    transition and eight key blocks (K = 256); fp16 inputs as well."""
+    compare_with_torch_path("dynamic", base, 16, 1000, K=K, V=V,
+                            dtypes=((torch.float32, 1e-5), (torch.bfloat16, 5e-3), (torch.float16, 5e-3)))
+
+
+def compare_with_torch_path(policy, base, capacity, T, decay=FAST_DECAY, K=64, V=64,
+                            dtypes=((torch.float32, 1e-5), (torch.bfloat16, 5e-3))):
+    """o and every gradient of the Triton path, for inputs of each of ``dtypes`` (with its
+    tolerance), against the fp64 PyTorch path."""
+    inputs, schedule = make_case(policy, base, None, B=2, T=T, H=4, K=K, V=V, capacity=capacity, period=64,
                                  dtype=torch.float32, requires_grad=True, device="cuda", decay=decay)
     ref = {n: None if x is None else x.detach().double().requires_grad_() for n, x in inputs.items()}
     o_ref, _ = dla.chunk_dla(**ref, schedule=schedule, backend="torch")
     g_ref = grads(o_ref, ref)
-    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 5e-3)):
+    for dtype, tol in dtypes:
         cast = {n: None if x is None else x.detach().to(dtype).requires_grad_() for n, x in inputs.items()}
         o, _ = dla.chunk_dla(**cast, schedule=schedule, backend="triton")
         assert torch.isfinite(o).all()
-        # bf16 inputs: compare against the fp64 path on the same rounded inputs
+        # bf16 / fp16 inputs: compare against the fp64 path on the same rounded inputs
         ref_c = {n: None if x is None else x.detach().double().requires_grad_() for n, x in cast.items()}
         o_ref_c, _ = dla.chunk_dla(**ref_c, schedule=schedule, backend="torch") if dtype != torch.float32 else (
             o_ref, None)
