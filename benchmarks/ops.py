@@ -156,8 +156,9 @@ def plot(data, path):
 
     rows = [r for r in data["results"] if "fwd_bwd_ms" in r]
     bases = [b for b in ("mamba2", "gated_deltanet") if any(r["base"] == b for r in rows)] or ["attention"]
+
     def label(r):  # one series per op and capacity; "dla-<base>" drops the base (the panel names it)
-        return ("dla" if r["name"].startswith("dla") else r["name"]) + (f" C={r['C']}" if r["name"].startswith("dla") else "")
+        return f"dla C={r['C']}" if r["name"].startswith("dla") else r["name"]
 
     colors = {name: f"C{i}" for i, name in enumerate(sorted({label(r) for r in rows}))}  # same in both panels
     fig, axes = plt.subplots(1, len(bases), figsize=(6.5 * len(bases), 5), squeeze=False)
