@@ -169,15 +169,15 @@ def test_gated_deltanet_inter_in_value_blocks(monkeypatch):
     check(inputs, schedule)
 
 
-@pytest.mark.parametrize("key_block", ["32", "64"])
-@pytest.mark.parametrize("K, V", [(64, 40), (40, 16), (200, 16)])
+@pytest.mark.parametrize("key_block", ["32", "64", "128"])
+@pytest.mark.parametrize("K, V", [(64, 40), (40, 16), (128, 16), (200, 16)])
 @pytest.mark.parametrize("matrix", [False, True], ids=["scalar", "matrix"])
 def test_fused_walk_against_the_torch_walks(matrix, K, V, key_block, monkeypatch):
     """fused_inter directly against the unfused PyTorch walks, in the regime the model-level cases
     barely reach: decays of order 1 and a non-symmetric K x K transition (so a transposed or
     misplaced key block of M or dM shows), merges and dropped slots, a final-state gradient, and
-    two key blocks (K = 64; K = 40 padded to 64) or one (DLA_WALK_KEY_BLOCK = 64); K = 200 (padded
-    to 256) also splits the transition's columns into two blocks of 128."""
+    several key blocks or one (K = 40 is padded to 64; 128 is the scalar walk's default block at
+    K = 128); K = 200 (padded to 256) also splits the transition's columns into two blocks of 128."""
     monkeypatch.setenv("DLA_WALK_KEY_BLOCK", key_block)
     from dla.ops.chunk import _inter, _TorchWalks
     from dla.ops.triton.chunk_inter import fused_inter
