@@ -89,8 +89,8 @@ def compile_walk(kernel, K: int, V: int, C: int, matrix: bool, BV: int, num_warp
     launch's key block (DLA_WALK_KEY_BLOCK applies); both are launched with one stage."""
     from dla.ops.triton.chunk_inter import _key_block
 
-    return compile_kernel(kernel, dict(L=L, C=C, K=K, V=V, BV=BV, BK=_key_block(K, matrix), PREC="tf32", MATRIX=matrix),
-                          num_warps, 1)
+    const = dict(L=L, C=C, K=K, V=V, BV=BV, BK=_key_block(K, matrix), PREC="tf32", MATRIX=matrix)
+    return compile_kernel(kernel, const, num_warps, 1)
 
 
 def compile_decode(K: int, V: int, C: int, delta: bool) -> dict:

@@ -102,10 +102,11 @@ def test_gpu_scheduler_matches_cpu():
     assert torch.equal(out.death.cpu(), ref.death)
 
 
-@pytest.mark.parametrize("M, p", [(80, 0.3), (2048, 1.0), (2049, 1.0)])
+@pytest.mark.parametrize("M, p", [(80, 0.3), (2048, 1.0), (2051, 1.0)])
 def test_count_after_on_gpu_equals_the_cumulative_sum(M, p):
-    """On CUDA ``count_after`` is an fp16 product (exact up to M = 2048, every entry true is its
-    largest count) and a cumulative sum beyond; both equal the CPU's cumulative sum."""
+    """On CUDA ``count_after`` is an fp16 product up to M = 2048 (all entries true: counts up to
+    2047) and a cumulative sum beyond, where fp16 would round the counts 2049 and 2050 (an
+    off-by-one in the guard fails M = 2051); both equal the CPU's cumulative sum."""
     from dla.schedule.schedule import count_after
 
     mask = torch.rand(3, 5, M, generator=torch.Generator().manual_seed(M)) < p
