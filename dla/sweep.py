@@ -171,7 +171,8 @@ def run_parallel(fn, jobs: list[tuple], workers: int, threads: int, deadline: fl
     """Call ``fn(*job, threads)`` for every job, ``workers`` at a time, each worker a separate
     (spawned, long-lived) process; ``workers == 1`` runs them here. Yields ``(job, result)`` in
     the order they finish. With a ``deadline`` (``time.time()`` seconds) no job is started that
-    the typical job time so far says would end after it."""
+    the typical job time so far says would end after it. On a machine with several GPUs, worker
+    ``i`` sees only GPU ``i mod n`` (its ``"cuda"`` is that GPU), so the workers spread evenly."""
     durations: list[float] = []
 
     def may_start() -> bool:
@@ -189,12 +190,14 @@ def run_parallel(fn, jobs: list[tuple], workers: int, threads: int, deadline: fl
             durations.append(time.time() - started)
             yield job, result
         return
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        queue, running = list(jobs), {}
+    context = multiprocessing.get_context("spawn")
+    gpus = visible_gpus()
+    with context.Pool(workers, initializer=_pin_gpu, initargs=(context.Value("i", 0), gpus)) as pool:
+        queue, running = list(enumerate(jobs)), {}  # keyed by position: equal jobs stay distinct
         while queue or running:
             while queue and len(running) < workers and may_start():
-                job = queue.pop(0)
-                running[id(job)] = (job, time.time(), pool.apply_async(fn, job + (threads,)))
+                index, job = queue.pop(0)
+                running[index] = (job, time.time(), pool.apply_async(fn, job + (threads,)))
             if not running:
                 return
             done = [key for key, (_, _, res) in running.items() if res.ready()]
@@ -205,6 +208,27 @@ def run_parallel(fn, jobs: list[tuple], workers: int, threads: int, deadline: fl
                 job, started, res = running.pop(key)
                 durations.append(time.time() - started)
                 yield job, res.get()
+
+
+def visible_gpus() -> list[str]:
+    """The CUDA devices this process may use, as ``CUDA_VISIBLE_DEVICES`` entries."""
+    import torch
+
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [d for d in listed.split(",") if d.strip()]
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def _pin_gpu(counter, gpus: list[str]) -> None:
+    """Pool initializer: the next worker takes the next GPU (round robin). It runs before the
+    worker touches CUDA, which reads ``CUDA_VISIBLE_DEVICES`` when it starts."""
+    if len(gpus) < 2:
+        return
+    with counter.get_lock():
+        index = counter.value
+        counter.value += 1
+    os.environ["CUDA_VISIBLE_DEVICES"] = gpus[index % len(gpus)]
 
 
 def execute(exp_path: str, run_name: str, results_dir: str, work_dir: str, device: str, steps_scale: float,

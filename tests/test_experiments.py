@@ -3,6 +3,7 @@ budget, and every experiment file under experiments/ parses and expands to its g
 
 import importlib.util
 import json
+import os
 import tarfile
 from pathlib import Path
 
@@ -114,6 +115,26 @@ def test_only_and_errors(tiny, tmp_path):
         load_experiment(bad)
     aggregate(exp, tmp_path / "empty", tmp_path / "results.md")  # nothing finished: still a valid page
     assert "runs finished: 0 of 2" in (tmp_path / "results.md").read_text()
+
+
+def test_workers_spread_over_the_visible_gpus(monkeypatch):
+    """Each pool worker sees one GPU, taken round robin from CUDA_VISIBLE_DEVICES (no GPU needed:
+    the workers only report what they were given)."""
+    import multiprocessing
+
+    from dla.sweep import _pin_gpu, run_parallel
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    counter = multiprocessing.Value("i", 0)
+    seen = []
+    for _ in range(3):
+        _pin_gpu(counter, ["3", "5"])
+        seen.append(os.environ["CUDA_VISIBLE_DEVICES"])
+    assert seen == ["3", "5", "3"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    # os.getenv(name, threads) runs in the worker: it returns that worker's device list
+    results = [r for _, r in run_parallel(os.getenv, [("CUDA_VISIBLE_DEVICES",)] * 4, workers=2, threads=1)]
+    assert len(results) == 4 and set(results) <= {"3", "5"}
 
 
 @pytest.mark.parametrize("name", sorted(GRID_SIZES))
