@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+STOP_MARGIN_S = 20  # a child's time to report and shut down (FSDP teardown) after its last timed step
 sys.path.insert(0, str(ROOT))
 
 
@@ -100,6 +101,17 @@ def worker(args) -> None:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     times, budget_end = [], time.perf_counter() + args.budget
+
+    def out_of_time() -> bool:
+        """Past --budget, or another step would end after --stop-at (the parent's time share).
+        All ranks decide together: one rank stopping alone would leave the others in a collective."""
+        stop = time.perf_counter() > budget_end or (args.stop_at and time.time() + max(times) > args.stop_at)
+        if runtime.distributed:
+            flag = torch.tensor(float(stop), device=runtime.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            stop = bool(flag.item())
+        return stop
+
     for i in range(args.steps):
         t0 = time.perf_counter()
         loss = step()
@@ -108,7 +120,7 @@ def worker(args) -> None:
         if runtime.is_main:
             print(f"  {args.worker}: step {i + 1}/{args.steps} {times[-1]:.2f} s, loss {loss.item():.3f}",
                   file=sys.stderr, flush=True)
-        if time.perf_counter() > budget_end:
+        if i + 1 < args.steps and out_of_time():
             break
     step_s = sum(times) / len(times)
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
@@ -124,9 +136,11 @@ def worker(args) -> None:
 
 
 def launch(name: str, args, timeout: float) -> dict:
-    """Run one config in a child process (torchrun for several GPUs); its result or its error."""
+    """Run one config in a child process (torchrun for several GPUs); its result or its error. The
+    child stops timing steps early enough to report them within ``timeout`` (the kill is the backstop)."""
+    stop_at = time.time() + timeout - STOP_MARGIN_S
     flags = ["--worker", name, "--steps", str(args.steps), "--warmup", str(args.warmup),
-             "--budget", str(args.budget)] + (["--tiny"] if args.tiny else []) + (
+             "--budget", str(args.budget), "--stop-at", f"{stop_at:.1f}"] + (["--tiny"] if args.tiny else []) + (
         ["--seq-len", str(args.seq_len)] if args.seq_len else []) + (
         ["--no-checkpointing"] if args.no_checkpointing else [])
     if args.gpus > 1:
@@ -177,6 +191,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=20, help="timed steps (fewer if --budget runs out)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, autotuning)")
     p.add_argument("--budget", type=float, default=40, help="seconds of timed steps per config at most")
+    p.add_argument("--stop-at", type=float, default=0, help=argparse.SUPPRESS)  # set by the parent for its child
     p.add_argument("--deadline", type=float, default=530, help="seconds for the whole run; each config gets an "
                    "equal share of what is left (a config over its share is stopped and reported)")
     p.add_argument("--gpus", type=int, default=1, help="GPUs per config (>1: torchrun + FSDP2)")

@@ -54,13 +54,16 @@ def test_paper_configs_resolve_for_dla_train():
 
 
 def test_train_throughput_tiny_on_cpu(tmp_path):
+    """Far more steps than the 45 s deadline allows: the child stops timing in time and reports the
+    steps it measured (before, the parent killed it at its share and kept only an error)."""
     out = tmp_path / "tp.json"
     cmd = [sys.executable, str(ROOT / "benchmarks/train_throughput.py"), "--tiny", "--configs", "dla_gdn_1.3b",
-           "--steps", "2", "--warmup", "1", "--out", str(out)]
+           "--steps", "100000", "--budget", "1000", "--warmup", "1", "--deadline", "45", "--out", str(out)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
     row = json.loads(out.read_text())["rows"][0]
-    assert row["config"] == "dla_gdn_1.3b" and row["steps_timed"] == 2 and row["tokens_per_s"] > 0
+    assert "error" not in row, row
+    assert row["config"] == "dla_gdn_1.3b" and 1 <= row["steps_timed"] < 100000 and row["tokens_per_s"] > 0
     table = subprocess.run([sys.executable, str(ROOT / "benchmarks/train_throughput.py"), "--estimate", str(out)],
                            capture_output=True, text=True, timeout=120).stdout
     assert "| dla_gdn_1.3b | 1 (cpu) |" in table
