@@ -149,14 +149,24 @@ def launch(name: str, args, timeout: float) -> dict:
     else:
         cmd = [sys.executable, __file__] + flags
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None, text=True, env=env)
     try:
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True, timeout=timeout, env=env)
+        stdout, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        # SIGTERM, not SIGKILL: torchrun starts its workers in sessions of their own and stops them
+        # only when it is terminated; killed, it left them training on the GPUs that the next
+        # config was measured on
+        proc.terminate()
+        try:
+            proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
         return {"config": name, "gpus": args.gpus, "error": f"timed out after {timeout:.0f} s"}
-    for line in proc.stdout.splitlines():
+    for line in stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
-    tail = proc.stdout.strip().splitlines()[-1:] or ["no output"]
+    tail = stdout.strip().splitlines()[-1:] or ["no output"]
     return {"config": name, "gpus": args.gpus, "error": f"exit {proc.returncode}: {tail[0][:300]}"}
 
 

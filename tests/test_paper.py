@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,21 @@ def test_paper_configs_resolve_for_dla_train():
 
     assert main(["train", str(ROOT / "experiments/paper/dla_gdn_1.3b.yaml"), "--print-config"]) == 0
     assert paper_configs() == list(TARGETS)
+
+
+def test_train_throughput_timeout_kills_the_torchrun_workers(tmp_path):
+    """A config stopped at its share (10 s; 1,000 warm-up steps never finish) takes its torchrun
+    workers with it: none may go on running beside the next config."""
+    out = tmp_path / "tp.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks/train_throughput.py"), "--tiny", "--gpus", "2", "--configs",
+           "dla_gdn_1.3b", "--warmup", "1000", "--deadline", "1", "--seq-len", "72", "--out", str(out)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "timed out" in json.loads(out.read_text())["rows"][0]["error"]
+    time.sleep(1)
+    workers = ["pgrep", "-f", "train_throughput.py --worker dla_gdn_1.3b .*--seq-len 72"]
+    left = subprocess.run(workers, capture_output=True, text=True).stdout.split()
+    assert not left, f"worker processes left running: {left}"
 
 
 def test_train_throughput_tiny_on_cpu(tmp_path):
