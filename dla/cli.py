@@ -17,11 +17,13 @@ import argparse
 import json
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 from dla.cpu_allocator import keep_freed_memory
 from dla.errors import UserError
 from dla.train.config import key_names
+from dla.train.metrics import parse_duration
 
 EPILOG_TRAIN = """\
 examples:
@@ -29,6 +31,7 @@ examples:
   dla train configs/mqar.yaml steps=2000 optim.lr=3e-3 model.policy=fenwick
   dla train configs/text.toml data.text.paths=corpus.jsonl out_dir=runs/text
   dla train configs/mqar.yaml --resume          # continue runs/... from its latest checkpoint
+  dla train configs/text.toml --stop-after 3h50m   # a 4-hour job; the next job adds --resume
   torchrun --nproc_per_node=2 -m dla train configs/mqar.yaml parallel=fsdp
 
 keys (model.* = the arguments of dla.DLAConfig: mixer, hidden_size, num_hidden_layers, head_dim,
@@ -59,7 +62,8 @@ def cmd_train(args) -> int:
     if args.print_config:
         print(json.dumps(to_dict(cfg), indent=2))
         return 0
-    result = train(cfg, resume=args.resume, show_progress=not args.quiet)
+    stop_at = None if args.stop_after is None else time.time() + args.stop_after
+    result = train(cfg, resume=args.resume, show_progress=not args.quiet, stop_at=stop_at)
     return 130 if result["status"] == "interrupted" else 0
 
 
@@ -211,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("items", nargs="*", metavar="CONFIG | KEY=VALUE", help="a config file and/or overrides")
     p.add_argument("--resume", action="store_true", help="continue from OUT_DIR's latest checkpoint: same step, "
                    "same data order, optimizer and RNG state")
+    p.add_argument("--stop-after", type=parse_duration, metavar="TIME", help="stop after the first step that ends "
+                   "this long after the start (e.g. 3h50m, 90m, 600), saving a checkpoint (exit status 130); the "
+                   "next job continues with --resume")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=cmd_train)

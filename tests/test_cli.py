@@ -101,6 +101,24 @@ def test_interrupted_run_resumes_at_the_same_step_with_the_same_data(tmp_path, m
     assert state["step"] == 20 and state["next_batch"] == 20
 
 
+def test_stop_after_saves_a_checkpoint_at_the_time_limit(tmp_path):
+    train(*TINY, f"out_dir={tmp_path}", "steps=100000", "checkpoint_every=0", "--stop-after", "1s", expect=130)
+    step = int((tmp_path / "checkpoints" / "latest").read_text().split("_")[1])
+    assert 1 <= step < 100000 and read_metrics(tmp_path / "metrics.jsonl")[-1]["step"] == step
+
+
+@pytest.mark.parametrize("text, seconds", [("600", 600), ("45s", 45), ("90m", 5400), ("3h50m", 13800),
+                                           ("1h2m3s", 3723), ("1.5h", 5400), ("", None), ("3x", None), ("m", None)])
+def test_parse_duration(text, seconds):
+    from dla.train.metrics import parse_duration
+
+    if seconds is None:
+        with pytest.raises(ValueError, match="not a duration"):
+            parse_duration(text)
+    else:
+        assert parse_duration(text) == seconds
+
+
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, capsys):
     train(*TINY, f"out_dir={tmp_path}", "steps=30", "checkpoint_every=1", "optim.warmup_steps=1", "optim.lr=1e9",
           "optim.grad_clip=0", expect=2)

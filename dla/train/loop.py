@@ -6,9 +6,9 @@ or resumed from). Every batch is a pure function of the seed and its index, so a
 sees exactly the data the uninterrupted run would have seen, and one process with
 ``grad_accum = 2`` sees the same batches per step as two processes with ``grad_accum = 1``.
 
-Stopping: Ctrl-C (SIGINT) or SIGTERM (what torchrun sends its workers) finishes the current
-step, writes a checkpoint and returns ``status = "interrupted"``; a second Ctrl-C aborts at
-once. A NaN or infinite loss or gradient norm stops before the optimizer step with
+Stopping: Ctrl-C (SIGINT), SIGTERM (what torchrun sends its workers) or the wall-clock time
+``stop_at`` finishes the current step, writes a checkpoint and returns ``status =
+"interrupted"`` (continue with ``resume``); a second Ctrl-C aborts at once. A NaN or infinite loss or gradient norm stops before the optimizer step with
 :class:`dla.errors.TrainingDiverged`, leaving the last checkpoint as the last good one.
 """
 
@@ -36,19 +36,20 @@ from dla.train.metrics import MetricsLog, Progress
 from dla.train.optim import build_optimizer, build_scheduler, weight_decay_names
 
 
-def train(cfg: TrainConfig, resume: bool = False, show_progress: bool = True) -> dict:
-    """Run (or, with ``resume``, continue) training as ``cfg`` says. Returns a summary:
-    ``status`` (``"done"`` / ``"interrupted"``), ``step``, ``loss`` (the last step's),
-    ``checkpoint`` (the last one written) and ``out_dir``."""
+def train(cfg: TrainConfig, resume: bool = False, show_progress: bool = True, stop_at: float | None = None) -> dict:
+    """Run (or, with ``resume``, continue) training as ``cfg`` says, stopping (with a checkpoint)
+    after the first step that ends past ``stop_at`` (a ``time.time()`` value), e.g. before a job's
+    time limit. Returns a summary: ``status`` (``"done"`` / ``"interrupted"``), ``step``,
+    ``loss`` (the last step's), ``checkpoint`` (the last one written) and ``out_dir``."""
     cfg.check()
     runtime = init_runtime(cfg.device)
     try:
-        return _train(cfg, runtime, resume, show_progress)
+        return _train(cfg, runtime, resume, show_progress, stop_at)
     finally:
         shutdown(runtime)
 
 
-def _train(cfg: TrainConfig, runtime: Runtime, resume: bool, show_progress: bool) -> dict:
+def _train(cfg: TrainConfig, runtime: Runtime, resume: bool, show_progress: bool, stop_at: float | None) -> dict:
     out_dir = Path(cfg.out_dir)
     main = runtime.is_main
 
@@ -100,7 +101,7 @@ def _train(cfg: TrainConfig, runtime: Runtime, resume: bool, show_progress: bool
     loss, tokens_seen = math.nan, 0
     started = time.perf_counter()
     try:
-        with StopRequests() as stop:
+        with StopRequests(stop_at) as stop:
             while step < cfg.steps:
                 model.train()
                 loss_sum, tokens = 0.0, 0
@@ -264,18 +265,23 @@ def plain_model(model, full_state: dict):
 
 
 class StopRequests(contextlib.AbstractContextManager):
-    """Turns the first SIGINT / SIGTERM into a request to stop after the current step
-    (:attr:`requested`); a second SIGINT raises ``KeyboardInterrupt`` as usual. The previous
-    handlers come back on exit."""
+    """Turns the first SIGINT / SIGTERM, or reaching the wall-clock time ``stop_at``, into a
+    request to stop after the current step (:attr:`requested`); a second SIGINT raises
+    ``KeyboardInterrupt`` as usual. The previous handlers come back on exit."""
 
-    def __init__(self):
-        self.requested = False
+    def __init__(self, stop_at: float | None = None):
+        self.signalled = False
+        self.stop_at = stop_at
         self.previous = {}
 
+    @property
+    def requested(self) -> bool:
+        return self.signalled or (self.stop_at is not None and time.time() >= self.stop_at)
+
     def _handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
+        if self.signalled and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.requested = True
+        self.signalled = True
         print(f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
               "(Ctrl-C again to abort without saving)", flush=True)
 

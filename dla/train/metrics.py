@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -77,6 +78,16 @@ def read_metrics(path: str | Path) -> list[dict]:
 def format_duration(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``"600"``, ``"45s"``, ``"90m"``, ``"3h50m"`` or ``"1h2m3s"`` (the inverse of
+    :func:`format_duration`, for command lines)."""
+    match = re.fullmatch(r"\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?\s*", text)
+    if not text.strip() or match is None:
+        raise ValueError(f"not a duration: {text!r} (e.g. 600, 45s, 90m, 3h50m)")
+    hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
+    return hours * 3600 + minutes * 60 + seconds
 
 
 class Progress:
