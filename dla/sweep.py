@@ -44,6 +44,9 @@ from pathlib import Path
 from dla.errors import ConfigError
 
 TASKS = ("mqar", "needle", "text")
+PAUSED_FILE = "paused.json"  # in a run's work dir: it stopped at a call's pause time and continues from there
+EXPORT_FILE_BYTES = 15 * 2**20  # --export archives stay under this (a GPU call returns files of <= 16 MiB)
+MIN_TRAIN_S = 30  # with a pause time, no run starts later than this before it (it would barely get past compiling)
 RESULTS_MD_TITLE = "# Results: does dynamic merging win?"
 
 
@@ -167,15 +170,18 @@ def run_config(exp: Experiment, run: Run, work_dir: Path, device: str, steps_sca
 
 
 # ----------------------------------------------------------------------------- worker processes
-def run_parallel(fn, jobs: list[tuple], workers: int, threads: int, deadline: float | None = None):
+def run_parallel(fn, jobs: list[tuple], workers: int, threads: int, deadline: float | None = None,
+                 start_until: float | None = None):
     """Call ``fn(*job, threads)`` for every job, ``workers`` at a time, each worker a separate
     (spawned, long-lived) process; ``workers == 1`` runs them here. Yields ``(job, result)`` in
     the order they finish. With a ``deadline`` (``time.time()`` seconds) no job is started that
-    the typical job time so far says would end after it. On a machine with several GPUs, worker
+    the typical job time so far says would end after it; none starts after ``start_until``. On a machine with several GPUs, worker
     ``i`` sees only GPU ``i mod n`` (its ``"cuda"`` is that GPU), so the workers spread evenly."""
     durations: list[float] = []
 
     def may_start() -> bool:
+        if start_until is not None and time.time() >= start_until:
+            return False
         if deadline is None:
             return True
         expected = statistics.median(durations) if durations else 0.0
@@ -232,9 +238,11 @@ def _pin_gpu(counter, gpus: list[str]) -> None:
 
 
 def execute(exp_path: str, run_name: str, results_dir: str, work_dir: str, device: str, steps_scale: float,
-            extra: list[str], eval_extra: list[str], keep_checkpoints: bool, threads: int) -> dict:
+            extra: list[str], eval_extra: list[str], keep_checkpoints: bool, stop_at: float | None,
+            threads: int) -> dict:
     """Train and evaluate one run (in a worker process); write its JSON. Never raises: an
-    error comes back as ``{"status": "error", ...}`` and writes nothing."""
+    error comes back as ``{"status": "error", ...}`` and writes nothing; a run paused at
+    ``stop_at`` comes back as ``{"status": "paused", ...}`` and writes nothing either."""
     import torch
 
     torch.set_num_threads(threads)
@@ -242,38 +250,49 @@ def execute(exp_path: str, run_name: str, results_dir: str, work_dir: str, devic
     try:
         exp = load_experiment(exp_path, eval_extra)
         run = next(r for r in exp.runs if r.name == run_name)
-        result = train_and_evaluate(exp, run, Path(work_dir), device, steps_scale, extra, keep_checkpoints)
+        result = train_and_evaluate(exp, run, Path(work_dir), device, steps_scale, extra, keep_checkpoints, stop_at)
     except Exception as e:  # noqa: BLE001 (one broken run must not stop the sweep)
         return {"run": run_name, "status": "error", "error": f"{type(e).__name__}: {e}",
                 "traceback": traceback.format_exc(limit=4), "seconds": time.time() - started}
     result["seconds"] = time.time() - started
-    write_json(Path(results_dir) / "runs" / f"{run_name}.json", result)
+    if result["status"] != "paused":
+        write_json(Path(results_dir) / "runs" / f"{run_name}.json", result)
     return result
 
 
 def train_and_evaluate(exp: Experiment, run: Run, work_dir: Path, device: str, steps_scale: float,
-                       extra: list[str], keep_checkpoints: bool) -> dict:
+                       extra: list[str], keep_checkpoints: bool, stop_at: float | None = None) -> dict:
+    """Train (or continue a paused) run, then evaluate it. Training stops with a checkpoint at
+    ``stop_at``: the run is then ``"paused"`` and the next call continues it from its work dir."""
     import torch
 
     from dla.errors import TrainingDiverged
     from dla.train import train
-    from dla.train.checkpoint import load_model
+    from dla.train.checkpoint import latest_checkpoint, load_model
     from dla.train.config import to_dict
     from dla.train.metrics import read_metrics
 
     cfg = run_config(exp, run, work_dir, device, steps_scale, extra)
     out = Path(cfg.out_dir)
-    shutil.rmtree(out, ignore_errors=True)  # a run cut off by an earlier call starts over
-    t0 = time.time()
+    paused = out / PAUSED_FILE
+    resume = paused.is_file() and latest_checkpoint(out) is not None
+    earlier_s = json.loads(paused.read_text())["train_seconds"] if resume else 0.0
+    if not resume:
+        shutil.rmtree(out, ignore_errors=True)  # a run cut off (not paused) by an earlier call starts over
+    t0 = time.time() - earlier_s
     result = {"run": run.name, "experiment": exp.name, "labels": run.labels, "overrides": run.overrides + list(extra),
               "steps": cfg.steps, "config": to_dict(cfg), "commit": git_commit(),
               "device": torch.cuda.get_device_name() if torch.cuda.is_available() and device != "cpu" else "cpu"}
     try:
-        summary = train(cfg, show_progress=False)
+        summary = train(cfg, resume=resume, show_progress=False, stop_at=stop_at)
     except TrainingDiverged as e:
         result.update(status="diverged", error=str(e), train_seconds=time.time() - t0, final_loss=None,
                       metric=0.0 if exp.eval["task"] != "text" else None)
         shutil.rmtree(out, ignore_errors=True)
+        return result
+    if summary["status"] == "interrupted":  # stop_at came: keep the checkpoint for the next call
+        write_json(paused, {"train_seconds": time.time() - t0, "step": summary["step"]})
+        result.update(status="paused", step=summary["step"], train_seconds=time.time() - t0)
         return result
     curve = [(m["step"], round(m["loss"], 5)) for m in read_metrics(out / "metrics.jsonl")]
     result.update(status="done", train_seconds=time.time() - t0, final_loss=summary["loss"], curve=curve[-200:])
@@ -418,56 +437,88 @@ def probe_sweep(exp_path: str | Path, work_root: Path, device: str = "cuda", wor
 def run_sweep(exp_path: str | Path, results_root: Path, work_root: Path, device: str = "cuda", workers: int = 1,
               steps_scale: float = 1.0, only: list[str] | None = None, time_budget: float | None = None,
               extra: list[str] = (), keep_checkpoints: bool = False, export: Path | None = None,
-              docs: Path | None = None, eval_extra: list[str] = ()) -> dict:
-    """Train and evaluate the runs not finished yet, then aggregate. Returns the aggregate."""
+              docs: Path | None = None, eval_extra: list[str] = (), pause_after: float | None = None) -> dict:
+    """Train and evaluate the runs not finished yet, then aggregate. Returns the aggregate.
+
+    ``time_budget``: start no run that would end after it. ``pause_after``: runs still training
+    then stop with a checkpoint in ``work_root`` and continue on the next call (runs longer than
+    one call); no run starts within ``MIN_TRAIN_S`` of it. Both are seconds from now."""
     from dla.train.metrics import format_duration
 
     started = time.time()
     deadline = None if time_budget is None else started + time_budget
+    stop_at = None if pause_after is None else started + pause_after
     exp = load_experiment(exp_path, eval_extra)
-    results_dir = results_root / exp.name
+    results_dir, work_dir = results_root / exp.name, work_root / exp.name
     done = finished_runs(results_dir)
     chosen = select_runs(exp, only)
     pending = [r for r in chosen if r.name not in done]
+    pending.sort(key=lambda r: not (work_dir / r.name / PAUSED_FILE).is_file())  # paused runs first
     print(f"{exp.name}: {len(exp.runs)} runs in the grid, {len(chosen)} selected, "
           f"{len(chosen) - len(pending)} already finished, {len(pending)} to run on {device} with {workers} worker(s)"
           + (f", steps x{steps_scale}" if steps_scale != 1.0 else "")
-          + (f", time budget {format_duration(time_budget)}" if time_budget else ""), flush=True)
+          + (f", time budget {format_duration(time_budget)}" if time_budget else "")
+          + (f", pausing at {format_duration(pause_after)}" if pause_after is not None else ""), flush=True)
     threads = worker_threads(device, workers)
-    jobs = [(str(exp.path), r.name, str(results_dir), str(work_root / exp.name), device, steps_scale, list(extra),
-             list(eval_extra), keep_checkpoints) for r in pending]
-    completed, errors = 0, []
-    for job, result in run_parallel(execute, jobs, workers, threads, deadline):
+    jobs = [(str(exp.path), r.name, str(results_dir), str(work_dir), device, steps_scale, list(extra),
+             list(eval_extra), keep_checkpoints, stop_at) for r in pending]
+    completed, errors, paused = 0, [], []
+    for job, result in run_parallel(execute, jobs, workers, threads, deadline,
+                                    None if stop_at is None else stop_at - MIN_TRAIN_S):
         completed += 1
         status = result["status"]
         line = f"[{completed}/{len(pending)} {format_duration(time.time() - started)}] {result['run']}: {status}"
         if status == "done":
             line += f", metric {result['metric']:.4f}, loss {result['final_loss']:.3f}, {result['seconds']:.0f}s"
+        elif status == "paused":
+            paused.append(result["run"])
+            line += f" at step {result['step']} of {result['steps']}"
         elif status == "error":
             errors.append(result)
             line += f" -- {result['error']}"
         print(line, flush=True)
+    finished = completed - len(errors) - len(paused)
     left = len(pending) - completed
     wall = time.time() - started
     record = {"started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)), "wall_s": round(wall, 1),
-              "runs": completed - len(errors), "errors": len(errors), "left": left, "device": device,
+              "runs": finished, "errors": len(errors), "paused": len(paused), "left": left, "device": device,
               "workers": workers, "steps_scale": steps_scale, "commit": git_commit(), "argv": sys.argv[1:]}
     if pending:
         results_dir.mkdir(parents=True, exist_ok=True)
         with open(results_dir / "calls.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
-    print(f"{exp.name}: {completed - len(errors)} runs finished in {format_duration(wall)}, {len(errors)} errors, "
-          f"{left} not started (time budget)" if left else
-          f"{exp.name}: {completed - len(errors)} runs finished in {format_duration(wall)}, {len(errors)} errors",
-          flush=True)
+    print(f"{exp.name}: {finished} runs finished in {format_duration(wall)}, {len(errors)} errors"
+          + (f", {len(paused)} paused (continued by the next call with this --work-dir)" if paused else "")
+          + (f", {left} not started (time budget)" if left else ""), flush=True)
     for e in errors:
         print(f"error in {e['run']}:\n{e['traceback']}", file=sys.stderr)
     summary = aggregate(exp, results_dir, docs)
-    if export is not None:  # one archive: a GPU call returns few files, none deeper than two folders
+    if export is not None:  # one archive each: a GPU call returns few files, none deeper than two folders
         export.mkdir(parents=True, exist_ok=True)
         with tarfile.open(export / f"{exp.name}.tar.gz", "w:gz") as tar:
             tar.add(results_dir, arcname=exp.name)
+        for i, names in enumerate(pack(paused, lambda name: dir_bytes(work_dir / name), EXPORT_FILE_BYTES)):
+            # the paused runs' checkpoints, for the next call's --work-dir, in files of a size a call returns
+            with tarfile.open(export / f"{exp.name}-paused-{i + 1}.tar.gz", "w:gz") as tar:
+                for name in names:
+                    tar.add(work_dir / name, arcname=f"{exp.name}/{name}")
     return summary
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def pack(items: list, size, limit: int) -> list[list]:
+    """``items`` in order, in groups of at most ``limit`` total ``size`` (an item over it alone)."""
+    groups, total = [], limit
+    for item in items:
+        if total + size(item) > limit:
+            groups.append([])
+            total = 0
+        groups[-1].append(item)
+        total += size(item)
+    return groups
 
 
 # ----------------------------------------------------------------------------- aggregation

@@ -8,6 +8,14 @@
 Finished runs (a JSON under experiments/results/NAME/runs/) are skipped, so repeating the command
 continues the sweep; --time-budget stops starting runs so that the call ends in time. Checkpoints
 go to --work-dir (runs/sweeps by default) and are deleted after each run's evaluation.
+
+Runs longer than one job or GPU call: --pause-after stops the runs still training at that time,
+each with a checkpoint in --work-dir; the same command with the same --work-dir continues them
+(from the same step and batch) before it starts new ones. With --export, the paused runs' work
+dirs come back as DIR/NAME-paused-N.tar.gz, each under 15 MiB (unpack them into the work dir:
+for f in NAME-paused-*.tar.gz; do tar xzf $f -C runs/sweeps; done).
+
+    python experiments/run.py experiments/mqar_long.yaml --device cuda --workers 7 --pause-after 8m --export "$OUT"
 """
 
 from __future__ import annotations
@@ -18,6 +26,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from dla.train.metrics import parse_duration  # noqa: E402 (after the path to the package)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps-scale", type=float, default=1.0, help="multiply every run's steps by F (e.g. 0.25)")
     p.add_argument("--only", nargs="+", metavar="PATTERN", help="runs whose name matches a glob or contains it")
     p.add_argument("--time-budget", type=float, metavar="SECONDS", help="start no run that would end after this")
+    p.add_argument("--pause-after", type=parse_duration, metavar="TIME", help="after this (e.g. 8m, 500), runs still "
+                   "training save a checkpoint in --work-dir and stop; the next call continues them")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="extra overrides for every run "
                    "(finished runs are not redone: use a fresh --results dir)")
     p.add_argument("--eval-set", nargs="+", default=[], metavar="KEY=VALUE", help="change the eval section "
@@ -74,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
             run_sweep(path, Path(args.results), Path(args.work_dir), device, args.workers, args.steps_scale,
                       args.only, None if args.time_budget is None else args.time_budget - (time.time() - started),
                       args.set, args.keep_checkpoints,
-                      Path(args.export) if args.export else None, Path(args.docs), args.eval_set)
+                      Path(args.export) if args.export else None, Path(args.docs), args.eval_set,
+                      None if args.pause_after is None else args.pause_after - (time.time() - started))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -34,7 +34,7 @@ eval: {task: mqar, pairs: [2, 4], examples: 8}
 report: {rows: model, cols: null, select: lr, panels: [mamba2]}
 """
 
-GRID_SIZES = {"mqar": 13 * 3 * 3 * 2, "recall": 3 * 9 * 2 * 2 * 2, "needle": 2 * 7 * 2 * 2, "text": 7,
+GRID_SIZES = {"mqar": 13 * 3 * 3 * 2, "mqar_long": 7, "recall": 3 * 9 * 2 * 2 * 2, "needle": 2 * 7 * 2 * 2, "text": 7,
               "ablations": 2 * 17 * 2}
 
 
@@ -117,6 +117,33 @@ def test_only_and_errors(tiny, tmp_path):
     assert "runs finished: 0 of 2" in (tmp_path / "results.md").read_text()
 
 
+def test_runs_pause_at_the_pause_time_and_continue(tiny, tmp_path, monkeypatch, capsys):
+    """--pause-after: a run still training then keeps a checkpoint and writes no result; the next
+    call continues it from that step, and a call without a pause finishes it."""
+    monkeypatch.setattr("dla.sweep.MIN_TRAIN_S", 0)  # start at once although the pause is near
+    long = tmp_path / "long.yaml"
+    long.write_text(TINY.replace("steps: 3", "steps: 600"))  # ~5 s on one CPU thread
+    work = tmp_path / "work" / "tiny" / "mamba2-dynamic-C4__lr0.001"
+    result = tmp_path / "results" / "tiny" / "runs" / "mamba2-dynamic-C4__lr0.001.json"
+    pauses = []
+    for call in range(2):
+        sweep(long, tmp_path, only=["*lr0.001"], pause_after=0.5, export=tmp_path / f"out{call}")
+        assert not result.exists()
+        pauses.append(json.loads((work / "paused.json").read_text())["step"])
+        with tarfile.open(tmp_path / f"out{call}" / "tiny-paused-1.tar.gz") as tar:
+            assert "tiny/mamba2-dynamic-C4__lr0.001/paused.json" in tar.getnames()
+    assert 1 <= pauses[0] < pauses[1] < 600
+    assert f"resuming at step {pauses[0]}:" in capsys.readouterr().out
+    sweep(long, tmp_path, only=["*lr0.001"])
+    assert f"resuming at step {pauses[1]}:" in capsys.readouterr().out
+    done = json.loads(result.read_text())
+    assert done["status"] == "done" and done["steps"] == 600 and not work.exists()
+    steps = [step for step, _ in done["curve"]]
+    assert steps == list(range(601 - len(steps), 601))  # logged once per step across the three calls
+    calls = [json.loads(line) for line in (tmp_path / "results" / "tiny" / "calls.jsonl").read_text().splitlines()]
+    assert [(c["paused"], c["runs"]) for c in calls] == [(1, 0), (1, 0), (0, 1)]
+
+
 def test_workers_spread_over_the_visible_gpus(monkeypatch):
     """Each pool worker sees one GPU, taken round robin from CUDA_VISIBLE_DEVICES (no GPU needed:
     the workers only report what they were given)."""
@@ -131,7 +158,7 @@ def test_workers_spread_over_the_visible_gpus(monkeypatch):
         _pin_gpu(counter, ["3", "5"])
         seen.append(os.environ["CUDA_VISIBLE_DEVICES"])
     assert seen == ["3", "5", "3"]
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")  # the calls above set it here too
     # os.getenv(name, threads) runs in the worker: it returns that worker's device list
     results = [r for _, r in run_parallel(os.getenv, [("CUDA_VISIBLE_DEVICES",)] * 4, workers=2, threads=1)]
     assert len(results) == 4 and set(results) <= {"3", "5"}
