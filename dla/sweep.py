@@ -175,8 +175,9 @@ def run_parallel(fn, jobs: list[tuple], workers: int, threads: int, deadline: fl
     """Call ``fn(*job, threads)`` for every job, ``workers`` at a time, each worker a separate
     (spawned, long-lived) process; ``workers == 1`` runs them here. Yields ``(job, result)`` in
     the order they finish. With a ``deadline`` (``time.time()`` seconds) no job is started that
-    the typical job time so far says would end after it; none starts after ``start_until``. On a machine with several GPUs, worker
-    ``i`` sees only GPU ``i mod n`` (its ``"cuda"`` is that GPU), so the workers spread evenly."""
+    the typical job time so far says would end after it; none starts after ``start_until``. On a
+    machine with several GPUs, worker ``i`` sees only GPU ``i mod n`` (its ``"cuda"`` is that
+    GPU), so the workers spread evenly."""
     durations: list[float] = []
 
     def may_start() -> bool:

@@ -27,12 +27,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dla.train.metrics import parse_duration  # noqa: E402 (after the path to the package)
-
 
 def main(argv: list[str] | None = None) -> int:
     from dla.errors import UserError
     from dla.sweep import aggregate, load_experiment, probe_sweep, run_sweep, select_runs
+    from dla.train.metrics import parse_duration
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("experiment", nargs="+", help="experiment files (experiments/*.yaml), run one after another")

@@ -8,8 +8,9 @@ sees exactly the data the uninterrupted run would have seen, and one process wit
 
 Stopping: Ctrl-C (SIGINT), SIGTERM (what torchrun sends its workers) or the wall-clock time
 ``stop_at`` finishes the current step, writes a checkpoint and returns ``status =
-"interrupted"`` (continue with ``resume``); a second Ctrl-C aborts at once. A NaN or infinite loss or gradient norm stops before the optimizer step with
-:class:`dla.errors.TrainingDiverged`, leaving the last checkpoint as the last good one.
+"interrupted"`` (continue with ``resume``); a second Ctrl-C aborts at once. A NaN or infinite
+loss or gradient norm stops before the optimizer step with :class:`dla.errors.TrainingDiverged`,
+leaving the last checkpoint as the last good one.
 """
 
 from __future__ import annotations
