@@ -48,6 +48,34 @@ def layer_schedules(model, input_ids: torch.Tensor) -> dict[int, dict]:
                 for i, m in sorted(mixers.items())}
 
 
+@torch.no_grad()
+def boundary_stats(model, input_ids: torch.Tensor, regions: dict[str, torch.Tensor] | None = None) -> list[dict]:
+    """Where the DLA layers of ``model`` opened states on a ``[B, T]`` batch, one dict per layer
+    (empty without DLA layers), counted over all sequences and heads: ``births_per_100_tokens``
+    (states opened after position 0), ``merged`` (the share of them merged again within the
+    sequence) and, per named region (``[B, T]`` bool masks), its ``tokens`` and ``births`` shares:
+    births concentrated in a region have a births share above its tokens share."""
+    regions = regions or {}
+    with recorded_schedules(model) as mixers:
+        model(input_ids=input_ids, use_cache=False)
+        layers = []
+        for i, mixer in sorted(mixers.items()):
+            death = mixer.last_schedule.death.cpu()  # [B, H, T]
+            T = death.shape[-1]
+            born = death != NONE
+            born[..., 0] = False  # a sequence start is no boundary
+            births = int(born.sum())
+            entry = {"layer": i, "policy": mixer.policy.policy, "capacity": mixer.policy.capacity,
+                     "births_per_100_tokens": 100 * births / born.numel(),
+                     "merged": int((born & (death < T)).sum()) / births if births else None, "regions": {}}
+            for name, mask in regions.items():
+                mask = mask.cpu()[:, None, :].expand_as(born)
+                entry["regions"][name] = {"tokens": float(mask.float().mean()),
+                                          "births": int((born & mask).sum()) / births if births else None}
+            layers.append(entry)
+    return layers
+
+
 def head_report(schedule, head: int) -> dict:
     """Births, merges and the cache of one head of a ``[1, H, T]`` schedule."""
     death = schedule.death[0, head].cpu()

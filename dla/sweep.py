@@ -301,10 +301,33 @@ def train_and_evaluate(exp: Experiment, run: Run, work_dir: Path, device: str, s
     model, tokenizer, _ = load_model(summary["checkpoint"], device)
     result["params"] = sum(p.numel() for p in model.parameters())
     result.update(evaluate(exp.eval, cfg, model, tokenizer, device))
+    result["boundaries"] = boundary_probe(exp.eval, cfg, model, device)
     result["eval_seconds"] = time.time() - t1
     if not keep_checkpoints:
         shutil.rmtree(out, ignore_errors=True)
     return result
+
+
+def boundary_probe(spec: dict, cfg, model, device: str, examples: int = 8) -> list[dict] | None:
+    """Where the trained model's DLA layers open states (:func:`dla.inspection.boundary_stats`) on
+    ``examples`` held-out examples of its synthetic task at the eval's longest length (MQAR: the
+    most pairs), with the task's regions; ``None`` for text or a model without DLA layers."""
+    from dataclasses import replace
+
+    from dla.data import SyntheticDataset
+    from dla.eval.recall import EVAL_STREAM
+    from dla.inspection import boundary_stats
+
+    if spec["task"] == "text":
+        return None
+    length = max(spec.get("lengths", [cfg.data.seq_len]))
+    if spec["task"] == "mqar":
+        pairs = max(p for p in spec.get("pairs", [cfg.data.mqar.num_kv_pairs]) if 4 * p <= length)
+        task = replace(cfg.data.mqar, num_kv_pairs=pairs, mixture=None, mixture_weights=None)
+    else:
+        task = replace(cfg.data.needle, depth=None)
+    batch = SyntheticDataset(task, length, cfg.seed, stream=EVAL_STREAM).batch(0, examples)
+    return boundary_stats(model, batch.input_ids.to(device), task.regions(batch)) or None
 
 
 def evaluate(spec: dict, cfg, model, tokenizer, device: str) -> dict:
@@ -557,6 +580,7 @@ def aggregate(exp: Experiment, results_dir: Path, docs: Path | None = None) -> d
         if exp.eval["task"] == "text":
             entry["perplexity"] = math.exp(entry["mean"])
         entry["detail"] = mean_detail(exp.eval["task"], chosen)
+        entry["boundaries"] = mean_boundaries(chosen)
         entries.append(entry)
     order = {a: list(exp.axes[a]) for a in group_axes}
     entries.sort(key=lambda e: [order[a].index(e[a]) for a in group_axes])
@@ -573,7 +597,7 @@ def aggregate(exp: Experiment, results_dir: Path, docs: Path | None = None) -> d
                "commands": [list(a) for a in dict.fromkeys(tuple(c.get("argv", [])) for c in calls)]}
     results_dir.mkdir(parents=True, exist_ok=True)
     write_json(results_dir / "results.json", summary)
-    table = markdown_tables(exp, entries, group_axes)
+    table = "\n\n".join(t for t in (markdown_tables(exp, entries, group_axes), boundary_table(exp, entries, group_axes)) if t)
     (results_dir / "table.md").write_text(table + "\n")
     pngs = [plot(exp, entries, group_axes, results_dir / f"{exp.name}.png"),
             plot_curves(exp, entries, finished, results_dir / f"{exp.name}_curves.png")] if entries else []
@@ -602,23 +626,79 @@ def mean_detail(task: str, runs: list[dict]):
             for i, row in enumerate(done[0]["eval"])]
 
 
+def mean_boundaries(runs: list[dict]) -> list[dict] | None:
+    """Per layer, the runs' (seeds') mean ``births_per_100_tokens`` and share of births in the
+    task's first region (``region``, with its share of the tokens); None without boundary data."""
+    probes = [r["boundaries"] for r in runs if r.get("boundaries")]
+    if not probes:
+        return None
+    layers = []
+    for i, first in enumerate(probes[0]):
+        region = next(iter(first["regions"]), None)
+        shares = [p[i]["regions"][region]["births"] for p in probes if region] if region else []
+        shares = [v for v in shares if v is not None]
+        layers.append({"births_per_100_tokens": statistics.fmean(p[i]["births_per_100_tokens"] for p in probes),
+                       "region": region, "region_tokens": first["regions"][region]["tokens"] if region else None,
+                       "region_births": statistics.fmean(shares) if shares else None})
+    return layers
+
+
+def boundary_table(exp: Experiment, entries: list[dict], group_axes: list[str]) -> str:
+    """Where the chosen runs' DLA layers opened states (``boundary_probe``): one row per model,
+    a column per ``cols`` value, each cell the layers' births per 100 tokens and the share of
+    them in the task's first region. Empty without boundary data."""
+    probed = [e for e in entries if e.get("boundaries")]
+    if not probed:
+        return ""
+    rows, cols = exp.report["rows"], exp.report["cols"]
+    first = probed[0]["boundaries"][0]
+    col_values = list(exp.axes[cols]) if cols else [None]
+    blocks = []
+    for label, part in table_parts(exp, probed, group_axes):
+        lines = [f"**{exp.name}: where the DLA layers open states** {label} (held-out examples, best "
+                 f"{exp.report['select'] or 'run'} per cell; per layer, first to last: states opened per 100 tokens"
+                 + (f", and in parentheses the share of them inside the {first['region']} region, which holds "
+                    f"{100 * first['region_tokens']:.0f}% of the tokens)" if first["region"] else ")"), "",
+                 f"| {rows} | " + " | ".join(str(c or "result") for c in col_values) + " |",
+                 "|---" * (len(col_values) + 1) + "|"]
+        for rv in exp.axes[rows]:
+            cells = []
+            for cv in col_values:
+                match = [e for e in part if e[rows] == rv and (cols is None or e[cols] == cv)]
+                cells.append(" / ".join(f"{layer['births_per_100_tokens']:.1f}" + (
+                    f" ({100 * layer['region_births']:.0f}%)" if layer["region_births"] is not None else "")
+                    for layer in match[0]["boundaries"]) if match else "–")
+            if any(c != "–" for c in cells):
+                lines.append(f"| {rv} | " + " | ".join(cells) + " |")
+        if len(lines) > 4:
+            blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
 def _fmt(entry: dict, task: str) -> str:
     if task == "text":
         return f"{entry['mean']:.3f} (ppl {entry['perplexity']:.2f})" + (f" ±{entry['std']:.3f}" if entry["n"] > 1 else "")
     return f"{100 * entry['mean']:.1f}" + (f" ±{100 * entry['std']:.1f}" if entry["n"] > 1 else "") + f" (n={entry['n']})"
 
 
+def table_parts(exp: Experiment, entries: list[dict], group_axes: list[str]):
+    """``(label, entries)`` per combination of the axes that are neither rows nor columns: one
+    table each."""
+    rest = [a for a in group_axes if a not in (exp.report["rows"], exp.report["cols"])]
+    for combo in itertools.product(*(list(exp.axes[a]) for a in rest)):
+        yield (" ".join(f"{a}={v}" for a, v in zip(rest, combo)),
+               [e for e in entries if all(e[a] == v for a, v in zip(rest, combo))])
+
+
 def markdown_tables(exp: Experiment, entries: list[dict], group_axes: list[str]) -> str:
     """One table (rows x cols) per combination of the remaining axes."""
     rep, task = exp.report, exp.eval["task"]
     rows, cols = rep["rows"], rep["cols"]
-    rest = [a for a in group_axes if a not in (rows, cols)]
     what = "validation loss, nats/token (perplexity)" if task == "text" else "accuracy %, mean ±std over seeds"
     sel = f", best {rep['select']} per cell" if rep["select"] else ""
     blocks = []
-    for combo in itertools.product(*(list(exp.axes[a]) for a in rest)):
-        part = [e for e in entries if all(e[a] == v for a, v in zip(rest, combo))]
-        title = f"**{exp.name}** " + " ".join(f"{a}={v}" for a, v in zip(rest, combo)) + f" ({what}{sel})"
+    for label, part in table_parts(exp, entries, group_axes):
+        title = f"**{exp.name}** " + label + f" ({what}{sel})"
         col_values = list(exp.axes[cols]) if cols else ["result"]
         lengths = [] if task != "needle" or cols else sorted({n for n in exp.eval.get("lengths", [])})
         header = col_values + [f"len {n}" for n in lengths]

@@ -196,6 +196,35 @@ def test_inspect_text_and_synthetic(text_run, mqar_run, corpus, tmp_path):
     assert json.loads((tmp_path / "mqar" / "inspect.json").read_text())["tokens"] == 32
 
 
+def test_boundary_stats_count_what_the_inspect_report_shows(mqar_run):
+    """The sweep's per-run summary of where states opened equals the counts of ``dla inspect``'s
+    per-head report, region by region."""
+    from dla.data import MQAR, SyntheticDataset
+    from dla.inspection import boundary_stats, head_report, layer_schedules
+    from dla.train.checkpoint import load_model
+
+    model, _, _ = load_model(mqar_run)
+    task = MQAR(vocab_size=32, num_kv_pairs=4, random_non_queries=False)
+    batch = SyntheticDataset(task, 32, seed=0).batch(0, 3)
+    regions = task.regions(batch)
+    (layer,) = boundary_stats(model, batch.input_ids, regions)
+    births = merged = in_kv = in_queries = 0
+    for b in range(3):
+        (schedule,) = [entry["schedule"] for entry in layer_schedules(model, batch.input_ids[b:b + 1]).values()]
+        for h in range(schedule.heads):
+            report = head_report(schedule, h)
+            opened = [p for p in report["opened"] if p > 0]
+            births, merged = births + len(opened), merged + len(report["merges"])
+            in_kv += sum(p < 8 for p in opened)
+            in_queries += sum(bool(regions["queries"][b, p]) for p in opened)
+    assert births > 0, "the tiny model (threshold 0.05) should open states"
+    assert layer["births_per_100_tokens"] == pytest.approx(100 * births / (3 * schedule.heads * 32))
+    assert layer["merged"] == pytest.approx(merged / births)
+    assert layer["regions"]["kv_pairs"] == pytest.approx({"tokens": 0.25, "births": in_kv / births})
+    assert layer["regions"]["queries"]["births"] == pytest.approx(in_queries / births)
+    assert layer["regions"]["queries"]["tokens"] == pytest.approx(float(regions["queries"].float().mean()))
+
+
 def test_inspect_errors(mqar_run, tmp_path, capsys):
     assert main(["inspect", str(mqar_run), "--text", str(tmp_path / "x.txt")]) == 2  # no tokenizer for MQAR
     assert main(["inspect", str(tmp_path)]) == 2

@@ -106,6 +106,21 @@ def test_needle_places_the_queried_needle_at_the_depth():
         assert (x[:-2] < 32).sum() == 3  # three keys in the haystack, nothing else below the value range
 
 
+def test_regions_mark_the_parts_of_an_example():
+    needle = Needle(vocab_size=64, num_needles=3, value_len=2, depth=0.0)
+    batch = build_dataset(DataConfig(task="needle", seq_len=40, needle=needle), 0).batch(0, 4)
+    (mask,) = needle.regions(batch).values()
+    for x, m in zip(batch.input_ids, mask):
+        assert m[:3].all() and m[-2:].all()  # the queried needle (key, 2 values) and the query (key, value)
+        assert int(m.sum()) == 3 * 3 + 2  # three needles of 3 tokens, the query of 2
+    mqar = MQAR(vocab_size=128, num_kv_pairs=6, random_non_queries=False)
+    batch = build_dataset(DataConfig(task="mqar", seq_len=64, mqar=mqar), 0).batch(0, 4)
+    regions = mqar.regions(batch)
+    assert regions["kv_pairs"].shape == batch.input_ids.shape and int(regions["kv_pairs"][0].sum()) == 12
+    queries = regions["queries"]
+    assert (queries.sum(1) == 6).all() and (batch.input_ids[queries] < 64).all()  # the queried keys
+
+
 @pytest.mark.parametrize("task, message", [(MQAR(num_kv_pairs=20), "seq_len >= 4 \\* num_kv_pairs = 80"),
                                            (MQAR(vocab_size=8, num_kv_pairs=4), "vocab_size 8"),
                                            (Needle(num_needles=30), "needles")])

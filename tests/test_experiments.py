@@ -59,13 +59,18 @@ def test_sweep_end_to_end_and_resumes(tiny, tmp_path, capsys):
         assert data["status"] == "done" and data["steps"] == 3 and 0 <= data["metric"] <= 1
         assert [r["num_kv_pairs"] for r in data["eval"]] == [2, 4] and all(0 <= r["accuracy"] <= 1 for r in data["eval"])
         assert data["params"] > 0 and data["seconds"] > 0 and data["config"]["optim"]["lr"] in (1e-3, 3e-3)
+        (layer,) = data["boundaries"]  # where its one DLA layer opened states on held-out examples
+        assert layer["policy"] == "dynamic" and layer["regions"]["kv_pairs"]["tokens"] == pytest.approx(8 / 32)
     assert not list((tmp_path / "work" / "tiny").glob("*/checkpoints"))  # checkpoints are deleted
     (entry,) = summary["entries"]
     assert entry["best_lr"] in ("lr0.001", "lr0.003") and entry["n"] == 1 and 0 <= entry["mean"] <= 1
     assert set(entry["by_lr"]) == {"lr0.001", "lr0.003"} and summary["finished_runs"] == 2
     results = tmp_path / "results" / "tiny"
     assert json.loads((results / "results.json").read_text())["entries"][0]["mean"] == entry["mean"]
-    assert "| mamba2-dynamic-C4 |" in (results / "table.md").read_text()
+    table = (results / "table.md").read_text()
+    assert "| mamba2-dynamic-C4 |" in table and "where the DLA layers open states" in table
+    births = entry["boundaries"][0]["births_per_100_tokens"]
+    assert table.count(f"| mamba2-dynamic-C4 | {births:.1f}") == 1
     doc = (tmp_path / "results.md").read_text()
     assert "<!-- begin generated: tiny -->" in doc and "runs finished: 2 of 2" in doc
     if importlib.util.find_spec("matplotlib"):  # the accuracy plot and the training curves, both linked

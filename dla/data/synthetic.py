@@ -105,6 +105,13 @@ class MQAR:
                 targets[rows, :length] = part.targets
         return Batch(input_ids, targets)
 
+    def regions(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """``[B, T]`` masks of the parts of an example without a mixture: the key-value pairs and
+        the queried keys (what :func:`dla.inspection.boundary_stats` counts boundaries in)."""
+        position = torch.arange(batch.input_ids.shape[1])
+        return {"kv_pairs": (position < 2 * self.num_kv_pairs).expand_as(batch.input_ids),
+                "queries": batch.targets != IGNORE_INDEX}
+
     def _examples(self, seq_len: int, n: int, batch_size: int, generator: torch.Generator) -> Batch:
         """``batch_size`` examples of length ``seq_len`` with ``n`` pairs."""
         B, V = batch_size, self.vocab_size
@@ -182,6 +189,14 @@ class Needle:
         input_ids[:, haystack + 1:] = values[:, 0, : m - 1]
         targets[:, haystack:] = values[:, 0]
         return Batch(input_ids, targets)
+
+    def regions(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """``[B, T]`` mask of the needles (each key and its value tokens; the query included)."""
+        key = (batch.input_ids >= 1) & (batch.input_ids < self.vocab_size // 2)  # filler and values are >= V/2
+        needles = key.clone()
+        for shift in range(1, self.value_len + 1):
+            needles[:, shift:] |= key[:, :-shift]
+        return {"needles": needles}
 
 
 TASKS = {"mqar": MQAR, "needle": Needle}
