@@ -57,6 +57,8 @@ def boundary_stats(model, input_ids: torch.Tensor, regions: dict[str, torch.Tens
     births concentrated in a region have a births share above its tokens share."""
     regions = regions or {}
     with recorded_schedules(model) as mixers:
+        if not mixers:
+            return []
         model(input_ids=input_ids, use_cache=False)
         layers = []
         for i, mixer in sorted(mixers.items()):
