@@ -149,6 +149,13 @@ def test_runs_pause_at_the_pause_time_and_continue(tiny, tmp_path, monkeypatch, 
     assert [(c["paused"], c["runs"]) for c in calls] == [(1, 0), (1, 0), (0, 1)]
 
 
+def test_pack_keeps_order_and_size_limits():
+    from dla.sweep import pack
+
+    assert pack([5, 5, 5, 20, 3, 3], lambda x: x, 10) == [[5, 5], [5], [20], [3, 3]]  # 20 alone: over the limit
+    assert pack([], lambda x: x, 10) == []
+
+
 def test_workers_spread_over_the_visible_gpus(monkeypatch):
     """Each pool worker sees one GPU, taken round robin from CUDA_VISIBLE_DEVICES (no GPU needed:
     the workers only report what they were given)."""
