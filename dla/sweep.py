@@ -292,8 +292,8 @@ def train_and_evaluate(exp: Experiment, run: Run, work_dir: Path, device: str, s
         shutil.rmtree(out, ignore_errors=True)
         return result
     if summary["status"] == "interrupted":  # stop_at came: keep the checkpoint for the next call
-        write_json(paused, {"train_seconds": time.time() - t0, "step": summary["step"]})
         result.update(status="paused", step=summary["step"], train_seconds=time.time() - t0)
+        write_json(paused, {"train_seconds": result["train_seconds"], "step": summary["step"]})
         return result
     curve = [(m["step"], round(m["loss"], 5)) for m in read_metrics(out / "metrics.jsonl")]
     result.update(status="done", train_seconds=time.time() - t0, final_loss=summary["loss"], curve=curve[-200:])
@@ -597,7 +597,8 @@ def aggregate(exp: Experiment, results_dir: Path, docs: Path | None = None) -> d
                "commands": [list(a) for a in dict.fromkeys(tuple(c.get("argv", [])) for c in calls)]}
     results_dir.mkdir(parents=True, exist_ok=True)
     write_json(results_dir / "results.json", summary)
-    table = "\n\n".join(t for t in (markdown_tables(exp, entries, group_axes), boundary_table(exp, entries, group_axes)) if t)
+    tables = (markdown_tables(exp, entries, group_axes), boundary_table(exp, entries, group_axes))
+    table = "\n\n".join(t for t in tables if t)
     (results_dir / "table.md").write_text(table + "\n")
     pngs = [plot(exp, entries, group_axes, results_dir / f"{exp.name}.png"),
             plot_curves(exp, entries, finished, results_dir / f"{exp.name}_curves.png")] if entries else []
@@ -635,7 +636,7 @@ def mean_boundaries(runs: list[dict]) -> list[dict] | None:
     layers = []
     for i, first in enumerate(probes[0]):
         region = next(iter(first["regions"]), None)
-        shares = [p[i]["regions"][region]["births"] for p in probes if region] if region else []
+        shares = [p[i]["regions"][region]["births"] for p in probes] if region else []
         shares = [v for v in shares if v is not None]
         layers.append({"births_per_100_tokens": statistics.fmean(p[i]["births_per_100_tokens"] for p in probes),
                        "region": region, "region_tokens": first["regions"][region]["tokens"] if region else None,
@@ -664,10 +665,10 @@ def boundary_table(exp: Experiment, entries: list[dict], group_axes: list[str]) 
         for rv in exp.axes[rows]:
             cells = []
             for cv in col_values:
-                match = [e for e in part if e[rows] == rv and (cols is None or e[cols] == cv)]
+                entry = cell_entry(part, rows, rv, cols, cv)
                 cells.append(" / ".join(f"{layer['births_per_100_tokens']:.1f}" + (
                     f" ({100 * layer['region_births']:.0f}%)" if layer["region_births"] is not None else "")
-                    for layer in match[0]["boundaries"]) if match else "–")
+                    for layer in entry["boundaries"]) if entry else "–")
             if any(c != "–" for c in cells):
                 lines.append(f"| {rv} | " + " | ".join(cells) + " |")
         if len(lines) > 4:
@@ -679,6 +680,11 @@ def _fmt(entry: dict, task: str) -> str:
     if task == "text":
         return f"{entry['mean']:.3f} (ppl {entry['perplexity']:.2f})" + (f" ±{entry['std']:.3f}" if entry["n"] > 1 else "")
     return f"{100 * entry['mean']:.1f}" + (f" ±{100 * entry['std']:.1f}" if entry["n"] > 1 else "") + f" (n={entry['n']})"
+
+
+def cell_entry(entries: list[dict], rows: str, row_value, cols: str | None, col_value) -> dict | None:
+    """The entry of one table cell (row value, column value; any column without ``cols``)."""
+    return next((e for e in entries if e[rows] == row_value and (cols is None or e[cols] == col_value)), None)
 
 
 def table_parts(exp: Experiment, entries: list[dict], group_axes: list[str]):
@@ -710,10 +716,10 @@ def markdown_tables(exp: Experiment, entries: list[dict], group_axes: list[str])
             extra = [f"{100 * statistics.fmean(v):.1f}" if v else "–" for v in by_length]
             cells = []
             for cv in col_values:
-                match = [e for e in part if e[rows] == rv and (cols is None or e[cols] == cv)]
-                if match:
-                    best = match[0].get("best_" + rep["select"]) if rep["select"] else None
-                    cells.append(_fmt(match[0], task) + (f" @{best}" if best else ""))
+                entry = cell_entry(part, rows, rv, cols, cv)
+                if entry:
+                    best = entry.get("best_" + rep["select"]) if rep["select"] else None
+                    cells.append(_fmt(entry, task) + (f" @{best}" if best else ""))
                 else:
                     cells.append("–")
             lines.append(f"| {rv} | " + " | ".join(cells + extra) + " |")

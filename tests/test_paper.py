@@ -64,8 +64,14 @@ def test_train_throughput_timeout_kills_the_torchrun_workers(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "timed out" in json.loads(out.read_text())["rows"][0]["error"]
     time.sleep(1)
-    workers = ["pgrep", "-f", "train_throughput.py --worker dla_gdn_1.3b .*--seq-len 72"]
-    left = subprocess.run(workers, capture_output=True, text=True).stdout.split()
+    left = []  # processes whose command line is this config's worker (read from /proc: no pgrep needed)
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:  # the process ended meanwhile
+            continue
+        if b"--worker" in args and b"dla_gdn_1.3b" in args and b"72" in args:
+            left.append(cmdline.parent.name)
     assert not left, f"worker processes left running: {left}"
 
 
