@@ -95,8 +95,8 @@ def _value(v) -> str:
         return "null"
     if isinstance(v, bool):
         return str(v).lower()
-    if isinstance(v, list):
-        return ",".join(str(x) for x in v)
+    if isinstance(v, list):  # nested lists (an MQAR mixture) as JSON, which the config reads back
+        return json.dumps(v) if any(isinstance(x, list) for x in v) else ",".join(str(x) for x in v)
     return str(v)
 
 
@@ -277,13 +277,15 @@ def train_and_evaluate(exp: Experiment, run: Run, work_dir: Path, device: str, s
     out = Path(cfg.out_dir)
     paused = out / PAUSED_FILE
     resume = paused.is_file() and latest_checkpoint(out) is not None
-    earlier_s = json.loads(paused.read_text())["train_seconds"] if resume else 0.0
+    earlier = json.loads(paused.read_text()) if resume else {"train_seconds": 0.0}
     if not resume:
         shutil.rmtree(out, ignore_errors=True)  # a run cut off (not paused) by an earlier call starts over
-    t0 = time.time() - earlier_s
+    t0 = time.time() - earlier["train_seconds"]
     result = {"run": run.name, "experiment": exp.name, "labels": run.labels, "overrides": run.overrides + list(extra),
               "steps": cfg.steps, "config": to_dict(cfg), "commit": git_commit(),
               "device": torch.cuda.get_device_name() if torch.cuda.is_available() and device != "cpu" else "cpu"}
+    if earlier.get("device", result["device"]) != result["device"]:  # paused on one machine, continued on another
+        result["device"] = f"{earlier['device']}, then {result['device']}"
     try:
         summary = train(cfg, resume=resume, show_progress=False, stop_at=stop_at)
     except TrainingDiverged as e:
@@ -293,10 +295,14 @@ def train_and_evaluate(exp: Experiment, run: Run, work_dir: Path, device: str, s
         return result
     if summary["status"] == "interrupted":  # stop_at came: keep the checkpoint for the next call
         result.update(status="paused", step=summary["step"], train_seconds=time.time() - t0)
-        write_json(paused, {"train_seconds": result["train_seconds"], "step": summary["step"]})
+        write_json(paused, {"train_seconds": result["train_seconds"], "step": summary["step"],
+                            "device": result["device"]})
         return result
     curve = [(m["step"], round(m["loss"], 5)) for m in read_metrics(out / "metrics.jsonl")]
-    result.update(status="done", train_seconds=time.time() - t0, final_loss=summary["loss"], curve=curve[-200:])
+    final_loss = summary["loss"]
+    if not math.isfinite(final_loss) and curve:  # continued at its last step: this call trained no step
+        final_loss = curve[-1][1]
+    result.update(status="done", train_seconds=time.time() - t0, final_loss=final_loss, curve=curve[-200:])
     t1 = time.time()
     model, tokenizer, _ = load_model(summary["checkpoint"], device)
     result["params"] = sum(p.numel() for p in model.parameters())
@@ -325,7 +331,7 @@ def boundary_probe(spec: dict, cfg, model, device: str, examples: int = 8) -> li
         pairs = max(p for p in spec.get("pairs", [cfg.data.mqar.num_kv_pairs]) if 4 * p <= length)
         task = replace(cfg.data.mqar, num_kv_pairs=pairs, mixture=None, mixture_weights=None)
     else:
-        task = replace(cfg.data.needle, depth=None)
+        task = replace(cfg.data.needle, depth=None, mixture=None, mixture_weights=None)
     batch = SyntheticDataset(task, length, cfg.seed, stream=EVAL_STREAM).batch(0, examples)
     return boundary_stats(model, batch.input_ids.to(device), task.regions(batch)) or None
 
@@ -461,12 +467,14 @@ def probe_sweep(exp_path: str | Path, work_root: Path, device: str = "cuda", wor
 def run_sweep(exp_path: str | Path, results_root: Path, work_root: Path, device: str = "cuda", workers: int = 1,
               steps_scale: float = 1.0, only: list[str] | None = None, time_budget: float | None = None,
               extra: list[str] = (), keep_checkpoints: bool = False, export: Path | None = None,
-              docs: Path | None = None, eval_extra: list[str] = (), pause_after: float | None = None) -> dict:
+              docs: Path | None = None, eval_extra: list[str] = (), pause_after: float | None = None,
+              export_room: ExportRoom | None = None) -> dict:
     """Train and evaluate the runs not finished yet, then aggregate. Returns the aggregate.
 
     ``time_budget``: start no run that would end after it. ``pause_after``: runs still training
     then stop with a checkpoint in ``work_root`` and continue on the next call (runs longer than
-    one call); no run starts within ``MIN_TRAIN_S`` of it. Both are seconds from now."""
+    one call); no run starts within ``MIN_TRAIN_S`` of it. Both are seconds from now. ``export``:
+    also write the results, and the paused runs that fit ``export_room``, as archives there."""
     from dla.train.metrics import format_duration
 
     started = time.time()
@@ -495,7 +503,7 @@ def run_sweep(exp_path: str | Path, results_root: Path, work_root: Path, device:
         if status == "done":
             line += f", metric {result['metric']:.4f}, loss {result['final_loss']:.3f}, {result['seconds']:.0f}s"
         elif status == "paused":
-            paused.append(result["run"])
+            paused.append(result)
             line += f" at step {result['step']} of {result['steps']}"
         elif status == "error":
             errors.append(result)
@@ -507,6 +515,13 @@ def run_sweep(exp_path: str | Path, results_root: Path, work_root: Path, device:
     record = {"started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)), "wall_s": round(wall, 1),
               "runs": finished, "errors": len(errors), "paused": len(paused), "left": left, "device": device,
               "workers": workers, "steps_scale": steps_scale, "commit": git_commit(), "argv": sys.argv[1:]}
+    archives, left_out = [], []
+    if export is not None:  # plan the archives first, so that this call's record says what stays behind
+        room = export_room if export_room is not None else ExportRoom()
+        room.take(dir_bytes(results_dir) + 2**20 if results_dir.exists() else 2**20)  # + the plots of aggregate
+        archives, left_out = plan_paused_export(paused, lambda name: dir_bytes(work_dir / name), room)
+        if left_out:
+            record["not_exported"] = left_out
     if pending:
         results_dir.mkdir(parents=True, exist_ok=True)
         with open(results_dir / "calls.jsonl", "a") as f:
@@ -514,19 +529,52 @@ def run_sweep(exp_path: str | Path, results_root: Path, work_root: Path, device:
     print(f"{exp.name}: {finished} runs finished in {format_duration(wall)}, {len(errors)} errors"
           + (f", {len(paused)} paused (continued by the next call with this --work-dir)" if paused else "")
           + (f", {left} not started (time budget)" if left else ""), flush=True)
+    if left_out:
+        print(f"warning: {len(left_out)} paused run(s) do not fit in what this call can return and start again "
+              f"from step 0 next call unless {work_dir} is kept: {', '.join(left_out)}", file=sys.stderr, flush=True)
     for e in errors:
         print(f"error in {e['run']}:\n{e['traceback']}", file=sys.stderr)
     summary = aggregate(exp, results_dir, docs)
-    if export is not None:  # one archive each: a GPU call returns few files, none deeper than two folders
+    if export is not None:  # few files, none deeper than two folders: what a GPU call returns
         export.mkdir(parents=True, exist_ok=True)
         with tarfile.open(export / f"{exp.name}.tar.gz", "w:gz") as tar:
             tar.add(results_dir, arcname=exp.name)
-        for i, names in enumerate(pack(paused, lambda name: dir_bytes(work_dir / name), EXPORT_FILE_BYTES)):
-            # the paused runs' checkpoints, for the next call's --work-dir, in files of a size a call returns
-            with tarfile.open(export / f"{exp.name}-paused-{i + 1}.tar.gz", "w:gz") as tar:
+        for i, names in enumerate(archives):  # checkpoints for the next call's --work-dir; 01, 02: in priority order
+            with tarfile.open(export / f"{exp.name}-paused-{i + 1:02d}.tar.gz", "w:gz") as tar:
                 for name in names:
                     tar.add(work_dir / name, arcname=f"{exp.name}/{name}")
     return summary
+
+
+@dataclass
+class ExportRoom:
+    """What the GPU call can still return to its caller (the device returns at most 8 files and
+    64 MiB from $OUT): every --export of one command draws on it, each experiment's results
+    archive first, then its paused runs' archives."""
+
+    files: int = 8
+    bytes: int = 60 * 2**20
+
+    def take(self, nbytes: int) -> bool:
+        if self.files < 1 or nbytes > self.bytes:
+            return False
+        self.files -= 1
+        self.bytes -= nbytes
+        return True
+
+
+def plan_paused_export(paused: list[dict], size, room: ExportRoom) -> tuple[list[list[str]], list[str]]:
+    """Archives (lists of run names) of the paused runs that fit ``room``, most advanced runs
+    first: a run left out starts again from step 0 in the next call. Returns them and the names
+    left out."""
+    order = [r["run"] for r in sorted(paused, key=lambda r: r["step"] / r["steps"], reverse=True)]
+    archives, left_out = [], []
+    for group in pack(order, size, EXPORT_FILE_BYTES):
+        if room.take(sum(size(name) for name in group)):
+            archives.append(group)
+        else:
+            left_out += group
+    return archives, left_out
 
 
 def dir_bytes(path: Path) -> int:

@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 def main(argv: list[str] | None = None) -> int:
     from dla.errors import UserError
-    from dla.sweep import aggregate, load_experiment, probe_sweep, run_sweep, select_runs
+    from dla.sweep import ExportRoom, aggregate, load_experiment, probe_sweep, run_sweep, select_runs
     from dla.train.metrics import parse_duration
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -51,6 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep-checkpoints", action="store_true", help="keep each run's checkpoint (for dla inspect)")
     p.add_argument("--export", metavar="DIR", help="also pack the results into DIR/NAME.tar.gz (e.g. $OUT); "
                    "unpack it with tar xzf NAME.tar.gz -C experiments/results")
+    p.add_argument("--export-files", type=int, default=8, metavar="N", help="at most N archives from this command "
+                   "(a GPU call returns 8 files; give each of two sweeps in one call 4): results first, then the "
+                   "paused runs that fit, most advanced first")
+    p.add_argument("--export-mib", type=float, default=60, metavar="MIB", help="at most this many MiB of archives "
+                   "from this command (a GPU call returns 64 MiB)")
     p.add_argument("--docs", default=str(ROOT / "docs" / "results.md"), metavar="FILE", help="the results page whose "
                    "generated block for the experiment is updated")
     p.add_argument("--aggregate-only", action="store_true", help="train nothing; rebuild tables, plot, docs")
@@ -64,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
 
         started = time.time()
         device = args.device
+        export_room = ExportRoom(args.export_files, int(args.export_mib * 2**20))  # shared by the experiments
         if device == "auto":
             import torch
 
@@ -86,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
                       args.only, None if args.time_budget is None else args.time_budget - (time.time() - started),
                       args.set, args.keep_checkpoints,
                       Path(args.export) if args.export else None, Path(args.docs), args.eval_set,
-                      None if args.pause_after is None else args.pause_after - (time.time() - started))
+                      None if args.pause_after is None else args.pause_after - (time.time() - started),
+                      export_room)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

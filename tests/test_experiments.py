@@ -3,6 +3,7 @@ budget, and every experiment file under experiments/ parses and expands to its g
 
 import importlib.util
 import json
+import math
 import os
 import tarfile
 from pathlib import Path
@@ -135,7 +136,7 @@ def test_runs_pause_at_the_pause_time_and_continue(tiny, tmp_path, monkeypatch, 
         sweep(long, tmp_path, only=["*lr0.001"], pause_after=0.5, export=tmp_path / f"out{call}")
         assert not result.exists()
         pauses.append(json.loads((work / "paused.json").read_text())["step"])
-        with tarfile.open(tmp_path / f"out{call}" / "tiny-paused-1.tar.gz") as tar:
+        with tarfile.open(tmp_path / f"out{call}" / "tiny-paused-01.tar.gz") as tar:
             assert "tiny/mamba2-dynamic-C4__lr0.001/paused.json" in tar.getnames()
     assert 1 <= pauses[0] < pauses[1] < 600
     assert f"resuming at step {pauses[0]}:" in capsys.readouterr().out
@@ -149,11 +150,45 @@ def test_runs_pause_at_the_pause_time_and_continue(tiny, tmp_path, monkeypatch, 
     assert [(c["paused"], c["runs"]) for c in calls] == [(1, 0), (1, 0), (0, 1)]
 
 
+def test_a_run_paused_at_its_last_step_keeps_its_loss_and_both_devices(tiny, tmp_path):
+    """A run paused after its last step (on a GPU, say) and continued elsewhere trains no step
+    there: its result takes the last logged loss, and names both devices."""
+    from dla.sweep import run_config
+    from dla.train import train
+
+    exp = load_experiment(tiny)
+    run = exp.runs[0]
+    cfg = run_config(exp, run, tmp_path / "work" / "tiny", "cpu")
+    train(cfg, show_progress=False)  # all 3 steps, with a checkpoint at the last
+    (Path(cfg.out_dir) / "paused.json").write_text(json.dumps({"train_seconds": 1.0, "step": 3, "device": "GPU X"}))
+    sweep(tiny, tmp_path, only=[run.name])
+    done = json.loads((tmp_path / "results" / "tiny" / "runs" / f"{run.name}.json").read_text())
+    assert done["status"] == "done" and done["final_loss"] == done["curve"][-1][1] and math.isfinite(done["final_loss"])
+    assert done["device"] == "GPU X, then cpu" and done["train_seconds"] >= 1.0
+
+
 def test_pack_keeps_order_and_size_limits():
     from dla.sweep import pack
 
     assert pack([5, 5, 5, 20, 3, 3], lambda x: x, 10) == [[5, 5], [5], [20], [3, 3]]  # 20 alone: over the limit
     assert pack([], lambda x: x, 10) == []
+
+
+def test_paused_export_keeps_the_most_advanced_runs_that_fit_a_call():
+    """What a GPU call cannot return is lost: the plan takes the paused runs closest to their end
+    first, stops at the room's files and bytes, and names the rest."""
+    from dla.sweep import EXPORT_FILE_BYTES, ExportRoom, plan_paused_export
+
+    mib = 2**20
+    paused = [{"run": "a", "step": 100, "steps": 1000}, {"run": "b", "step": 950, "steps": 1000},
+              {"run": "c", "step": 500, "steps": 1000}, {"run": "d", "step": 10, "steps": 20}]
+    size = {"a": 9 * mib, "b": 9 * mib, "c": 9 * mib, "d": 2 * mib}.get
+    room = ExportRoom(files=2, bytes=60 * mib)
+    assert plan_paused_export(paused, size, room) == ([["b"], ["c", "d"]], ["a"])  # b: 95%, c: 50% + d: 50%
+    assert room.files == 0 and room.bytes == 60 * mib - 20 * mib
+    room = ExportRoom(files=8, bytes=15 * mib)  # bytes bind before files
+    assert plan_paused_export(paused, size, room) == ([["b"]], ["c", "d", "a"])
+    assert 9 * mib + 2 * mib <= EXPORT_FILE_BYTES  # (the grouping above assumes c and d share an archive)
 
 
 def test_workers_spread_over_the_visible_gpus(monkeypatch):
