@@ -106,6 +106,58 @@ def test_needle_places_the_queried_needle_at_the_depth():
         assert (x[:-2] < 32).sum() == 3  # three keys in the haystack, nothing else below the value range
 
 
+def test_needle_mixture_asks_for_every_needle_of_its_slice():
+    """A training row of a ``[length, n]`` slice: n needles, then n queries, each query's targets
+    the values that follow its key in the haystack; padded to seq_len with 0 and no targets."""
+    m, V = 3, 64
+    task = Needle(vocab_size=V, value_len=m, mixture=[[32, 2], [64, 4]], mixture_weights=[1, 1])
+    batch = build_dataset(DataConfig(task="needle", seq_len=64, needle=task), 0).batch(0, 32)
+    lengths = set()
+    for x, y in zip(batch.input_ids.tolist(), batch.targets.tolist()):
+        length = 32 if x[32:] == [0] * 32 else 64
+        n = {32: 2, 64: 4}[length]
+        lengths.add(length)
+        assert all(t == IGNORE_INDEX for t in y[length:]) and sum(t != IGNORE_INDEX for t in y) == n * m
+        haystack = length - n * m
+        for j in range(n):
+            at = haystack + j * m
+            key, answer = x[at], y[at: at + m]
+            assert 1 <= key < V // 2 and x[at + 1: at + m] == answer[:-1]
+            (where,) = [i for i in range(haystack) if x[i] == key]  # the one needle with that key
+            assert x[where + 1: where + 1 + m] == answer
+    assert lengths == {32, 64}
+
+
+def test_needle_training_placements_are_uniform_and_disjoint():
+    """Two needles of 3 tokens in 10 positions: 15 pairs of places, 30 with the needles' order,
+    each as likely as any other."""
+    from collections import Counter
+
+    starts = Needle._spread(30000, 2, 3, 10, torch.Generator().manual_seed(0))
+    assert ((starts[:, 0] - starts[:, 1]).abs() >= 3).all() and starts.min() >= 0 and starts.max() <= 10 - 3
+    counts = Counter(map(tuple, starts.tolist()))
+    assert len(counts) == 30 and max(counts.values()) < 1.15 * 1000 and min(counts.values()) > 0.85 * 1000
+
+
+def test_needle_eval_uses_one_query_not_the_training_mixture():
+    from dla.eval.recall import needle_accuracy
+
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, input_ids, use_cache=False):
+            seen.append(input_ids)
+            return type("Out", (), {"logits": torch.zeros(*input_ids.shape, 64)})()
+
+    task = Needle(vocab_size=64, num_needles=2, value_len=2, mixture=[[32, 4]])
+    rows = needle_accuracy(Recorder(), task, [48], [0.0, 1.0], examples=5)
+    assert [(r["seq_len"], r["depth"]) for r in rows] == [(48, 0.0), (48, 1.0)]
+    for x in seen:  # 2 needles and 1 query per row, no padding
+        assert x.shape == (5, 48) and (((x >= 1) & (x < 32)).sum(1) == 3).all() and (x != 0).all()
+    with pytest.raises(DataError, match="need a length >= 40"):  # 4 needles of 3 tokens, 4 queries of 2
+        build_dataset(DataConfig(task="needle", seq_len=64, needle=Needle(value_len=2, mixture=[[32, 4]])), 0)
+
+
 def test_regions_mark_the_parts_of_an_example():
     needle = Needle(vocab_size=64, num_needles=3, value_len=2, depth=0.0)
     batch = build_dataset(DataConfig(task="needle", seq_len=40, needle=needle), 0).batch(0, 4)

@@ -29,6 +29,39 @@ def _distinct(batch: int, low: int, high: int, count: int, generator: torch.Gene
     return torch.rand(batch, high - low, generator=generator).topk(count, 1, largest=False).indices + low
 
 
+def _check_mixture(task: str, item: str, mixture: list[list[int]] | None, weights: list[float] | None,
+                   seq_len: int) -> None:
+    if mixture:
+        for s in mixture:
+            if len(s) != 2:
+                raise DataError(f"{task}: every mixture slice must be [length, {item}], got {s}")
+            if not 1 <= s[0] <= seq_len:
+                raise DataError(f"{task}: mixture slice {s} is longer than seq_len = {seq_len}")
+        if weights is not None and (len(weights) != len(mixture) or min(weights) < 0 or sum(weights) <= 0):
+            raise DataError(f"{task}: mixture_weights must be {len(mixture)} non-negative numbers "
+                            f"(one per slice, not all 0), got {weights}")
+    elif weights is not None:
+        raise DataError(f"{task}: mixture_weights needs a mixture")
+
+
+def _mixed_batch(mixture: list[list[int]], weights: list[float] | None, seq_len: int, batch_size: int,
+                 generator: torch.Generator, examples) -> Batch:
+    """Rows of several ``[length, count]`` slices: each row draws its slice with probability
+    proportional to ``weights`` (default equal), is made by ``examples(length, count, rows,
+    generator)`` and padded to ``seq_len`` with token 0 and ignored targets."""
+    weights = torch.tensor(weights or [1.0] * len(mixture), dtype=torch.float64)
+    choice = torch.multinomial(weights, batch_size, replacement=True, generator=generator)
+    input_ids = torch.zeros(batch_size, seq_len, dtype=torch.long)
+    targets = torch.full((batch_size, seq_len), IGNORE_INDEX, dtype=torch.long)
+    for s, (length, count) in enumerate(mixture):
+        rows = (choice == s).nonzero().flatten()
+        if len(rows):
+            part = examples(length, count, len(rows), generator)
+            input_ids[rows, :length] = part.input_ids
+            targets[rows, :length] = part.targets
+    return Batch(input_ids, targets)
+
+
 @dataclass
 class MQAR:
     """Multi-query associative recall (Zoology's ``multiquery_ar``).
@@ -65,18 +98,7 @@ class MQAR:
         return [tuple(s) for s in self.mixture]
 
     def check(self, seq_len: int) -> None:
-        if self.mixture:
-            for s in self.mixture:
-                if len(s) != 2:
-                    raise DataError(f"mqar: every mixture slice must be [length, pairs], got {s}")
-                if not 1 <= s[0] <= seq_len:
-                    raise DataError(f"mqar: mixture slice {s} is longer than seq_len = {seq_len}")
-            weights = self.mixture_weights
-            if weights is not None and (len(weights) != len(self.mixture) or min(weights) < 0 or sum(weights) <= 0):
-                raise DataError(f"mqar: mixture_weights must be {len(self.mixture)} non-negative numbers "
-                                f"(one per slice, not all 0), got {weights}")
-        elif self.mixture_weights is not None:
-            raise DataError("mqar: mixture_weights needs a mixture")
+        _check_mixture("mqar", "pairs", self.mixture, self.mixture_weights, seq_len)
         for length, n in {(seq_len, self.num_kv_pairs), *self.slices(seq_len)}:
             if n < 1:
                 raise DataError(f"mqar: num_kv_pairs must be >= 1, got {n}")
@@ -92,18 +114,7 @@ class MQAR:
         self.check(seq_len)
         if not self.mixture:
             return self._examples(seq_len, self.num_kv_pairs, batch_size, generator)
-        slices = self.slices(seq_len)
-        weights = torch.tensor(self.mixture_weights or [1.0] * len(slices), dtype=torch.float64)
-        choice = torch.multinomial(weights, batch_size, replacement=True, generator=generator)
-        input_ids = torch.zeros(batch_size, seq_len, dtype=torch.long)
-        targets = torch.full((batch_size, seq_len), IGNORE_INDEX, dtype=torch.long)
-        for s, (length, n) in enumerate(slices):
-            rows = (choice == s).nonzero().flatten()
-            if len(rows):
-                part = self._examples(length, n, len(rows), generator)
-                input_ids[rows, :length] = part.input_ids
-                targets[rows, :length] = part.targets
-        return Batch(input_ids, targets)
+        return _mixed_batch(self.mixture, self.mixture_weights, seq_len, batch_size, generator, self._examples)
 
     def regions(self, batch: Batch) -> dict[str, torch.Tensor]:
         """``[B, T]`` masks of the parts of an example without a mixture: the key-value pairs and
@@ -146,49 +157,92 @@ class Needle:
     at ``round(depth * (seq_len - m - (m + 1)))``, the others anywhere else. ``depth`` in [0, 1],
     or ``None`` for a uniformly random depth per example. ``value_len > 1`` with one needle is
     the passkey task.
+
+    ``mixture`` (``[[length, needles], ...]``) trains on several slices at once, like MQAR's: every
+    row draws its slice with probability proportional to ``mixture_weights``, has that many
+    needles at random depths, asks for every one of them at the end (one query after another,
+    in the order the needles were drawn), and is padded to ``seq_len`` with token 0 and ignored
+    targets. A passkey example has ``m`` targets; a slice of n needles has ``n * m``, which is
+    what lets short training runs leave the loss plateau. The evaluation
+    (:func:`dla.eval.recall.needle_accuracy`) never uses the mixture.
     """
 
     vocab_size: int = 8192
     num_needles: int = 1
     value_len: int = 1
     depth: float | None = None
+    mixture: list[list[int]] | None = None
+    mixture_weights: list[float] | None = None
 
     def check(self, seq_len: int) -> None:
-        m, n = self.value_len, self.num_needles
-        if m < 1 or n < 1:
-            raise DataError(f"needle: value_len and num_needles must be >= 1, got {m} and {n}")
-        if self.vocab_size // 2 - 1 < n or self.vocab_size - self.vocab_size // 2 < 2:
-            raise DataError(f"needle: vocab_size {self.vocab_size} is too small for {n} needles")
-        if (m + 1) * n + m > seq_len // 2:
-            raise DataError(f"needle: {n} needles of {m + 1} tokens and the query need seq_len >= "
-                            f"{2 * ((m + 1) * n + m)} (at most half of the sequence is needles), got {seq_len}")
+        _check_mixture("needle", "needles", self.mixture, self.mixture_weights, seq_len)
+        m = self.value_len
+        if m < 1:
+            raise DataError(f"needle: value_len must be >= 1, got {m}")
         if self.depth is not None and not 0 <= self.depth <= 1:
             raise DataError(f"needle: depth must be in [0, 1] or null, got {self.depth}")
+        layouts = {(seq_len, self.num_needles, 1)} | {(length, n, n) for length, n in self.mixture or []}
+        for length, n, queries in layouts:
+            if n < 1:
+                raise DataError(f"needle: num_needles must be >= 1, got {n}")
+            if self.vocab_size // 2 - 1 < n or self.vocab_size - self.vocab_size // 2 < 2:
+                raise DataError(f"needle: vocab_size {self.vocab_size} is too small for {n} needles")
+            if (m + 1) * n + queries * m > length // 2:
+                raise DataError(f"needle: {n} needles of {m + 1} tokens and {queries} quer{'y' if queries == 1 else 'ies'} "
+                                f"of {m} need a length >= {2 * ((m + 1) * n + queries * m)} (at most half of the "
+                                f"sequence is needles), got {length}")
 
     def batch(self, seq_len: int, batch_size: int, generator: torch.Generator) -> Batch:
         self.check(seq_len)
-        B, n, m, V = batch_size, self.num_needles, self.value_len, self.vocab_size
-        width, haystack = m + 1, seq_len - m  # the query takes the last m positions
+        if not self.mixture:
+            return self._examples(seq_len, self.num_needles, 1, batch_size, generator)
+        return _mixed_batch(self.mixture, self.mixture_weights, seq_len, batch_size, generator,
+                            lambda length, n, rows, gen: self._examples(length, n, n, rows, gen))
+
+    def _examples(self, seq_len: int, n: int, queries: int, batch_size: int, generator: torch.Generator) -> Batch:
+        """``batch_size`` examples with ``n`` needles, the first ``queries`` of them asked for."""
+        B, m, V = batch_size, self.value_len, self.vocab_size
+        width, haystack = m + 1, seq_len - queries * m  # each query takes m positions at the end
         keys = _distinct(B, 1, V // 2, n, generator)
         values = torch.randint(V // 2, V, (B, n, m), generator=generator)
         input_ids = torch.randint(V // 2, V, (B, seq_len), generator=generator)
         targets = torch.full((B, seq_len), IGNORE_INDEX, dtype=torch.long)
+        if self.depth is None and n > 1:  # training: every placement equally likely, drawn at once
+            starts = self._spread(B, n, width, haystack, generator)
+        else:
+            starts = self._around_depth(B, n, width, haystack, generator)
+        positions = (starts[:, :, None] + torch.arange(width)).reshape(B, n * width)
+        input_ids.scatter_(1, positions, torch.cat([keys[:, :, None], values], 2).reshape(B, n * width))
+        for j in range(queries):  # needle j is asked for by query j; needle 0 sits at the chosen depth
+            at = haystack + j * m
+            input_ids[:, at] = keys[:, j]
+            input_ids[:, at + 1: at + m] = values[:, j, : m - 1]
+            targets[:, at: at + m] = values[:, j]
+        return Batch(input_ids, targets)
+
+    def _around_depth(self, B: int, n: int, width: int, haystack: int, generator: torch.Generator) -> torch.Tensor:
+        """``[B, n]`` starts: needle 0 at ``depth`` (random if None), the others by rejection
+        sampling, which is fine at <= 50% occupancy."""
         depths = torch.rand(B, generator=generator) if self.depth is None else torch.full((B,), float(self.depth))
-        starts = (depths * (haystack - width)).round().long()
+        starts = torch.empty(B, n, dtype=torch.long)
+        starts[:, 0] = (depths * (haystack - width)).round().long()
         for b in range(B):
-            taken = [int(starts[b])]
-            while len(taken) < n:  # the distractors: rejection sampling is fine at <= 50% occupancy
+            taken = [int(starts[b, 0])]
+            while len(taken) < n:
                 s = int(torch.randint(haystack - width + 1, (1,), generator=generator))
                 if all(abs(s - t) >= width for t in taken):
                     taken.append(s)
-            for j, s in enumerate(taken):
-                input_ids[b, s] = keys[b, j]
-                input_ids[b, s + 1: s + width] = values[b, j]
-        # the query: needle 0 (the one at the chosen depth) is asked for
-        input_ids[:, haystack] = keys[:, 0]
-        input_ids[:, haystack + 1:] = values[:, 0, : m - 1]
-        targets[:, haystack:] = values[:, 0]
-        return Batch(input_ids, targets)
+            starts[b] = torch.tensor(taken)
+        return starts
+
+    @staticmethod
+    def _spread(B: int, n: int, width: int, haystack: int, generator: torch.Generator) -> torch.Tensor:
+        """``[B, n]`` starts of n non-overlapping needles, uniform over all placements: n distinct
+        x in ``[0, haystack - n (width - 1))``, each shifted by ``width - 1`` per smaller x, maps
+        one to one onto them (the needles in random order)."""
+        x = _distinct(B, 0, haystack - n * (width - 1), n, generator)
+        rank = x.argsort(1).argsort(1)
+        return x + rank * (width - 1)
 
     def regions(self, batch: Batch) -> dict[str, torch.Tensor]:
         """``[B, T]`` mask of the needles (each key and its value tokens; the query included)."""

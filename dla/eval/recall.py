@@ -59,7 +59,7 @@ def needle_accuracy(model, task: Needle, lengths: list[int], depths: list[float]
     rows = []
     for seq_len in lengths:
         for depth in depths:
-            cell = replace(task, depth=depth)
+            cell = replace(task, depth=depth, mixture=None, mixture_weights=None)  # one query, never the mixture
             found = 0
             for batch in _batches(cell, seq_len, examples, batch_size, seed):
                 h, a = answer_hits(model, batch, device)
