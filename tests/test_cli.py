@@ -14,6 +14,7 @@ import torch
 
 from dla.cli import main
 from dla.train.metrics import MetricsLog, read_metrics
+from dla.train.checkpoint import load_model
 
 TINY = ["batch_size=4", "log_every=5", "checkpoint_every=10", "optim.warmup_steps=5", "data.seq_len=32",
         "data.mqar.vocab_size=32", "data.mqar.num_kv_pairs=4", "model.hidden_size=32", "model.num_hidden_layers=1",
@@ -61,6 +62,13 @@ def test_train_mqar(mqar_run):
     for name in ("config.json", "model.safetensors", "modeling_dla.py", "trainer_state.pt", "train_config.json"):
         assert (checkpoints / "step_0000020" / name).is_file()
     assert not list(checkpoints.glob(".tmp-*"))
+    from safetensors import safe_open
+
+    with safe_open(checkpoints / "step_0000020" / "model.safetensors", "pt") as saved:  # the tied head once
+        assert "model.embed_tokens.weight" in saved.keys() and "lm_head.weight" not in saved.keys()
+        embeddings = saved.get_tensor("model.embed_tokens.weight")
+    model, _, _ = load_model(checkpoints / "step_0000020")
+    assert torch.equal(model.lm_head.weight, embeddings) and model.lm_head.weight is model.model.embed_tokens.weight
     assert (mqar_run / "metrics.csv").read_text().splitlines()[0].startswith("step,loss,lr")
 
 
@@ -201,7 +209,6 @@ def test_boundary_stats_count_what_the_inspect_report_shows(mqar_run):
     per-head report, region by region."""
     from dla.data import MQAR, SyntheticDataset
     from dla.inspection import boundary_stats, head_report, layer_schedules
-    from dla.train.checkpoint import load_model
 
     model, _, _ = load_model(mqar_run)
     task = MQAR(vocab_size=32, num_kv_pairs=4, random_non_queries=False)

@@ -234,7 +234,11 @@ def save_training_checkpoint(cfg: TrainConfig, runtime: Runtime, model, optimize
     if runtime.is_main:
         def write_model(directory: Path) -> None:
             ckpt.quiet_transformers()
-            plain_model(model, model_state).save_pretrained(directory, state_dict=model_state)
+            plain = plain_model(model, model_state)
+            # the gathered state holds a tied weight twice, as separate copies that save_pretrained
+            # cannot see are one: keep only the tensor it is tied to (from_pretrained re-ties it)
+            tied = plain._tied_weights_keys if getattr(plain.config, "tie_word_embeddings", False) else {}
+            plain.save_pretrained(directory, state_dict={k: v for k, v in model_state.items() if k not in tied})
             (directory / ckpt.TRAIN_CONFIG).write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
             tokenizer = getattr(dataset, "tokenizer", None)
             if tokenizer is not None:
