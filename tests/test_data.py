@@ -1,6 +1,7 @@
 """Data: synthetic tasks are deterministic and correct; text files are read, packed and checked."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -80,20 +81,26 @@ def test_mqar_mixture_from_a_config_and_its_errors():
             build_dataset(DataConfig(task="mqar", seq_len=64, mqar=task), 0)
 
 
+class InputRecorder(torch.nn.Module):
+    """A stand-in model for the evaluations: keeps the inputs it is given, predicts nothing."""
+
+    def __init__(self, vocab_size: int):
+        super().__init__()
+        self.vocab_size, self.seen = vocab_size, []
+
+    def forward(self, input_ids, use_cache=False):
+        self.seen.append(input_ids)
+        return SimpleNamespace(logits=torch.zeros(*input_ids.shape, self.vocab_size))
+
+
 def test_mqar_eval_uses_one_slice_not_the_training_mixture():
     from dla.eval.recall import mqar_accuracy
 
-    seen = []
-
-    class Recorder(torch.nn.Module):
-        def forward(self, input_ids, use_cache=False):
-            seen.append(input_ids)
-            return type("Out", (), {"logits": torch.zeros(*input_ids.shape, 128)})()
-
+    model = InputRecorder(128)
     task = MQAR(vocab_size=128, num_kv_pairs=8, random_non_queries=False, mixture=MIXTURE)
-    rows = mqar_accuracy(Recorder(), task, [64], [4, 8], examples=6)
+    rows = mqar_accuracy(model, task, [64], [4, 8], examples=6)
     assert [(r["seq_len"], r["num_kv_pairs"], r["examples"]) for r in rows] == [(64, 4, 6), (64, 8, 6)]
-    for x, n in zip(seen, [4, 8]):  # n pairs and n queries per row: no row of another slice, no padding
+    for x, n in zip(model.seen, [4, 8]):  # n pairs and n queries per row: no row of another slice, no padding
         assert x.shape == (6, 64) and ((x != 0).sum(1) == 3 * n).all()
 
 
@@ -142,17 +149,11 @@ def test_needle_training_placements_are_uniform_and_disjoint():
 def test_needle_eval_uses_one_query_not_the_training_mixture():
     from dla.eval.recall import needle_accuracy
 
-    seen = []
-
-    class Recorder(torch.nn.Module):
-        def forward(self, input_ids, use_cache=False):
-            seen.append(input_ids)
-            return type("Out", (), {"logits": torch.zeros(*input_ids.shape, 64)})()
-
+    model = InputRecorder(64)
     task = Needle(vocab_size=64, num_needles=2, value_len=2, mixture=[[32, 4]])
-    rows = needle_accuracy(Recorder(), task, [48], [0.0, 1.0], examples=5)
+    rows = needle_accuracy(model, task, [48], [0.0, 1.0], examples=5)
     assert [(r["seq_len"], r["depth"]) for r in rows] == [(48, 0.0), (48, 1.0)]
-    for x in seen:  # 2 needles and 1 query per row, no padding
+    for x in model.seen:  # 2 needles and 1 query per row, no padding
         assert x.shape == (5, 48) and (((x >= 1) & (x < 32)).sum(1) == 3).all() and (x != 0).all()
     with pytest.raises(DataError, match="need a length >= 40"):  # 4 needles of 3 tokens, 4 queries of 2
         build_dataset(DataConfig(task="needle", seq_len=64, needle=Needle(value_len=2, mixture=[[32, 4]])), 0)
