@@ -95,7 +95,7 @@ def _value(v) -> str:
         return "null"
     if isinstance(v, bool):
         return str(v).lower()
-    if isinstance(v, list):  # nested lists (an MQAR mixture) as JSON, which the config reads back
+    if isinstance(v, list):  # nested lists (a data mixture) as JSON, which the config reads back
         return json.dumps(v) if any(isinstance(x, list) for x in v) else ",".join(str(x) for x in v)
     return str(v)
 

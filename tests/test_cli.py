@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from dla.cli import main
-from dla.train.metrics import MetricsLog, read_metrics
 from dla.train.checkpoint import load_model
+from dla.train.metrics import MetricsLog, read_metrics
 
 TINY = ["batch_size=4", "log_every=5", "checkpoint_every=10", "optim.warmup_steps=5", "data.seq_len=32",
         "data.mqar.vocab_size=32", "data.mqar.num_kv_pairs=4", "model.hidden_size=32", "model.num_hidden_layers=1",
