@@ -45,7 +45,8 @@ from dla.errors import ConfigError
 
 TASKS = ("mqar", "needle", "text")
 PAUSED_FILE = "paused.json"  # in a run's work dir: it stopped at a call's pause time and continues from there
-EXPORT_FILE_BYTES = 15 * 2**20  # --export archives stay under this (a GPU call returns files of <= 16 MiB)
+EXPORT_FILE_BYTES = 63 * 2**18  # 15.75 MiB: --export archives stay under this (a GPU call returns files of <= 16 MiB);
+# sizes are counted uncompressed, so two paused width-64 MQAR runs (8.0-8.2 MB each) share one
 MIN_TRAIN_S = 30  # with a pause time, no run starts later than this before it (it would barely get past compiling)
 RESULTS_MD_TITLE = "# Results: does dynamic merging win?"
 
