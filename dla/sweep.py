@@ -519,7 +519,8 @@ def run_sweep(exp_path: str | Path, results_root: Path, work_root: Path, device:
     archives, left_out = [], []
     if export is not None:  # plan the archives first, so that this call's record says what stays behind
         room = export_room if export_room is not None else ExportRoom()
-        room.take(dir_bytes(results_dir) + 2**20 if results_dir.exists() else 2**20)  # + the plots of aggregate
+        if not room.take(dir_bytes(results_dir) + 2**20 if results_dir.exists() else 2**20):  # + aggregate's plots
+            room.files = 0  # the results archive is written anyway, and no paused run may crowd it out
         archives, left_out = plan_paused_export(paused, lambda name: dir_bytes(work_dir / name), room)
         if left_out:
             record["not_exported"] = left_out
