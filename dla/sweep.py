@@ -319,8 +319,6 @@ def boundary_probe(spec: dict, cfg, model, device: str, examples: int = 8) -> li
     """Where the trained model's DLA layers open states (:func:`dla.inspection.boundary_stats`) on
     ``examples`` held-out examples of its synthetic task at the eval's longest length (MQAR: the
     most pairs), with the task's regions; ``None`` for text or a model without DLA layers."""
-    from dataclasses import replace
-
     from dla.data import SyntheticDataset
     from dla.eval.recall import EVAL_STREAM
     from dla.inspection import boundary_stats
@@ -330,9 +328,9 @@ def boundary_probe(spec: dict, cfg, model, device: str, examples: int = 8) -> li
     length = max(spec.get("lengths", [cfg.data.seq_len]))
     if spec["task"] == "mqar":
         pairs = max(p for p in spec.get("pairs", [cfg.data.mqar.num_kv_pairs]) if 4 * p <= length)
-        task = replace(cfg.data.mqar, num_kv_pairs=pairs, mixture=None, mixture_weights=None)
+        task = cfg.data.mqar.evaluation_task(num_kv_pairs=pairs)
     else:
-        task = replace(cfg.data.needle, depth=None, mixture=None, mixture_weights=None)
+        task = cfg.data.needle.evaluation_task(depth=None)
     batch = SyntheticDataset(task, length, cfg.seed, stream=EVAL_STREAM).batch(0, examples)
     return boundary_stats(model, batch.input_ids.to(device), task.regions(batch)) or None
 

@@ -12,8 +12,9 @@ go to --work-dir (runs/sweeps by default) and are deleted after each run's evalu
 Runs longer than one job or GPU call: --pause-after stops the runs still training at that time,
 each with a checkpoint in --work-dir; the same command with the same --work-dir continues them
 (from the same step and batch) before it starts new ones. With --export, the paused runs' work
-dirs come back as DIR/NAME-paused-N.tar.gz, each under 15 MiB (unpack them into the work dir:
-for f in NAME-paused-*.tar.gz; do tar xzf $f -C runs/sweeps; done).
+dirs come back as DIR/NAME-paused-NN.tar.gz, each under 15.75 MiB, as many as fit what a GPU call
+returns (--export-files, --export-mib; the runs closest to their end first); unpack them into the
+work dir: for f in NAME-paused-*.tar.gz; do tar xzf $f -C runs/sweeps; done.
 
     python experiments/run.py experiments/mqar_long.yaml --device cuda --workers 7 --pause-after 8m --export "$OUT"
 """

@@ -14,7 +14,7 @@ from ``[vocab_size // 2, vocab_size)``; token 0 is never a key.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -62,8 +62,16 @@ def _mixed_batch(mixture: list[list[int]], weights: list[float] | None, seq_len:
     return Batch(input_ids, targets)
 
 
+class _TrainingMixture:
+    """For a task with a training ``mixture`` (MQAR, Needle): the evaluation draws one layout."""
+
+    def evaluation_task(self, **changes):
+        """This task without its training mixture, with ``changes`` (dataclass fields) applied."""
+        return replace(self, mixture=None, mixture_weights=None, **changes)
+
+
 @dataclass
-class MQAR:
+class MQAR(_TrainingMixture):
     """Multi-query associative recall (Zoology's ``multiquery_ar``).
 
     Layout of one example of length ``seq_len`` (``n = num_kv_pairs``)::
@@ -147,7 +155,7 @@ class MQAR:
 
 
 @dataclass
-class Needle:
+class Needle(_TrainingMixture):
     """Passkey / multi-key needle retrieval.
 
     One example of length ``seq_len``: filler tokens (drawn from the value range, so that no

@@ -6,8 +6,6 @@ training seed they are still examples the model never trained on.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 
 from dla.data import IGNORE_INDEX, MQAR, Batch, Needle, SyntheticDataset
@@ -39,7 +37,7 @@ def mqar_accuracy(model, task: MQAR, lengths: list[int], pairs: list[int], examp
     rows = []
     for seq_len in lengths:
         for n in pairs:
-            cell = replace(task, num_kv_pairs=n, mixture=None, mixture_weights=None)  # one slice, never the mixture
+            cell = task.evaluation_task(num_kv_pairs=n)  # one slice, never the mixture
             try:
                 cell.check(seq_len)
             except DataError:
@@ -59,7 +57,7 @@ def needle_accuracy(model, task: Needle, lengths: list[int], depths: list[float]
     rows = []
     for seq_len in lengths:
         for depth in depths:
-            cell = replace(task, depth=depth, mixture=None, mixture_weights=None)  # one query, never the mixture
+            cell = task.evaluation_task(depth=depth)  # one query, never the mixture
             found = 0
             for batch in _batches(cell, seq_len, examples, batch_size, seed):
                 h, a = answer_hits(model, batch, device)
