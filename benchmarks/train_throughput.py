@@ -126,7 +126,8 @@ def worker(args) -> None:
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
     result = {"config": args.worker, "parameters": n_params, "gpus": runtime.world_size, "seq_len": seq_len,
               "tokens_per_step": seq_len * runtime.world_size, "steps_timed": len(times), "warmup_steps": args.warmup,
-              "warmup_s": warmup_s, "step_s": step_s, "tokens_per_s": seq_len * runtime.world_size / step_s,
+              "warmup_s": warmup_s, "step_s": step_s, "step_times_s": times,
+              "tokens_per_s": seq_len * runtime.world_size / step_s,
               "tokens_per_s_per_gpu": seq_len / step_s, "peak_mem_gib": peak,
               "activation_checkpointing": bool(cfg.activation_checkpointing and not args.no_checkpointing),
               "device": torch.cuda.get_device_name() if cuda else "cpu", "tiny": args.tiny}

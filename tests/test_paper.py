@@ -86,6 +86,8 @@ def test_train_throughput_tiny_on_cpu(tmp_path):
     row = json.loads(out.read_text())["rows"][0]
     assert "error" not in row, row
     assert row["config"] == "dla_gdn_1.3b" and 1 <= row["steps_timed"] < 100000 and row["tokens_per_s"] > 0
+    assert len(row["step_times_s"]) == row["steps_timed"]
+    assert row["step_s"] == pytest.approx(sum(row["step_times_s"]) / row["steps_timed"])
     table = subprocess.run([sys.executable, str(ROOT / "benchmarks/train_throughput.py"), "--estimate", str(out)],
                            capture_output=True, text=True, timeout=120).stdout
     assert "| dla_gdn_1.3b | 1 (cpu) |" in table
