@@ -38,8 +38,9 @@ import sys
 import tarfile
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import SimpleNamespace
 
 from dla.errors import ConfigError
 
@@ -490,6 +491,9 @@ def run_sweep(exp_path: str | Path, results_root: Path, work_root: Path, device:
           + (f", steps x{steps_scale}" if steps_scale != 1.0 else "")
           + (f", time budget {format_duration(time_budget)}" if time_budget else "")
           + (f", pausing at {format_duration(pause_after)}" if pause_after is not None else ""), flush=True)
+    if stop_at is not None and export is not None and workers > 1 and pending:
+        workers = cap_paused_workers(exp, pending, work_dir, results_dir, workers,
+                                     export_room if export_room is not None else ExportRoom())
     threads = worker_threads(device, workers)
     jobs = [(str(exp.path), r.name, str(results_dir), str(work_dir), device, steps_scale, list(extra),
              list(eval_extra), keep_checkpoints, stop_at) for r in pending]
@@ -517,7 +521,7 @@ def run_sweep(exp_path: str | Path, results_root: Path, work_root: Path, device:
     archives, left_out = [], []
     if export is not None:  # plan the archives first, so that this call's record says what stays behind
         room = export_room if export_room is not None else ExportRoom()
-        if not room.take(dir_bytes(results_dir) + 2**20 if results_dir.exists() else 2**20):  # + aggregate's plots
+        if not room.take(results_archive_bytes(results_dir)):
             room.files = 0  # the results archive is written anyway, and no paused run may crowd it out
         archives, left_out = plan_paused_export(paused, lambda name: dir_bytes(work_dir / name), room)
         if left_out:
@@ -544,6 +548,25 @@ def run_sweep(exp_path: str | Path, results_root: Path, work_root: Path, device:
                 for name in names:
                     tar.add(work_dir / name, arcname=f"{exp.name}/{name}")
     return summary
+
+
+def cap_paused_workers(exp: Experiment, pending: list[Run], work_dir: Path, results_dir: Path, workers: int,
+                       room: ExportRoom) -> int:
+    """``workers``, or fewer: as many runs at once as the call can return paused. Every run still
+    training at the pause time is paused, and one whose checkpoint does not fit what the call
+    returns is lost (it starts over next call), so no more runs train at once than fit."""
+    run_bytes = max(paused_run_bytes(exp, r, work_dir) for r in pending)
+    fit = exportable_runs(room, results_archive_bytes(results_dir), run_bytes, workers)
+    if fit >= workers:
+        return workers
+    if fit == 0:
+        print(f"warning: a paused {exp.name} run takes {run_bytes / 2**20:.0f} MiB, more than this call returns: "
+              f"runs still training at the pause start over next call (--time-budget starts only runs that end "
+              f"in time)", file=sys.stderr, flush=True)
+        return workers
+    print(f"{exp.name}: {fit} run(s) at once instead of {workers}: a paused run takes {run_bytes / 2**20:.1f} MiB, "
+          f"and this call returns {fit} of them beside the results (--export-files, --export-mib)", flush=True)
+    return fit
 
 
 @dataclass
@@ -579,6 +602,47 @@ def plan_paused_export(paused: list[dict], size, room: ExportRoom) -> tuple[list
 
 def dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def results_archive_bytes(results_dir: Path) -> int:
+    """What the results archive takes of the export room: the results so far, and the aggregate's
+    plots and tables to come."""
+    return (dir_bytes(results_dir) if results_dir.exists() else 0) + 2**20
+
+
+def paused_run_bytes(exp: Experiment, run: Run, work_dir: Path) -> int:
+    """The size of ``run``'s work dir once paused: measured when it is paused already, else its
+    checkpoint estimated as fp32 weights and AdamW's two moments (12 bytes a parameter, the tied
+    output layer once), plus 256 KiB of logs. The model is built on the meta device: no memory."""
+    if (work_dir / run.name / PAUSED_FILE).is_file():
+        return dir_bytes(work_dir / run.name)
+    import torch
+
+    from dla.data import build_dataset, load_tokenizer
+    from dla.train.loop import build_model
+
+    cfg = run_config(exp, run, work_dir, "cpu")
+    if cfg.data.task == "text":  # the tokenizer alone gives the vocabulary; reading the corpus would be slow
+        tokenizer = load_tokenizer(cfg.data.text.tokenizer)
+        data = SimpleNamespace(vocab_size=tokenizer.vocab_size, tokenizer=tokenizer)
+    else:
+        data = build_dataset(cfg.data, cfg.seed)
+    with torch.device("meta"):
+        model = build_model(cfg, data)
+    return 12 * sum(p.numel() for p in model.parameters()) + 2**18
+
+
+def exportable_runs(room: ExportRoom, results_bytes: int, run_bytes: int, most: int) -> int:
+    """How many paused runs of ``run_bytes`` each (at most ``most``) a copy of ``room`` takes
+    beside a results archive of ``results_bytes``, packed as the export packs them."""
+    for n in range(most, 0, -1):
+        trial = replace(room)
+        if not trial.take(results_bytes):
+            return 0
+        paused = [{"run": str(i), "step": 0, "steps": 1} for i in range(n)]
+        if not plan_paused_export(paused, lambda _: run_bytes, trial)[1]:
+            return n
+    return 0
 
 
 def pack(items: list, size, limit: int) -> list[list]:

@@ -14,7 +14,9 @@ each with a checkpoint in --work-dir; the same command with the same --work-dir 
 (from the same step and batch) before it starts new ones. With --export, the paused runs' work
 dirs come back as DIR/NAME-paused-NN.tar.gz, each under 15.75 MiB, as many as fit what a GPU call
 returns (--export-files, --export-mib; the runs closest to their end first); unpack them into the
-work dir: for f in NAME-paused-*.tar.gz; do tar xzf $f -C runs/sweeps; done.
+work dir: for f in NAME-paused-*.tar.gz; do tar xzf $f -C runs/sweeps; done. Every run training at
+the pause is paused, so with --export no more runs train at once than can come back (--workers is
+lowered to that, with a note).
 
     python experiments/run.py experiments/mqar_long.yaml --device cuda --workers 7 --pause-after 8m --export "$OUT"
 """

@@ -191,6 +191,50 @@ def test_paused_export_keeps_the_most_advanced_runs_that_fit_a_call():
     assert 9 * mib + 2 * mib <= EXPORT_FILE_BYTES  # (the grouping above assumes c and d share an archive)
 
 
+def test_paused_run_bytes_estimates_a_checkpoint_and_measures_a_paused_one(tiny, tmp_path):
+    """Before a run starts, its paused work dir is estimated from the model (built on the meta
+    device): an upper bound, over by less than the estimate's allowance for logs; once paused, it
+    is measured."""
+    from dla.sweep import PAUSED_FILE, dir_bytes, paused_run_bytes, run_config
+    from dla.train import train
+
+    exp = load_experiment(tiny)
+    run, work = exp.runs[0], tmp_path / "work" / "tiny"
+    estimate = paused_run_bytes(exp, run, work)
+    cfg = run_config(exp, run, work, "cpu")
+    train(cfg, show_progress=False)  # a checkpoint at the last step, as a paused run keeps
+    (Path(cfg.out_dir) / PAUSED_FILE).write_text(json.dumps({"train_seconds": 1.0, "step": 3}))
+    measured = dir_bytes(Path(cfg.out_dir))
+    assert measured <= estimate < measured + 2**18, (estimate, measured)
+    assert paused_run_bytes(exp, run, work) == measured
+
+
+def test_exportable_runs_counts_the_paused_runs_a_call_returns():
+    from dla.sweep import EXPORT_FILE_BYTES, ExportRoom, exportable_runs
+
+    mib = 2**20
+    room = ExportRoom(files=8, bytes=60 * mib)
+    assert exportable_runs(room, mib, int(8.2 * mib), 64) == 7  # one per archive: 7 files and 58.4 MiB
+    assert exportable_runs(room, mib, 7 * mib, 64) == 8  # two per archive; 9 would be 64 MiB
+    assert exportable_runs(room, mib, 7 * mib, 5) == 5
+    assert exportable_runs(room, mib, 400 * mib, 64) == 0 and exportable_runs(room, 61 * mib, mib, 64) == 0
+    assert (room.files, room.bytes) == (8, 60 * mib)  # counted on a copy
+    assert 2 * 7 * mib <= EXPORT_FILE_BYTES < 2 * int(8.2 * mib)
+
+
+def test_a_pausing_sweep_trains_no_more_runs_at_once_than_a_call_returns(tiny, tmp_path, capsys):
+    """Every run training at the pause time is paused, and one the call cannot return is lost: so
+    --workers is capped at the paused runs that fit the export room."""
+    from dla.sweep import ExportRoom
+
+    room = ExportRoom(files=2, bytes=int(1.5 * 2**20))  # the results archive and one paused tiny run (~0.5 MiB)
+    run_sweep(tiny, tmp_path / "results", tmp_path / "work", device="cpu", workers=2, docs=tmp_path / "results.md",
+              pause_after=600, export=tmp_path / "out", export_room=room)
+    assert "tiny: 1 run(s) at once instead of 2" in capsys.readouterr().out
+    calls = [json.loads(line) for line in (tmp_path / "results" / "tiny" / "calls.jsonl").read_text().splitlines()]
+    assert [(c["workers"], c["runs"], c["paused"]) for c in calls] == [(1, 2, 0)]
+
+
 def test_workers_spread_over_the_visible_gpus(monkeypatch):
     """Each pool worker sees one GPU, taken round robin from CUDA_VISIBLE_DEVICES (no GPU needed:
     the workers only report what they were given)."""
