@@ -728,14 +728,18 @@ def mean_detail(task: str, runs: list[dict]):
     if task == "text":
         curves = [r["eval"]["mean_loss_upto"] for r in done]
         return [(pos, statistics.fmean(c[i][1] for c in curves)) for i, (pos, _) in enumerate(curves[0])]
-    keys = [k for k in done[0]["eval"][0] if k not in ("accuracy", "examples")]
-    cells = {}
+    keys = [k for k in done[0]["eval"][0] if k not in ("accuracy", "token_accuracy", "examples")]
+    cells, tokens = {}, {}
     for r in runs:  # a diverged seed counts as 0 in every cell
         for i, row in enumerate(done[0]["eval"]):
             acc = r["eval"][i]["accuracy"] if r["status"] == "done" else 0.0
             if acc is not None:
                 cells.setdefault(i, []).append(acc)
-    return [{**{k: row[k] for k in keys}, "accuracy": statistics.fmean(cells[i]) if i in cells else None}
+            if "token_accuracy" in row:  # needle: per value token
+                per_token = r["eval"][i]["token_accuracy"] if r["status"] == "done" else [0.0] * len(row["token_accuracy"])
+                tokens.setdefault(i, []).append(per_token)
+    return [{**{k: row[k] for k in keys}, "accuracy": statistics.fmean(cells[i]) if i in cells else None,
+             **({"token_accuracy": [statistics.fmean(t) for t in zip(*tokens[i])]} if i in tokens else {})}
             for i, row in enumerate(done[0]["eval"])]
 
 
@@ -819,13 +823,18 @@ def markdown_tables(exp: Experiment, entries: list[dict], group_axes: list[str])
         title = f"**{exp.name}** " + label + f" ({what}{sel})"
         col_values = list(exp.axes[cols]) if cols else ["result"]
         lengths = [] if task != "needle" or cols else sorted({n for n in exp.eval.get("lengths", [])})
-        header = col_values + [f"len {n}" for n in lengths]
-        lines = [title + (" -- the len columns: mean over depths" if lengths else ""), "",
-                 f"| {rows} | " + " | ".join(header) + " |", "|---" * (len(header) + 1) + "|"]
+        per_token = bool(lengths) and any("token_accuracy" in c for e in part if e["detail"] for c in e["detail"])
+        header = col_values + [f"len {n}" for n in lengths] + (["per value token"] if per_token else [])
+        lines = [title + (" -- the len columns: mean over depths" if lengths else "")
+                 + ("; per value token: % of each token right, first to last, mean over all cells" if per_token else ""),
+                 "", f"| {rows} | " + " | ".join(header) + " |", "|---" * (len(header) + 1) + "|"]
         for rv in exp.axes[rows]:
             match = [e for e in part if e[rows] == rv and e["detail"]]
             by_length = [[c["accuracy"] for c in match[0]["detail"] if c["seq_len"] == n] if match else [] for n in lengths]
             extra = [f"{100 * statistics.fmean(v):.1f}" if v else "–" for v in by_length]
+            if per_token:
+                token_rows = [c["token_accuracy"] for c in match[0]["detail"] if "token_accuracy" in c] if match else []
+                extra.append(" / ".join(f"{100 * statistics.fmean(t):.0f}" for t in zip(*token_rows)) or "–")
             cells = []
             for cv in col_values:
                 entry = cell_entry(part, rows, rv, cols, cv)

@@ -177,6 +177,10 @@ def test_eval_recall(mqar_run, tmp_path):
     assert [r["accuracy"] is None for r in mqar["rows"]] == [False, False, True, False, False, False]
     assert all(0 <= a <= 1 for a in numbers_in(out / "mqar.json"))
     assert len(numbers_in(out / "needle.json")) == 4 and all(0 <= a <= 1 for a in numbers_in(out / "needle.json"))
+    needle = json.loads((out / "needle.json").read_text())
+    m = needle["task"]["value_len"]
+    per_token = [sum(r["token_accuracy"][j] for r in needle["rows"]) / 4 for j in range(m)]
+    assert needle["table"].endswith(" / ".join(f"{t:.3f}" for t in per_token))
     assert (out / "needle.png").stat().st_size > 1000 or not _has_matplotlib()
 
 

@@ -123,6 +123,31 @@ def test_only_and_errors(tiny, tmp_path):
     assert "runs finished: 0 of 2" in (tmp_path / "results.md").read_text()
 
 
+def test_needle_sweep_reports_each_value_token(tmp_path):
+    """A needle sweep's table has the len columns and the per-token accuracy, averaged over the
+    seeds from each run's ``token_accuracy``."""
+    path = tmp_path / "needle.yaml"
+    path.write_text(TINY.replace("name: tiny", "name: tinyneedle")
+                    .replace("data: {task: mqar, seq_len: 32, mqar: {vocab_size: 32, num_kv_pairs: 4}}",
+                             "data: {task: needle, seq_len: 32, needle: {vocab_size: 64, value_len: 3}}")
+                    .replace("lr: {key: optim.lr, values: [1.0e-3, 3.0e-3]}", "seed: {key: seed, values: [0, 1]}")
+                    .replace("eval: {task: mqar, pairs: [2, 4], examples: 8}",
+                             "eval: {task: needle, lengths: [32], depths: [0.0, 1.0], examples: 4}")
+                    .replace("select: lr,", "select: null, average: seed,"))
+    summary = sweep(path, tmp_path)
+    runs = [json.loads(p.read_text()) for p in sorted((tmp_path / "results" / "tinyneedle" / "runs").glob("*.json"))]
+    assert len(runs) == 2 and all(len(row["token_accuracy"]) == 3 for r in runs for row in r["eval"])
+    (entry,) = summary["entries"]
+    for i, cell in enumerate(entry["detail"]):
+        assert cell["token_accuracy"] == pytest.approx([(a + b) / 2 for a, b in zip(
+            runs[0]["eval"][i]["token_accuracy"], runs[1]["eval"][i]["token_accuracy"])])
+    table = (tmp_path / "results" / "tinyneedle" / "table.md").read_text()
+    assert "| model | result | len 32 | per value token |" in table
+    cells = [c.strip() for c in table.split("| mamba2-dynamic-C4 |")[1].splitlines()[0].split("|")]
+    means = [100 * sum(c["token_accuracy"][j] for c in entry["detail"]) / 2 for j in range(3)]
+    assert cells[2] == " / ".join(f"{m:.0f}" for m in means)
+
+
 def test_runs_pause_at_the_pause_time_and_continue(tiny, tmp_path, monkeypatch, capsys):
     """--pause-after: a run still training then keeps a checkpoint and writes no result; the next
     call continues it from that step, and a call without a pause finishes it."""

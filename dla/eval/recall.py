@@ -15,13 +15,12 @@ EVAL_STREAM = 2
 
 
 @torch.no_grad()
-def answer_hits(model, batch: Batch, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(hits, answers)`` per row: targets predicted right by the argmax, and targets."""
+def target_hits(model, batch: Batch, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(hits, answers)``, ``[B, T]`` masks: the targets the argmax predicts right, and the targets."""
     with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda"):
         logits = model(input_ids=batch.input_ids.to(device), use_cache=False).logits
     answers = batch.targets != IGNORE_INDEX
-    hits = (logits.argmax(-1).cpu() == batch.targets) & answers
-    return hits.sum(1), answers.sum(1)
+    return (logits.argmax(-1).cpu() == batch.targets) & answers, answers
 
 
 def _batches(task, seq_len: int, examples: int, batch_size: int, seed: int):
@@ -45,7 +44,7 @@ def mqar_accuracy(model, task: MQAR, lengths: list[int], pairs: list[int], examp
                 continue
             hits = answers = 0
             for batch in _batches(cell, seq_len, examples, batch_size, seed):
-                h, a = answer_hits(model, batch, device)
+                h, a = target_hits(model, batch, device)
                 hits, answers = hits + int(h.sum()), answers + int(a.sum())
             rows.append({"seq_len": seq_len, "num_kv_pairs": n, "accuracy": hits / answers, "examples": examples})
     return rows
@@ -53,16 +52,21 @@ def mqar_accuracy(model, task: MQAR, lengths: list[int], pairs: list[int], examp
 
 def needle_accuracy(model, task: Needle, lengths: list[int], depths: list[float], examples: int = 64,
                     batch_size: int = 32, seed: int = 0, device="cpu") -> list[dict]:
-    """One row per (seq_len, depth): the fraction of examples whose whole value came out right."""
+    """One row per (seq_len, depth): ``accuracy``, the fraction of examples whose whole value came
+    out right, and ``token_accuracy``, the fraction for each of its tokens (teacher forced), which
+    tells a model that finds the needle but loses the value's tail from one that never finds it."""
     rows = []
     for seq_len in lengths:
         for depth in depths:
             cell = task.evaluation_task(depth=depth)  # one query, never the mixture
-            found = 0
+            found, per_token = 0, torch.zeros(task.value_len)
             for batch in _batches(cell, seq_len, examples, batch_size, seed):
-                h, a = answer_hits(model, batch, device)
-                found += int((h == a).sum())
-            rows.append({"seq_len": seq_len, "depth": depth, "accuracy": found / examples, "examples": examples})
+                h, a = target_hits(model, batch, device)
+                value_hits = h[a].view(len(h), task.value_len)  # the one query's targets, in order
+                found += int(value_hits.all(1).sum())
+                per_token += value_hits.sum(0)
+            rows.append({"seq_len": seq_len, "depth": depth, "accuracy": found / examples,
+                         "token_accuracy": (per_token / examples).tolist(), "examples": examples})
     return rows
 
 
