@@ -728,6 +728,8 @@ def mean_detail(task: str, runs: list[dict]):
     if task == "text":
         curves = [r["eval"]["mean_loss_upto"] for r in done]
         return [(pos, statistics.fmean(c[i][1] for c in curves)) for i, (pos, _) in enumerate(curves[0])]
+    from dla.eval.recall import mean_per_token
+
     keys = [k for k in done[0]["eval"][0] if k not in ("accuracy", "token_accuracy", "examples")]
     cells, tokens = {}, {}
     for r in runs:  # a diverged seed counts as 0 in every cell
@@ -739,7 +741,7 @@ def mean_detail(task: str, runs: list[dict]):
                 per_token = r["eval"][i]["token_accuracy"] if r["status"] == "done" else [0.0] * len(row["token_accuracy"])
                 tokens.setdefault(i, []).append(per_token)
     return [{**{k: row[k] for k in keys}, "accuracy": statistics.fmean(cells[i]) if i in cells else None,
-             **({"token_accuracy": [statistics.fmean(t) for t in zip(*tokens[i])]} if i in tokens else {})}
+             **({"token_accuracy": mean_per_token(tokens[i])} if i in tokens else {})}
             for i, row in enumerate(done[0]["eval"])]
 
 
@@ -814,6 +816,8 @@ def table_parts(exp: Experiment, entries: list[dict], group_axes: list[str]):
 
 def markdown_tables(exp: Experiment, entries: list[dict], group_axes: list[str]) -> str:
     """One table (rows x cols) per combination of the remaining axes."""
+    from dla.eval.recall import mean_per_token
+
     rep, task = exp.report, exp.eval["task"]
     rows, cols = rep["rows"], rep["cols"]
     what = "validation loss, nats/token (perplexity)" if task == "text" else "accuracy %, mean ±std over seeds"
@@ -834,7 +838,7 @@ def markdown_tables(exp: Experiment, entries: list[dict], group_axes: list[str])
             extra = [f"{100 * statistics.fmean(v):.1f}" if v else "–" for v in by_length]
             if per_token:
                 token_rows = [c["token_accuracy"] for c in match[0]["detail"] if "token_accuracy" in c] if match else []
-                extra.append(" / ".join(f"{100 * statistics.fmean(t):.0f}" for t in zip(*token_rows)) or "–")
+                extra.append(" / ".join(f"{100 * t:.0f}" for t in mean_per_token(token_rows)) or "–")
             cells = []
             for cv in col_values:
                 entry = cell_entry(part, rows, rv, cols, cv)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from dla.data import MQAR, Needle
 from dla.errors import UserError
-from dla.eval.recall import format_grid, mqar_accuracy, needle_accuracy
+from dla.eval.recall import format_grid, mean_per_token, mqar_accuracy, needle_accuracy
 from dla.eval.text_loss import per_position_loss
 from dla.plots import heatmap, line_plot
 
@@ -33,7 +33,7 @@ def eval_mqar(model, task: MQAR, lengths, pairs, out: Path, examples: int, seed:
 def eval_needle(model, task: Needle, lengths, depths, out: Path, examples: int, seed: int, device) -> dict:
     rows = needle_accuracy(model, task, lengths, depths, examples=examples, seed=seed, device=device)
     table = format_grid(rows, "depth", "seq_len", "needle accuracy (rows: depth, columns: length)")
-    per_token = [sum(t) / len(rows) for t in zip(*(r["token_accuracy"] for r in rows))]
+    per_token = mean_per_token(r["token_accuracy"] for r in rows)
     table += "\nper value token, first to last (mean over the cells): " + " / ".join(f"{t:.3f}" for t in per_token)
     (out / "needle.json").write_text(json.dumps({"task": vars(task), "rows": rows, "table": table}, indent=1))
     print(table)

@@ -70,6 +70,11 @@ def needle_accuracy(model, task: Needle, lengths: list[int], depths: list[float]
     return rows
 
 
+def mean_per_token(token_accuracies) -> list[float]:
+    """The element-wise mean of per-value-token accuracy lists (over cells, or over seeds)."""
+    return [sum(t) / len(t) for t in zip(*token_accuracies)]
+
+
 def format_grid(rows: list[dict], row_key: str, col_key: str, title: str) -> str:
     """A text table of ``accuracy`` with one line per ``row_key`` value and one column per ``col_key``."""
     row_values = sorted({r[row_key] for r in rows})
