@@ -294,3 +294,12 @@ def _has_matplotlib() -> bool:
     except ImportError:
         return False
     return True
+
+
+def test_a_router_model_resumes(tmp_path):
+    # the router's projections get no gradient (the schedule is discrete), so AdamW never makes
+    # state for them; a checkpoint must still load (it did not while they counted as trainable)
+    common = [*TINY, "model.score=router", "checkpoint_every=3", f"out_dir={tmp_path}"]
+    train(*common, "steps=6")
+    train(*common, "steps=9", "--resume")
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")][-1] == 9

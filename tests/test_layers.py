@@ -72,11 +72,8 @@ def test_forward_backward(base, policy_case):
     assert y.shape == x.shape and torch.isfinite(y).all()
     y.square().mean().backward()
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
-    for name, p in layer.named_parameters():
-        if name.startswith("router."):  # the schedule carries no gradient (documented)
-            assert p.grad is None, name
-        else:
-            assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    for name, p in layer.named_parameters():  # the router's projections are buffers: no gradient reaches them
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
     print(f"{base} {policy_case}: {dla.count_parameters(layer)} parameters")
 
 

@@ -159,9 +159,10 @@ class RouterScore(nn.Module):
     head, on the layer input, with u = 1 at a sequence start.
 
     The schedule is discrete and carries no gradient (spec §3), and this implementation adds no
-    straight-through estimator: W_a and W_b get no gradient from the language-modelling loss, so
-    they keep their initialisation unless a caller trains them with a loss of its own on
-    :meth:`forward`'s scores. Decoding keeps W_b x of each sequence's last token
+    straight-through estimator, so no loss through the model reaches W_a and W_b: they are fixed
+    random projections, kept as buffers (saved with the model, never trained). As parameters an
+    optimizer would hold them without ever making state for them, and a checkpoint of such a run
+    did not load when it resumed. Decoding keeps W_b x of each sequence's last token
     (:attr:`MixerCache.router_key`).
     """
 
@@ -169,15 +170,22 @@ class RouterScore(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = max(hidden_size // num_heads, 1)
-        self.query = nn.Linear(hidden_size, num_heads * self.head_dim, bias=False)
-        self.key = nn.Linear(hidden_size, num_heads * self.head_dim, bias=False)
+        shape = (num_heads * self.head_dim, hidden_size)
+        self.register_buffer("query_weight", torch.empty(shape))
+        self.register_buffer("key_weight", torch.empty(shape))
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        # the cosine ignores scale: only the directions of the projected vectors matter
+        nn.init.normal_(self.query_weight)
+        nn.init.normal_(self.key_weight)
 
     def forward(self, x, cu_seqlens=None, previous_key=None):
         """Returns ``(u [B, T, H], last key [N, H, head_dim])`` for the ``[B, T, D]`` input ``x``."""
         B, T = x.shape[:2]
         with torch.no_grad():
-            a = upcast(self.query(x).unflatten(-1, (self.num_heads, self.head_dim)))
-            b = upcast(self.key(x).unflatten(-1, (self.num_heads, self.head_dim)))
+            a = upcast(F.linear(x, self.query_weight.to(x.dtype)).unflatten(-1, (self.num_heads, self.head_dim)))
+            b = upcast(F.linear(x, self.key_weight.to(x.dtype)).unflatten(-1, (self.num_heads, self.head_dim)))
             b_prev = torch.cat([torch.zeros_like(b[:, :1]), b[:, :-1]], 1)
             rows, cols, nonempty = sequence_starts(cu_seqlens, B, T, x.device)
             rows, cols = rows[nonempty], cols[nonempty]

@@ -18,7 +18,8 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from dla.layers import (Attention, DLAGatedDeltaNet, DLAMamba2, GatedRMSNorm, LambdaProjection, ShortConvolution)
+from dla.layers import (Attention, DLAGatedDeltaNet, DLAMamba2, GatedRMSNorm, LambdaProjection, RouterScore,
+                        ShortConvolution)
 
 from .cache_dla import DLACache
 from .configuration_dla import DLAConfig
@@ -121,7 +122,7 @@ class DLAPreTrainedModel(PreTrainedModel):
             init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
         elif isinstance(module, (nn.RMSNorm, GatedRMSNorm)):
             init.ones_(module.weight)
-        elif isinstance(module, (LambdaProjection, DLAMamba2, DLAGatedDeltaNet)):
+        elif isinstance(module, (LambdaProjection, RouterScore, DLAMamba2, DLAGatedDeltaNet)):
             module.reset_parameters()
 
 
