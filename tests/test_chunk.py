@@ -168,3 +168,15 @@ def test_inter_in_value_blocks_equals_whole(base, monkeypatch):
     assert rel_err(o, o_ref) <= 1e-12 and rel_err(s.states, s_ref.states) <= 1e-12
     for name in g_ref:
         assert rel_err(g[name], g_ref[name]) <= 1e-12, f"d{name}"
+
+
+def test_deterministic_mode_picks_the_torch_walks():
+    # the Triton backward adds gradients up with atomics; deterministic mode must not use it
+    from dla.ops.chunk import default_backend
+
+    assert default_backend(is_cuda=True) == "triton" and default_backend(is_cuda=False) == "torch"
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert default_backend(is_cuda=True) == "torch"
+    finally:
+        torch.use_deterministic_algorithms(False)

@@ -303,3 +303,14 @@ def test_a_router_model_resumes(tmp_path):
     train(*common, "steps=6")
     train(*common, "steps=9", "--resume")
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")][-1] == 9
+
+
+def test_deterministic_runs_in_deterministic_mode_and_restores_it(tmp_path, monkeypatch):
+    import dla.train.loop as loop
+
+    seen = []
+    real = loop._train
+    monkeypatch.setattr(loop, "_train", lambda *a: seen.append(torch.are_deterministic_algorithms_enabled()) or real(*a))
+    train(*TINY, "steps=2", "deterministic=true", f"out_dir={tmp_path / 'on'}")
+    train(*TINY, "steps=2", f"out_dir={tmp_path / 'off'}")
+    assert seen == [True, False] and not torch.are_deterministic_algorithms_enabled()

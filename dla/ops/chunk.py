@@ -48,6 +48,12 @@ INTER_BLOCK_BYTES = 4 * 2**30
 FUSED_GATED_DELTANET = os.environ.get("DLA_FUSED_GDN", "1") != "0"
 
 
+def default_backend(is_cuda: bool) -> str:
+    """The walks' backend when the caller names none: Triton on CUDA unless deterministic
+    algorithms are requested (its backward accumulates with atomic adds)."""
+    return "triton" if is_cuda and not torch.are_deterministic_algorithms_enabled() else "torch"
+
+
 def chunk_dla(q, k, v, g, lam, schedule, beta=None, scale=None, initial_state: DLAState | None = None,
               output_final_state: bool = False, cu_seqlens=None, chunk_size: int = 64, backend: str | None = None):
     """Dynamic Linear Attention, chunked. Same contract as :func:`dla.recurrent_dla`.
@@ -55,7 +61,9 @@ def chunk_dla(q, k, v, g, lam, schedule, beta=None, scale=None, initial_state: D
     Returns ``(o [B, T, H, V], state)``; gradients flow to q, k, v, g, beta, lam and
     ``initial_state.states``. ``chunk_size`` is one of 16, 32, 64, 128. ``backend``: the two
     walks over chunks (carried segments, state recurrence) run as Triton kernels (``"triton"``,
-    the default on CUDA) or as PyTorch loops (``"torch"``, the default elsewhere).
+    the default on CUDA) or as PyTorch loops (``"torch"``, the default elsewhere, and on CUDA
+    under ``torch.use_deterministic_algorithms(True)``: the Triton backward adds some gradients
+    up with atomics, so its last bits vary from run to run).
     """
     if chunk_size not in CHUNK_SIZES:
         raise ValueError(f"chunk_size must be one of {CHUNK_SIZES}, got {chunk_size}")
@@ -63,7 +71,7 @@ def chunk_dla(q, k, v, g, lam, schedule, beta=None, scale=None, initial_state: D
         raise ValueError(f"backend must be None, 'torch' or 'triton', got {backend!r}")
     x = prepare(q, k, v, g, lam, schedule, beta, scale, cu_seqlens, initial_state)
     if backend is None:
-        backend = "triton" if x.q.is_cuda else "torch"
+        backend = default_backend(x.q.is_cuda)
     if backend == "triton":
         from dla.ops.triton import chunk_state as walks
     else:
