@@ -468,13 +468,15 @@ def run_sweep(exp_path: str | Path, results_root: Path, work_root: Path, device:
               steps_scale: float = 1.0, only: list[str] | None = None, time_budget: float | None = None,
               extra: list[str] = (), keep_checkpoints: bool = False, export: Path | None = None,
               docs: Path | None = None, eval_extra: list[str] = (), pause_after: float | None = None,
-              export_room: ExportRoom | None = None) -> dict:
+              export_room: ExportRoom | None = None, export_paused: bool = True) -> dict:
     """Train and evaluate the runs not finished yet, then aggregate. Returns the aggregate.
 
     ``time_budget``: start no run that would end after it. ``pause_after``: runs still training
     then stop with a checkpoint in ``work_root`` and continue on the next call (runs longer than
     one call); no run starts within ``MIN_TRAIN_S`` of it. Both are seconds from now. ``export``:
-    also write the results, and the paused runs that fit ``export_room``, as archives there."""
+    also write the results, and the paused runs that fit ``export_room``, as archives there;
+    with ``export_paused=False`` paused runs stay in ``work_root`` only (a warm GPU machine keeps
+    them for the next call), and the workers are not capped to what a call can return."""
     from dla.train.metrics import format_duration
 
     started = time.time()
@@ -491,7 +493,7 @@ def run_sweep(exp_path: str | Path, results_root: Path, work_root: Path, device:
           + (f", steps x{steps_scale}" if steps_scale != 1.0 else "")
           + (f", time budget {format_duration(time_budget)}" if time_budget else "")
           + (f", pausing at {format_duration(pause_after)}" if pause_after is not None else ""), flush=True)
-    if stop_at is not None and export is not None and workers > 1 and pending:
+    if stop_at is not None and export is not None and export_paused and workers > 1 and pending:
         workers = cap_paused_workers(exp, pending, work_dir, results_dir, workers,
                                      export_room if export_room is not None else ExportRoom())
     threads = worker_threads(device, workers)
@@ -523,7 +525,10 @@ def run_sweep(exp_path: str | Path, results_root: Path, work_root: Path, device:
         room = export_room if export_room is not None else ExportRoom()
         if not room.take(results_archive_bytes(results_dir)):
             room.files = 0  # the results archive is written anyway, and no paused run may crowd it out
-        archives, left_out = plan_paused_export(paused, lambda name: dir_bytes(work_dir / name), room)
+        if export_paused:
+            archives, left_out = plan_paused_export(paused, lambda name: dir_bytes(work_dir / name), room)
+        else:
+            left_out = [r["run"] for r in paused]
         if left_out:
             record["not_exported"] = left_out
     if pending:
@@ -534,8 +539,9 @@ def run_sweep(exp_path: str | Path, results_root: Path, work_root: Path, device:
           + (f", {len(paused)} paused (continued by the next call with this --work-dir)" if paused else "")
           + (f", {left} not started (time budget)" if left else ""), flush=True)
     if left_out:
-        print(f"warning: {len(left_out)} paused run(s) do not fit in what this call can return and start again "
-              f"from step 0 next call unless {work_dir} is kept: {', '.join(left_out)}", file=sys.stderr, flush=True)
+        why = "were not exported" if not export_paused else "do not fit in what this call can return"
+        print(f"warning: {len(left_out)} paused run(s) {why} and start again from step 0 next call unless "
+              f"{work_dir} is kept: {', '.join(left_out)}", file=sys.stderr, flush=True)
     for e in errors:
         print(f"error in {e['run']}:\n{e['traceback']}", file=sys.stderr)
     summary = aggregate(exp, results_dir, docs)

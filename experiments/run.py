@@ -54,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep-checkpoints", action="store_true", help="keep each run's checkpoint (for dla inspect)")
     p.add_argument("--export", metavar="DIR", help="also pack the results into DIR/NAME.tar.gz (e.g. $OUT); "
                    "unpack it with tar xzf NAME.tar.gz -C experiments/results")
+    p.add_argument("--no-export-paused", dest="export_paused", action="store_false", help="export the results "
+                   "only: paused runs stay in --work-dir, which a warm GPU machine keeps for the next call (chain "
+                   "it within the idle time, or they start over), and --workers is not capped to what a call "
+                   "returns")
     p.add_argument("--export-files", type=int, default=8, metavar="N", help="at most N archives from this command "
                    "(a GPU call returns 8 files; give each of two sweeps in one call 4): results first, then the "
                    "paused runs that fit, most advanced first")
@@ -96,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
                       args.set, args.keep_checkpoints,
                       Path(args.export) if args.export else None, Path(args.docs), args.eval_set,
                       None if args.pause_after is None else args.pause_after - (time.time() - started),
-                      export_room)
+                      export_room, args.export_paused)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

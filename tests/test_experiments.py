@@ -287,3 +287,24 @@ def test_experiment_files_expand(name):
     assert len({r.name for r in exp.runs}) == len(exp.runs)
     for axis in ("rows", "cols", "select", "average"):
         assert exp.report[axis] is None or exp.report[axis] in exp.axes
+
+
+def test_without_exporting_paused_runs_the_workers_are_not_capped(tiny, tmp_path, capsys, monkeypatch):
+    """--no-export-paused: paused runs stay in the work dir (a warm machine keeps it), so the sweep
+    trains all its workers at once, exports only the results, and says which runs stayed behind."""
+    from dla.sweep import ExportRoom
+
+    room = ExportRoom(files=2, bytes=int(1.5 * 2**20))  # as above: room for one paused run
+    run_sweep(tiny, tmp_path / "results", tmp_path / "work", device="cpu", workers=2, docs=tmp_path / "results.md",
+              pause_after=600, export=tmp_path / "out", export_room=room, export_paused=False)
+    assert "at once instead of" not in capsys.readouterr().out
+    calls = [json.loads(line) for line in (tmp_path / "results" / "tiny" / "calls.jsonl").read_text().splitlines()]
+    assert [(c["workers"], c["runs"]) for c in calls] == [(2, 2)]
+
+    monkeypatch.setattr("dla.sweep.MIN_TRAIN_S", 0)
+    long = tmp_path / "long.yaml"
+    long.write_text(TINY.replace("name: tiny", "name: long").replace("steps: 3", "steps: 600"))
+    sweep(long, tmp_path, only=["*lr0.001"], pause_after=0.5, export=tmp_path / "out", export_paused=False)
+    assert "1 paused run(s) were not exported" in capsys.readouterr().err
+    assert (tmp_path / "work" / "long" / "mamba2-dynamic-C4__lr0.001" / "paused.json").is_file()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["long.tar.gz", "tiny.tar.gz"]
