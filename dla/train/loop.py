@@ -44,7 +44,8 @@ def train(cfg: TrainConfig, resume: bool = False, show_progress: bool = True, st
     time limit. Returns a summary: ``status`` (``"done"`` / ``"interrupted"``), ``step``,
     ``loss`` (the last step's), ``checkpoint`` (the last one written) and ``out_dir``."""
     cfg.check()
-    was_deterministic = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    was_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     if cfg.deterministic:  # before CUDA starts: cuBLAS reads its workspace setting once
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
@@ -53,7 +54,7 @@ def train(cfg: TrainConfig, resume: bool = False, show_progress: bool = True, st
         return _train(cfg, runtime, resume, show_progress, stop_at)
     finally:
         shutdown(runtime)
-        torch.use_deterministic_algorithms(was_deterministic[0], warn_only=was_deterministic[1])
+        torch.use_deterministic_algorithms(was_deterministic, warn_only=was_warn_only)
 
 
 def _train(cfg: TrainConfig, runtime: Runtime, resume: bool, show_progress: bool, stop_at: float | None) -> dict:
