@@ -308,9 +308,13 @@ def test_a_router_model_resumes(tmp_path):
 def test_deterministic_runs_in_deterministic_mode_and_restores_it(tmp_path, monkeypatch):
     import dla.train.loop as loop
 
-    seen = []
-    real = loop._train
-    monkeypatch.setattr(loop, "_train", lambda *a: seen.append(torch.are_deterministic_algorithms_enabled()) or real(*a))
+    seen, real = [], loop._train
+
+    def recording_mode(*args):  # what the mode is while the run trains
+        seen.append(torch.are_deterministic_algorithms_enabled())
+        return real(*args)
+
+    monkeypatch.setattr(loop, "_train", recording_mode)
     train(*TINY, "steps=2", "deterministic=true", f"out_dir={tmp_path / 'on'}")
     train(*TINY, "steps=2", f"out_dir={tmp_path / 'off'}")
     assert seen == [True, False] and not torch.are_deterministic_algorithms_enabled()
