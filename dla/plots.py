@@ -46,21 +46,34 @@ def heatmap(values: list[list[float]], row_labels: list, col_labels: list, path:
     if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(col_labels), 1.2 + 0.6 * len(row_labels)))
-    image = ax.imshow(values, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
-    ax.set_xticks(range(len(col_labels)), [str(c) for c in col_labels])
-    ax.set_yticks(range(len(row_labels)), [str(r) for r in row_labels])
-    for i, row in enumerate(values):
-        for j, v in enumerate(row):
-            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8)
-    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    image = draw_heatmap(ax, values, row_labels, col_labels, title, xlabel, ylabel)
     fig.colorbar(image, ax=ax, label="accuracy")
     return save(fig, path)
 
 
-def save(fig, path: Path) -> Path:
+def draw_heatmap(ax, values: list[list[float]], row_labels: list, col_labels: list, title: str, xlabel: str,
+                 ylabel: str, fontsize: float = 8):
+    """One accuracy grid on ``ax`` (red 0 to green 1, each cell's percentage written in); returns
+    the image, for a colour bar."""
+    image = ax.imshow(values, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+    ax.set_xticks(range(len(col_labels)), [str(c) for c in col_labels], fontsize=fontsize)
+    ax.set_yticks(range(len(row_labels)), [str(r) for r in row_labels], fontsize=fontsize)
+    for i, row in enumerate(values):
+        for j, v in enumerate(row):
+            ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=fontsize)
+    ax.set_title(title, fontsize=fontsize + 1)
+    ax.set_xlabel(xlabel, fontsize=fontsize)
+    ax.set_ylabel(ylabel, fontsize=fontsize)
+    return image
+
+
+def save(fig, path: Path, tight: bool = True) -> Path:
+    """Write ``fig`` as a PNG and close it; ``tight=False`` for figures whose colour bar spans
+    several panels (tight_layout cannot place it)."""
     import matplotlib.pyplot as plt
 
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    if tight:
+        fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches=None if tight else "tight")
     plt.close(fig)
     return path

@@ -776,14 +776,16 @@ def boundary_table(exp: Experiment, entries: list[dict], group_axes: list[str]) 
     if not probed:
         return ""
     rows, cols = exp.report["rows"], exp.report["cols"]
-    first = probed[0]["boundaries"][0]
     col_values = list(exp.axes[cols]) if cols else [None]
     blocks = []
     for label, part in table_parts(exp, probed, group_axes):
+        if not part:
+            continue
+        first = part[0]["boundaries"][0]  # the region's share of the tokens is the task's (per table)
         lines = [f"**{exp.name}: where the DLA layers open states** {label} (held-out examples, best "
                  f"{exp.report['select'] or 'run'} per cell; per layer, first to last: states opened per 100 tokens"
                  + (f", and in parentheses the share of them inside the {first['region']} region, which holds "
-                    f"{100 * first['region_tokens']:.0f}% of the tokens)" if first["region"] else ")"), "",
+                    f"{_percent(first['region_tokens'])} of the tokens)" if first["region"] else ")"), "",
                  f"| {rows} | " + " | ".join(str(c or "result") for c in col_values) + " |",
                  "|---" * (len(col_values) + 1) + "|"]
         for rv in exp.axes[rows]:
@@ -791,13 +793,19 @@ def boundary_table(exp: Experiment, entries: list[dict], group_axes: list[str]) 
             for cv in col_values:
                 entry = cell_entry(part, rows, rv, cols, cv)
                 cells.append(" / ".join(f"{layer['births_per_100_tokens']:.1f}" + (
-                    f" ({100 * layer['region_births']:.0f}%)" if layer["region_births"] is not None else "")
+                    f" ({_percent(layer['region_births'])})" if layer["region_births"] is not None else "")
                     for layer in entry["boundaries"]) if entry else "–")
             if any(c != "–" for c in cells):
                 lines.append(f"| {rv} | " + " | ".join(cells) + " |")
         if len(lines) > 4:
             blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
+
+
+def _percent(share: float) -> str:
+    """A share as a percentage, with two significant digits below 1% (a needle is 0.085% of a
+    16K-token row, which ``:.0f`` would print as 0%)."""
+    return f"{100 * share:.2g}%" if 0 < share < 0.01 else f"{100 * share:.0f}%"
 
 
 def _fmt(entry: dict, task: str) -> str:
@@ -869,8 +877,9 @@ def _number(label: str, axis: str):
 def plot(exp: Experiment, entries: list[dict], group_axes: list[str], path: Path) -> Path | None:
     """``lines``: the metric against the ``cols`` axis, one line per ``rows`` value, a panel per
     base (``panels``: row labels starting with ``PANEL-``; the others are drawn in every panel).
-    Needle runs: one heatmap (depth x length) per row label. Text runs: loss against context."""
-    from dla.plots import pyplot, save
+    Needle runs: a grid of depth x length heatmaps (:func:`heatmap_layout`). Text runs: loss against
+    context."""
+    from dla.plots import draw_heatmap, pyplot, save
 
     plt = pyplot()
     if plt is None:
@@ -878,22 +887,28 @@ def plot(exp: Experiment, entries: list[dict], group_axes: list[str], path: Path
     rep, task = exp.report, exp.eval["task"]
     rows, cols = rep["rows"], rep["cols"]
     if task == "needle":
-        models = [e for e in entries if e["detail"]]
-        fig, axes = plt.subplots(1, len(models), figsize=(3.2 * len(models) + 1, 3.4), squeeze=False)
-        for ax, e in zip(axes[0], models):
+        layout = heatmap_layout(exp, entries, group_axes)
+        nrows, ncols = len(layout), len(layout[0]) if layout else 0
+        if not ncols:
+            return None
+        fig, axes = plt.subplots(nrows, ncols, figsize=(2.9 * ncols + 1, 2.5 * nrows + 0.4), squeeze=False)
+        others = [a for a in group_axes if a != rows]
+        for i, j in itertools.product(range(nrows), range(ncols)):
+            ax, e = axes[i, j], layout[i][j]
+            if e is None:
+                ax.set_axis_off()
+                continue
             lengths = sorted({c["seq_len"] for c in e["detail"]})
             depths = sorted({c["depth"] for c in e["detail"]})
             grid = [[next(c["accuracy"] for c in e["detail"] if c["depth"] == d and c["seq_len"] == n)
                      for n in lengths] for d in depths]
-            ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
-            ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=7)
-            ax.set_yticks(range(len(depths)), [str(d) for d in depths], fontsize=7)
-            for i, row in enumerate(grid):
-                for j, v in enumerate(row):
-                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6)
-            ax.set_title(" ".join(str(e[a]) for a in group_axes), fontsize=8)
-            ax.set(xlabel="length", ylabel="depth")
-        return save(fig, path)
+            figure_row = " ".join(str(e[a]) for a in others)
+            ylabel = ((f"{figure_row}\n" if figure_row else "") + "depth") if j == 0 else ""
+            image = draw_heatmap(ax, grid, depths, [f"{n // 1024}K" if n % 1024 == 0 else n for n in lengths],
+                                 str(e[rows]), "length" if i == nrows - 1 else "", ylabel, fontsize=7)
+            ax.tick_params(labelleft=j == 0)  # the depths are the same in every panel of a row
+        fig.colorbar(image, ax=axes, label="accuracy", shrink=0.8)
+        return save(fig, path, tight=False)
     numeric_cols = _numeric_axis(exp, cols)
     if task != "text" and not numeric_cols:
         return bar_plot(plt, exp, entries, group_axes, path)
@@ -928,6 +943,19 @@ def plot(exp: Experiment, entries: list[dict], group_axes: list[str], path: Path
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     return save(fig, path)
+
+
+def heatmap_layout(exp: Experiment, entries: list[dict], group_axes: list[str]) -> list[list[dict | None]]:
+    """The needle heatmaps' panels: a figure row per value of the other grouping axes (the
+    task), a column per ``rows`` value (the model) that has a heatmap in some figure row."""
+    rows = exp.report["rows"]
+    others = [a for a in group_axes if a != rows]
+    by_figure_row: dict[tuple, dict] = {}
+    for e in entries:
+        if e["detail"]:
+            by_figure_row.setdefault(tuple(e[a] for a in others), {})[e[rows]] = e
+    columns = [rv for rv in exp.axes[rows] if any(rv in cells for cells in by_figure_row.values())]
+    return [[cells.get(rv) for rv in columns] for cells in by_figure_row.values()]
 
 
 def _numeric_axis(exp: Experiment, axis: str | None) -> bool:

@@ -7,11 +7,12 @@ import math
 import os
 import tarfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from dla.errors import ConfigError
-from dla.sweep import aggregate, load_experiment, probe_sweep, run_sweep
+from dla.sweep import aggregate, boundary_table, heatmap_layout, load_experiment, probe_sweep, run_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 from mixer_helpers import one_thread  # noqa: F401 (autouse: tiny models run fastest on one thread)
@@ -146,6 +147,27 @@ def test_needle_sweep_reports_each_value_token(tmp_path):
     cells = [c.strip() for c in table.split("| mamba2-dynamic-C4 |")[1].splitlines()[0].split("|")]
     means = [100 * sum(c["token_accuracy"][j] for c in entry["detail"]) / 2 for j in range(3)]
     assert cells[2] == " / ".join(f"{m:.0f}" for m in means)
+
+
+def test_needle_report_lays_out_one_figure_row_and_one_region_share_per_task():
+    """The heatmaps: a figure row per task, a column per model that has a heatmap in some row. The
+    boundary tables: each task's own share of needle tokens (one needle is 7 of 16,384 tokens,
+    four are 28), printed with two significant digits below 1%."""
+    exp = SimpleNamespace(name="needle", report={"rows": "model", "cols": None, "select": None}, axes={
+        "task": ["passkey", "multikey"], "model": ["a", "b", "c"]})
+
+    def entry(task, model, detail, region_tokens):
+        layer = {"births_per_100_tokens": 0.5, "region": "needles", "region_tokens": region_tokens,
+                 "region_births": 0.41}
+        return {"task": task, "model": model, "detail": detail, "boundaries": [layer]}
+
+    pa, pb = entry("passkey", "a", [1], 7 / 16384), entry("passkey", "b", [1], 7 / 16384)
+    ma, mc = entry("multikey", "a", [1], 28 / 16384), entry("multikey", "c", [], 28 / 16384)
+    assert heatmap_layout(exp, [pa, pb, ma, mc], ["task", "model"]) == [[pa, pb], [ma, None]]
+    _, passkey, multikey = boundary_table(exp, [pa, pb, ma, mc], ["task", "model"]).split("**needle: where")
+    assert "task=passkey" in passkey and "which holds 0.043% of the tokens" in passkey
+    assert "task=multikey" in multikey and "which holds 0.17% of the tokens" in multikey
+    assert "| a | 0.5 (41%) |" in passkey
 
 
 def test_runs_pause_at_the_pause_time_and_continue(tiny, tmp_path, monkeypatch, capsys):
