@@ -803,8 +803,8 @@ def boundary_table(exp: Experiment, entries: list[dict], group_axes: list[str]) 
 
 
 def _percent(share: float) -> str:
-    """A share as a percentage, with two significant digits below 1% (a needle is 0.085% of a
-    16K-token row, which ``:.0f`` would print as 0%)."""
+    """A share as a percentage, with two significant digits below 1% (the needles are 0.043-0.085%
+    of a 16K-token row, which ``:.0f`` would print as 0%)."""
     return f"{100 * share:.2g}%" if 0 < share < 0.01 else f"{100 * share:.0f}%"
 
 

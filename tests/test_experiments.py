@@ -151,8 +151,8 @@ def test_needle_sweep_reports_each_value_token(tmp_path):
 
 def test_needle_report_lays_out_one_figure_row_and_one_region_share_per_task():
     """The heatmaps: a figure row per task, a column per model that has a heatmap in some row. The
-    boundary tables: each task's own share of needle tokens (one needle is 7 of 16,384 tokens,
-    four are 28), printed with two significant digits below 1%."""
+    boundary tables: each task's own share of needle tokens (here 7 and 28 of 16,384), printed
+    with two significant digits below 1%."""
     exp = SimpleNamespace(name="needle", report={"rows": "model", "cols": None, "select": None}, axes={
         "task": ["passkey", "multikey"], "model": ["a", "b", "c"]})
 
