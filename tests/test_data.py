@@ -185,10 +185,11 @@ def test_needle_eval_reports_each_value_token():
 def test_regions_mark_the_parts_of_an_example():
     needle = Needle(vocab_size=64, num_needles=3, value_len=2, depth=0.0)
     batch = build_dataset(DataConfig(task="needle", seq_len=40, needle=needle), 0).batch(0, 4)
-    (mask,) = needle.regions(batch).values()
-    for x, m in zip(batch.input_ids, mask):
-        assert m[:3].all() and m[-2:].all()  # the queried needle (key, 2 values) and the query (key, value)
-        assert int(m.sum()) == 3 * 3 + 2  # three needles of 3 tokens, the query of 2
+    regions = needle.regions(batch)
+    for x, m, q in zip(batch.input_ids, regions["needles"], regions["queries"]):
+        assert m[:3].all() and int(m.sum()) == 3 * 3  # three needles of 3 tokens, the queried one at depth 0
+        assert q[-2:].all() and int(q.sum()) == 2 and not (m & q).any()  # the query (key, value), apart
+        assert x[-2] == x[0]  # the query asks for the needle at depth 0
     mqar = MQAR(vocab_size=128, num_kv_pairs=6, random_non_queries=False)
     batch = build_dataset(DataConfig(task="mqar", seq_len=64, mqar=mqar), 0).batch(0, 4)
     regions = mqar.regions(batch)

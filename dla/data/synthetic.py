@@ -260,12 +260,15 @@ class Needle(_TrainingMixture):
         return x + rank * (width - 1)
 
     def regions(self, batch: Batch) -> dict[str, torch.Tensor]:
-        """``[B, T]`` mask of the needles (each key and its value tokens; the query included)."""
-        key = (batch.input_ids >= 1) & (batch.input_ids < self.vocab_size // 2)  # filler and values are >= V/2
+        """``[B, T]`` masks of the needles in the haystack (each key and its value tokens) and of
+        the queries at the end (the queried key and the values fed back), kept apart as MQAR's
+        pairs and queries are: a state opened where a query starts has not found a needle."""
+        queries = batch.targets != IGNORE_INDEX
+        key = (batch.input_ids >= 1) & (batch.input_ids < self.vocab_size // 2) & ~queries  # filler, values >= V/2
         needles = key.clone()
         for shift in range(1, self.value_len + 1):
             needles[:, shift:] |= key[:, :-shift]
-        return {"needles": needles}
+        return {"needles": needles, "queries": queries}
 
 
 TASKS = {"mqar": MQAR, "needle": Needle}
