@@ -1,8 +1,8 @@
 """Where a trained needle model's DLA layers open states, at its training length and beyond:
 per layer, states opened per 100 tokens, the share of them merged again within the row, and the
 shares inside the needles and inside the query (passkey rows, the eval's random depths and
-stream, as the sweep's boundary probe; that probe counted needles and query together until
-commit 'Needle regions: ... apart').
+stream, as the sweep's boundary probe; that probe counted needles and query together before
+commit a7d415d).
 
     python experiments/results/needle-cpu-pilot/where_states_open.py RUN_DIR --lengths 256 1024 4096 16384
 """
