@@ -1,8 +1,8 @@
 """Where a trained needle model's DLA layers open states, at its training length and beyond:
 per layer, states opened per 100 tokens, the share of them merged again within the row, and the
-shares inside the needles and inside the query (passkey rows, the eval's random depths and
-stream, as the sweep's boundary probe; that probe counted needles and query together before
-commit a7d415d).
+shares inside the needles and inside the query. It is the sweep's boundary probe (passkey rows,
+the eval's random depths and stream) at each length; that probe counted needles and query
+together before commit a7d415d.
 
     python experiments/results/needle-cpu-pilot/where_states_open.py RUN_DIR --lengths 256 1024 4096 16384
 """
@@ -10,11 +10,9 @@ commit a7d415d).
 import argparse
 import json
 
-from dla.data import SyntheticDataset
-from dla.data.synthetic import Needle
-from dla.eval.recall import EVAL_STREAM
-from dla.inspection import boundary_stats
+from dla.sweep import boundary_probe
 from dla.train.checkpoint import load_model
+from dla.train.config import config_from_dict
 
 parser = argparse.ArgumentParser()
 parser.add_argument("run")
@@ -23,11 +21,10 @@ parser.add_argument("--examples", type=int, default=8)
 args = parser.parse_args()
 
 model, _, train_config = load_model(args.run)
-task = Needle(**train_config["data"]["needle"]).evaluation_task(depth=None)
+cfg = config_from_dict(train_config)
 rows = []
 for length in args.lengths:
-    batch = SyntheticDataset(task, length, train_config["seed"], stream=EVAL_STREAM).batch(0, args.examples)
-    for layer in boundary_stats(model, batch.input_ids, task.regions(batch)):
+    for layer in boundary_probe({"task": "needle", "lengths": [length]}, cfg, model, "cpu", args.examples):
         rows.append({"length": length, **layer})
         shares = {name: region["births"] for name, region in layer["regions"].items()}
         print(f"length {length:6d} layer {layer['layer']}: {layer['births_per_100_tokens']:6.2f} per 100 tokens, "
