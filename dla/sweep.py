@@ -500,6 +500,15 @@ def run_sweep(exp_path: str | Path, results_root: Path, work_root: Path, device:
     jobs = [(str(exp.path), r.name, str(results_dir), str(work_dir), device, steps_scale, list(extra),
              list(eval_extra), keep_checkpoints, stop_at) for r in pending]
     completed, errors, paused = 0, [], []
+
+    def tally() -> dict:
+        return {"wall_s": round(time.time() - started, 1), "runs": completed - len(errors) - len(paused),
+                "errors": len(errors), "paused": len(paused), "left": len(pending) - completed}
+
+    call = CallRecord(results_dir / "calls.jsonl", {
+        "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)), **tally(), "device": device,
+        "workers": workers, "steps_scale": steps_scale, "commit": git_commit(), "argv": sys.argv[1:],
+        "ended": False}) if pending else None
     for job, result in run_parallel(execute, jobs, workers, threads, deadline,
                                     None if stop_at is None else stop_at - MIN_TRAIN_S):
         completed += 1
@@ -514,12 +523,10 @@ def run_sweep(exp_path: str | Path, results_root: Path, work_root: Path, device:
             errors.append(result)
             line += f" -- {result['error']}"
         print(line, flush=True)
+        call.update(**tally())
     finished = completed - len(errors) - len(paused)
     left = len(pending) - completed
     wall = time.time() - started
-    record = {"started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)), "wall_s": round(wall, 1),
-              "runs": finished, "errors": len(errors), "paused": len(paused), "left": left, "device": device,
-              "workers": workers, "steps_scale": steps_scale, "commit": git_commit(), "argv": sys.argv[1:]}
     archives, left_out = [], []
     if export is not None:  # plan the archives first, so that this call's record says what stays behind
         room = export_room if export_room is not None else ExportRoom()
@@ -529,12 +536,8 @@ def run_sweep(exp_path: str | Path, results_root: Path, work_root: Path, device:
             archives, left_out = plan_paused_export(paused, lambda name: dir_bytes(work_dir / name), room)
         else:
             left_out = [r["run"] for r in paused]
-        if left_out:
-            record["not_exported"] = left_out
-    if pending:
-        results_dir.mkdir(parents=True, exist_ok=True)
-        with open(results_dir / "calls.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+    if call is not None:
+        call.update(**tally(), ended=True, **({"not_exported": left_out} if left_out else {}))
     print(f"{exp.name}: {finished} runs finished in {format_duration(wall)}, {len(errors)} errors"
           + (f", {len(paused)} paused (continued by the next call with this --work-dir)" if paused else "")
           + (f", {left} not started (time budget)" if left else ""), flush=True)
@@ -554,6 +557,27 @@ def run_sweep(exp_path: str | Path, results_root: Path, work_root: Path, device:
                 for name in names:
                     tar.add(work_dir / name, arcname=f"{exp.name}/{name}")
     return summary
+
+
+class CallRecord:
+    """This call's line in ``calls.jsonl``: written when the call starts and rewritten as each run
+    ends, so that a call killed from outside (a GPU call's guard, ``timeout -s KILL``) still
+    records its command, commit, finished runs and wall time up to its last finished run, with
+    ``"ended": false``."""
+
+    def __init__(self, path: Path, record: dict):
+        self.path, self.record = path, record
+        self.index = len(path.read_text().splitlines()) if path.exists() else 0
+        self.update()
+
+    def update(self, **fields) -> None:
+        self.record.update(fields)
+        lines = self.path.read_text().splitlines() if self.path.exists() else []
+        lines[self.index:self.index + 1] = [json.dumps(self.record)]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.path.with_name(self.path.name + ".partial")  # a kill mid-write leaves the old file whole
+        partial.write_text("\n".join(lines) + "\n")
+        os.replace(partial, self.path)
 
 
 def cap_paused_workers(exp: Experiment, pending: list[Run], work_dir: Path, results_dir: Path, workers: int,
@@ -712,6 +736,7 @@ def aggregate(exp: Experiment, results_dir: Path, docs: Path | None = None) -> d
                "devices": sorted({r.get("device", "?") for r in runs}),
                "gpu_wall_s": sum(c["wall_s"] for c in calls if c.get("device") != "cpu"),
                "wall_s": sum(c["wall_s"] for c in calls), "run_seconds": sum(r.get("seconds", 0) for r in runs),
+               "cut_off_calls": sum(not c.get("ended", True) for c in calls),
                "commands": [list(a) for a in dict.fromkeys(tuple(c.get("argv", [])) for c in calls)]}
     results_dir.mkdir(parents=True, exist_ok=True)
     write_json(results_dir / "results.json", summary)
@@ -1045,7 +1070,9 @@ def update_results_md(path: Path, exp: Experiment, summary: dict, table: str, pn
              f"- runs finished: {summary['finished_runs']} of {summary['grid_runs']}",
              f"- commit(s): {', '.join(summary['commits']) or '–'}; device(s): {', '.join(summary['devices']) or '–'}",
              (f"- time: {format_duration(summary['wall_s'])} wall over all calls "
-              f"({format_duration(summary['run_seconds'])} summed over runs)"),
+              f"({format_duration(summary['run_seconds'])} summed over runs"
+              + (f"; {summary['cut_off_calls']} call(s) cut off, counted to their last finished run"
+                 if summary.get("cut_off_calls") else "") + ")"),
              f"- metric: {summary['metric']}; data: `{rel(results_dir)}/`",
              "", table or "(no finished runs yet)", ""]
     for png in pngs:

@@ -111,6 +111,33 @@ def test_time_budget_starts_nothing_past_it(tiny, tmp_path, capsys):
     assert "2 not started" in capsys.readouterr().out
 
 
+def test_a_call_killed_mid_sweep_still_records_itself(tiny, tmp_path, monkeypatch):
+    """A GPU call's guard kills a sweep from outside. Its line in calls.jsonl, rewritten as each run
+    ends, still holds the command and the run it finished, marked as not ended; the report counts
+    the call as cut off, and the next call adds its own line."""
+    import dla.sweep as sweep_module
+
+    finish_one_run = sweep_module.execute
+
+    def killed_after_the_first_run(*args):
+        if (tmp_path / "results" / "tiny" / "runs").exists():
+            raise SystemExit("killed")  # stands in for SIGKILL: the sweep runs no more of its code
+        return finish_one_run(*args)
+
+    monkeypatch.setattr(sweep_module, "execute", killed_after_the_first_run)
+    with pytest.raises(SystemExit):
+        sweep(tiny, tmp_path)
+    calls_file = tmp_path / "results" / "tiny" / "calls.jsonl"
+    (cut,) = [json.loads(line) for line in calls_file.read_text().splitlines()]
+    assert not cut["ended"] and (cut["runs"], cut["left"]) == (1, 1) and cut["wall_s"] > 0 and cut["commit"]
+    monkeypatch.setattr(sweep_module, "execute", finish_one_run)
+    summary = sweep(tiny, tmp_path)
+    calls = [json.loads(line) for line in calls_file.read_text().splitlines()]
+    assert calls[0] == cut and calls[1]["ended"] and (calls[1]["runs"], calls[1]["left"]) == (1, 0)
+    assert summary["cut_off_calls"] == 1 and summary["finished_runs"] == 2
+    assert "1 call(s) cut off" in (tmp_path / "results.md").read_text()
+
+
 def test_only_and_errors(tiny, tmp_path):
     exp = load_experiment(tiny)
     from dla.sweep import select_runs
