@@ -146,21 +146,25 @@ def cmd_inspect(args) -> int:
 
         tok = text_tokenizer(tokenizer, model)
         ids = [i for _, text in read_documents(TextConfig(paths=[args.text])) for i in tok.encode(text)]
-        source, render = args.text, (lambda i: tok.decode([i]))
+        source, render, regions = args.text, (lambda i: tok.decode([i])), None
     else:
         mqar, needle, train_len = synthetic_tasks(train_config, model.config.vocab_size)
-        task = needle if train_config and train_config["data"]["task"] == "needle" else mqar
-        ids = SyntheticDataset(task, train_len, args.seed).batch(0, 1).input_ids[0].tolist()
+        # the evaluation's layout (no training mixture): one example whose parts the regions name
+        task = (needle if train_config and train_config["data"]["task"] == "needle" else mqar).evaluation_task()
+        batch = SyntheticDataset(task, train_len, args.seed).batch(0, 1)
+        ids = batch.input_ids[0].tolist()
+        regions = {name: mask[0].tolist() for name, mask in task.regions(batch).items()}
         source, render = f"one {type(task).__name__} example (seed {args.seed})", (lambda i: f"{i} ")
     if not ids:
         raise UserError(f"{args.text} holds no text")
     if len(ids) > args.max_tokens:
         print(f"note: using the first {args.max_tokens} of {len(ids)} tokens (--max-tokens)", file=sys.stderr)
         ids = ids[: args.max_tokens]
+        if regions:
+            regions = {name: mask[: args.max_tokens] for name, mask in regions.items()}
     out = Path(args.out) if args.out else directory / "inspect"
-    out.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
-        report = inspect_model(model, ids, render, out, source, args.heads, str(directory))
+        report = inspect_model(model, ids, render, out, source, args.heads, str(directory), regions)
     for layer in report["layers"]:
         opened = [len(h["opened"]) for h in layer["heads"]]
         merges = [len(h["merges"]) for h in layer["heads"]]
@@ -266,7 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "runs/mqar --synthetic")
     p.add_argument("checkpoint", metavar="CHECKPOINT")
     p.add_argument("--text", metavar="FILE", help="a text or JSONL file (its documents are concatenated)")
-    p.add_argument("--synthetic", action="store_true", help="one example of the task the model was trained on")
+    p.add_argument("--synthetic", action="store_true", help="one example of the task the model was trained on, "
+                   "laid out as its evaluation is (no training mixture), with the task's parts marked (MQAR's "
+                   "key-value pairs and queries; the needles and the query)")
     p.add_argument("--max-tokens", type=int, default=256, help="inspect the first N tokens (the pairwise maps are "
                    "N x N)")
     p.add_argument("--heads", type=int, nargs="+", metavar="H", help="heads to show (default: all)")

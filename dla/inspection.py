@@ -92,9 +92,12 @@ def head_report(schedule, head: int) -> dict:
 
 
 def inspect_model(model, token_ids: list[int], render_token, out: Path, source: str, heads: list[int] | None = None,
-                  checkpoint: str = "") -> dict:
+                  checkpoint: str = "", regions: dict[str, list[bool]] | None = None) -> dict:
     """Write ``inspect.json``, ``inspect.png`` and ``inspect.html`` into ``out``; returns the JSON.
-    ``render_token(id) -> str`` shows one token in the page."""
+    ``render_token(id) -> str`` shows one token in the page. ``regions`` (name -> one flag per
+    token: a synthetic task's needles, key-value pairs, queries) are marked in the figure and the
+    page and listed in the JSON as positions."""
+    out.mkdir(parents=True, exist_ok=True)
     device = next(model.parameters()).device
     layers = layer_schedules(model, torch.tensor([token_ids], device=device))
     num_heads = next(iter(layers.values()))["schedule"].heads
@@ -103,7 +106,8 @@ def inspect_model(model, token_ids: list[int], render_token, out: Path, source: 
     if bad:
         raise UserError(f"--heads {bad}: the layers have heads 0..{num_heads - 1}")
     pieces = [render_token(i) for i in token_ids]
-    report = {"checkpoint": checkpoint, "source": source, "tokens": len(token_ids), "layers": []}
+    positions = {name: [t for t, inside in enumerate(mask) if inside] for name, mask in (regions or {}).items()}
+    report = {"checkpoint": checkpoint, "source": source, "tokens": len(token_ids), "regions": positions, "layers": []}
     for i, layer in layers.items():
         p = layer["policy"]
         entry = {"layer": i, "policy": p.policy, "capacity": p.capacity, "threshold": p.threshold,
@@ -126,7 +130,8 @@ def inspect_model(model, token_ids: list[int], render_token, out: Path, source: 
 def plot_cache(report: dict, path: Path) -> Path | None:
     """Rows: layers. Columns: one segment map per head (row t of a map shows, for every
     position s <= t, which state holds s at time t; a merge makes the newer state's colour
-    take the older one's), then the number of states over time."""
+    take the older one's), then the number of states over time. The report's regions are ticks
+    under each map (at their positions s) and shaded spans behind the states over time."""
     plt = pyplot()
     if plt is None:
         return None
@@ -134,23 +139,46 @@ def plot_cache(report: dict, path: Path) -> Path | None:
     n_heads = len(layers[0]["heads"])
     fig, axes = plt.subplots(len(layers), n_heads + 1, figsize=(2.4 * (n_heads + 1), 2.4 * len(layers)),
                              squeeze=False)
+    T, regions = report["tokens"], list(report["regions"].items())
     for row, layer in zip(axes, layers):
         for ax, head in zip(row, layer["heads"]):
             start = head["segment_start"].float()
             image = torch.where(start >= 0, torch.remainder(start * 7.0, 20.0), torch.nan)  # tab20 colours
             ax.imshow(image.numpy(), cmap="tab20", vmin=0, vmax=20, interpolation="nearest")
+            for k, (name, positions) in enumerate(regions):  # one row of ticks per region, under the map
+                ax.plot(positions, [T + 0.04 * T * (k + 1)] * len(positions), "|", color=REGION_COLOURS[k],
+                        markersize=3)
+            ax.set_ylim(T * (1 + 0.04 * (len(regions) + 1)) if regions else T - 0.5, -0.5)
             ax.set_title(f"layer {layer['layer']} head {head['head']}", fontsize=8)
             ax.set_xticks([])
             ax.set_yticks([])
         ax = row[-1]
+        for k, (name, positions) in enumerate(regions):
+            for first, last in runs_of(positions):
+                ax.axvspan(first - 0.5, last + 0.5, color=REGION_COLOURS[k], alpha=0.25, linewidth=0,
+                           label=name if first == positions[0] else None)
         for head in layer["heads"]:
             ax.plot(head["states"], linewidth=0.8)
         ax.axhline(layer["capacity"], color="k", linestyle=":", linewidth=0.8)
         ax.set_title(f"states in cache (C={layer['capacity']})", fontsize=8)
         ax.tick_params(labelsize=6)
-    axes[-1][0].set_xlabel("position s", fontsize=7)
+    if regions:
+        axes[0][-1].legend(fontsize=6, loc="center right")
+    axes[-1][0].set_xlabel("position s" + ("; ticks: " + ", ".join(name for name, _ in regions) if regions else ""),
+                           fontsize=7)
     axes[-1][0].set_ylabel("time t", fontsize=7)
     return save(fig, path)
+
+
+def runs_of(positions: list[int]) -> list[tuple[int, int]]:
+    """``[(first, last), ...]`` of the consecutive runs in sorted ``positions``."""
+    runs = []
+    for p in positions:
+        if runs and p == runs[-1][1] + 1:
+            runs[-1] = (runs[-1][0], p)
+        else:
+            runs.append((p, p))
+    return runs
 
 
 def render_html(report: dict, pieces: list[str], png: Path | None) -> str:
@@ -160,7 +188,9 @@ def render_html(report: dict, pieces: list[str], png: Path | None) -> str:
     parts = [f"<!doctype html><meta charset='utf-8'><title>dla inspect</title><style>{CSS}</style>",
              f"<h1>DLA schedules</h1><p>checkpoint <code>{e(report['checkpoint'])}</code>, text "
              f"<code>{e(report['source'])}</code>, {report['tokens']} tokens. A marked token "
-             "<span class='b'>opened</span> a new state; hover it for when that state merged into the older one.</p>",
+             "<span class='b'>opened</span> a new state; hover it for when that state merged into the older one."
+             + "".join(f" Underlined: <span class='g{k}'>{e(name)}</span>." for k, name in enumerate(report["regions"]))
+             + "</p>",
              "<table><tr><th>layer</th><th>head</th><th>policy</th><th>states opened</th><th>merges</th>"
              "<th>max states</th><th>mean states</th></tr>"]
     for layer in report["layers"]:
@@ -173,6 +203,7 @@ def render_html(report: dict, pieces: list[str], png: Path | None) -> str:
     if png is not None:
         parts.append(f"<img alt='segment maps' src='data:image/png;base64,"
                      f"{base64.b64encode(png.read_bytes()).decode()}'>")
+    region_of = {t: k for k, positions in enumerate(report["regions"].values()) for t in positions}
     for layer in report["layers"]:
         for head in layer["heads"]:
             merged_at = {m["segment"]: m for m in head["merges"]}
@@ -183,9 +214,10 @@ def render_html(report: dict, pieces: list[str], png: Path | None) -> str:
                     m = merged_at.get(t)
                     note = (f"opened a state at {t}; merged into the state opened at {m['into']} at time {m['time']}"
                             if m else f"opened a state at {t}; never merged")
-                    spans.append(f"<span class='b' title='{e(note)}'>{e(piece)}</span>")
+                    span = f"<span class='b' title='{e(note)}'>{e(piece)}</span>"
                 else:
-                    spans.append(e(piece))
+                    span = e(piece)
+                spans.append(f"<span class='g{region_of[t]}'>{span}</span>" if t in region_of else span)
             merges = ", ".join(f"t={m['time']}: {m['segment']}&rarr;{m['into']}" for m in head["merges"]) or "none"
             parts.append(f"<h2>layer {layer['layer']}, head {head['head']}</h2><pre>{''.join(spans)}</pre>"
                          f"<p class='m'>merges (time: state opened at &rarr; merged into the one opened at): "
@@ -196,3 +228,5 @@ def render_html(report: dict, pieces: list[str], png: Path | None) -> str:
 CSS = """body{font-family:sans-serif;margin:2em;max-width:80em}pre{white-space:pre-wrap;background:#f7f7f7;
 padding:.5em;line-height:1.6}.b{border-left:2px solid #d33;background:#fde2e2}table{border-collapse:collapse}
 td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}img{max-width:100%}.m{font-size:small;color:#555}"""
+REGION_COLOURS = ("#1b9e77", "#d95f02", "#7570b3")  # a synthetic task's parts (dark2: apart from tab20's maps)
+CSS += "".join(f".g{k}{{border-bottom:3px solid {colour}}}" for k, colour in enumerate(REGION_COLOURS))

@@ -204,8 +204,24 @@ def test_inspect_text_and_synthetic(text_run, mqar_run, corpus, tmp_path):
     page = (out / "inspect.html").read_text()
     assert "layer 0, head 1" in page and "opened a state at 0" in page
     assert (out / "inspect.png").is_file() or not _has_matplotlib()
+    assert report["regions"] == {}
+    # a synthetic example marks the task's parts: 4 key-value pairs first, then the queries
     assert main(["inspect", str(mqar_run), "--synthetic", "--out", str(tmp_path / "mqar")]) == 0
-    assert json.loads((tmp_path / "mqar" / "inspect.json").read_text())["tokens"] == 32
+    report = json.loads((tmp_path / "mqar" / "inspect.json").read_text())
+    assert report["tokens"] == 32 and report["regions"]["kv_pairs"] == list(range(8))
+    assert report["regions"]["queries"] and min(report["regions"]["queries"]) >= 8
+    page = (tmp_path / "mqar" / "inspect.html").read_text()
+    assert "Underlined: <span class='g0'>kv_pairs</span>" in page
+    assert page.count("<span class='g0'>") == 1 + 8 * len(report["layers"][0]["heads"])  # the legend, each head's text
+    assert main(["inspect", str(mqar_run), "--synthetic", "--max-tokens", "6", "--out", str(tmp_path / "cut")]) == 0
+    assert json.loads((tmp_path / "cut" / "inspect.json").read_text())["regions"] == {"kv_pairs": list(range(6)),
+                                                                                      "queries": []}
+
+
+def test_region_runs_are_the_consecutive_positions():
+    from dla.inspection import runs_of
+
+    assert runs_of([1, 2, 3, 7, 9, 10]) == [(1, 3), (7, 7), (9, 10)] and runs_of([]) == []
 
 
 def test_boundary_stats_count_what_the_inspect_report_shows(mqar_run):
