@@ -131,9 +131,8 @@ def text_tokenizer(tokenizer, model):
 def cmd_inspect(args) -> int:
     import torch
 
-    from dla.data import SyntheticDataset
     from dla.eval import synthetic_tasks
-    from dla.inspection import inspect_model
+    from dla.inspection import inspect_model, synthetic_example
     from dla.train.checkpoint import load_model, resolve_checkpoint
 
     if (args.text is None) == (not args.synthetic):
@@ -151,9 +150,7 @@ def cmd_inspect(args) -> int:
         mqar, needle, train_len = synthetic_tasks(train_config, model.config.vocab_size)
         # the evaluation's layout (no training mixture): one example whose parts the regions name
         task = (needle if train_config and train_config["data"]["task"] == "needle" else mqar).evaluation_task()
-        batch = SyntheticDataset(task, train_len, args.seed).batch(0, 1)
-        ids = batch.input_ids[0].tolist()
-        regions = {name: mask[0].tolist() for name, mask in task.regions(batch).items()}
+        ids, regions = synthetic_example(task, train_len, args.seed)
         source, render = f"one {type(task).__name__} example (seed {args.seed})", (lambda i: f"{i} ")
     if not ids:
         raise UserError(f"{args.text} holds no text")

@@ -91,6 +91,15 @@ def head_report(schedule, head: int) -> dict:
     return {"opened": opened, "merges": merges, "states": states, "segment_start": start}
 
 
+def synthetic_example(task, seq_len: int, seed: int) -> tuple[list[int], dict[str, list[bool]]]:
+    """One example of a synthetic task (``MQAR`` / ``Needle``, with or without its training
+    mixture) and its regions, one flag per token: what :func:`inspect_model` marks."""
+    from dla.data import SyntheticDataset
+
+    batch = SyntheticDataset(task, seq_len, seed).batch(0, 1)
+    return batch.input_ids[0].tolist(), {name: mask[0].tolist() for name, mask in task.regions(batch).items()}
+
+
 def inspect_model(model, token_ids: list[int], render_token, out: Path, source: str, heads: list[int] | None = None,
                   checkpoint: str = "", regions: dict[str, list[bool]] | None = None) -> dict:
     """Write ``inspect.json``, ``inspect.png`` and ``inspect.html`` into ``out``; returns the JSON.

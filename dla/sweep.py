@@ -524,9 +524,8 @@ def run_sweep(exp_path: str | Path, results_root: Path, work_root: Path, device:
             line += f" -- {result['error']}"
         print(line, flush=True)
         call.update(**tally())
-    finished = completed - len(errors) - len(paused)
-    left = len(pending) - completed
-    wall = time.time() - started
+    counts = tally()
+    finished, left, wall = counts["runs"], counts["left"], counts["wall_s"]
     archives, left_out = [], []
     if export is not None:  # plan the archives first, so that this call's record says what stays behind
         room = export_room if export_room is not None else ExportRoom()
@@ -537,7 +536,7 @@ def run_sweep(exp_path: str | Path, results_root: Path, work_root: Path, device:
         else:
             left_out = [r["run"] for r in paused]
     if call is not None:
-        call.update(**tally(), ended=True, **({"not_exported": left_out} if left_out else {}))
+        call.update(**counts, ended=True, **({"not_exported": left_out} if left_out else {}))
     print(f"{exp.name}: {finished} runs finished in {format_duration(wall)}, {len(errors)} errors"
           + (f", {len(paused)} paused (continued by the next call with this --work-dir)" if paused else "")
           + (f", {left} not started (time budget)" if left else ""), flush=True)

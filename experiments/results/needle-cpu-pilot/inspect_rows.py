@@ -10,9 +10,8 @@ from pathlib import Path
 
 import torch
 
-from dla.data import SyntheticDataset
 from dla.eval import synthetic_tasks
-from dla.inspection import inspect_model
+from dla.inspection import inspect_model, synthetic_example
 from dla.train.checkpoint import load_model, resolve_checkpoint
 
 parser = argparse.ArgumentParser()
@@ -25,10 +24,9 @@ directory = resolve_checkpoint(args.run)
 model, _, train_config = load_model(directory)
 _, needle, train_len = synthetic_tasks(train_config, model.config.vocab_size)
 for name, task in {"evaluation_row": needle.evaluation_task(), "training_row": needle}.items():
-    batch = SyntheticDataset(task, train_len, args.seed).batch(0, 1)
-    regions = {region: mask[0].tolist() for region, mask in task.regions(batch).items()}
+    ids, regions = synthetic_example(task, train_len, args.seed)
     with torch.no_grad():
-        report = inspect_model(model, batch.input_ids[0].tolist(), lambda i: f"{i} ", Path(args.out) / name,
+        report = inspect_model(model, ids, lambda i: f"{i} ", Path(args.out) / name,
                                f"one needle {name.replace('_', ' ')} (seed {args.seed})", None, str(directory), regions)
     for layer in report["layers"]:
         print(f"{name}: layer {layer['layer']}: opened per head {[len(h['opened']) - 1 for h in layer['heads']]}, "
