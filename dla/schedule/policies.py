@@ -4,27 +4,36 @@
 - ``fixed``: a boundary every ``period`` positions; on overflow the two oldest segments merge.
 - ``fenwick``: Log-Linear Attention's partition: every token is a boundary and the boundary born
   at position ``p`` dies at ``p + lowbit(p)`` (binary-counter carries), level labels.
-- ``dynamic``: DLA. A boundary where the token score reaches ``threshold`` (or the open segment
-  reaches ``max_segment_len``); on overflow the adjacent pair of closed segments with the
-  smallest summed information merges, ties to the older pair (``merge="least_info"``, the spec);
-  ``merge="oldest"`` (an ablation) merges the two oldest closed segments instead.
+- ``dynamic``: DLA (:mod:`dla.schedule.dynamic`). A boundary where the token's information score
+  reaches ``threshold`` (or the open segment reaches ``max_segment_len``); on overflow the adjacent
+  pair of closed segments of least information density merges (``merge="density"``, the paper),
+  ties to the older pair. The default score is the paper's state information score of the token's
+  contribution ``w_t k_t v_tᵀ`` against the open state, computed while planning from ``k, v, g``
+  (and ``beta``); the earlier variant is ``score="novelty", merge="least_info", capacity=16``.
 
 ``single``, ``fixed`` and ``fenwick`` are closed forms of absolute positions; ``dynamic`` is a
-scan over time, vectorised over sequences and heads, O(T * C) per sequence-head. All of them
-continue from a :class:`SegmentState` (``initial_state``), which is how decoding advances the
-schedule one token at a time.
+walk over time, vectorised over sequences and heads. All of them continue from a
+:class:`SegmentState` (``initial_state``), which is how decoding advances the schedule one token
+at a time.
 """
 
 from __future__ import annotations
 
 import torch
 
-from dla.schedule.schedule import NEVER, NONE, Schedule, SegmentState
+from dla.schedule.dynamic import MERGE_RULES, OPEN_STATES, SCORES, STATE_SCORES, Contributions, plan_dynamic
+from dla.schedule.schedule import LABEL_RULES, NEVER, NONE, Schedule, SegmentState
+from dla.schedule.scores import novelty_scores
 from dla.varlen import check_cu_seqlens, seq_lengths, unpack
 
 POLICIES = ("single", "fixed", "fenwick", "dynamic")
-MERGE_RULES = ("least_info", "oldest")
-DEFAULT_CAPACITY = 16
+DEFAULT_CAPACITY = 30  # the paper's C
+DEFAULT_THRESHOLD = {"state": 1.0, "state_drift": 1.0, "novelty": 0.5, "router": 0.5, "external": 0.5}
+
+
+def score_range(score: str) -> float:
+    """The largest value a score takes: 2 for the state scores, 1 for the others."""
+    return 2.0 if score in STATE_SCORES else 1.0
 
 
 def _check_int(name, value, minimum):
@@ -35,23 +44,36 @@ def _check_int(name, value, minimum):
 
 
 def plan_schedule(policy: str, *, batch: int, heads: int, length: int, capacity: int | None = None,
-                  scores: torch.Tensor | None = None, threshold: float = 0.5, period: int | None = None,
+                  threshold: float | torch.Tensor | None = None, score: str | None = None, merge: str = "density",
+                  open_state: str = "decayed", k: torch.Tensor | None = None, v: torch.Tensor | None = None,
+                  g: torch.Tensor | None = None, beta: torch.Tensor | None = None,
+                  scores: torch.Tensor | None = None, period: int | None = None,
                   max_segment_len: int | None = None, cu_seqlens: torch.Tensor | None = None,
                   label_rule: str | None = None, initial_state=None, device=None,
-                  backend: str | None = None, merge: str = "least_info") -> Schedule:
+                  backend: str | None = None, keep_trace: bool = False) -> Schedule:
     """Plan a :class:`Schedule` for ``[batch, heads, length]`` tokens.
 
-    ``scores``: ``[B, T, H]`` token information in [0, 1] (``dynamic`` only; e.g.
-    :func:`dla.novelty_scores`). ``capacity`` defaults to 16 (``fenwick``: ceil(log2 T) + 1,
-    ``single``: 1); capacity 1 makes every policy ``single``. ``label_rule`` defaults to
-    ``level`` for ``fenwick`` and ``recency`` otherwise. ``initial_state`` (a
-    :class:`SegmentState` or :class:`dla.DLAState`) continues an earlier window of each sequence;
-    the result then carries the death times of the continued segments' boundaries.
-    ``device``: where the schedule lives (default: that of ``scores``, else of ``cu_seqlens``,
-    else CPU; it must be the device of the op's inputs). ``backend``: ``"torch"`` or
-    ``"triton"`` for the ``dynamic`` scan (default: Triton on CUDA
-    tensors, PyTorch elsewhere); both give identical schedules. ``merge`` (``dynamic`` only): which
-    adjacent closed pair merges on overflow, ``least_info`` (the spec) or ``oldest`` (an ablation).
+    ``dynamic`` (spec §3): ``score`` is ``"state"`` (the paper's state information score, Eq. 13),
+    ``"state_drift"`` (the other reading), ``"novelty"`` (key novelty, the earlier variant),
+    ``"router"`` or ``"external"`` (given ``scores [B, T, H]`` in [0, 1]). The state scores read the
+    tokens' contributions ``w_t k_t v_tᵀ`` from ``k [B, T, H, K]``, ``v [B, T, H, V]``, the log-decay
+    ``g [B, T, H]`` that ages the open state (``open_state="decayed"``; not needed for ``"plain"``)
+    and ``beta [B, T, H]`` (Gated DeltaNet's ``w``; ``None``: Mamba-2, ``w = 1``). ``novelty``
+    computes its scores from ``k`` unless ``scores`` are given. ``score`` defaults to ``"external"``
+    when ``scores`` are given, else ``"state"``. ``threshold`` τ: a number, or one per head
+    (``[heads]`` tensor, e.g. learned), in [0, 2] for the state scores and [0, 1] for the others
+    (default 1.0 and 0.5). ``merge``: ``"density"`` (Eq. 16–17), ``"least_info"`` (segment
+    information as a maximum, the earlier variant) or ``"oldest"``.
+
+    ``capacity`` defaults to 30 (``fenwick``: ceil(log2 T) + 1, ``single``: 1); capacity 1 makes
+    every policy ``single``. ``label_rule`` defaults to ``level`` for ``fenwick`` and ``recency``
+    otherwise. ``initial_state`` (a :class:`SegmentState` or :class:`dla.DLAState`) continues an
+    earlier window of each sequence; the result then carries the death times of the continued
+    segments' boundaries. ``device``: where the schedule lives (default: that of ``k``, ``scores``
+    or ``cu_seqlens``, else CPU; it must be the device of the op's inputs). ``backend``: ``"torch"``
+    or ``"triton"`` for the ``dynamic`` walk (default: Triton on CUDA tensors, PyTorch elsewhere);
+    both give identical schedules. ``keep_trace``: keep what the walk saw (``schedule.trace``).
+    The schedule's ``scores [B, H, T]`` are the scores the ``dynamic`` policy used.
     """
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
@@ -59,19 +81,29 @@ def plan_schedule(policy: str, *, batch: int, heads: int, length: int, capacity:
         raise ValueError(f"backend must be None, 'torch' or 'triton', got {backend!r}")
     if merge not in MERGE_RULES:
         raise ValueError(f"merge must be one of {MERGE_RULES}, got {merge!r}")
+    if open_state not in OPEN_STATES:
+        raise ValueError(f"open_state must be one of {OPEN_STATES}, got {open_state!r}")
+    if label_rule is not None and label_rule not in LABEL_RULES:
+        raise ValueError(f"label_rule must be None or one of {LABEL_RULES}, got {label_rule!r}")
+    if score is None:
+        score = "external" if scores is not None else "state"
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
     for name, value in (("batch", batch), ("heads", heads)):
         _check_int(name, value, 1)
     _check_int("length", length, 0)
     if capacity is not None:
         _check_int("capacity", capacity, 1)
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
-        raise ValueError(f"threshold must be a number in [0, 1], got {threshold!r}")
     if max_segment_len is not None:
         _check_int("max_segment_len", max_segment_len, 1)
+    threshold = _check_threshold(threshold, score, heads)
+    for name, x in (("k", k), ("v", v), ("g", g), ("beta", beta), ("scores", scores)):
+        if x is not None and not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if label_rule is None:
         label_rule = "level" if policy == "fenwick" else "recency"
     if device is None:
-        device = scores.device if scores is not None else (cu_seqlens.device if cu_seqlens is not None else "cpu")
+        device = next((x.device for x in (k, scores, cu_seqlens) if isinstance(x, torch.Tensor)), "cpu")
     check_cu_seqlens(cu_seqlens, batch, length, device)
     if cu_seqlens is None:
         lengths = torch.full((batch,), length, dtype=torch.long, device=device)
@@ -112,23 +144,11 @@ def plan_schedule(policy: str, *, batch: int, heads: int, length: int, capacity:
         seg = SegmentState.empty(num_seqs, heads, capacity, device)
         seg.position = position
 
-    rows_scores = None
-    if policy == "dynamic":
-        if scores is None:
-            raise ValueError("the dynamic policy needs scores [B, T, H], e.g. dla.novelty_scores(k)")
-        if not isinstance(scores, torch.Tensor) or scores.shape != (batch, length, heads):
-            raise ValueError(f"scores must be [B, T, H] = [{batch}, {length}, {heads}], "
-                             f"got {tuple(getattr(scores, 'shape', ()))}")
-        if not bool(((scores >= 0) & (scores <= 1)).all()):  # one sync; NaN and Inf fail it too
-            raise ValueError("scores must be finite and in [0, 1]")
-        rows_scores = scores if cu_seqlens is None else unpack(scores, cu_seqlens, max_len)
-        rows_scores = rows_scores.transpose(1, 2).to(device)  # [N, H, Tm]
-
     t = torch.arange(max_len, device=device)
     pos = position[:, None, None] + t  # [N, 1, Tm] absolute positions
     in_seq = t < lengths[:, None, None]
     starts = seg.starts
-    final = None
+    final = trace = used = None
     if capacity == 1 or policy == "single":
         death = torch.full((num_seqs, heads, max_len), NONE, dtype=torch.long, device=device)
         carried = torch.full_like(starts, NEVER)
@@ -138,13 +158,40 @@ def plan_schedule(policy: str, *, batch: int, heads: int, length: int, capacity:
         death, carried = _closed_form(pos, in_seq, starts, position, (pos >= 1) & (pos % period == 0),
                                       lambda p: p + (capacity - 1) * period, heads)
     else:
-        if backend is None:
-            backend = "triton" if rows_scores.is_cuda else "torch"
-        if backend == "triton":
-            from dla.schedule.triton_scan import dynamic_scan as scan
+        shape = (batch, length, heads)
+        rows_scores = contributions = None
+
+        def rows(x):  # [B, T, H, ...] -> dense rows [N, H, Tm, ...]
+            x = x if cu_seqlens is None else unpack(x, cu_seqlens, max_len)
+            return x.transpose(1, 2).to(device)
+
+        if score in STATE_SCORES:
+            contributions = _contributions(k, v, g, beta, shape, open_state, rows, in_seq)
+            if seg.open_state is None and bool((seg.starts >= 0).any()):
+                raise ValueError(f"score={score!r} continues from the open state, but initial_state carries none "
+                                 "(it was planned with another score)")
         else:
-            scan = _dynamic
-        death, carried, final = scan(rows_scores, lengths, seg, capacity, threshold, max_segment_len, merge)
+            if scores is None and score == "novelty":
+                if k is None:
+                    raise ValueError("score='novelty' needs k [B, T, H, K] (or its scores)")
+                prev_key = getattr(initial_state, "prev_key", None)
+                scores = novelty_scores(k, cu_seqlens, prev_key)
+            if scores is None:
+                raise ValueError(f"score={score!r} needs scores [B, T, H], e.g. dla.novelty_scores(k)")
+            if scores.shape != shape:
+                raise ValueError(f"scores must be [B, T, H] = [{batch}, {length}, {heads}], "
+                                 f"got {tuple(scores.shape)}")
+            if not bool(((scores >= 0) & (scores <= 1)).all()):  # one sync; NaN and Inf fail it too
+                raise ValueError("scores must be finite and in [0, 1]")
+            rows_scores = rows(scores)
+        if backend is None:
+            backend = "triton" if torch.device(device).type == "cuda" else "torch"
+        death, carried, final, trace = plan_dynamic(
+            seg, lengths, capacity, threshold.to(device), max_segment_len, merge, score, backend,
+            scores=rows_scores, contributions=contributions, keep_trace=True)
+        used = _to_public(trace.scores.view(num_seqs, heads, max_len), lengths, cu_seqlens, length, fill=0)
+        if not keep_trace:
+            trace = None
     if initial_state is not None and ((starts > 0) & (carried < 0)).any():
         raise ValueError("initial_state's segments are inconsistent with the policy: a boundary would have died "
                          "before this window")
@@ -152,7 +199,55 @@ def plan_schedule(policy: str, *, batch: int, heads: int, length: int, capacity:
     public = _to_public(death, lengths, cu_seqlens, length)
     return Schedule(public, capacity, label_rule, cu_seqlens=cu_seqlens, validate=False,
                     initial=None if initial_state is None else seg,
-                    carried_death=None if initial_state is None else carried, final=final)
+                    carried_death=None if initial_state is None else carried, final=final, scores=used,
+                    trace=trace)
+
+
+def _check_threshold(threshold, score: str, heads: int) -> torch.Tensor:
+    """τ as a ``[heads]`` tensor (one per head)."""
+    top = score_range(score)
+    if threshold is None:
+        return torch.full((heads,), DEFAULT_THRESHOLD[score])
+    if isinstance(threshold, torch.Tensor):
+        if threshold.numel() not in (1, heads) or threshold.dim() > 1:
+            raise ValueError(f"threshold must be a number or a [heads] = [{heads}] tensor, "
+                             f"got shape {tuple(threshold.shape)}")
+        threshold = threshold.detach().float().reshape(-1).expand(heads)
+        if not bool(torch.isfinite(threshold).all()):
+            raise ValueError("threshold contains NaN or Inf")
+        return threshold
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= top:
+        raise ValueError(f"threshold must be a number in [0, {top:g}] for score={score!r}, got {threshold!r}")
+    return torch.full((heads,), float(threshold))
+
+
+def _contributions(k, v, g, beta, shape, open_state, rows, in_seq) -> Contributions:
+    """The dense rows the state scores read: ``k, v``, ``w`` (β or 1) and the open state's decay."""
+    B, T, H = shape
+    if k is None or v is None:
+        raise ValueError("the state scores need k [B, T, H, K] and v [B, T, H, V]")
+    if k.dim() != 4 or k.shape[:3] != shape:
+        raise ValueError(f"k must be [B, T, H, K] = [{B}, {T}, {H}, K], got {tuple(k.shape)}")
+    if v.dim() != 4 or v.shape[:3] != shape:
+        raise ValueError(f"v must be [B, T, H, V] = [{B}, {T}, {H}, V], got {tuple(v.shape)}")
+    for name, x in (("g", g), ("beta", beta)):
+        if x is not None and x.shape != shape:
+            raise ValueError(f"{name} must be [B, T, H] = [{B}, {T}, {H}], got {tuple(x.shape)}")
+    if g is None and open_state == "decayed":
+        raise ValueError("open_state='decayed' needs the log-decay g [B, T, H] (or open_state='plain')")
+    dtype = torch.float64 if k.dtype == torch.float64 else torch.float32
+    mask = in_seq[:, 0]  # [N, Tm]
+    kr, vr = rows(k.detach().to(dtype)), rows(v.detach().to(dtype))
+    N, H_, Tm = kr.shape[:3]
+    w = torch.ones(N, H_, Tm, dtype=dtype, device=kr.device) if beta is None else rows(beta.detach().to(dtype))
+    gr = torch.zeros_like(w) if open_state == "plain" else rows(g.detach().to(dtype))
+    w = torch.where(mask[:, None], w, 0.0)
+    gr = torch.where(mask[:, None], gr, 0.0)
+    if not bool(torch.stack([torch.isfinite(x).all() for x in (kr, vr, w, gr)]).all()):
+        raise ValueError("k, v, g and beta must be finite")
+    R = N * H_
+    return Contributions(kr.reshape(R, Tm, k.shape[-1]), vr.reshape(R, Tm, v.shape[-1]), w.reshape(R, Tm),
+                         gr.reshape(R, Tm))
 
 
 def _closed_form(pos, in_seq, starts, position, is_boundary, death_of, heads):
@@ -163,72 +258,16 @@ def _closed_form(pos, in_seq, starts, position, is_boundary, death_of, heads):
     return death.expand(-1, heads, -1).clone(), carried
 
 
-def _dynamic(scores, lengths, seg: SegmentState, capacity: int, threshold: float, max_segment_len, merge):
-    """The DLA scan. Slots are kept newest first with one spare for the moment of overflow."""
-    N, H, Tm = scores.shape
-    R, C = N * H, capacity
-    device = scores.device
-    u_all = scores.reshape(R, Tm)
-    length = lengths.repeat_interleave(H)
-    position = seg.position.long().repeat_interleave(H)
-    slot_pos = torch.cat([seg.starts.reshape(R, C), torch.full((R, 1), NONE, dtype=torch.long, device=device)], 1)
-    slot_info = torch.cat([seg.info.reshape(R, C).to(scores.dtype), scores.new_zeros(R, 1)], 1)
-    # origin of each slot's start: window index (>= 0), or -(j + 1) for carried slot j
-    origin = torch.cat([-(torch.arange(C, device=device) + 1).expand(R, C),
-                        torch.full((R, 1), -(C + 1), device=device)], 1).clone()
-    count = (slot_pos >= 0).sum(1)
-    death = torch.full((R, Tm), NONE, dtype=torch.long, device=device)
-    carried = torch.full((R, C + 1), NEVER, dtype=torch.long, device=device)
-    slot_idx = torch.arange(C + 1, device=device)
-    for t in range(Tm):
-        active = t < length
-        pos = position + t
-        u = u_all[:, t]
-        first = active & (count == 0)
-        open_len = pos - slot_pos[:, 0]
-        wants = u >= threshold
-        if max_segment_len is not None:
-            wants = wants | (open_len >= max_segment_len)
-        birth = active & ~first & wants
-        new = (first | birth)[:, None]
-        slot_pos = torch.where(new, torch.cat([pos[:, None], slot_pos[:, :-1]], 1), slot_pos)
-        shifted_info = torch.cat([u[:, None], slot_info[:, :-1]], 1)
-        grown_info = torch.cat([torch.maximum(slot_info[:, :1], u[:, None]), slot_info[:, 1:]], 1)
-        slot_info = torch.where(new, shifted_info, torch.where(active[:, None], grown_info, slot_info))
-        origin = torch.where(new, torch.cat([torch.full_like(origin[:, :1], t), origin[:, :-1]], 1), origin)
-        count = count + new[:, 0].long()
-        death[:, t] = torch.where(birth, NEVER, NONE)
-        # overflow: merge the adjacent closed pair (j, j+1), j in 1..C-1, of least summed information
-        over = count > C
-        cost = slot_info[:, 1:C] + slot_info[:, 2:C + 1]
-        if merge == "oldest":  # every pair costs the same, so the tie rule picks the oldest
-            cost = torch.zeros_like(cost)
-        j = (C - 1 - cost.flip(1).argmin(1))[:, None]  # ties go to the older pair (larger j)
-        dying = origin.gather(1, j)
-        in_window = over[:, None] & (dying >= 0)
-        death.scatter_(1, dying.clamp(min=0), torch.where(in_window, t, death.gather(1, dying.clamp(min=0))))
-        c_idx = (-dying - 1).clamp(0, C)
-        c_hit = over[:, None] & (dying < 0)
-        carried.scatter_(1, c_idx, torch.where(c_hit, t, carried.gather(1, c_idx)))
-        merged_info = torch.maximum(slot_info.gather(1, j), slot_info.gather(1, j + 1))
-        info_m = slot_info.scatter(1, j + 1, merged_info)
-        src = (slot_idx + (slot_idx >= j).long()).clamp(max=C)
-        keep_last = slot_idx < C
-        pos_m = torch.where(keep_last, slot_pos.gather(1, src), NONE)
-        info_m = torch.where(keep_last, info_m.gather(1, src), 0.0)
-        origin_m = torch.where(keep_last, origin.gather(1, src), -(C + 1))
-        o = over[:, None]
-        slot_pos = torch.where(o, pos_m, slot_pos)
-        slot_info = torch.where(o, info_m, slot_info)
-        origin = torch.where(o, origin_m, origin)
-        count = count - over.long()
-    final = SegmentState(starts=slot_pos[:, :C].reshape(N, H, C), info=slot_info[:, :C].reshape(N, H, C).float(),
-                         position=seg.position.long() + lengths)
-    return death.reshape(N, H, Tm), carried[:, :C].reshape(N, H, C), final
-
-
-def _to_public(death, lengths, cu_seqlens, length):
-    """Window-relative rows ``[N, H, Tm]`` -> ``[B, H, T]`` death (packed indices, never = T)."""
+def _to_public(death, lengths, cu_seqlens, length, fill=None):
+    """Window-relative rows ``[N, H, Tm]`` -> ``[B, H, T]`` death (packed indices, never = T); with
+    ``fill``, any per-token rows (e.g. scores) are packed as they are, ``fill`` between sequences."""
+    if fill is not None:
+        if cu_seqlens is None:
+            return death
+        out = death.new_full((1, death.shape[1], length), fill)
+        for n, (a, b) in enumerate(zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist())):
+            out[0, :, a:b] = death[n, :, : b - a]
+        return out
     never = (death >= lengths[:, None, None]) & (death != NONE)
     if cu_seqlens is None:
         return torch.where(never, length, death)

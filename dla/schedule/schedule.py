@@ -40,13 +40,18 @@ class SegmentState:
 
     ``starts[n, h, j]``: absolute position (from the sequence start) of the first token of the
     segment in slot ``j``; slots are ordered newest first (slot 0 is the open segment), ``-1``
-    marks an empty slot. ``info``: each segment's information ``I(B)`` (tracked by the
-    ``dynamic`` policy; zeros otherwise). ``position[n]``: tokens seen so far.
+    marks an empty slot. ``info``: each segment's information ``Ī(B)`` (tracked by the ``dynamic``
+    policy; zeros otherwise). ``position[n]``: tokens seen so far. For the ``dynamic`` policy's
+    state scores, ``open_state [N, H, K, V]`` is the open state ``O`` and ``open_norm [N, H]`` its
+    squared norm as the policy tracks it (spec §3); ``None`` otherwise. Segment lengths follow
+    from the starts (:attr:`lengths`).
     """
 
     starts: torch.Tensor
     info: torch.Tensor
     position: torch.Tensor
+    open_state: torch.Tensor | None = None
+    open_norm: torch.Tensor | None = None
 
     @property
     def capacity(self) -> int:
@@ -60,8 +65,13 @@ class SegmentState:
     @property
     def open_length(self) -> torch.Tensor:
         """Tokens in the open segment, ``[N, H]`` (0 before the first token)."""
-        open_start = self.starts[..., 0]
-        return torch.where(open_start >= 0, self.position[:, None] - open_start, torch.zeros_like(open_start))
+        return self.lengths[..., 0]
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """Tokens in every segment, ``[N, H, C]`` (0 for empty slots)."""
+        newer = torch.cat([self.position[:, None, None].expand_as(self.starts[..., :1]), self.starts[..., :-1]], -1)
+        return torch.where(self.starts >= 0, newer - self.starts, torch.zeros_like(self.starts))
 
     @classmethod
     def empty(cls, num_seqs: int, heads: int, capacity: int, device=None) -> "SegmentState":
@@ -71,8 +81,16 @@ class SegmentState:
             position=torch.zeros(num_seqs, dtype=torch.long, device=device),
         )
 
+    def _map(self, fn) -> "SegmentState":
+        optional = [None if x is None else fn(x) for x in (self.open_state, self.open_norm)]
+        return SegmentState(fn(self.starts), fn(self.info), fn(self.position), *optional)
+
     def to(self, device) -> "SegmentState":
-        return SegmentState(self.starts.to(device), self.info.to(device), self.position.to(device))
+        return self._map(lambda x: x.to(device))
+
+    def index_select(self, index: torch.Tensor) -> "SegmentState":
+        """The sequences ``index`` (reordered, repeated): beam search and batch expansion."""
+        return self._map(lambda x: x[index])
 
 
 @dataclass
@@ -107,7 +125,9 @@ class Schedule:
     times are packed token indices. ``initial``/``carried_death`` describe the segments carried
     into this window when it continues an earlier one (set by :func:`dla.plan_schedule` with
     ``initial_state``); ``final`` is the segmentation after the window (set by the planner, or
-    derived from ``death``). Construction validates everything and raises ``ValueError`` with the
+    derived from ``death``). ``scores [B, H, T]``: the information scores the ``dynamic`` policy
+    used (``None`` for the others); ``trace``: what its walk saw (``plan_schedule(keep_trace=True)``,
+    see :class:`dla.schedule.dynamic.Trace`). Construction validates everything and raises ``ValueError`` with the
     offending position and time; ``validate=False`` skips those checks (each one synchronises a
     GPU with the host), for schedules made by :func:`dla.plan_schedule`, whose output the tests
     hold to the same checks.
@@ -121,6 +141,8 @@ class Schedule:
     carried_death: torch.Tensor | None = None
     final: SegmentState | None = field(default=None, repr=False)
     validate: bool = field(default=True, repr=False)
+    scores: torch.Tensor | None = field(default=None, repr=False)
+    trace: object | None = field(default=None, repr=False)
 
     def __post_init__(self):
         self._dense = _validate(self) if self.validate else _to_dense(self)
