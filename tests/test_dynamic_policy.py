@@ -183,6 +183,20 @@ def test_density_merge_differs_from_least_info():
     assert density == ref["density"] and least == ref["least_info"] and density != least
 
 
+def test_oldest_merge_differs_from_least_info():
+    """A planted case: the newest closed pair holds the least information, so the two rules part."""
+    u = [1.0, 0.9, 0.9, 0.1, 0.1, 1.0]  # every token opens a segment (threshold 0.05), capacity 4
+    T = len(u)
+    kw = dict(batch=1, heads=1, length=T, capacity=4, scores=torch.tensor(u).view(1, T, 1), threshold=0.05)
+    least = dla.plan_schedule("dynamic", merge="least_info", **kw).death[0, 0].tolist()
+    oldest = dla.plan_schedule("dynamic", merge="oldest", **kw).death[0, 0].tolist()
+    zeros = [[0.0]] * T
+    ref = {m: reference_dla(zeros, zeros, [0.0] * T, [1.0] * T, 4, 0.05, merge=m, given=u)[0]
+           for m in ("least_info", "oldest")}
+    assert least == ref["least_info"] and oldest == ref["oldest"]
+    assert oldest[1] == 4 and least[1] != 4  # at t = 4 the oldest pair (0, 1) merges: segment 1 dies
+
+
 # ----------------------------------------------------------------------------- continuation and varlen
 @pytest.mark.parametrize("score", ["state", "state_drift", "novelty"])
 @pytest.mark.parametrize("T1", [0, 1, 37, 64])

@@ -19,6 +19,8 @@ POLICY_CASES = {  # name -> PolicyConfig kwargs
     "dynamic": dict(policy="dynamic", capacity=4, threshold=0.5),
     "dynamic-level": dict(policy="dynamic", capacity=4, label_rule="level", max_segment_len=6),
     "dynamic-router": dict(policy="dynamic", capacity=4, score="router"),
+    "dynamic-novelty": dict(policy="dynamic", capacity=4, score="novelty", merge="least_info", threshold=0.5),
+    "dynamic-drift": dict(policy="dynamic", capacity=4, score="state_drift", open_state="plain", threshold=0.3),
 }
 
 
@@ -39,7 +41,11 @@ def make_layer(base, policy_case="dynamic", chunk_size=16):
     (dict(capacity=2.5), "capacity"),
     (dict(policy="single", capacity=4), "capacity"),
     (dict(policy="fenwick", capacity=3), "capacity"),
-    (dict(threshold=1.5), "threshold"),
+    (dict(threshold=2.5), "threshold"),
+    (dict(threshold=1.5, score="novelty"), "threshold"),
+    (dict(open_state="fresh"), "open_state"),
+    (dict(soft_gate="yes"), "soft_gate"),
+    (dict(gate_temperature=0.0), "gate_temperature"),
     (dict(threshold=-0.1), "threshold"),
     (dict(threshold=True), "threshold"),
     (dict(policy="fixed"), "period"),
@@ -57,8 +63,11 @@ def test_policy_config_resolves_capacity_and_labels():
     assert PolicyConfig(policy="single").n_labels == 1
     fenwick = PolicyConfig(policy="fenwick", max_position_embeddings=2048)
     assert (fenwick.capacity, fenwick.label_rule, fenwick.n_labels) == (12, "level", 12)
-    dynamic = PolicyConfig()
-    assert (dynamic.capacity, dynamic.label_rule, dynamic.n_labels) == (16, "recency", 16)
+    dynamic = PolicyConfig()  # the paper's DLA
+    assert (dynamic.capacity, dynamic.label_rule, dynamic.n_labels) == (30, "recency", 30)
+    assert (dynamic.score, dynamic.merge, dynamic.open_state, dynamic.threshold, dynamic.soft_gate) == (
+        "state", "density", "decayed", 1.0, True)
+    assert PolicyConfig(score="novelty").threshold == 0.5
     assert PolicyConfig(capacity=5, label_rule="level", max_position_embeddings=100).n_labels == 8
 
 
@@ -205,7 +214,7 @@ def test_lambda_is_ln2_at_init_and_L_has_no_weight_decay():
 def test_no_weight_decay_marks(base):
     layer = make_layer(base, "dynamic")
     marked = {n for n, p in layer.named_parameters() if getattr(p, "_no_weight_decay", False)}
-    expected = {"A_log", "dt_bias", "lam_proj.label_scale"} | ({"D"} if base == "mamba2" else set())
+    expected = {"A_log", "dt_bias", "lam_proj.label_scale", "threshold"} | ({"D"} if base == "mamba2" else set())
     assert marked == expected
 
 

@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -52,7 +53,8 @@ def tiny_model(mixer, policy="dynamic", **overrides):
     (dict(score="entropy"), "score"),
     (dict(capacity=0), "capacity"),
     (dict(policy="single", capacity=3), "capacity"),
-    (dict(threshold=1.2), "threshold"),
+    (dict(threshold=2.2), "threshold"),
+    (dict(threshold=1.2, score="novelty"), "threshold"),
     (dict(threshold=-0.5), "threshold"),
     (dict(policy="fixed", capacity=4), "period"),
     (dict(max_segment_len=0), "max_segment_len"),
@@ -353,7 +355,8 @@ def test_generate_sampling_and_beam_search(mixer):
 
 
 def mixer_cache_bytes(config, batch):
-    """The expected constant size: segment states, starts, information, position, previous key, conv."""
+    """The expected constant size: segment states, starts, information, position, previous key, conv, and
+    for the state score the open state and its norm."""
     policy = config.policy_config()
     H, C, W = config.num_heads, policy.capacity, config.conv_size
     if config.mixer == "mamba2":
@@ -363,10 +366,12 @@ def mixer_cache_bytes(config, batch):
         K, V = config.head_dim, int(config.head_dim * config.expand_v)
         conv = H * (2 * K + V)
     per_row = H * C * K * V * 4 + H * C * 8 + H * C * 4 + 8 + H * K * 4 + conv * (W - 1) * 4
+    if policy.dynamic and policy.score in ("state", "state_drift"):
+        per_row += H * K * V * 4 + H * 4
     return config.num_hidden_layers * batch * per_row
 
 
-@pytest.mark.parametrize("mixer, policy, expected", [("mamba2", "dynamic", 18_960), ("gated_deltanet", "fenwick", 110_464)])
+@pytest.mark.parametrize("mixer, policy, expected", [("mamba2", "dynamic", 23_088), ("gated_deltanet", "fenwick", 110_464)])
 def test_cache_size_does_not_grow_with_generated_tokens(mixer, policy, expected):
     model = tiny_model(mixer, policy, num_hidden_layers=1, intermediate_size=32)
     ids, mask = left_padded([torch.randint(2, 64, (n,)) for n in (6, 3)])
@@ -387,3 +392,21 @@ def test_attention_cache_grows():
     short, long = (getattr(model.generate(ids, max_new_tokens=n, do_sample=False, return_dict_in_generate=True),
                            CACHE_FIELD).nbytes for n in (4, 20))
     assert long > short
+
+
+def test_checkpoint_of_the_novelty_variant_loads_with_its_own_settings():
+    """A checkpoint saved before the paper's state score (score "novelty", capacity left to the old
+    default 16, no learned τ) loads as it was trained and gives the logits it gave then."""
+    from safetensors.torch import load_file
+
+    path = Path(__file__).parent / "data" / "legacy_novelty_checkpoint"
+    model = dla.DLAForCausalLM.from_pretrained(path).eval()
+    c = model.config
+    assert (c.score, c.merge, c.capacity, c.soft_gate, c.threshold) == ("novelty", "least_info", 16, False, 0.5)
+    assert not model.model.layers[0].mixer.threshold.requires_grad
+    ref = load_file(path / "reference_logits.safetensors")
+    with torch.no_grad():
+        assert torch.equal(model(ref["input_ids"]).logits, ref["logits"])
+    new = dla.DLAConfig.from_dict(dla.DLAConfig(**TINY).to_dict())  # a current config keeps its defaults
+    assert (new.capacity, new.score, new.soft_gate) == (None, "state", True)
+    assert new.policy_config().capacity == 30

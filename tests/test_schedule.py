@@ -1,5 +1,5 @@
-"""Schedules: closed forms, the dynamic policy against a plain-Python reading of the spec,
-invariants under random scores, continuation, and the validator."""
+"""Schedules: closed forms, invariants under random scores, continuation, and the validator (the
+``dynamic`` policy against a plain-Python reading of the spec: ``test_dynamic_policy.py``)."""
 
 import pytest
 import torch
@@ -8,61 +8,6 @@ from hypothesis import strategies as st
 
 import dla
 from dla.schedule.schedule import live_boundary_count
-
-
-# ----------------------------------------------------------------------------- reference planner
-def reference_dynamic(u, capacity, threshold, max_segment_len=None, merge="least_info"):
-    """Spec §3 `dynamic`, one sequence, plain Python. Returns death (never = len(u))."""
-    T = len(u)
-    death = [-1] * T
-    segs = []  # oldest first: [start, info]
-    for t in range(T):
-        if t == 0:
-            segs.append([0, u[0]])
-            continue
-        open_len = t - segs[-1][0]
-        wants = u[t] >= threshold or (max_segment_len is not None and open_len >= max_segment_len)
-        if capacity > 1 and wants:
-            segs.append([t, u[t]])
-            death[t] = T
-        else:
-            segs[-1][1] = max(segs[-1][1], u[t])
-        if len(segs) > capacity:
-            closed_pairs = range(len(segs) - 2)  # (i, i+1), both closed; oldest first
-            def cost(i):
-                return 0 if merge == "oldest" else segs[i][1] + segs[i + 1][1]
-
-            i = min(closed_pairs, key=lambda i: (cost(i), i))  # ties: older pair
-            death[segs[i + 1][0]] = t
-            segs[i][1] = max(segs[i][1], segs[i + 1][1])
-            del segs[i + 1]
-    return death
-
-
-scores_strategy = st.integers(1, 300).flatmap(
-    lambda T: st.lists(st.integers(0, 16), min_size=T, max_size=T).map(lambda xs: [x / 16 for x in xs]))
-
-
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(u=scores_strategy, capacity=st.integers(1, 32), threshold=st.sampled_from([0.0, 0.25, 0.5, 0.8, 1.0]),
-       max_len=st.sampled_from([None, 1, 4, 17]), merge=st.sampled_from(["least_info", "oldest"]))
-def test_dynamic_matches_plain_python_reference(u, capacity, threshold, max_len, merge):
-    T = len(u)
-    scores = torch.tensor(u, dtype=torch.float32).view(1, T, 1)
-    s = dla.plan_schedule("dynamic", batch=1, heads=1, length=T, capacity=capacity, scores=scores,
-                          threshold=threshold, max_segment_len=max_len, merge=merge)
-    assert s.death[0, 0].tolist() == reference_dynamic(u, capacity, threshold, max_len, merge)
-
-
-def test_oldest_merge_differs_from_least_info():
-    """A planted case: the newest closed pair holds the least information, so the two rules part."""
-    u = [1.0, 0.9, 0.9, 0.1, 0.1, 1.0]  # every token opens a segment (threshold 0.05), capacity 4
-    scores = torch.tensor(u).view(1, 6, 1)
-    kw = dict(batch=1, heads=1, length=6, capacity=4, scores=scores, threshold=0.05)
-    least = dla.plan_schedule("dynamic", **kw).death[0, 0].tolist()
-    oldest = dla.plan_schedule("dynamic", merge="oldest", **kw).death[0, 0].tolist()
-    assert least == reference_dynamic(u, 4, 0.05) and oldest == reference_dynamic(u, 4, 0.05, merge="oldest")
-    assert oldest[1] == 4 and least[1] != 4  # at t = 4 the oldest pair (0, 1) merges: segment 1 dies
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -230,8 +175,9 @@ def test_validator_rejects_cross_sequence_death_and_bad_args():
     (dict(policy="sliding"), "policy must be one of"),
     (dict(capacity=0), "capacity must be >= 1"),
     (dict(threshold=1.5), "threshold must be a number in"),
+    (dict(threshold=2.5, score="state"), "threshold must be a number in"),
     (dict(threshold=-0.1), "threshold must be a number in"),
-    (dict(scores=None), "needs scores"),
+    (dict(scores=None, score="external"), "needs scores"),
     (dict(scores=torch.rand(1, 5, 2)), "scores must be"),
     (dict(scores=torch.full((2, 8, 3), 2.0)), "scores must be finite and in"),
     (dict(scores=torch.full((2, 8, 3), float("nan"))), "scores must be finite and in"),

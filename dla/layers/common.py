@@ -24,13 +24,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dla.ops import DLAState, chunk_dla, recurrent_dla
-from dla.schedule import MERGE_RULES, POLICIES, SegmentState, novelty_scores, plan_schedule
+from dla.schedule import (DEFAULT_CAPACITY, DEFAULT_THRESHOLD, LABEL_RULES, MERGE_RULES, OPEN_STATES, POLICIES,
+                          SCORES, novelty_scores, plan_schedule, score_range)
+from dla.schedule.soft_gate import differentiable_scores, gate_factor, opened_segments
 from dla.varlen import pack, seq_lengths, unpack
-
-SCORES = ("novelty", "router", "external")
-LABEL_RULES = ("recency", "level")
-DEFAULT_CAPACITY = 16
-
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
@@ -42,19 +39,27 @@ class PolicyConfig:
 
     ``capacity`` is resolved: ``single`` -> 1, ``fenwick`` -> bit_length(max_position_embeddings - 1) + 1
     (a fixed capacity, so a prefill and the decoding steps after it plan the same schedule),
-    otherwise 16. ``label_rule`` is resolved to ``level`` for ``fenwick`` and ``recency`` otherwise.
-    ``score`` (``dynamic`` only): ``novelty`` (the keys the layer writes), ``router`` (learned, see
-    :class:`RouterScore`) or ``external`` (passed to ``forward`` as ``scores``).
+    otherwise 30 (the paper's C). ``label_rule`` is resolved to ``level`` for ``fenwick`` and
+    ``recency`` otherwise. ``dynamic`` only: ``score`` -- ``state`` (the paper's state information
+    score of the token's contribution against the open state), ``state_drift``, ``novelty`` (the
+    keys the layer writes; the earlier variant), ``router`` (learned, see :class:`RouterScore`) or
+    ``external`` (passed to ``forward`` as ``scores``); ``merge`` -- ``density`` (the paper),
+    ``least_info`` or ``oldest``; ``open_state`` -- ``decayed`` or ``plain``; ``threshold`` -- the
+    initial τ (default 1.0 for the state scores, 0.5 for the others), learned per head when
+    ``soft_gate`` (the training-time soft gates, temperature ``gate_temperature`` κ).
     Invalid values raise ``ValueError`` naming the field.
     """
 
     policy: str = "dynamic"
     capacity: int | None = None
-    threshold: float = 0.5
+    threshold: float | None = None
     period: int | None = None
     max_segment_len: int | None = None
-    merge: str = "least_info"
-    score: str = "novelty"
+    merge: str = "density"
+    score: str = "state"
+    open_state: str = "decayed"
+    soft_gate: bool = True
+    gate_temperature: float = 0.1
     label_rule: str | None = None
     max_position_embeddings: int = 2048
 
@@ -65,15 +70,26 @@ class PolicyConfig:
             raise ValueError(f"merge must be one of {MERGE_RULES}, got {self.merge!r}")
         if self.score not in SCORES:
             raise ValueError(f"score must be one of {SCORES}, got {self.score!r}")
+        if self.open_state not in OPEN_STATES:
+            raise ValueError(f"open_state must be one of {OPEN_STATES}, got {self.open_state!r}")
+        if not isinstance(self.soft_gate, bool):
+            raise ValueError(f"soft_gate must be true or false, got {self.soft_gate!r}")
+        if (isinstance(self.gate_temperature, bool) or not isinstance(self.gate_temperature, (int, float))
+                or not math.isfinite(self.gate_temperature) or self.gate_temperature <= 0):
+            raise ValueError(f"gate_temperature must be a number > 0, got {self.gate_temperature!r}")
         if self.label_rule is not None and self.label_rule not in LABEL_RULES:
             raise ValueError(f"label_rule must be None or one of {LABEL_RULES}, got {self.label_rule!r}")
         if not _is_int(self.max_position_embeddings) or self.max_position_embeddings < 1:
             raise ValueError(f"max_position_embeddings must be an int >= 1, got {self.max_position_embeddings!r}")
         if self.capacity is not None and (not _is_int(self.capacity) or self.capacity < 1):
             raise ValueError(f"capacity must be None or an int >= 1, got {self.capacity!r}")
-        if (isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float))
-                or not 0 <= self.threshold <= 1):
-            raise ValueError(f"threshold must be a number in [0, 1], got {self.threshold!r}")
+        top = score_range(self.score)
+        if self.threshold is None:
+            object.__setattr__(self, "threshold", DEFAULT_THRESHOLD[self.score])
+        elif (isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float))
+                or not 0 <= self.threshold <= top):
+            raise ValueError(f"threshold must be a number in [0, {top:g}] for score={self.score!r}, "
+                             f"got {self.threshold!r}")
         if self.max_segment_len is not None and (not _is_int(self.max_segment_len) or self.max_segment_len < 1):
             raise ValueError(f"max_segment_len must be None or an int >= 1, got {self.max_segment_len!r}")
         if self.policy == "fixed" and (not _is_int(self.period) or self.period < 1):
@@ -105,6 +121,11 @@ class PolicyConfig:
         if self.capacity == 1:
             return 1
         return self.capacity if self.label_rule == "recency" else self.levels
+
+    @property
+    def dynamic(self) -> bool:
+        """The layer plans with the ``dynamic`` policy (and so keeps a threshold τ per head)."""
+        return self.policy == "dynamic" and self.capacity > 1
 
 
 class LambdaProjection(nn.Module):
@@ -293,9 +314,8 @@ class MixerCache:
         if self.state is None:
             return
         index = index.to(self.state.states.device)
-        s, seg = self.state, self.state.segments
-        self.state = DLAState(states=s.states[index],
-                              segments=SegmentState(seg.starts[index], seg.info[index], seg.position[index]),
+        s = self.state
+        self.state = DLAState(states=s.states[index], segments=s.segments.index_select(index),
                               prev_key=None if s.prev_key is None else s.prev_key[index])
         self.conv = {name: c[index] for name, c in self.conv.items()}
         if self.router_key is not None:
@@ -307,7 +327,9 @@ class DLAMixer(nn.Module):
 
     Subclasses build the base layer's projections, call :meth:`convolve` for their short
     convolutions and :meth:`attend` with the base's (q, k, v, g, beta). ``policy="single"`` has no
-    λ projection (λ ≡ 1), so it is the base layer exactly.
+    λ projection (λ ≡ 1), so it is the base layer exactly. The ``dynamic`` policy keeps its threshold
+    τ per head in ``threshold``: a parameter, learned through the soft gates, when ``soft_gate``,
+    else a buffer.
     """
 
     def __init__(self, hidden_size: int, num_heads: int, policy: PolicyConfig | None, chunk_size: int):
@@ -318,9 +340,20 @@ class DLAMixer(nn.Module):
         self.lam_proj = None if p.policy == "single" else LambdaProjection(hidden_size, num_heads, p.n_labels)
         self.router = (RouterScore(hidden_size, num_heads) if p.policy == "dynamic" and p.score == "router"
                        else None)
+        tau = torch.full((num_heads,), float(p.threshold)) if p.dynamic else None
+        if p.dynamic and p.soft_gate:
+            self.threshold = nn.Parameter(tau)
+            self.threshold._no_weight_decay = True
+        else:
+            self.register_buffer("threshold", tau)
         # set by inspection tools: keep the last forward's schedule and scores on the module
         self.record_schedule = False
         self.last_schedule = self.last_scores = None
+
+    def reset_threshold(self):
+        """τ back to the configured value (kept if Hugging Face has loaded it from a checkpoint)."""
+        if self.threshold is not None:
+            copy_unless_loaded(self.threshold, torch.full_like(self.threshold, float(self.policy.threshold)))
 
     def convolve(self, name: str, x: torch.Tensor, cu_seqlens, cache: MixerCache | None) -> torch.Tensor:
         """Run the :class:`ShortConvolution` ``name`` and keep its state in ``cache``."""
@@ -330,7 +363,8 @@ class DLAMixer(nn.Module):
         return y
 
     def information_scores(self, x, k, cu_seqlens, cache: MixerCache | None, scores):
-        """u ``[B, T, H]`` for the ``dynamic`` policy (None for the others)."""
+        """Given scores u ``[B, T, H]`` for the ``dynamic`` policy's ``novelty``, ``router`` and
+        ``external`` scores (None otherwise: the state scores are computed while planning)."""
         p = self.policy
         if p.policy != "dynamic":
             return None
@@ -350,7 +384,9 @@ class DLAMixer(nn.Module):
             if cache is not None:
                 cache.router_key = last
             return u
-        return novelty_scores(k, cu_seqlens, None if state is None else state.prev_key)
+        if p.score == "novelty":
+            return novelty_scores(k, cu_seqlens, None if state is None else state.prev_key)
+        return None
 
     def attend(self, x, q, k, v, g, beta, scale, cu_seqlens=None, cache: MixerCache | None = None, scores=None):
         """Plan the schedule and run the op; ``x`` is the layer input (for λ and the router).
@@ -360,12 +396,19 @@ class DLAMixer(nn.Module):
         B, T, H = q.shape[:3]
         state = None if cache is None else cache.state
         u = self.information_scores(x, k, cu_seqlens, cache, scores)
-        schedule = plan_schedule(p.policy, batch=B, heads=H, length=T, capacity=p.capacity, scores=u,
-                                 threshold=p.threshold, period=p.period, max_segment_len=p.max_segment_len,
-                                 merge=p.merge, cu_seqlens=cu_seqlens, label_rule=p.label_rule, initial_state=state,
-                                 device=q.device)
+        gated = p.dynamic and p.soft_gate and self.training and torch.is_grad_enabled()
+        schedule = plan_schedule(p.policy, batch=B, heads=H, length=T, capacity=p.capacity,
+                                 threshold=self.threshold.detach() if p.dynamic else p.threshold, score=p.score,
+                                 merge=p.merge, open_state=p.open_state, k=k, v=v, g=g, beta=beta, scores=u,
+                                 period=p.period, max_segment_len=p.max_segment_len, cu_seqlens=cu_seqlens,
+                                 label_rule=p.label_rule, initial_state=state, device=q.device, keep_trace=gated)
         if self.record_schedule:
-            self.last_schedule, self.last_scores = schedule, u
+            self.last_schedule, self.last_scores = schedule, schedule.scores
+        if gated:
+            prev_key = None if state is None else state.prev_key
+            info = differentiable_scores(schedule, p.score, k, v, g, beta, p.open_state, cu_seqlens, prev_key)
+            factor = gate_factor(info, opened_segments(schedule), self.threshold, p.gate_temperature)
+            v = v * factor.to(v.dtype)[..., None]
         lam = q.new_ones(B, T, H, 1) if self.lam_proj is None else self.lam_proj(x)
         kwargs = dict(beta=beta, scale=scale, initial_state=state, output_final_state=cache is not None,
                       cu_seqlens=cu_seqlens)

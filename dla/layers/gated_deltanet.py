@@ -56,6 +56,7 @@ class DLAGatedDeltaNet(DLAMixer):
         """fla's initialisation of the gate parameters (the projections keep their own)."""
         copy_unless_loaded(self.A_log, torch.empty(self.num_heads).uniform_(0, 16).log())
         copy_unless_loaded(self.dt_bias, inverse_softplus_dt(self.num_heads))
+        self.reset_threshold()
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None, cache: MixerCache | None = None,
                 scores: torch.Tensor | None = None) -> torch.Tensor:

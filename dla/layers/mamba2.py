@@ -51,6 +51,7 @@ class DLAMamba2(DLAMixer):
         copy_unless_loaded(self.dt_bias, inverse_softplus_dt(H))
         copy_unless_loaded(self.A_log, torch.empty(H).uniform_(*self.A_init_range).log())
         nn.init.ones_(self.D)
+        self.reset_threshold()
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None, cache: MixerCache | None = None,
                 scores: torch.Tensor | None = None) -> torch.Tensor:

@@ -11,6 +11,8 @@ from dla.layers import PolicyConfig
 
 MIXERS = ("mamba2", "gated_deltanet", "attention")
 CHUNK_SIZES = (16, 32, 64, 128)
+CONFIG_VERSION = 2  # 2: the paper's dynamic policy (state score, density merging, capacity 30, soft gates)
+LEGACY_CAPACITY = 16
 
 
 def _check_positive_int(name: str, value) -> None:
@@ -30,9 +32,14 @@ class DLAConfig(PreTrainedConfig):
       ``n_groups`` are Mamba-2's (B/C width, B/C groups); ``expand_v`` is Gated DeltaNet's value
       expansion; ``conv_size`` the short convolution's kernel.
     - the DLA policy (ignored by ``attention``; see :class:`dla.layers.PolicyConfig`): ``policy``
-      (``single``, ``fixed``, ``fenwick``, ``dynamic``), ``capacity``, ``threshold``, ``period``,
-      ``max_segment_len``, ``merge`` (``least_info``, ``oldest``), ``score`` (``novelty``, ``router``,
-      ``external``), ``label_rule``.
+      (``single``, ``fixed``, ``fenwick``, ``dynamic``), ``capacity`` (``dynamic``: 30),
+      ``threshold`` (the initial τ), ``period``, ``max_segment_len``, ``merge`` (``density``,
+      ``least_info``, ``oldest``), ``score`` (``state``, ``state_drift``, ``novelty``, ``router``,
+      ``external``), ``open_state`` (``decayed``, ``plain``), ``soft_gate`` and ``gate_temperature``
+      (training-time soft gates through which τ is learned), ``label_rule``. The defaults are the
+      paper's method; the earlier variant is ``score="novelty", merge="least_info", capacity=16``.
+      A saved configuration from before the state score (no ``dla_config_version``) loads with the
+      settings it was trained with.
       ``max_position_embeddings`` fixes the fenwick capacity and the number of level labels.
     - ``intermediate_size``: the MLP width (default: 8/3 of ``hidden_size`` rounded up to 64).
     - ``chunk_size``: the chunked op's chunk (16, 32, 64 or 128).
@@ -48,9 +55,10 @@ class DLAConfig(PreTrainedConfig):
                  state_size: int = 128, n_groups: int = 1, expand_v: float = 2.0, conv_size: int = 4,
                  intermediate_size: int | None = None, norm_eps: float = 1e-5, initializer_range: float = 0.02,
                  rope_theta: float = 10000.0, max_position_embeddings: int = 2048, chunk_size: int = 64,
-                 policy: str = "dynamic", capacity: int | None = None, threshold: float = 0.5,
-                 period: int | None = None, max_segment_len: int | None = None, merge: str = "least_info",
-                 score: str = "novelty",
+                 policy: str = "dynamic", capacity: int | None = None, threshold: float | None = None,
+                 period: int | None = None, max_segment_len: int | None = None, merge: str = "density",
+                 score: str = "state", open_state: str = "decayed", soft_gate: bool = True,
+                 gate_temperature: float = 0.1,
                  label_rule: str | None = None, tie_word_embeddings: bool = True, use_cache: bool = True,
                  pad_token_id: int | None = None, bos_token_id: int | None = 1, eos_token_id: int | None = 2,
                  **kwargs):
@@ -96,6 +104,8 @@ class DLAConfig(PreTrainedConfig):
         self.max_position_embeddings, self.chunk_size = max_position_embeddings, chunk_size
         self.policy, self.capacity, self.threshold, self.period = policy, capacity, threshold, period
         self.max_segment_len, self.merge, self.score, self.label_rule = max_segment_len, merge, score, label_rule
+        self.open_state, self.soft_gate, self.gate_temperature = open_state, soft_gate, gate_temperature
+        self.dla_config_version = CONFIG_VERSION
         self.use_cache = use_cache
         self.policy_config()  # validates the policy fields
         super().__init__(tie_word_embeddings=tie_word_embeddings, pad_token_id=pad_token_id,
@@ -105,4 +115,19 @@ class DLAConfig(PreTrainedConfig):
         """The resolved schedule options every DLA layer of the model uses."""
         return PolicyConfig(policy=self.policy, capacity=self.capacity, threshold=self.threshold, period=self.period,
                             max_segment_len=self.max_segment_len, merge=self.merge, score=self.score,
-                            label_rule=self.label_rule, max_position_embeddings=self.max_position_embeddings)
+                            open_state=self.open_state, soft_gate=self.soft_gate,
+                            gate_temperature=self.gate_temperature, label_rule=self.label_rule,
+                            max_position_embeddings=self.max_position_embeddings)
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        """A saved configuration; one written before the paper's state score (no ``dla_config_version``)
+        named its score, merge rule and threshold but left the capacity (then 16 for ``dynamic`` and
+        ``fixed``) and soft gating (then absent) to defaults that have changed: restore those."""
+        if "dla_config_version" not in config_dict and config_dict.get("model_type", "dla") == "dla":
+            config_dict = dict(config_dict)
+            if config_dict.get("policy", "dynamic") in ("dynamic", "fixed") and config_dict.get("capacity") is None:
+                config_dict["capacity"] = LEGACY_CAPACITY
+            config_dict.setdefault("soft_gate", False)
+        config_dict = {k: v for k, v in config_dict.items() if k != "dla_config_version"}
+        return super().from_dict(config_dict, **kwargs)

@@ -107,6 +107,8 @@ class DLAPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     _no_split_modules = ["DLABlock"]
     supports_gradient_checkpointing = True
+    # checkpoints from before the learned threshold τ keep the configured one
+    _keys_to_ignore_on_load_missing = [r"mixer\.threshold$"]
 
     def _init_weights(self, module):
         """Linear and embedding weights N(0, initializer_range²); everything the layers initialise

@@ -8,6 +8,7 @@ inputs and float32 otherwise.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -29,10 +30,9 @@ class DLAState:
 
     @property
     def nbytes(self) -> int:
-        tensors = [self.states, self.segments.starts, self.segments.info, self.segments.position]
-        if self.prev_key is not None:
-            tensors.append(self.prev_key)
-        return sum(t.numel() * t.element_size() for t in tensors)
+        seg = self.segments
+        tensors = [self.states, seg.starts, seg.info, seg.position, seg.open_state, seg.open_norm, self.prev_key]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 @dataclass
@@ -67,7 +67,7 @@ class Prepared:
         if self.initial_prev_key is not None:
             keep = (lengths > 0)[:, None, None]
             prev_key = self.initial_prev_key if prev_key is None else torch.where(keep, prev_key, self.initial_prev_key)
-        segments = SegmentState(starts=starts, info=sched.final.info, position=sched.final.position)
+        segments = dataclasses.replace(sched.final, starts=starts)
         return DLAState(states=states, segments=segments, prev_key=prev_key)
 
 

@@ -104,10 +104,11 @@ def advance_open_state(c: Contributions, a: int, b: int, open_state, open_start)
     return kept[:, None, None] * open_state + (k * coef[..., None]).transpose(1, 2) @ v
 
 
-def state_score(x, norm, open_norm, gamma, drift: bool):
+def state_score(x, norm, open_norm, gamma, drift: bool, eps: float = 0.0):
     """``I = sqrt(2 - 2 cos)`` from ``x = ⟨s_t, O⟩``, ``norm = ‖s_t‖²``, ``open_norm = ‖O‖²`` (0 where a
     norm vanishes), and ``‖γO + s_t‖²`` (the open state's norm should ``t`` extend it). The Triton
-    walker repeats these operations in this order; keep the two in step."""
+    walker repeats these operations in this order; keep the two in step. ``eps`` (soft gating) keeps
+    the square root's gradient finite where ``I = 0``."""
     extended = gamma * gamma * open_norm + 2 * gamma * x + norm
     if drift:
         num, den = gamma * open_norm + x, extended * open_norm
@@ -116,7 +117,7 @@ def state_score(x, norm, open_norm, gamma, drift: bool):
     ok = den > 0
     cos = num / sqrt_rn(torch.where(ok, den, 1.0))
     d = (1 - cos).clamp(0, 2)
-    return torch.where(ok, sqrt_rn(d + d), 0.0), extended.clamp(min=0)
+    return torch.where(ok, sqrt_rn((d + d).clamp(min=eps)), 0.0), extended.clamp(min=0)
 
 
 def sqrt_rn(x: torch.Tensor) -> torch.Tensor:
