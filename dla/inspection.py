@@ -44,7 +44,8 @@ def layer_schedules(model, input_ids: torch.Tensor) -> dict[int, dict]:
             raise UserError("the model has no DLA layers (mixer = attention): there is no schedule to inspect")
         model(input_ids=input_ids, use_cache=False)
         return {i: {"policy": m.policy, "schedule": m.last_schedule,
-                    "scores": None if m.last_scores is None else m.last_scores[0].T.cpu()}
+                    "scores": None if m.last_scores is None else m.last_scores[0].float().cpu(),
+                    "threshold": None if m.threshold is None else m.threshold.detach().float().cpu().tolist()}
                 for i, m in sorted(mixers.items())}
 
 
@@ -91,6 +92,15 @@ def head_report(schedule, head: int) -> dict:
     return {"opened": opened, "merges": merges, "states": states, "segment_start": start}
 
 
+def final_segments(schedule, head: int) -> list[dict]:
+    """The segments cached after the text, newest first: start, length, summed information Ī and its
+    density Ī / n (what the ``density`` merge rule compares), for one head of a ``[1, H, T]`` schedule."""
+    final = schedule.final
+    starts, info, lengths = final.starts[0, head].tolist(), final.info[0, head].tolist(), final.lengths[0, head].tolist()
+    return [{"start": a, "length": n, "information": i, "density": i / n if n else None}
+            for a, n, i in zip(starts, lengths, info) if a >= 0]
+
+
 def synthetic_example(task, seq_len: int, seed: int) -> tuple[list[int], dict[str, list[bool]]]:
     """One example of a synthetic task (``MQAR`` / ``Needle``, with or without its training
     mixture) and its regions, one flag per token: what :func:`inspect_model` marks."""
@@ -119,12 +129,15 @@ def inspect_model(model, token_ids: list[int], render_token, out: Path, source: 
     report = {"checkpoint": checkpoint, "source": source, "tokens": len(token_ids), "regions": positions, "layers": []}
     for i, layer in layers.items():
         p = layer["policy"]
-        entry = {"layer": i, "policy": p.policy, "capacity": p.capacity, "threshold": p.threshold,
+        entry = {"layer": i, "policy": p.policy, "capacity": p.capacity, "score": p.score, "merge": p.merge,
                  "label_rule": p.label_rule, "heads": []}
         for h in heads:
             r = head_report(layer["schedule"], h)
-            entry["heads"].append({"head": h, "opened": r["opened"], "merges": r["merges"], "states": r["states"],
+            tau = p.threshold if layer["threshold"] is None else layer["threshold"][h]
+            entry["heads"].append({"head": h, "threshold": tau, "opened": r["opened"], "merges": r["merges"],
+                                   "states": r["states"],
                                    "scores": None if layer["scores"] is None else layer["scores"][h].tolist(),
+                                   "segments": final_segments(layer["schedule"], h),
                                    "segment_start": r["segment_start"]})
         report["layers"].append(entry)
     png = plot_cache(report, out / "inspect.png")
@@ -139,14 +152,15 @@ def inspect_model(model, token_ids: list[int], render_token, out: Path, source: 
 def plot_cache(report: dict, path: Path) -> Path | None:
     """Rows: layers. Columns: one segment map per head (row t of a map shows, for every
     position s <= t, which state holds s at time t; a merge makes the newer state's colour
-    take the older one's), then the number of states over time. The report's regions are ticks
-    under each map (at their positions s) and shaded spans behind the states over time."""
+    take the older one's), then the number of states over time, then each head's information
+    score I_t with its threshold τ (dashed; a state opens where I_t >= τ). The report's regions are
+    ticks under each map (at their positions s) and shaded spans behind the states over time."""
     plt = pyplot()
     if plt is None:
         return None
     layers = report["layers"]
     n_heads = len(layers[0]["heads"])
-    fig, axes = plt.subplots(len(layers), n_heads + 1, figsize=(2.4 * (n_heads + 1), 2.4 * len(layers)),
+    fig, axes = plt.subplots(len(layers), n_heads + 2, figsize=(2.4 * (n_heads + 2), 2.4 * len(layers)),
                              squeeze=False)
     T, regions = report["tokens"], list(report["regions"].items())
     for row, layer in zip(axes, layers):
@@ -162,6 +176,13 @@ def plot_cache(report: dict, path: Path) -> Path | None:
             ax.set_xticks([])
             ax.set_yticks([])
         ax = row[-1]
+        for colour, head in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"] * n_heads, layer["heads"]):
+            if head["scores"] is not None:
+                ax.plot(head["scores"], linewidth=0.6, color=colour)
+                ax.axhline(head["threshold"], color=colour, linestyle="--", linewidth=0.8)
+        ax.set_title("information score I_t, τ dashed", fontsize=8)
+        ax.tick_params(labelsize=6)
+        ax = row[-2]
         for k, (name, positions) in enumerate(regions):
             for first, last in runs_of(positions):
                 ax.axvspan(first - 0.5, last + 0.5, color=REGION_COLOURS[k], alpha=0.25, linewidth=0,
@@ -172,7 +193,7 @@ def plot_cache(report: dict, path: Path) -> Path | None:
         ax.set_title(f"states in cache (C={layer['capacity']})", fontsize=8)
         ax.tick_params(labelsize=6)
     if regions:
-        axes[0][-1].legend(fontsize=6, loc="center right")
+        axes[0][-2].legend(fontsize=6, loc="center right")
     axes[-1][0].set_xlabel("position s" + ("; ticks: " + ", ".join(name for name, _ in regions) if regions else ""),
                            fontsize=7)
     axes[-1][0].set_ylabel("time t", fontsize=7)
@@ -200,14 +221,20 @@ def render_html(report: dict, pieces: list[str], png: Path | None) -> str:
              "<span class='b'>opened</span> a new state; hover it for when that state merged into the older one."
              + "".join(f" Underlined: <span class='g{k}'>{e(name)}</span>." for k, name in enumerate(report["regions"]))
              + "</p>",
-             "<table><tr><th>layer</th><th>head</th><th>policy</th><th>states opened</th><th>merges</th>"
-             "<th>max states</th><th>mean states</th></tr>"]
+             "<table><tr><th>layer</th><th>head</th><th>policy</th><th>τ</th><th>mean I</th><th>states opened</th>"
+             "<th>merges</th><th>max states</th><th>mean states</th><th>densities Ī/n of the cached segments, "
+             "newest first</th></tr>"]
     for layer in report["layers"]:
         for head in layer["heads"]:
             states = head["states"]
+            scores = head["scores"]
+            mean_score = f"{sum(scores) / len(scores):.3f}" if scores else "&ndash;"
+            tau = "&ndash;" if head["threshold"] is None else f"{head['threshold']:.3f}"
+            densities = " ".join(f"{s['density']:.2f}" for s in head["segments"] if s["density"] is not None)
             parts.append(f"<tr><td>{layer['layer']}</td><td>{head['head']}</td><td>{e(layer['policy'])} "
-                         f"(C={layer['capacity']})</td><td>{len(head['opened'])}</td><td>{len(head['merges'])}</td>"
-                         f"<td>{max(states)}</td><td>{sum(states) / len(states):.2f}</td></tr>")
+                         f"(C={layer['capacity']})</td><td>{tau}</td><td>{mean_score}</td><td>{len(head['opened'])}</td>"
+                         f"<td>{len(head['merges'])}</td><td>{max(states)}</td><td>{sum(states) / len(states):.2f}</td>"
+                         f"<td>{densities or '&ndash;'}</td></tr>")
     parts.append("</table>")
     if png is not None:
         parts.append(f"<img alt='segment maps' src='data:image/png;base64,"
