@@ -1,8 +1,12 @@
-"""How long planning a schedule takes on CPU (or GPU with --device cuda), per policy.
+"""How long planning a schedule takes, per policy, beside the op it feeds.
 
-    python benchmarks/scheduler.py [--bh 64] [--length 16384] [--capacity 16]
+    python benchmarks/scheduler.py [--batch 8 --heads 8 --length 16384 --capacity 30] [--device cuda --op]
 
-Writes ``benchmarks/results/scheduler_<device>.json``.
+The ``dynamic`` rows plan the paper's method (state score, density merging, capacity ``--capacity``)
+from random k, v, g, β, its ``state_drift`` reading, and the earlier variant (key novelty, least-info
+merging, capacity 16). ``--op`` also times the chunked op's forward and backward on the same tokens
+(the planning share of a training step). Writes ``--out`` (default
+``benchmarks/results/scheduler_<device>.json``).
 """
 
 from __future__ import annotations
@@ -11,46 +15,97 @@ import argparse
 import json
 import statistics
 import time
+from datetime import date
 from pathlib import Path
 
 import torch
 
 import dla
 
+VARIANTS = {  # name -> (policy, plan_schedule keywords)
+    "single": ("single", {}),
+    "fixed": ("fixed", {"period": 64}),
+    "fenwick": ("fenwick", {"capacity": None}),
+    "dynamic": ("dynamic", {}),
+    "dynamic-drift": ("dynamic", {"score": "state_drift"}),
+    "dynamic-novelty": ("dynamic", {"score": "novelty", "merge": "least_info", "capacity": 16, "threshold": 0.5}),
+}
+
+
+def timed(fn, device, repeats):
+    times = []
+    for _ in range(repeats):
+        if device != "cpu":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = fn()
+        if device != "cpu":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--bh", type=int, default=64, help="sequences x heads (B = bh / 8, H = 8)")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--length", type=int, default=16384)
-    ap.add_argument("--capacity", type=int, default=16)
+    ap.add_argument("--key-dim", type=int, default=64)
+    ap.add_argument("--value-dim", type=int, default=64)
+    ap.add_argument("--capacity", type=int, default=30)
+    ap.add_argument("--threshold", type=float, default=1.0, help="τ of the state scores")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--op", action="store_true", help="also time chunk_dla forward + backward")
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    H = 8
-    B = max(1, args.bh // H)
-    k = torch.randn(B, args.length, H, 64, device=args.device)
-    scores = dla.novelty_scores(k)
+    B, H, T, dev = args.batch, args.heads, args.length, args.device
+    gen = torch.Generator(device=dev).manual_seed(0)
+    dtype = torch.bfloat16 if dev != "cpu" else torch.float32
+    q = torch.randn(B, T, H, args.key_dim, device=dev, generator=gen).to(dtype)
+    k = torch.nn.functional.normalize(torch.randn(B, T, H, args.key_dim, device=dev, generator=gen), dim=-1).to(dtype)
+    v = torch.randn(B, T, H, args.value_dim, device=dev, generator=gen).to(dtype)
+    g = -torch.rand(B, T, H, device=dev, generator=gen) * 0.1
+    beta = torch.rand(B, T, H, device=dev, generator=gen).to(dtype)
     rows = {}
-    for policy in ("single", "fixed", "fenwick", "dynamic"):
-        kw = dict(batch=B, heads=H, length=args.length, scores=scores, period=64,
-                  capacity=None if policy == "fenwick" else args.capacity)
-        times = []
-        for _ in range(args.repeats):
-            if args.device != "cpu":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            s = dla.plan_schedule(policy, **kw)
-            if args.device != "cpu":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-        rows[policy] = {"seconds": statistics.median(times), "capacity": s.capacity,
-                        "boundaries_per_head": float((s.death >= 0).sum()) / (B * H)}
-        print(f"{policy:8s} C={s.capacity:<3d} {rows[policy]['seconds']:8.3f} s", flush=True)
-    out = Path(__file__).parent / "results" / f"scheduler_{args.device}.json"
+    for name in args.variants:
+        policy, extra = VARIANTS[name]
+        kw = {**dict(batch=B, heads=H, length=T, capacity=args.capacity, k=k, v=v, g=g, beta=beta), **extra}
+        if policy == "dynamic" and "threshold" not in extra:
+            kw["threshold"] = args.threshold
+        seconds, s = timed(lambda: dla.plan_schedule(policy, **kw), dev, args.repeats)
+        row = {"policy": policy, "options": {k_: v_ for k_, v_ in extra.items()}, "plan_seconds": seconds,
+               "capacity": s.capacity, "boundaries_per_100_tokens": 100 * float((s.death >= 0).sum()) / (B * H * T)}
+        if args.op:
+            lam = torch.ones(B, T, H, s.n_labels, device=dev, dtype=dtype)
+            inputs = [x.detach().requires_grad_() for x in (q, k, v)]
+
+            def step():
+                o, _ = dla.chunk_dla(*inputs, g, lam, s, beta=beta)
+                o.float().square().mean().backward()
+
+            step()  # compile / warm up
+            row["op_fwd_bwd_seconds"], _ = timed(step, dev, args.repeats)
+            row["plan_share"] = seconds / (seconds + row["op_fwd_bwd_seconds"])
+        rows[name] = row
+        share = f"  op fwd+bwd {row['op_fwd_bwd_seconds']:.3f} s, planning {100 * row['plan_share']:.0f}%" \
+            if args.op else ""
+        print(f"{name:16s} C={s.capacity:<3d} plan {seconds:8.3f} s, {row['boundaries_per_100_tokens']:5.1f} "
+              f"boundaries / 100 tokens{share}", flush=True)
+    out = args.out or Path(__file__).parent / "results" / f"scheduler_{dev}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"torch": torch.__version__, "device": args.device, "B": B, "H": H, "T": args.length,
-            "threads": torch.get_num_threads(), "note": "plan_schedule wall time incl. validation"}
+    name = torch.cuda.get_device_name() if dev != "cpu" else "cpu"
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    meta = {"device": name, "torch": torch.__version__, "triton": triton_version, "date": date.today().isoformat(),
+            "B": B, "H": H, "T": T, "K": args.key_dim, "V": args.value_dim, "threshold": args.threshold,
+            "threads": torch.get_num_threads(), "note": "plan_schedule wall time (median) incl. validation"}
     out.write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from dla.train.metrics import format_duration, read_metrics
 PRESETS = {
     "cpu": {"steps": 1200, "batch_size": 32, "seq_len": 64, "max_len": 128, "num_kv_pairs": 8, "vocab_size": 64,
             "hidden_size": 64, "num_hidden_layers": 2, "head_dim": 16, "state_size": 16, "lr": 3e-3,
-            "threshold": 0.2, "eval_pairs": [4, 8, 16, 24]},
+            "threshold": 0.6, "eval_pairs": [4, 8, 16, 24]},
 }
 PRESETS["cuda"] = {**PRESETS["cpu"], "steps": 3000, "batch_size": 64}
 POLICIES = ("dynamic", "fenwick", "fixed", "single")
