@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import dla
+from dla.schedule.soft_gate import differentiable_scores
 from conftest import BASES, FAST_DECAY, SLOW_DECAY, grads, make_case, rel_err
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CPU CI checks the "
@@ -94,12 +95,32 @@ def test_varlen_on_gpu(base):
 
 
 def test_gpu_scheduler_matches_cpu():
+    """Given scores: the Triton walk on the GPU plans what PyTorch plans on the CPU, bit for bit."""
     k = torch.randn(4, 4096, 8, 64)
     scores = dla.novelty_scores(k)
-    kw = dict(batch=4, heads=8, length=4096, capacity=16, threshold=0.5)
+    kw = dict(batch=4, heads=8, length=4096, capacity=16, threshold=0.5, merge="least_info")
     ref = dla.plan_schedule("dynamic", scores=scores, backend="torch", **kw)
     out = dla.plan_schedule("dynamic", scores=scores.cuda(), **kw)
     assert torch.equal(out.death.cpu(), ref.death)
+
+
+@pytest.mark.parametrize("score", ["state", "state_drift"])
+def test_gpu_state_score_walks_agree(score):
+    """The paper's state score at C = 30 on bf16 inputs: the Triton and PyTorch walks read the same
+    chunk terms on the GPU and plan identical schedules; the scores equal those recomputed from the
+    planner's trace (the soft gate's formula)."""
+    B, T, H, K, V = 2, 4096, 4, 128, 64
+    k = torch.nn.functional.normalize(torch.randn(B, T, H, K, device="cuda"), dim=-1).bfloat16()
+    v, g = torch.randn(B, T, H, V, device="cuda").bfloat16(), -torch.rand(B, T, H, device="cuda") * 0.1
+    beta = torch.rand(B, T, H, device="cuda").bfloat16()
+    kw = dict(batch=B, heads=H, length=T, k=k, v=v, g=g, beta=beta, threshold=1.3, score=score)
+    out = dla.plan_schedule("dynamic", backend="triton", keep_trace=True, **kw)
+    ref = dla.plan_schedule("dynamic", backend="torch", **kw)
+    assert (ref.death != dla.NONE).float().mean() > 0.01
+    assert torch.equal(out.death, ref.death) and torch.equal(out.scores, ref.scores)
+    assert torch.equal(out.final.info, ref.final.info) and torch.equal(out.final.open_norm, ref.final.open_norm)
+    again = differentiable_scores(out, score, k, v, g, beta, "decayed")
+    assert (again - out.scores.transpose(1, 2)).abs().max() < 1e-4
 
 
 @pytest.mark.parametrize("M, p", [(80, 0.3), (2048, 1.0), (2051, 1.0)])

@@ -11,7 +11,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 POLICIES = {"single": dict(policy="single"), "fixed": dict(policy="fixed", capacity=8, period=16),
             "fenwick": dict(policy="fenwick"), "dynamic": dict(policy="dynamic", capacity=8),
-            "dynamic-router": dict(policy="dynamic", capacity=8, score="router")}
+            "dynamic-router": dict(policy="dynamic", capacity=8, score="router"),
+            "dynamic-novelty": dict(policy="dynamic", capacity=8, score="novelty", merge="least_info", threshold=0.5)}
 
 
 def rel_err(a, b):
