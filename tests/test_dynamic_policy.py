@@ -286,6 +286,8 @@ def test_per_head_threshold():
     (dict(k=[[0.0]]), "k must be a torch.Tensor"),
     (dict(label_rule="levels"), "label_rule must be None or one of"),
     (dict(score="external"), "needs scores"),
+    (dict(v=torch.full((1, 8, 2, 2), float("nan"))), "v contains NaN or Inf"),
+    (dict(threshold=torch.tensor([0.5, float("nan")])), "threshold contains NaN"),
 ])
 def test_bad_arguments_name_themselves(kwargs, match):
     k, v, g, _ = random_inputs(1, 8, H=2)

@@ -243,8 +243,10 @@ def _contributions(k, v, g, beta, shape, open_state, rows, in_seq) -> Contributi
     gr = torch.zeros_like(w) if open_state == "plain" else rows(g.detach().to(dtype))
     w = torch.where(mask[:, None], w, 0.0)
     gr = torch.where(mask[:, None], gr, 0.0)
-    if not bool(torch.stack([torch.isfinite(x).all() for x in (kr, vr, w, gr)]).all()):
-        raise ValueError("k, v, g and beta must be finite")
+    bad = torch.stack([~torch.isfinite(x).all() for x in (kr, vr, w, gr)])
+    if bool(bad.any()):  # one host sync for the four checks
+        name = ("k", "v", "beta", "g")[bad.long().argmax()]
+        raise ValueError(f"{name} contains NaN or Inf")
     R = N * H_
     return Contributions(kr.reshape(R, Tm, k.shape[-1]), vr.reshape(R, Tm, v.shape[-1]), w.reshape(R, Tm),
                          gr.reshape(R, Tm))
