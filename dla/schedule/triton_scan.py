@@ -31,11 +31,16 @@ def _walk_kernel(score_ptr, prefix_ptr, carry_ptr, norm_ptr, gamma_ptr,
                  start_ptr, info_ptr, origin_ptr, count_ptr, open_norm_ptr,
                  death_ptr, carried_ptr, trace_score_ptr, trace_start_ptr, trace_norm_ptr,
                  a, b, Tm, H, L, max_segment_len,
-                 C: tl.constexpr, CP: tl.constexpr, SCORE: tl.constexpr, MERGE: tl.constexpr,
+                 C: tl.constexpr, CP: tl.constexpr, BL: tl.constexpr, SCORE: tl.constexpr, MERGE: tl.constexpr,
                  HAS_MAX: tl.constexpr, TRACE: tl.constexpr):
     """Walk tokens ``[a, b)`` of row ``r`` (one sequence-head). ``SCORE``: 0 given scores
     (``score_ptr [R, Tm]``), 1 the state score, 2 its drift reading (chunk terms ``[R, L(, L)]``
-    of the chunk starting at ``a``). ``MERGE``: 0 density, 1 least_info, 2 oldest."""
+    of the chunk starting at ``a``, ``L <= BL``). ``MERGE``: 0 density, 1 least_info, 2 oldest.
+
+    The walk is a chain of dependent steps, so no step waits on memory: the chunk's per-token
+    terms are loaded as ``[BL]`` blocks up front, the next token's row of ``prefix`` is loaded a
+    step ahead, and a step reads its values out of the blocks by a masked sum (one nonzero term:
+    exact)."""
     r = tl.program_id(0).to(tl.int64)
     n = r // H
     length = tl.load(lengths_ptr + n)
@@ -48,6 +53,13 @@ def _walk_kernel(score_ptr, prefix_ptr, carry_ptr, norm_ptr, gamma_ptr,
     count = tl.load(count_ptr + r)
     open_norm = tl.load(open_norm_ptr + r)
     open_start = tl.max(start, axis=0)
+    o_l = tl.arange(0, BL)
+    m_l = o_l < L
+    if SCORE != 0:
+        b_carry = tl.load(carry_ptr + r * L + o_l, mask=m_l, other=0.0)  # [BL]
+        b_norm = tl.load(norm_ptr + r * L + o_l, mask=m_l, other=0.0)
+        b_gamma = tl.load(gamma_ptr + r * L + o_l, mask=m_l, other=0.0)
+        b_row = tl.load(prefix_ptr + r * L * L + o_l, mask=m_l, other=0.0)  # prefix[0, :]
     for t in range(a, tl.minimum(b, length)):
         pos = pos0 + t
         first = count == 0
@@ -55,13 +67,16 @@ def _walk_kernel(score_ptr, prefix_ptr, carry_ptr, norm_ptr, gamma_ptr,
             score = tl.load(score_ptr + r * Tm + t)
         else:
             i = t - a
+            row = b_row
+            b_row = tl.load(prefix_ptr + (r * L + i + 1) * L + o_l, mask=o_l < tl.where(i + 1 < L, L, 0), other=0.0)
             s0 = open_start - pos0 - a  # the open segment's start, chunk time
+            at_i = o_l == i
             if s0 < 0:
-                x = tl.load(carry_ptr + r * L + i) + tl.load(prefix_ptr + (r * L + i) * L)
+                x = tl.sum(tl.where(at_i, b_carry, 0.0), axis=0) + tl.sum(tl.where(o_l == 0, row, 0.0), axis=0)
             else:
-                x = tl.load(prefix_ptr + (r * L + i) * L + s0)
-            norm = tl.load(norm_ptr + r * L + i)
-            gamma = tl.load(gamma_ptr + r * L + i)
+                x = tl.sum(tl.where(o_l == s0, row, 0.0), axis=0)
+            norm = tl.sum(tl.where(at_i, b_norm, 0.0), axis=0)
+            gamma = tl.sum(tl.where(at_i, b_gamma, 0.0), axis=0)
             # dla.schedule.dynamic.state_score, operation for operation
             extended = gamma * gamma * open_norm + 2 * gamma * x + norm
             if SCORE == 2:
@@ -193,7 +208,7 @@ class TritonWalker:
             dummy if tr is None else tr.scores, self.death if tr is None or tr.open_start is None else tr.open_start,
             dummy if tr is None or tr.open_norm is None else tr.open_norm,
             a, b, self.Tm, self.H, L, int(self.max_segment_len or 0),
-            C=self.C, CP=self.CP, SCORE=score_code, MERGE=_MERGE_CODES[self.merge],
+            C=self.C, CP=self.CP, BL=triton.next_power_of_2(L), SCORE=score_code, MERGE=_MERGE_CODES[self.merge],
             HAS_MAX=self.max_segment_len is not None, TRACE=tr is not None,
             num_warps=1, enable_fp_fusion=False)
 
