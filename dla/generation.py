@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import traceback
 import warnings
-from dataclasses import fields, is_dataclass
+from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
 
 import torch
@@ -46,6 +46,47 @@ def generate(model: DLAForCausalLM, input_ids: torch.Tensor, max_new_tokens: int
     ``use_cuda_graph`` (default: whether the model is on CUDA) captures the one-token step once
     and replays it per token.
     """
+    decoding = start_decoding(model, input_ids, max_new_tokens, attention_mask=attention_mask,
+                              use_cuda_graph=use_cuda_graph)
+    token, step = decoding.token, decoding.step
+    eos, pad = _special_tokens(model, token.device)
+    tokens, alive, unfinished = [], [], torch.ones_like(token, dtype=torch.bool)
+    for i in range(max_new_tokens):
+        if eos is not None:
+            token = torch.where(unfinished, token, pad)
+            unfinished = unfinished & ~torch.isin(token, eos)
+            alive.append(unfinished.any())
+        tokens.append(token)
+        if i + 1 == max_new_tokens or (eos is not None and (i + 1) % EOS_CHECK_EVERY == 0 and not bool(alive[-1])):
+            break
+        token = step(token)
+    new = torch.stack(tokens, 1)
+    if eos is not None:
+        # generate() stops right after the token at which the last sequence finished
+        ended = (~torch.stack(alive)).nonzero()
+        if ended.numel():
+            new = new[:, : int(ended[0, 0]) + 1]
+    return torch.cat([input_ids.long(), new], 1)
+
+
+@dataclass
+class Decoding:
+    """Where :func:`generate` stands after the prompt: each sequence's first new token ``[B]``, the
+    one-token step (``step(token) -> next token``, :class:`GraphStep` or :class:`EagerStep`) and
+    the cache it advances. ``graph``: whether the step replays a CUDA graph."""
+
+    token: torch.Tensor
+    step: EagerStep | GraphStep
+    cache: DLACache
+    graph: bool
+
+
+@torch.no_grad()
+def start_decoding(model: DLAForCausalLM, input_ids: torch.Tensor, max_new_tokens: int, *,
+                   attention_mask: torch.Tensor | None = None, use_cuda_graph: bool | None = None) -> Decoding:
+    """The arguments of :func:`generate`, checked, and everything it does before its loop: the
+    prompt through the model into a new cache, and the one-token step (captured where it can
+    be). Benchmarks time ``step`` to time what :func:`generate` runs per token."""
     if not isinstance(model, DLAForCausalLM):
         raise TypeError(f"model must be a dla.DLAForCausalLM, got {type(model).__name__}")
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.int32,
@@ -68,41 +109,23 @@ def generate(model: DLAForCausalLM, input_ids: torch.Tensor, max_new_tokens: int
         raise TypeError(f"use_cuda_graph must be None or a bool, got {use_cuda_graph!r}")
     if use_cuda_graph and device.type != "cuda":
         raise ValueError(f"use_cuda_graph needs a model on a CUDA device, this one is on {device}")
-    eos, pad = _special_tokens(model, device)
     input_ids = input_ids.long()
     if attention_mask is None:
-        attention_mask = _infer_mask(input_ids, eos, pad)
+        attention_mask = _infer_mask(input_ids, *_special_tokens(model, device))
 
     # the longest the sequences get: the prompt, then every new token but the last is fed back
     cache = DLACache(model.config, max_length=T + max_new_tokens)
     logits = model(input_ids, attention_mask=attention_mask, cache=cache, use_cache=True, logits_to_keep=1).logits
     token = logits[:, -1].argmax(-1)
-    step = EagerStep(model, cache)
     if use_cuda_graph and max_new_tokens > 1:
         try:
             step = GraphStep(model, cache, B)
             step.capture()
+            return Decoding(token, step, cache, graph=True)
         except NotCapturable as why:
             warnings.warn(f"dla.generate: decoding eagerly, the one-token step cannot be a CUDA graph: {why}",
                           stacklevel=3)
-            step = EagerStep(model, cache)
-    tokens, alive, unfinished = [], [], torch.ones(B, dtype=torch.bool, device=device)
-    for i in range(max_new_tokens):
-        if eos is not None:
-            token = torch.where(unfinished, token, pad)
-            unfinished = unfinished & ~torch.isin(token, eos)
-            alive.append(unfinished.any())
-        tokens.append(token)
-        if i + 1 == max_new_tokens or (eos is not None and (i + 1) % EOS_CHECK_EVERY == 0 and not bool(alive[-1])):
-            break
-        token = step(token)
-    new = torch.stack(tokens, 1)
-    if eos is not None:
-        # generate() stops right after the token at which the last sequence finished
-        ended = (~torch.stack(alive)).nonzero()
-        if ended.numel():
-            new = new[:, : int(ended[0, 0]) + 1]
-    return torch.cat([input_ids, new], 1)
+    return Decoding(token, EagerStep(model, cache), cache, graph=False)
 
 
 def _special_tokens(model, device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
