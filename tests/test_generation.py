@@ -2,6 +2,7 @@
 attention baseline's preallocated KV cache, and ``benchmarks/generate.py --smoke``."""
 
 import json
+import os
 import subprocess
 import sys
 import warnings
@@ -217,8 +218,9 @@ def test_cuda_graph_generate_of_dla_policies_gives_the_same_tokens(mixer, policy
 # ----------------------------------------------------------------------------- benchmark
 def test_generate_benchmark_smoke_writes_its_rows(tmp_path):
     out = tmp_path / "generate.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "generate.py"), "--smoke", "--out", str(out)],
-                         capture_output=True, text=True, cwd=ROOT, timeout=600)
+                         capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(out.read_text())
     assert {"device", "torch", "triton", "fla", "date", "copy_bandwidth_GBps"} <= set(report["meta"])
