@@ -27,6 +27,9 @@ from dla.models import DLACache, DLAForCausalLM
 # makes the host wait for the device
 EOS_CHECK_EVERY = 16
 _PACKAGE = Path(__file__).resolve().parent
+# largest difference between a replay's logits and the eager step's, relative to their largest
+# value: bf16 rounding of differently ordered sums stays far below it, a frozen position does not
+CHECK_TOLERANCE = 2e-2
 
 
 class NotCapturable(RuntimeError):
@@ -163,8 +166,8 @@ class GraphStep:
 
     :meth:`capture` runs it eagerly on a side stream (warm-up: kernels compile, and a second run
     under ``torch.cuda.set_sync_debug_mode("error")`` proves it never waits for the device),
-    captures it, checks that one replay gives the same logits as one eager step, and restores
-    the cache after every trial so that no token is decoded twice. ``capture(graph=False)`` does
+    captures it, checks that two replays give the logits of two eager steps, and restores the
+    cache after every trial so that no token is decoded twice. ``capture(graph=False)`` does
     all of that but the capture and runs the static step eagerly: the same buffers and copies on
     any device (how the tests run it on a CPU).
     """
@@ -225,18 +228,20 @@ class GraphStep:
     def _capture_graph(self, saved) -> None:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            self._step()  # compiles and autotunes the kernels
-            self._restore(saved)
-            try:
-                with _sync_debug("error"):
-                    self._step()
-            except RuntimeError as error:
-                if isinstance(error, NotCapturable):
-                    raise
-                raise NotCapturable(f"it synchronises with the host at {_where(error)}") from error
-            self._restore(saved)
-        torch.cuda.current_stream().wait_stream(stream)
+        try:
+            with torch.cuda.stream(stream):
+                self._step()  # compiles and autotunes the kernels
+                self._restore(saved)
+                try:
+                    with _sync_debug("error"):
+                        self._step()
+                except RuntimeError as error:
+                    if isinstance(error, NotCapturable):
+                        raise
+                    raise NotCapturable(f"it synchronises with the host at {_where(error)}") from error
+                self._restore(saved)
+        finally:  # the side stream's work is done before anything else touches the cache
+            torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(self.graph):
@@ -248,19 +253,23 @@ class GraphStep:
         self._restore(saved)
 
     def _check(self, saved) -> None:
-        """One eager step and one replay from the same cache must agree exactly: a value the step
-        took from Python (and the graph froze) would make them differ."""
-        eager, _ = self._step()
-        eager = eager.clone()
+        """Two eager steps and two replays from the same cache must agree: a value the step takes
+        from Python is frozen in the graph, and the second replay would then differ. They agree to
+        rounding (a captured matrix product may pick another algorithm), not bit for bit."""
+        self._step()
+        eager = self._step()[0].float()
         self._restore(saved)
-        if self.graph is None:
-            replayed = self._step()[0]
-        else:
-            self.graph.replay()
-            self.cache.advance(1)
-            replayed = self.logits
-        if not torch.equal(eager, replayed):
-            raise NotCapturable("a replay gives other logits than the eager step (the step reads a host value)")
+        for _ in range(2):
+            if self.graph is None:
+                replayed = self._step()[0]
+            else:
+                self.graph.replay()
+                self.cache.advance(1)
+                replayed = self.logits
+        error = (eager - replayed.float()).abs().max() / eager.abs().max().clamp(min=1e-6)
+        if not error <= CHECK_TOLERANCE:  # NaN fails too
+            raise NotCapturable(f"a replay's logits differ from the eager step's by {float(error):.2g} of their "
+                                "largest value (the step reads a value from Python)")
         self._restore(saved)
 
     def _save(self):

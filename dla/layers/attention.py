@@ -86,7 +86,9 @@ class KVCache:
     def _grow(self, N, H, D, like: torch.Tensor, need: int) -> None:
         held = 0 if self.keys is None else self.keys.shape[2]
         slots = max(need, self.max_length or 0, 2 * held)
-        keys, values = (like.new_empty(N, H, slots, D) for _ in range(2))
+        # zeros, not garbage: a static step attends over unwritten slots, and a masked NaN still
+        # turns its zero weight into NaN
+        keys, values = (like.new_zeros(N, H, slots, D) for _ in range(2))
         valid = torch.zeros(N, slots, dtype=torch.bool, device=like.device)
         if self.keys is not None:
             n = self.size
