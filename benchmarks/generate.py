@@ -5,6 +5,8 @@ and ``dla.generate()`` (CUDA graph where the step can be captured), against the 
     python benchmarks/generate.py --models attention mamba2-dynamic --batches 8 --contexts 2048
     python benchmarks/generate.py --smoke --out /tmp/generate.json                  # CPU, tiny models, seconds
 
+(with ``dla`` installed from this checkout, ``pip install -e .``, or ``PYTHONPATH=.``).
+
 Models (12 layers, hidden 768, 32K vocabulary, SwiGLU 2048, tied embeddings, bf16 on CUDA):
 ``attention`` (rotary, 12 heads), ``mamba2-single`` / ``mamba2-dynamic`` (24 heads of 128 x 64
 states; dynamic: DLA with capacity 16), ``gated_deltanet-single`` / ``gated_deltanet-dynamic`` (6
