@@ -18,9 +18,10 @@ __all__ = ["DLAState", "chunk_dla", "NEVER", "NONE", "POLICIES", "Schedule", "Se
 from dla.layers import DLAGatedDeltaNet, DLAMamba2, PolicyConfig, count_parameters  # noqa: E402
 
 __all__ += ["DLAGatedDeltaNet", "DLAMamba2", "PolicyConfig", "count_parameters"]
-_MODEL_NAMES = ("DLACache", "DLAConfig", "DLAForCausalLM", "DLAModel")
+_MODEL_NAMES = ("DLACache", "DLAConfig", "DLAForCausalLM", "DLAModel", "generate")
 try:
     from dla.models import DLACache, DLAConfig, DLAForCausalLM, DLAModel  # noqa: E402
+    from dla.generation import generate  # noqa: E402
     __all__ += list(_MODEL_NAMES)
 except ImportError as error:
     _models_error = error

@@ -14,22 +14,38 @@ from dla.varlen import pack, seq_lengths, unpack
 
 @dataclass
 class KVCache:
-    """Keys (rotary applied) and values of every token seen, one row per sequence: ``[N, H, S, D]``.
+    """Keys (rotary applied) and values of every token seen, one row per sequence, in preallocated
+    buffers ``[N, H, S_alloc, D]`` written in place: the first ``size`` slots hold tokens.
 
-    A packed window is stored as dense rows, so a row can hold padding slots; ``valid [N, S]`` marks
-    the slots that hold tokens. Slots are chronological within a row. ``length [N]``: tokens seen
-    per sequence (the position of its next token).
+    A packed window is stored as dense rows, so a row can hold padding slots; ``valid [N, S_alloc]``
+    marks the slots that hold tokens (``dense``: every written slot does, known without reading
+    ``valid``). Slots are chronological within a row. ``length [N]``: tokens seen per sequence (the
+    position of its next token). ``max_length`` slots are allocated at the first write (more if it
+    needs more); when a write does not fit, the buffers double.
+
+    ``static`` (set by :func:`dla.generate` for CUDA graphs): one-token steps write the slot
+    ``cursor`` (a device tensor) and attend over every allocated slot with ``valid`` as the mask, so
+    a step's shapes and addresses never change and it reads no host value.
     """
 
     keys: torch.Tensor | None = None
     values: torch.Tensor | None = None
     valid: torch.Tensor | None = None
     length: torch.Tensor | None = None
+    size: int = 0
+    dense: bool = True
+    max_length: int | None = None
+    static: bool = False
+    cursor: torch.Tensor | None = None
 
     @property
     def nbytes(self) -> int:
-        tensors = [t for t in (self.keys, self.values, self.valid, self.length) if t is not None]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        """Bytes of the slots that hold tokens (the allocated but unwritten tail is not counted)."""
+        if self.keys is None:
+            return 0
+        N, H, _, D = self.keys.shape
+        per_slot = N * (2 * H * D * self.keys.element_size() + self.valid.element_size())
+        return self.size * per_slot + self.length.numel() * self.length.element_size()
 
     def index_select(self, index: torch.Tensor) -> None:
         """Keep (and reorder, repeat) the sequences ``index`` -- beam search and batch expansion."""
@@ -37,6 +53,48 @@ class KVCache:
             index = index.to(self.keys.device)
             self.keys, self.values = self.keys[index], self.values[index]
             self.valid, self.length = self.valid[index], self.length[index]
+
+    def make_static(self) -> None:
+        """Switch one-token steps to the static form (see the class docstring); the buffers must
+        already hold every slot the steps will write."""
+        self.static = True
+        self.cursor = torch.tensor([self.size], device=self.keys.device)
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, new_valid: torch.Tensor, length: torch.Tensor, dense: bool):
+        """Write ``k, v [N, H, Tm, D]`` after the held slots; returns the keys, values and validity of
+        the slots to attend over (every slot held, or every slot allocated when static)."""
+        N, H, Tm, D = k.shape
+        if self.static:
+            if Tm != 1 or not dense:
+                raise ValueError("a static KVCache takes one token per sequence and no padding")
+            self.keys.index_copy_(2, self.cursor, k)
+            self.values.index_copy_(2, self.cursor, v)
+            self.valid.index_fill_(1, self.cursor, True)
+            self.cursor.add_(1)
+            self.length = length
+            self.size += 1
+            return self.keys, self.values, self.valid
+        need = self.size + Tm
+        if self.keys is None or need > self.keys.shape[2]:
+            self._grow(N, H, D, k, need)
+        self.keys[:, :, self.size:need] = k
+        self.values[:, :, self.size:need] = v
+        self.valid[:, self.size:need] = new_valid
+        self.length, self.size, self.dense = length, need, self.dense and dense
+        return self.keys[:, :, :need], self.values[:, :, :need], self.valid[:, :need]
+
+    def _grow(self, N, H, D, like: torch.Tensor, need: int) -> None:
+        held = 0 if self.keys is None else self.keys.shape[2]
+        slots = max(need, self.max_length or 0, 2 * held)
+        # zeros, not garbage: a static step attends over unwritten slots, and a masked NaN still
+        # turns its zero weight into NaN
+        keys, values = (like.new_zeros(N, H, slots, D) for _ in range(2))
+        valid = torch.zeros(N, slots, dtype=torch.bool, device=like.device)
+        if self.keys is not None:
+            n = self.size
+            keys[:, :, :n], values[:, :, :n] = self.keys[:, :, :n], self.values[:, :, :n]
+            valid[:, :n] = self.valid[:, :n]
+        self.keys, self.values, self.valid = keys, values, valid
 
 
 def rotate(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
@@ -54,7 +112,8 @@ class Attention(nn.Module):
     """Multi-head causal attention with rotary position embeddings (``F.scaled_dot_product_attention``).
 
     Positions count from each sequence's start (packed sequences and cached continuations
-    included). ``cache`` (:class:`KVCache`) grows by the keys and values of every call.
+    included). ``cache`` (:class:`KVCache`) grows by the keys and values of every call. One query
+    per sequence against a cache without padding runs SDPA without a mask (its fast path).
     """
 
     def __init__(self, hidden_size: int, num_heads: int, head_dim: int, rope_theta: float = 10000.0):
@@ -85,15 +144,17 @@ class Attention(nn.Module):
         positions = seen[:, None] + steps
         q, k = rotate(q, positions, self.rope_theta), rotate(k, positions, self.rope_theta)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [N, H, Tm, D]
-        valid = new_valid
+        # whether every slot attended to holds a token is known on the host: padding only ever
+        # enters through a packed window
+        valid, dense = new_valid, cu_seqlens is None
         if cache is not None:
-            if cache.keys is not None:
-                k, v = torch.cat([cache.keys, k], 2), torch.cat([cache.values, v], 2)
-                valid = torch.cat([cache.valid, new_valid], 1)
-            cache.keys, cache.values, cache.valid, cache.length = k, v, valid, seen + lengths
+            k, v, valid = cache.append(k, v, new_valid, seen + lengths, dense)
+            dense = cache.dense and not cache.static
         S = k.shape[2]
-        if S == Tm and bool(valid.all()):
+        if dense and S == Tm:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif Tm == 1 and cu_seqlens is None:  # one query per sequence: it sees exactly the valid slots
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=None if dense else valid[:, None, None])
         else:
             causal = torch.arange(S, device=x.device) <= (S - Tm + steps)[:, None]  # [Tm, S]
             # a padding query attends to everything so that no row is empty; its output is dropped

@@ -13,8 +13,10 @@ class DLACache(Cache):
 
     DLA layers keep a :class:`dla.layers.MixerCache` (segment states, segmentation, previous key,
     convolution states): its size does not depend on how many tokens were seen. Attention layers
-    keep a growing :class:`dla.layers.KVCache`. ``seen_tokens`` counts the columns of every call,
-    padding included, which is what ``generate()`` reads as the cache's sequence length.
+    keep a growing :class:`dla.layers.KVCache`, which allocates ``max_length`` slots per sequence
+    at its first write (``generate()`` passes the longest its sequences can get) and doubles when
+    full. ``seen_tokens`` counts the columns of every call, padding included, which is what
+    ``generate()`` reads as the cache's sequence length.
 
     The states cannot be rolled back, so ``crop`` (assisted decoding) is unsupported; beam search
     and batch expansion reorder the rows.
@@ -23,10 +25,13 @@ class DLACache(Cache):
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, config):
-        entry = KVCache if config.mixer == "attention" else MixerCache
-        super().__init__(layers=[entry() for _ in range(config.num_hidden_layers)])
-        self.seen_tokens = 0
+    def __init__(self, config, max_length: int | None = None):
+        if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
+            raise ValueError(f"max_length must be None or an int >= 1, got {max_length!r}")
+        attention = config.mixer == "attention"
+        super().__init__(layers=[KVCache(max_length=max_length) if attention else MixerCache()
+                                 for _ in range(config.num_hidden_layers)])
+        self.max_length, self.seen_tokens = max_length, 0
 
     @property
     def nbytes(self) -> int:
@@ -57,8 +62,17 @@ class DLACache(Cache):
         raise NotImplementedError("DLACache entries are updated by the layers themselves")
 
     def reset(self) -> None:
-        self.layers = [type(layer)() for layer in self.layers]
+        self.layers = [KVCache(max_length=self.max_length) if isinstance(layer, KVCache) else MixerCache()
+                       for layer in self.layers]
         self.seen_tokens = 0
+
+    def advance(self, steps: int) -> None:
+        """Count ``steps`` one-token calls whose tensor updates ran without Python (replays of a
+        captured CUDA graph, :func:`dla.generate`): the host-side counters the layers keep."""
+        self.seen_tokens += steps
+        for layer in self.layers:
+            if isinstance(layer, KVCache):
+                layer.size += steps
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("DLA and recurrent states cannot be rolled back, so the cache cannot be cropped")

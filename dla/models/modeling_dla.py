@@ -225,6 +225,25 @@ class DLAForCausalLM(DLAPreTrainedModel, GenerationMixin):
         # generate() must not make a DynamicCache: the first forward makes a DLACache
         return False
 
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        # generate() knows how long its sequences can get: an attention cache preallocates that
+        # many slots instead of growing while it decodes
+        if model_kwargs.get(CACHE_FIELD) is None and generation_config.use_cache is not False:
+            max_length = kwargs.get("max_cache_length", args[-1] if args else None)
+            model_kwargs[CACHE_FIELD] = DLACache(self.config, max_length=max_length if isinstance(max_length, int)
+                                                 and max_length > 0 else None)
+            return
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+
+    def prepare_inputs_for_generation(self, input_ids, *args, **kwargs):
+        inputs = super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
+        cache = inputs.get(CACHE_FIELD)
+        # after the prompt, generate() marks every new token as real, so the layers need no mask;
+        # reading it would make the host wait for the device at every token
+        if isinstance(cache, DLACache) and cache.is_initialized:
+            inputs.pop("attention_mask", None)
+        return inputs
+
     def get_input_embeddings(self):
         return self.model.embed_tokens
 
