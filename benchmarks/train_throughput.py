@@ -35,7 +35,7 @@ def worker(args) -> None:
     import torch
 
     from dla.models import DLAForCausalLM
-    from dla.paper import load, model_config
+    from experiments.paper.recipe import load, model_config
     from dla.train.distributed import enable_activation_checkpointing, init_runtime, shutdown, wrap_model
     from dla.train.optim import build_optimizer
     from dla.train.loop import grad_clip, lm_loss
@@ -223,7 +223,7 @@ def main(argv=None) -> int:
     if args.estimate:
         print(estimate(args.estimate, args.tokens, args.estimate_gpus), end="")
         return 0
-    from dla.paper import paper_configs
+    from experiments.paper.recipe import paper_configs
 
     names = args.configs or paper_configs()
     start, rows = time.perf_counter(), []

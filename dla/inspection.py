@@ -239,3 +239,24 @@ padding:.5em;line-height:1.6}.b{border-left:2px solid #d33;background:#fde2e2}ta
 td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}img{max-width:100%}.m{font-size:small;color:#555}"""
 REGION_COLOURS = ("#1b9e77", "#d95f02", "#7570b3")  # a synthetic task's parts (dark2: apart from tab20's maps)
 CSS += "".join(f".g{k}{{border-bottom:3px solid {colour}}}" for k, colour in enumerate(REGION_COLOURS))
+
+
+def boundary_probe(spec: dict, cfg, model, device: str, examples: int = 8) -> list[dict] | None:
+    """Where a trained model's DLA layers open states (:func:`boundary_stats`) on ``examples``
+    held-out examples of its synthetic task, at the longest length of the evaluation ``spec``
+    (``{"task": "mqar" | "needle" | "text", "lengths": [...], "pairs": [...]}``; MQAR: the most
+    pairs that fit), with the task's regions; ``None`` for text or a model without DLA layers.
+    ``cfg`` is the run's :class:`dla.train.TrainConfig`."""
+    from dla.data import SyntheticDataset
+    from dla.eval.recall import EVAL_STREAM
+
+    if spec["task"] == "text":
+        return None
+    length = max(spec.get("lengths", [cfg.data.seq_len]))
+    if spec["task"] == "mqar":
+        pairs = max(p for p in spec.get("pairs", [cfg.data.mqar.num_kv_pairs]) if 4 * p <= length)
+        task = cfg.data.mqar.evaluation_task(num_kv_pairs=pairs)
+    else:
+        task = cfg.data.needle.evaluation_task(depth=None)
+    batch = SyntheticDataset(task, length, cfg.seed, stream=EVAL_STREAM).batch(0, examples)
+    return boundary_stats(model, batch.input_ids.to(device), task.regions(batch)) or None

@@ -11,11 +11,20 @@ import pytest
 import torch
 
 import dla
-from dla.paper import TARGETS, load, model_config, paper_configs, parameter_table, parameters_of
 from dla.train.distributed import enable_activation_checkpointing
 from mixer_helpers import one_thread  # noqa: F401 (autouse fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the recipe is part of experiments/, which uses the package
+
+from experiments.paper.recipe import (  # noqa: E402
+    TARGETS,
+    load,
+    model_config,
+    paper_configs,
+    parameter_table,
+    parameters_of,
+)
 
 
 def test_every_target_has_a_config_and_its_size():

@@ -1,15 +1,16 @@
-"""The paper recipe's configurations (``experiments/paper/*.yaml``): where they are, what size
-each should have, and the same models at a tiny width (for CPU smoke tests and ``--tiny``
-benchmarks).
+"""The paper recipe's configurations (the ``*.yaml`` files next to this module): what size each
+should have, and the same models at a tiny width (for CPU smoke tests and ``--tiny`` benchmarks).
 
-The configs are plain ``dla train`` files; this module only reads them.
+The configs are plain ``dla train`` files; this module only reads them. It is part of the
+experiments, not of the ``dla`` package: import it as ``experiments.paper.recipe`` with the
+repository root on ``sys.path``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-PAPER_DIR = Path(__file__).resolve().parent.parent / "experiments" / "paper"
+PAPER_DIR = Path(__file__).resolve().parent
 
 # name -> target parameter count (the paper's stated sizes; the Transformers match each base)
 TARGETS = {
@@ -23,7 +24,7 @@ TINY = dict(hidden_size=64, num_hidden_layers=2, head_dim=16, state_size=16, int
 
 
 def config_path(name: str, directory: str | Path | None = None) -> Path:
-    """``experiments/paper/NAME.yaml`` (or a path given as is)."""
+    """``PAPER_DIR/NAME.yaml`` (or a path given as is)."""
     path = Path(name)
     if path.suffix in (".yaml", ".yml") and path.is_file():
         return path
