@@ -132,13 +132,13 @@ def run(args):
                     record("fla-chunk_gated_delta_rule", base, T, 1,
                            lambda: chunk_gated_delta_rule(leaves["q"], leaves["k"], leaves["v"], leaves["g"],
                                                           leaves["beta"], scale=scale)[0], list(leaves.values()))
-            del x, leaves
+            x = leaves = None
             torch.cuda.empty_cache()
         qa = torch.randn(B, 16, T, 128, device=dev, dtype=dtype, requires_grad=True)
         ka, va = torch.randn_like(qa).requires_grad_(), torch.randn_like(qa).requires_grad_()
         record("sdpa-flash-causal", "attention", T, "-",
                lambda: torch.nn.functional.scaled_dot_product_attention(qa, ka, va, is_causal=True), [qa, ka, va])
-        del qa, ka, va
+        qa = ka = va = None
         torch.cuda.empty_cache()
     return data
 

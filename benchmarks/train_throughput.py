@@ -34,12 +34,12 @@ def worker(args) -> None:
     """One config, in this process (under torchrun with --gpus > 1): prints one JSON line."""
     import torch
 
-    from dla.models import DLAForCausalLM
-    from experiments.paper.recipe import load, model_config
-    from dla.train.distributed import enable_activation_checkpointing, init_runtime, shutdown, wrap_model
-    from dla.train.optim import build_optimizer
-    from dla.train.loop import grad_clip, lm_loss
     from dla.data import Batch
+    from dla.models import DLAForCausalLM
+    from dla.train.distributed import enable_activation_checkpointing, init_runtime, shutdown, wrap_model
+    from dla.train.loop import grad_clip, lm_loss
+    from dla.train.optim import build_optimizer
+    from experiments.paper.recipe import load, model_config
 
     built = time.perf_counter()
     cfg = load(args.worker)
@@ -186,7 +186,8 @@ def estimate(path: Path, tokens: float = 50e9, gpus: int = 8) -> str:
     assuming per-GPU throughput scales as measured (the 2-GPU FSDP2 rows' efficiency when present,
     else perfectly). Used to fill the estimate section of docs/reproduce.md."""
     rows = [r for r in json.loads(Path(path).read_text())["rows"] if "error" not in r]
-    lines = [f"| config | GPUs measured | tokens/s per GPU | peak GiB | days for {tokens / 1e9:g}B tokens on {gpus} GPUs |",
+    lines = [f"| config | GPUs measured | tokens/s per GPU | peak GiB "
+             f"| days for {tokens / 1e9:g}B tokens on {gpus} GPUs |",
              "|---|---|---|---|---|"]
     for r in rows:
         per_gpu = r["tokens_per_s_per_gpu"]

@@ -154,7 +154,7 @@ def plot_cache(report: dict, path: Path) -> Path | None:
             start = head["segment_start"].float()
             image = torch.where(start >= 0, torch.remainder(start * 7.0, 20.0), torch.nan)  # tab20 colours
             ax.imshow(image.numpy(), cmap="tab20", vmin=0, vmax=20, interpolation="nearest")
-            for k, (name, positions) in enumerate(regions):  # one row of ticks per region, under the map
+            for k, (_, positions) in enumerate(regions):  # one row of ticks per region, under the map
                 ax.plot(positions, [T + 0.04 * T * (k + 1)] * len(positions), "|", color=REGION_COLOURS[k],
                         markersize=3)
             ax.set_ylim(T * (1 + 0.04 * (len(regions) + 1)) if regions else T - 0.5, -0.5)

@@ -36,17 +36,36 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps-scale", type=float, default=1.0, help="multiply every run's steps by F (e.g. 0.25)")
     p.add_argument("--only", nargs="+", metavar="PATTERN", help="runs whose name matches a glob or contains it")
     p.add_argument("--time-budget", type=float, metavar="SECONDS", help="start no run that would end after this")
-    p.add_argument("--pause-after", type=parse_duration, metavar="TIME", help="after this (e.g. 3h50m, 500), runs "
-                   "still training save a checkpoint in --work-dir and stop; the same command resumes them")
-    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="extra overrides for every run "
-                   "(finished runs are not redone: use a fresh --results dir)")
-    p.add_argument("--eval-set", nargs="+", default=[], metavar="KEY=VALUE", help="change the eval section "
-                   "(e.g. examples=4 windows=1 for a smoke test)")
+    p.add_argument(
+        "--pause-after",
+        type=parse_duration,
+        metavar="TIME",
+        help="after this (e.g. 3h50m, 500), runs "
+        "still training save a checkpoint in --work-dir and stop; the same command resumes them",
+    )
+    p.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra overrides for every run (finished runs are not redone: use a fresh --results dir)",
+    )
+    p.add_argument(
+        "--eval-set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change the eval section (e.g. examples=4 windows=1 for a smoke test)",
+    )
     p.add_argument("--results", default=str(ROOT / "experiments" / "results"), metavar="DIR")
     p.add_argument("--work-dir", default=str(ROOT / "runs" / "sweeps"), metavar="DIR", help="scratch checkpoints")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep each run's checkpoint (for dla inspect)")
-    p.add_argument("--docs", default=str(ROOT / "docs" / "results.md"), metavar="FILE", help="the results page whose "
-                   "generated block for the experiment is updated")
+    p.add_argument(
+        "--docs",
+        default=str(ROOT / "docs" / "results.md"),
+        metavar="FILE",
+        help="the results page whose generated block for the experiment is updated",
+    )
     p.add_argument("--aggregate-only", action="store_true", help="train nothing; rebuild tables, plot, docs")
     p.add_argument("--list", action="store_true", help="print the runs of the grid and exit")
     args = p.parse_args(argv)
@@ -68,10 +87,21 @@ def main(argv: list[str] | None = None) -> int:
             if args.aggregate_only:
                 aggregate(exp, Path(args.results) / exp.name, Path(args.docs))
                 continue
-            run_sweep(path, Path(args.results), Path(args.work_dir), device, args.workers, args.steps_scale,
-                      args.only, None if args.time_budget is None else args.time_budget - (time.time() - started),
-                      args.set, args.keep_checkpoints, Path(args.docs), args.eval_set,
-                      None if args.pause_after is None else args.pause_after - (time.time() - started))
+            run_sweep(
+                path,
+                Path(args.results),
+                Path(args.work_dir),
+                device,
+                args.workers,
+                args.steps_scale,
+                args.only,
+                None if args.time_budget is None else args.time_budget - (time.time() - started),
+                args.set,
+                args.keep_checkpoints,
+                Path(args.docs),
+                args.eval_set,
+                None if args.pause_after is None else args.pause_after - (time.time() - started),
+            )
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

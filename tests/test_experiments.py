@@ -71,7 +71,8 @@ def test_sweep_end_to_end_and_resumes(tiny, tmp_path, capsys):
     for path in runs:
         data = json.loads(path.read_text())
         assert data["status"] == "done" and data["steps"] == 3 and 0 <= data["metric"] <= 1
-        assert [r["num_kv_pairs"] for r in data["eval"]] == [2, 4] and all(0 <= r["accuracy"] <= 1 for r in data["eval"])
+        assert [r["num_kv_pairs"] for r in data["eval"]] == [2, 4]
+        assert all(0 <= r["accuracy"] <= 1 for r in data["eval"])
         assert data["params"] > 0 and data["seconds"] > 0 and data["config"]["optim"]["lr"] in (1e-3, 3e-3)
         (layer,) = data["boundaries"]  # where its one DLA layer opened states on held-out examples
         assert layer["policy"] == "dynamic" and layer["regions"]["kv_pairs"]["tokens"] == pytest.approx(8 / 32)

@@ -4,9 +4,9 @@ interpreter (tiny shapes); on a GPU the same tests check the compiled kernels.""
 
 import pytest
 import torch
+from conftest import BASES, FAST_DECAY, SLOW_DECAY, grads, make_case, rel_err
 
 import dla
-from conftest import BASES, FAST_DECAY, SLOW_DECAY, grads, make_case, rel_err
 
 pytest.importorskip("triton", reason="triton is not installed")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

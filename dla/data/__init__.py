@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from dla.data.batch import IGNORE_INDEX, Batch, batch_generator
-from dla.data.synthetic import MQAR, TASKS, Needle, SyntheticDataset
 from dla.data.stream import StreamingTextDataset
+from dla.data.synthetic import MQAR, TASKS, Needle, SyntheticDataset
 from dla.data.text import TextConfig, TextDataset, read_documents
 from dla.data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer, text_tokenizer
 from dla.errors import ConfigError

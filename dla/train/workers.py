@@ -12,8 +12,9 @@ import statistics
 import time
 
 
-def run_parallel(fn, jobs: list[tuple], workers: int, threads: int, deadline: float | None = None,
-                 start_until: float | None = None):
+def run_parallel(
+    fn, jobs: list[tuple], workers: int, threads: int, deadline: float | None = None, start_until: float | None = None
+):
     """Call ``fn(*job, threads)`` for every job, ``workers`` at a time, each worker a separate
     (spawned, long-lived) process; ``workers == 1`` runs them here. Yields ``(job, result)`` in
     the order they finish. With a ``deadline`` (``time.time()`` seconds) no job is started that

@@ -6,5 +6,15 @@ from experiments.sweep.grid import Experiment, Run, load_experiment, run_config,
 from experiments.sweep.report import aggregate, boundary_table, finished_runs, heatmap_layout
 from experiments.sweep.runner import run_sweep
 
-__all__ = ["Experiment", "Run", "aggregate", "boundary_table", "finished_runs", "heatmap_layout", "load_experiment",
-           "run_config", "run_sweep", "select_runs"]
+__all__ = [
+    "Experiment",
+    "Run",
+    "aggregate",
+    "boundary_table",
+    "finished_runs",
+    "heatmap_layout",
+    "load_experiment",
+    "run_config",
+    "run_sweep",
+    "select_runs",
+]

@@ -99,7 +99,14 @@ def load_experiment(path: str | Path, eval_overrides: list[str] = ()) -> Experim
         ev[key] = json.loads(value) if value.startswith("[") else parse_scalar(value)
     if ev.get("task") not in TASKS:
         raise ConfigError(f"{path}: eval.task must be one of {TASKS}, got {ev.get('task')!r}")
-    report = {"rows": next(iter(axes)), "cols": None, "select": None, "average": None, "panels": [], **raw.get("report", {})}
+    report = {
+        "rows": next(iter(axes)),
+        "cols": None,
+        "select": None,
+        "average": None,
+        "panels": [],
+        **raw.get("report", {}),
+    }
     exp = Experiment(raw["name"], path, raw["base"], axes, ev, report, raw.get("description", ""))
     checked: set = set()
     for combo in itertools.product(*(choices.items() for choices in axes.values())):
@@ -127,19 +134,23 @@ def check_model(cfg, checked: set) -> None:
     except (TypeError, ValueError) as e:
         raise ConfigError(f"model: {e} (model section {cfg.model})") from e
     if cfg.data.seq_len > config.max_position_embeddings:
-        raise ConfigError(f"data.seq_len = {cfg.data.seq_len} > model.max_position_embeddings = "
-                          f"{config.max_position_embeddings}")
+        raise ConfigError(
+            f"data.seq_len = {cfg.data.seq_len} > model.max_position_embeddings = {config.max_position_embeddings}"
+        )
     checked.add(key)
 
 
-def run_config(exp: Experiment, run: Run, work_dir: Path, device: str, steps_scale: float = 1.0,
-               extra: list[str] = ()):
+def run_config(exp: Experiment, run: Run, work_dir: Path, device: str, steps_scale: float = 1.0, extra: list[str] = ()):
     """The :class:`TrainConfig` of one run: base + axis overrides + ``extra``, scaled steps, and
     an out_dir under ``work_dir``."""
     from dla.train.config import config_from_dict
 
-    cfg = config_from_dict(exp.base, run.overrides + list(extra) + [
-        f"out_dir={work_dir / run.name}", f"device={device}", "checkpoint_every=0", "keep_checkpoints=1"])
+    cfg = config_from_dict(
+        exp.base,
+        run.overrides
+        + list(extra)
+        + [f"out_dir={work_dir / run.name}", f"device={device}", "checkpoint_every=0", "keep_checkpoints=1"],
+    )
     if steps_scale != 1.0:
         cfg.steps = max(1, round(cfg.steps * steps_scale))
         cfg.optim.warmup_steps = min(cfg.optim.warmup_steps, max(1, cfg.steps // 10))
@@ -148,10 +159,7 @@ def run_config(exp: Experiment, run: Run, work_dir: Path, device: str, steps_sca
     return cfg
 
 
-
 def select_runs(exp: Experiment, only: list[str] | None) -> list[Run]:
     if not only:
         return exp.runs
     return [r for r in exp.runs if any(fnmatch.fnmatch(r.name, p) or p in r.name for p in only)]
-
-

@@ -60,11 +60,17 @@ def aggregate(exp: Experiment, results_dir: Path, docs: Path | None = None) -> d
         best = (min if lower_is_better else max)(means, key=means.get)
         chosen = by_select[best]
         values = [r["metric"] for r in chosen]
-        entry = {**dict(zip(group_axes, key)), "best_" + (rep["select"] or "choice"): best, "mean": means[best],
-                 "std": statistics.pstdev(values) if len(values) > 1 else 0.0, "n": len(values),
-                 "by_" + (rep["select"] or "choice"): means, "runs": [r["run"] for r in chosen],
-                 "params": chosen[0].get("params"), "train_seconds": statistics.fmean(r.get("train_seconds", 0)
-                                                                                      for r in chosen)}
+        entry = {
+            **dict(zip(group_axes, key)),
+            "best_" + (rep["select"] or "choice"): best,
+            "mean": means[best],
+            "std": statistics.pstdev(values) if len(values) > 1 else 0.0,
+            "n": len(values),
+            "by_" + (rep["select"] or "choice"): means,
+            "runs": [r["run"] for r in chosen],
+            "params": chosen[0].get("params"),
+            "train_seconds": statistics.fmean(r.get("train_seconds", 0) for r in chosen),
+        }
         if exp.eval["task"] == "text":
             entry["perplexity"] = math.exp(entry["mean"])
         entry["detail"] = mean_detail(exp.eval["task"], chosen)
@@ -72,20 +78,33 @@ def aggregate(exp: Experiment, results_dir: Path, docs: Path | None = None) -> d
         entries.append(entry)
     order = {a: list(exp.axes[a]) for a in group_axes}
     entries.sort(key=lambda e: [order[a].index(e[a]) for a in group_axes])
-    summary = {"experiment": exp.name, "description": exp.description, "task": exp.eval["task"],
-               "metric": "mean validation loss (nats/token), lower is better" if lower_is_better
-               else "accuracy (mean over the eval cells), higher is better",
-               "grid_runs": len(exp.runs), "finished_runs": len(runs), "entries": entries,
-               "commits": sorted({r.get("commit", "unknown") for r in runs}),
-               "devices": sorted({r.get("device", "?") for r in runs}),
-               "run_seconds": sum(r.get("seconds", 0) for r in runs)}
+    summary = {
+        "experiment": exp.name,
+        "description": exp.description,
+        "task": exp.eval["task"],
+        "metric": "mean validation loss (nats/token), lower is better"
+        if lower_is_better
+        else "accuracy (mean over the eval cells), higher is better",
+        "grid_runs": len(exp.runs),
+        "finished_runs": len(runs),
+        "entries": entries,
+        "commits": sorted({r.get("commit", "unknown") for r in runs}),
+        "devices": sorted({r.get("device", "?") for r in runs}),
+        "run_seconds": sum(r.get("seconds", 0) for r in runs),
+    }
     results_dir.mkdir(parents=True, exist_ok=True)
     write_json(results_dir / "results.json", summary)
     tables = (markdown_tables(exp, entries, group_axes), boundary_table(exp, entries, group_axes))
     table = "\n\n".join(t for t in tables if t)
     (results_dir / "table.md").write_text(table + "\n")
-    pngs = [plot(exp, entries, group_axes, results_dir / f"{exp.name}.png"),
-            plot_curves(exp, entries, finished, results_dir / f"{exp.name}_curves.png")] if entries else []
+    pngs = (
+        [
+            plot(exp, entries, group_axes, results_dir / f"{exp.name}.png"),
+            plot_curves(exp, entries, finished, results_dir / f"{exp.name}_curves.png"),
+        ]
+        if entries
+        else []
+    )
     if docs is not None:
         update_results_md(docs, exp, summary, table, [p for p in pngs if p is not None], results_dir)
     print(table)
@@ -110,11 +129,18 @@ def mean_detail(task: str, runs: list[dict]):
             if acc is not None:
                 cells.setdefault(i, []).append(acc)
             if "token_accuracy" in row:  # needle: per value token
-                per_token = r["eval"][i]["token_accuracy"] if r["status"] == "done" else [0.0] * len(row["token_accuracy"])
+                per_token = (
+                    r["eval"][i]["token_accuracy"] if r["status"] == "done" else [0.0] * len(row["token_accuracy"])
+                )
                 tokens.setdefault(i, []).append(per_token)
-    return [{**{k: row[k] for k in keys}, "accuracy": statistics.fmean(cells[i]) if i in cells else None,
-             **({"token_accuracy": mean_per_token(tokens[i])} if i in tokens else {})}
-            for i, row in enumerate(done[0]["eval"])]
+    return [
+        {
+            **{k: row[k] for k in keys},
+            "accuracy": statistics.fmean(cells[i]) if i in cells else None,
+            **({"token_accuracy": mean_per_token(tokens[i])} if i in tokens else {}),
+        }
+        for i, row in enumerate(done[0]["eval"])
+    ]
 
 
 def mean_boundaries(runs: list[dict]) -> list[dict] | None:
@@ -128,9 +154,14 @@ def mean_boundaries(runs: list[dict]) -> list[dict] | None:
         region = next(iter(first["regions"]), None)
         shares = [p[i]["regions"][region]["births"] for p in probes] if region else []
         shares = [v for v in shares if v is not None]
-        layers.append({"births_per_100_tokens": statistics.fmean(p[i]["births_per_100_tokens"] for p in probes),
-                       "region": region, "region_tokens": first["regions"][region]["tokens"] if region else None,
-                       "region_births": statistics.fmean(shares) if shares else None})
+        layers.append(
+            {
+                "births_per_100_tokens": statistics.fmean(p[i]["births_per_100_tokens"] for p in probes),
+                "region": region,
+                "region_tokens": first["regions"][region]["tokens"] if region else None,
+                "region_births": statistics.fmean(shares) if shares else None,
+            }
+        )
     return layers
 
 
@@ -148,19 +179,32 @@ def boundary_table(exp: Experiment, entries: list[dict], group_axes: list[str]) 
         if not part:
             continue
         first = part[0]["boundaries"][0]  # the region's share of the tokens is the task's (per table)
-        lines = [f"**{exp.name}: where the DLA layers open states** {label} (held-out examples, best "
-                 f"{exp.report['select'] or 'run'} per cell; per layer, first to last: states opened per 100 tokens"
-                 + (f", and in parentheses the share of them inside the {first['region']} region, which holds "
-                    f"{_percent(first['region_tokens'])} of the tokens)" if first["region"] else ")"), "",
-                 f"| {rows} | " + " | ".join(str(c or "result") for c in col_values) + " |",
-                 "|---" * (len(col_values) + 1) + "|"]
+        lines = [
+            f"**{exp.name}: where the DLA layers open states** {label} (held-out examples, best "
+            f"{exp.report['select'] or 'run'} per cell; per layer, first to last: states opened per 100 tokens"
+            + (
+                f", and in parentheses the share of them inside the {first['region']} region, which holds "
+                f"{_percent(first['region_tokens'])} of the tokens)"
+                if first["region"]
+                else ")"
+            ),
+            "",
+            f"| {rows} | " + " | ".join(str(c or "result") for c in col_values) + " |",
+            "|---" * (len(col_values) + 1) + "|",
+        ]
         for rv in exp.axes[rows]:
             cells = []
             for cv in col_values:
                 entry = cell_entry(part, rows, rv, cols, cv)
-                cells.append(" / ".join(f"{layer['births_per_100_tokens']:.1f}" + (
-                    f" ({_percent(layer['region_births'])})" if layer["region_births"] is not None else "")
-                    for layer in entry["boundaries"]) if entry else "–")
+                cells.append(
+                    " / ".join(
+                        f"{layer['births_per_100_tokens']:.1f}"
+                        + (f" ({_percent(layer['region_births'])})" if layer["region_births"] is not None else "")
+                        for layer in entry["boundaries"]
+                    )
+                    if entry
+                    else "–"
+                )
             if any(c != "–" for c in cells):
                 lines.append(f"| {rv} | " + " | ".join(cells) + " |")
         if len(lines) > 4:
@@ -176,8 +220,12 @@ def _percent(share: float) -> str:
 
 def _fmt(entry: dict, task: str) -> str:
     if task == "text":
-        return f"{entry['mean']:.3f} (ppl {entry['perplexity']:.2f})" + (f" ±{entry['std']:.3f}" if entry["n"] > 1 else "")
-    return f"{100 * entry['mean']:.1f}" + (f" ±{100 * entry['std']:.1f}" if entry["n"] > 1 else "") + f" (n={entry['n']})"
+        return f"{entry['mean']:.3f} (ppl {entry['perplexity']:.2f})" + (
+            f" ±{entry['std']:.3f}" if entry["n"] > 1 else ""
+        )
+    return (
+        f"{100 * entry['mean']:.1f}" + (f" ±{100 * entry['std']:.1f}" if entry["n"] > 1 else "") + f" (n={entry['n']})"
+    )
 
 
 def cell_entry(entries: list[dict], rows: str, row_value, cols: str | None, col_value) -> dict | None:
@@ -190,8 +238,10 @@ def table_parts(exp: Experiment, entries: list[dict], group_axes: list[str]):
     table each."""
     rest = [a for a in group_axes if a not in (exp.report["rows"], exp.report["cols"])]
     for combo in itertools.product(*(list(exp.axes[a]) for a in rest)):
-        yield (" ".join(f"{a}={v}" for a, v in zip(rest, combo)),
-               [e for e in entries if all(e[a] == v for a, v in zip(rest, combo))])
+        yield (
+            " ".join(f"{a}={v}" for a, v in zip(rest, combo)),
+            [e for e in entries if all(e[a] == v for a, v in zip(rest, combo))],
+        )
 
 
 def markdown_tables(exp: Experiment, entries: list[dict], group_axes: list[str]) -> str:
@@ -209,12 +259,19 @@ def markdown_tables(exp: Experiment, entries: list[dict], group_axes: list[str])
         lengths = [] if task != "needle" or cols else sorted({n for n in exp.eval.get("lengths", [])})
         per_token = bool(lengths) and any("token_accuracy" in c for e in part if e["detail"] for c in e["detail"])
         header = col_values + [f"len {n}" for n in lengths] + (["per value token"] if per_token else [])
-        lines = [title + (" -- the len columns: mean over depths" if lengths else "")
-                 + ("; per value token: % of each token right, first to last, mean over all cells" if per_token else ""),
-                 "", f"| {rows} | " + " | ".join(header) + " |", "|---" * (len(header) + 1) + "|"]
+        lines = [
+            title
+            + (" -- the len columns: mean over depths" if lengths else "")
+            + ("; per value token: % of each token right, first to last, mean over all cells" if per_token else ""),
+            "",
+            f"| {rows} | " + " | ".join(header) + " |",
+            "|---" * (len(header) + 1) + "|",
+        ]
         for rv in exp.axes[rows]:
             match = [e for e in part if e[rows] == rv and e["detail"]]
-            by_length = [[c["accuracy"] for c in match[0]["detail"] if c["seq_len"] == n] if match else [] for n in lengths]
+            by_length = [
+                [c["accuracy"] for c in match[0]["detail"] if c["seq_len"] == n] if match else [] for n in lengths
+            ]
             extra = [f"{100 * statistics.fmean(v):.1f}" if v else "–" for v in by_length]
             if per_token:
                 token_rows = [c["token_accuracy"] for c in match[0]["detail"] if "token_accuracy" in c] if match else []
@@ -266,12 +323,22 @@ def plot(exp: Experiment, entries: list[dict], group_axes: list[str], path: Path
                 continue
             lengths = sorted({c["seq_len"] for c in e["detail"]})
             depths = sorted({c["depth"] for c in e["detail"]})
-            grid = [[next(c["accuracy"] for c in e["detail"] if c["depth"] == d and c["seq_len"] == n)
-                     for n in lengths] for d in depths]
+            grid = [
+                [next(c["accuracy"] for c in e["detail"] if c["depth"] == d and c["seq_len"] == n) for n in lengths]
+                for d in depths
+            ]
             figure_row = " ".join(str(e[a]) for a in others)
             ylabel = ((f"{figure_row}\n" if figure_row else "") + "depth") if j == 0 else ""
-            image = draw_heatmap(ax, grid, depths, [f"{n // 1024}K" if n % 1024 == 0 else n for n in lengths],
-                                 str(e[rows]), "length" if i == nrows - 1 else "", ylabel, fontsize=7)
+            image = draw_heatmap(
+                ax,
+                grid,
+                depths,
+                [f"{n // 1024}K" if n % 1024 == 0 else n for n in lengths],
+                str(e[rows]),
+                "length" if i == nrows - 1 else "",
+                ylabel,
+                fontsize=7,
+            )
             ax.tick_params(labelleft=j == 0)  # the depths are the same in every panel of a row
         fig.colorbar(image, ax=axes, label="accuracy", shrink=0.8)
         return save(fig, path, tight=False)
@@ -288,7 +355,9 @@ def plot(exp: Experiment, entries: list[dict], group_axes: list[str], path: Path
             if task == "text":
                 for e in mine:
                     if e["detail"]:
-                        ax.plot(*zip(*e["detail"]), label=" ".join(str(e[a]) for a in group_axes if a != rows) + f" {rv}")
+                        ax.plot(
+                            *zip(*e["detail"]), label=" ".join(str(e[a]) for a in group_axes if a != rows) + f" {rv}"
+                        )
                 continue
             by_rest: dict[tuple, list] = {}
             for e in mine:
@@ -355,9 +424,14 @@ def plot_curves(exp: Experiment, entries: list[dict], finished: dict[str, dict],
                 continue
             batch = run["config"]["batch_size"]
             steps, losses = zip(*run["curve"])
-            ax.plot([s * batch for s in steps], losses, label=" ".join(
-                [str(e[a]) for a in e if a in exp.axes and a not in (select, rep["average"])]
-                + ([str(e["best_" + select])] if select else [])))
+            ax.plot(
+                [s * batch for s in steps],
+                losses,
+                label=" ".join(
+                    [str(e[a]) for a in e if a in exp.axes and a not in (select, rep["average"])]
+                    + ([str(e["best_" + select])] if select else [])
+                ),
+            )
         ax.set(xlabel="sequences seen", ylabel="training loss", title=f"{exp.name}" + (f": {panel}" if panel else ""))
         ax.grid(True, alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
@@ -379,8 +453,14 @@ def bar_plot(plt, exp: Experiment, entries: list[dict], group_axes: list[str], p
     fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(labels) * max(1, len(series))), 4.2))
     for i, (name, by_row) in enumerate(series.items()):
         xs = [j + i * width for j, r in enumerate(labels) if r in by_row]
-        ax.bar(xs, [by_row[r]["mean"] for r in labels if r in by_row], width,
-               yerr=[by_row[r]["std"] for r in labels if r in by_row], capsize=2, label=name)
+        ax.bar(
+            xs,
+            [by_row[r]["mean"] for r in labels if r in by_row],
+            width,
+            yerr=[by_row[r]["std"] for r in labels if r in by_row],
+            capsize=2,
+            label=name,
+        )
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(labels))], labels, rotation=45, ha="right", fontsize=8)
     ax.set(ylabel="accuracy", ylim=(0, 1.02), title=exp.name)
     ax.grid(True, axis="y", alpha=0.3)
@@ -389,8 +469,9 @@ def bar_plot(plt, exp: Experiment, entries: list[dict], group_axes: list[str], p
     return save(fig, path)
 
 
-def update_results_md(path: Path, exp: Experiment, summary: dict, table: str, pngs: list[Path],
-                      results_dir: Path) -> None:
+def update_results_md(
+    path: Path, exp: Experiment, summary: dict, table: str, pngs: list[Path], results_dir: Path
+) -> None:
     """Replace (or add) this experiment's generated block in the results page; text outside the
     blocks (setup, conclusions) is left alone. Paths in the block are relative to the page."""
     from dla.train.metrics import format_duration
@@ -404,14 +485,22 @@ def update_results_md(path: Path, exp: Experiment, summary: dict, table: str, pn
         exp_file = exp.path.resolve().relative_to(path.resolve().parent.parent).as_posix()
     except ValueError:
         exp_file = exp.path.name
-    lines = [begin, f"_{exp.description.strip()}_" if exp.description else "", "",
-             (f"- reproduce: `python experiments/run.py {exp_file} --device cuda --workers W` (repeat until no run "
-              "is left; `--aggregate-only` rebuilds this block from the run files)"),
-             f"- runs finished: {summary['finished_runs']} of {summary['grid_runs']}; "
-             f"device(s): {', '.join(summary['devices']) or '–'}; "
-             f"training and evaluation: {format_duration(summary['run_seconds'])} summed over runs",
-             f"- metric: {summary['metric']}; data: `{rel(results_dir)}/`",
-             "", table or "(no finished runs yet)", ""]
+    lines = [
+        begin,
+        f"_{exp.description.strip()}_" if exp.description else "",
+        "",
+        (
+            f"- reproduce: `python experiments/run.py {exp_file} --device cuda --workers W` (repeat until no run "
+            "is left; `--aggregate-only` rebuilds this block from the run files)"
+        ),
+        f"- runs finished: {summary['finished_runs']} of {summary['grid_runs']}; "
+        f"device(s): {', '.join(summary['devices']) or '–'}; "
+        f"training and evaluation: {format_duration(summary['run_seconds'])} summed over runs",
+        f"- metric: {summary['metric']}; data: `{rel(results_dir)}/`",
+        "",
+        table or "(no finished runs yet)",
+        "",
+    ]
     for png in pngs:
         lines += [f"![{png.stem}]({rel(png)})", ""]
     lines.append(end)
@@ -421,6 +510,8 @@ def update_results_md(path: Path, exp: Experiment, summary: dict, table: str, pn
         head, rest = text.split(begin, 1)
         text = head + block + rest.split(end, 1)[1]
     else:
-        text = text.rstrip("\n") + f"\n\n## {exp.name}\n\n" + block + "\n\n**Conclusion:** (to be written from the data)\n"
+        text = (
+            text.rstrip("\n") + f"\n\n## {exp.name}\n\n" + block + "\n\n**Conclusion:** (to be written from the data)\n"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
