@@ -222,7 +222,7 @@ def test_workers_spread_over_the_visible_gpus(monkeypatch):
         pin_gpu(counter, ["3", "5"])
         seen.append(os.environ["CUDA_VISIBLE_DEVICES"])
     assert seen == ["3", "5", "3"]
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")  # the pin_gpu calls above set it here too
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")  # pin_gpu above set it in this process too
     # os.getenv(name, threads) runs in the worker: it returns that worker's device list
     results = [r for _, r in run_parallel(os.getenv, [("CUDA_VISIBLE_DEVICES",)] * 4, workers=2, threads=1)]
     assert len(results) == 4 and set(results) <= {"3", "5"}
