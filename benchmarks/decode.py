@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -37,7 +38,8 @@ def main():
     copy_ms = do_bench(lambda: big.clone(), warmup=10, rep=50, return_mode="median")
     bandwidth = 2 * big.numel() * 4 / (copy_ms * 1e-3)  # bytes read + written per second
     big = None  # free it before the benchmark
-    rows = {"meta": {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+    rows = {"meta": {"date": time.strftime("%Y-%m-%d"),
+                     "device": torch.cuda.get_device_name(), "torch": torch.__version__,
                      "B": B, "H": H, "K=V": D, "C": C, "copy_bandwidth_GBps": bandwidth / 1e9}}
     state_bytes = B * H * C * D * D * 4
     floor_ms = 2 * state_bytes / bandwidth * 1e3

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import time
 from pathlib import Path
 
 TOKENS = 32768
@@ -65,7 +66,8 @@ def run(args):
     dev = "cuda"
     dtype = torch.bfloat16
     results = []
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+    meta = {"date": time.strftime("%Y-%m-%d"),
+            "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "python": platform.python_version(), "tokens_per_batch": TOKENS, "dtype": "bfloat16",
             "threshold": args.threshold}
     data = {"meta": meta, "results": results}

@@ -48,7 +48,8 @@ def main():
         print(f"{policy:8s} C={s.capacity:<3d} {rows[policy]['seconds']:8.3f} s", flush=True)
     out = Path(__file__).parent / "results" / f"scheduler_{args.device}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"torch": torch.__version__, "device": args.device, "B": B, "H": H, "T": args.length,
+    meta = {"date": time.strftime("%Y-%m-%d"),
+            "torch": torch.__version__, "device": args.device, "B": B, "H": H, "T": args.length,
             "threads": torch.get_num_threads(), "note": "plan_schedule wall time incl. validation"}
     out.write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
 

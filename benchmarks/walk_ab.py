@@ -15,6 +15,7 @@ import argparse
 import importlib.util
 import json
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -78,7 +79,8 @@ def main(argv=None) -> int:
             x = leaves = lam = do = results = None
             torch.cuda.empty_cache()
     if args.out:
-        meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
+        meta = {"date": time.strftime("%Y-%m-%d"),
+                "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
         args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     return 0
 
