@@ -81,7 +81,7 @@ def run(args):
             torch.cuda.empty_cache()
         row.update(extra or {})
         results.append(row)
-        save(data, args.out)  # after every row: a call cut short keeps what it measured
+        save(data, args.out)  # after every row: a run cut short keeps what it measured
         shown = (f"fwd {row['fwd_ms']:8.2f} ms  fwd+bwd {row['fwd_bwd_ms']:8.2f} ms  peak {row['peak_mib']:8.0f} MiB"
                  if "fwd_ms" in row else row["error"][:90])
         print(f"{name:28s} T={T:<6d} C={str(C):4s} {shown}", flush=True)

@@ -6,11 +6,11 @@ packed row of ``seq_len`` tokens per GPU (random tokens, documents of mixed leng
 ``cu_seqlens``), bf16 autocast, AdamW, activation checkpointing as the config says. Results are
 appended to the JSON file after every config, so a run cut short keeps what it measured.
 
-    # one GPU, all paper configs, within ~9 minutes (per-config time budget, progress printed):
+    # one GPU, all paper configs (a time budget per config, progress printed):
     python benchmarks/train_throughput.py --out benchmarks/results/train_throughput_h100.json
     # two GPUs, FSDP2 (each config under torchrun); scaling vs the one-GPU file:
     python benchmarks/train_throughput.py --gpus 2 --baseline benchmarks/results/train_throughput_h100.json \\
-        --out benchmarks/results/train_throughput_2gpu_h100.json
+        --out benchmarks/results/train_throughput_2xh100.json
     # CPU smoke test
     python benchmarks/train_throughput.py --tiny --configs dla_mamba2_780m --out /tmp/tp.json
 """
