@@ -249,3 +249,21 @@ def test_the_library_depends_on_neither_its_command_line_nor_the_experiments():
         if path.name not in ("cli.py", "__main__.py"):
             assert "from dla.cli" not in text and "import dla.cli" not in text, where
         assert "parent.parent" not in text, f"{where} reaches outside the package"
+
+
+def test_the_command_line_trains_lists_and_re_aggregates(tiny, tmp_path, capsys):
+    """experiments/run.py: --list, a sweep on the CPU, then --aggregate-only rebuilds the same
+    table and page from the run files alone."""
+    run_py = importlib.util.spec_from_file_location("run_py", ROOT / "experiments" / "run.py")
+    module = importlib.util.module_from_spec(run_py)
+    run_py.loader.exec_module(module)
+    common = ["--results", str(tmp_path / "results"), "--work-dir", str(tmp_path / "work"),
+              "--docs", str(tmp_path / "results.md")]
+    assert module.main([str(tiny), "--list"]) == 0
+    assert "tiny: 2 of 2 runs" in capsys.readouterr().out
+    assert module.main([str(tiny), "--device", "cpu", *common]) == 0
+    table, page = (tmp_path / "results" / "tiny" / "table.md").read_text(), (tmp_path / "results.md").read_text()
+    assert module.main([str(tiny), "--aggregate-only", *common]) == 0
+    assert (tmp_path / "results" / "tiny" / "table.md").read_text() == table
+    assert (tmp_path / "results.md").read_text() == page
+    assert module.main([str(tmp_path / "missing.yaml"), "--list"]) == 2
