@@ -189,7 +189,8 @@ def main():
             t = timed("chunk")
             summary[name + "/recurrent over chunk time"] = {
                 T: rec[T]["seconds"] / t[T]["seconds"] for T in sorted(rec) if T in t}
-    meta = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
+    meta = {"date": time.strftime("%Y-%m-%d"),
+            "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
             "processor": platform.processor(), "cpus": os.cpu_count(), "threads": 1,
             "shapes": "B=2, H=4, K=V=64, float32, fwd+bwd, dynamic policy (single at C=1)"}
     args.out.parent.mkdir(parents=True, exist_ok=True)

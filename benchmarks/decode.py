@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -36,8 +37,9 @@ def main():
     big = torch.empty(2**28, dtype=torch.float32, device=dev)
     copy_ms = do_bench(lambda: big.clone(), warmup=10, rep=50, return_mode="median")
     bandwidth = 2 * big.numel() * 4 / (copy_ms * 1e-3)  # bytes read + written per second
-    del big
-    rows = {"meta": {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+    big = None  # free it before the benchmark
+    rows = {"meta": {"date": time.strftime("%Y-%m-%d"),
+                     "device": torch.cuda.get_device_name(), "torch": torch.__version__,
                      "B": B, "H": H, "K=V": D, "C": C, "copy_bandwidth_GBps": bandwidth / 1e9}}
     state_bytes = B * H * C * D * D * 4
     floor_ms = 2 * state_bytes / bandwidth * 1e3
@@ -78,7 +80,7 @@ def main():
             ms = do_bench(lambda: F.scaled_dot_product_attention(qd, kc, vc), warmup=10, rep=50, return_mode="median")
             rows[f"sdpa-ctx{ctx}"] = {"ms": ms, "kv_cache_MiB": 2 * kc.numel() * 2 / 2**20}
             print(f"sdpa context {ctx:6d}: {ms:7.3f} ms  kv cache {2 * kc.numel() * 2 / 2**20:8.1f} MiB", flush=True)
-            del kc, vc
+            kc = vc = None
         except torch.OutOfMemoryError:
             rows[f"sdpa-ctx{ctx}"] = {"error": "out of memory"}
         torch.cuda.empty_cache()

@@ -87,9 +87,9 @@ def compile_kernel(kernel, const: dict, num_warps: int, num_stages: int) -> dict
 def compile_walk(kernel, K: int, V: int, C: int, matrix: bool, BV: int, num_warps: int, L: int = 64) -> dict:
     """One of the fused inter-chunk walks (dla/ops/triton/chunk_inter.py) at one shape, with the
     launch's key block (DLA_WALK_KEY_BLOCK applies); both are launched with one stage."""
-    from dla.ops.triton.chunk_inter import _key_block
+    from dla.ops.triton.chunk_inter import key_block
 
-    const = dict(L=L, C=C, K=K, V=V, BV=BV, BK=_key_block(K, matrix), PREC="tf32", MATRIX=matrix)
+    const = dict(L=L, C=C, K=K, V=V, BV=BV, BK=key_block(K, matrix), PREC="tf32", MATRIX=matrix)
     return compile_kernel(kernel, const, num_warps, 1)
 
 
@@ -98,12 +98,12 @@ def compile_decode(K: int, V: int, C: int, delta: bool) -> dict:
     stages (Triton's default, 3)."""
     import triton
 
-    from dla.ops.triton.decode import _decode_kernel, launch_shape
+    from dla.ops.triton.decode import decode_dla_step_kernel, launch_shape
 
     BV, num_warps = launch_shape(K, V, delta)
     return {"BV": BV, "num_warps": num_warps,
-            **compile_kernel(_decode_kernel, dict(C=C, K=K, V=V, KP=triton.next_power_of_2(K), BV=BV, DELTA=delta),
-                             num_warps, 3)}
+            **compile_kernel(decode_dla_step_kernel,
+                             dict(C=C, K=K, V=V, KP=triton.next_power_of_2(K), BV=BV, DELTA=delta), num_warps, 3)}
 
 
 def print_row(r: dict) -> None:
@@ -119,15 +119,20 @@ def main(argv=None) -> int:
     os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp()  # compile from scratch: honest compile times
     import triton
 
-    from dla.ops.triton.chunk_inter import _CONFIGS, _inter_bwd_kernel, _inter_fwd_kernel
+    from dla.ops.triton.chunk_inter import (
+        INTER_FWD_CONFIGS,
+        chunk_dla_inter_bwd_kernel,
+        chunk_dla_inter_fwd_kernel,
+    )
 
     rows = []
     print(f"Triton {triton.__version__}, target sm_90a (compiled on this machine, no GPU needed)")
     print(f"{'shape':40s} {'kernel':4s} {'BV':>3s} {'warps':>5s} {'regs':>5s} {'spill st/ld (B)':>17s} "
           f"{'stack':>6s} {'shared':>7s} {'compile':>8s}")
     for label, K, V, C, matrix in SHAPES:
-        fwd = [(c.kwargs["BV"], c.num_warps) for c in _CONFIGS if c.kwargs["BV"] <= V]
-        for kernel, name, configs in ((_inter_fwd_kernel, "fwd", fwd), (_inter_bwd_kernel, "bwd", [(32, 8)])):
+        fwd = [(c.kwargs["BV"], c.num_warps) for c in INTER_FWD_CONFIGS if c.kwargs["BV"] <= V]
+        kernels = ((chunk_dla_inter_fwd_kernel, "fwd", fwd), (chunk_dla_inter_bwd_kernel, "bwd", [(32, 8)]))
+        for kernel, name, configs in kernels:
             for BV, warps in configs:
                 rows.append({"shape": label, "K": K, "V": V, "C": C, "matrix": matrix, "kernel": name, "BV": BV,
                              "num_warps": warps, **compile_walk(kernel, K, V, C, matrix, BV, warps)})

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import time
 from pathlib import Path
 
 TOKENS = 32768
@@ -65,7 +66,8 @@ def run(args):
     dev = "cuda"
     dtype = torch.bfloat16
     results = []
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+    meta = {"date": time.strftime("%Y-%m-%d"),
+            "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "python": platform.python_version(), "tokens_per_batch": TOKENS, "dtype": "bfloat16",
             "threshold": args.threshold}
     data = {"meta": meta, "results": results}
@@ -79,7 +81,7 @@ def run(args):
             torch.cuda.empty_cache()
         row.update(extra or {})
         results.append(row)
-        save(data, args.out)  # after every row: a call cut short keeps what it measured
+        save(data, args.out)  # after every row: a run cut short keeps what it measured
         shown = (f"fwd {row['fwd_ms']:8.2f} ms  fwd+bwd {row['fwd_bwd_ms']:8.2f} ms  peak {row['peak_mib']:8.0f} MiB"
                  if "fwd_ms" in row else row["error"][:90])
         print(f"{name:28s} T={T:<6d} C={str(C):4s} {shown}", flush=True)
@@ -132,13 +134,13 @@ def run(args):
                     record("fla-chunk_gated_delta_rule", base, T, 1,
                            lambda: chunk_gated_delta_rule(leaves["q"], leaves["k"], leaves["v"], leaves["g"],
                                                           leaves["beta"], scale=scale)[0], list(leaves.values()))
-            del x, leaves
+            x = leaves = None
             torch.cuda.empty_cache()
         qa = torch.randn(B, 16, T, 128, device=dev, dtype=dtype, requires_grad=True)
         ka, va = torch.randn_like(qa).requires_grad_(), torch.randn_like(qa).requires_grad_()
         record("sdpa-flash-causal", "attention", T, "-",
                lambda: torch.nn.functional.scaled_dot_product_attention(qa, ka, va, is_causal=True), [qa, ka, va])
-        del qa, ka, va
+        qa = ka = va = None
         torch.cuda.empty_cache()
     return data
 

@@ -6,10 +6,10 @@
 import argparse
 
 import torch
+from ops import TOKENS, make_inputs
 from torch.profiler import ProfilerActivity, profile
 
 import dla
-from ops import TOKENS, make_inputs
 
 
 def main():

@@ -6,11 +6,11 @@ packed row of ``seq_len`` tokens per GPU (random tokens, documents of mixed leng
 ``cu_seqlens``), bf16 autocast, AdamW, activation checkpointing as the config says. Results are
 appended to the JSON file after every config, so a run cut short keeps what it measured.
 
-    # one GPU, all paper configs, within ~9 minutes (per-config time budget, progress printed):
+    # one GPU, all paper configs (a time budget per config, progress printed):
     python benchmarks/train_throughput.py --out benchmarks/results/train_throughput_h100.json
     # two GPUs, FSDP2 (each config under torchrun); scaling vs the one-GPU file:
     python benchmarks/train_throughput.py --gpus 2 --baseline benchmarks/results/train_throughput_h100.json \\
-        --out benchmarks/results/train_throughput_2gpu_h100.json
+        --out benchmarks/results/train_throughput_2xh100.json
     # CPU smoke test
     python benchmarks/train_throughput.py --tiny --configs dla_mamba2_780m --out /tmp/tp.json
 """
@@ -34,12 +34,12 @@ def worker(args) -> None:
     """One config, in this process (under torchrun with --gpus > 1): prints one JSON line."""
     import torch
 
-    from dla.models import DLAForCausalLM
-    from dla.paper import load, model_config
-    from dla.train.distributed import enable_activation_checkpointing, init_runtime, shutdown, wrap_model
-    from dla.train.optim import build_optimizer
-    from dla.train.loop import grad_clip, lm_loss
     from dla.data import Batch
+    from dla.models import DLAForCausalLM
+    from dla.train.distributed import enable_activation_checkpointing, init_runtime, shutdown, wrap_model
+    from dla.train.loop import grad_clip, lm_loss
+    from dla.train.optim import build_optimizer
+    from experiments.paper.recipe import load, model_config
 
     built = time.perf_counter()
     cfg = load(args.worker)
@@ -186,7 +186,8 @@ def estimate(path: Path, tokens: float = 50e9, gpus: int = 8) -> str:
     assuming per-GPU throughput scales as measured (the 2-GPU FSDP2 rows' efficiency when present,
     else perfectly). Used to fill the estimate section of docs/reproduce.md."""
     rows = [r for r in json.loads(Path(path).read_text())["rows"] if "error" not in r]
-    lines = [f"| config | GPUs measured | tokens/s per GPU | peak GiB | days for {tokens / 1e9:g}B tokens on {gpus} GPUs |",
+    lines = [f"| config | GPUs measured | tokens/s per GPU | peak GiB "
+             f"| days for {tokens / 1e9:g}B tokens on {gpus} GPUs |",
              "|---|---|---|---|---|"]
     for r in rows:
         per_gpu = r["tokens_per_s_per_gpu"]
@@ -223,7 +224,7 @@ def main(argv=None) -> int:
     if args.estimate:
         print(estimate(args.estimate, args.tokens, args.estimate_gpus), end="")
         return 0
-    from dla.paper import paper_configs
+    from experiments.paper.recipe import paper_configs
 
     names = args.configs or paper_configs()
     start, rows = time.perf_counter(), []

@@ -15,6 +15,7 @@ import argparse
 import importlib.util
 import json
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -75,10 +76,11 @@ def main(argv=None) -> int:
                 print(f"{base:15s} T={T:<6d} C={args.capacity:<3d} fwd {fwd:8.2f} ms  fwd+bwd {both:8.2f} ms  "
                       f"peak {peak:7.0f} MiB  max rel err {row['rel_err_vs_this_tree']:.1e}  {name}", flush=True)
             chunk_inter.fused_inter = versions["this tree"]
-            del x, leaves, lam, do, results
+            x = leaves = lam = do = results = None
             torch.cuda.empty_cache()
     if args.out:
-        meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
+        meta = {"date": time.strftime("%Y-%m-%d"),
+                "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
         args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     return 0
 

@@ -9,7 +9,8 @@ from dla.schedule import NEVER, NONE, POLICIES, Schedule, SegmentState, novelty_
 
 __version__ = "0.1.0"
 
-__all__ = ["DLAState", "chunk_dla", "NEVER", "NONE", "POLICIES", "Schedule", "SegmentState", "naive_dla", "novelty_scores",
+__all__ = ["DLAState", "chunk_dla", "NEVER", "NONE", "POLICIES", "Schedule", "SegmentState", "naive_dla",
+           "novelty_scores",
            "plan_schedule", "recurrent_dla"]
 
 # Token-mixer layers (torch only) and the Hugging Face models (transformers): `import dla` keeps
@@ -20,8 +21,8 @@ from dla.layers import DLAGatedDeltaNet, DLAMamba2, PolicyConfig, count_paramete
 __all__ += ["DLAGatedDeltaNet", "DLAMamba2", "PolicyConfig", "count_parameters"]
 _MODEL_NAMES = ("DLACache", "DLAConfig", "DLAForCausalLM", "DLAModel", "generate")
 try:
-    from dla.models import DLACache, DLAConfig, DLAForCausalLM, DLAModel  # noqa: E402
-    from dla.generation import generate  # noqa: E402
+    from dla.generation import generate  # noqa: E402, F401 (re-exported)
+    from dla.models import DLACache, DLAConfig, DLAForCausalLM, DLAModel  # noqa: E402, F401 (re-exported)
     __all__ += list(_MODEL_NAMES)
 except ImportError as error:
     _models_error = error

@@ -28,7 +28,7 @@ VARIANTS = {
     "attention": {"mixer": "attention"},
 }
 WARMUP_TOKENS = 3
-BENCHMARKS_DIR = Path(__file__).resolve().parent.parent / "benchmarks"  # present in a source checkout
+BENCHMARKS_DIR = Path("benchmarks")  # the repository's benchmarks/: dla bench run from a source checkout
 
 
 def synchronize(device: torch.device) -> None:
@@ -93,8 +93,8 @@ def plot_decoding(rows: list[dict], path: Path) -> Path | None:
 
 
 def op_benchmarks(out: Path, quick: bool, device: torch.device) -> list[Path]:
-    """Run ``benchmarks/cpu_scaling.py`` (CPU) or ``benchmarks/ops.py`` (GPU) when this is a
-    source checkout that has them; their JSON and PNG go to ``out``."""
+    """Run ``benchmarks/cpu_scaling.py`` (CPU) or ``benchmarks/ops.py`` (GPU) when the working
+    directory is a source checkout that has them; their JSON and PNG go to ``out``."""
     script = BENCHMARKS_DIR / ("ops.py" if device.type == "cuda" else "cpu_scaling.py")
     if not script.is_file():
         print(f"note: {script} is not here (not a source checkout), skipping the op benchmarks", file=sys.stderr)

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from dla.cpu_allocator import keep_freed_memory
+from dla.data.tokenizer import text_tokenizer
 from dla.errors import UserError
 from dla.train.config import key_names
 from dla.train.metrics import parse_duration
@@ -113,18 +114,6 @@ def cmd_eval(args) -> int:
                                  args.batch_size, device)["files"]
     print("wrote " + ", ".join(str(f) for f in files))
     return 0
-
-
-def text_tokenizer(tokenizer, model):
-    """The checkpoint's tokenizer, else the byte tokenizer when the vocabulary can hold it."""
-    from dla.data import ByteTokenizer
-
-    if tokenizer is not None:
-        return tokenizer
-    if model.config.vocab_size >= ByteTokenizer.vocab_size:
-        return ByteTokenizer()
-    raise UserError(f"the checkpoint has no tokenizer and its vocabulary ({model.config.vocab_size} tokens) is too "
-                    "small for bytes: it was trained on a synthetic task (use --mqar / --needle or --synthetic)")
 
 
 # ----------------------------------------------------------------------------- inspect

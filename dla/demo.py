@@ -18,9 +18,9 @@ import torch
 
 from dla.eval.recall import format_grid, mqar_accuracy
 from dla.plots import pyplot, save
-from dla.sweep import run_parallel
 from dla.train.config import TrainConfig, load_config
 from dla.train.metrics import format_duration, read_metrics
+from dla.train.workers import run_parallel
 
 # sizes that train in about 10 minutes on 2 CPU cores; a GPU trains the same task longer, on
 # bigger batches. Models are trained at seq_len and evaluated up to max_len (twice as long:
@@ -31,7 +31,7 @@ PRESETS = {
             "threshold": 0.6, "eval_pairs": [4, 8, 16, 24]},
 }
 PRESETS["cuda"] = {**PRESETS["cpu"], "steps": 3000, "batch_size": 64}
-POLICIES = ("dynamic", "fenwick", "fixed", "single")
+SHOWN = ("dynamic", "fenwick", "fixed", "single")  # the policies the demo trains, in the order it shows them
 
 
 def demo_config(policy: str, preset: dict, seed: int, out: Path, device: str) -> TrainConfig:
@@ -73,7 +73,7 @@ def train_and_evaluate(policy: str, preset: dict, seed: int, out: Path, device: 
 
 
 def run_demo(out: Path, device: torch.device, seed: int = 0, steps: int | None = None,
-             policies: list[str] = POLICIES, workers: int | None = None) -> list[dict]:
+             policies: list[str] = SHOWN, workers: int | None = None) -> list[dict]:
     preset = dict(PRESETS["cuda" if device.type == "cuda" else "cpu"])
     if steps is not None:
         preset["steps"] = steps

@@ -96,7 +96,8 @@ def final_segments(schedule, head: int) -> list[dict]:
     """The segments cached after the text, newest first: start, length, summed information Ī and its
     density Ī / n (what the ``density`` merge rule compares), for one head of a ``[1, H, T]`` schedule."""
     final = schedule.final
-    starts, info, lengths = final.starts[0, head].tolist(), final.info[0, head].tolist(), final.lengths[0, head].tolist()
+    starts, info = final.starts[0, head].tolist(), final.info[0, head].tolist()
+    lengths = final.lengths[0, head].tolist()
     return [{"start": a, "length": n, "information": i, "density": i / n if n else None}
             for a, n, i in zip(starts, lengths, info) if a >= 0]
 
@@ -168,7 +169,7 @@ def plot_cache(report: dict, path: Path) -> Path | None:
             start = head["segment_start"].float()
             image = torch.where(start >= 0, torch.remainder(start * 7.0, 20.0), torch.nan)  # tab20 colours
             ax.imshow(image.numpy(), cmap="tab20", vmin=0, vmax=20, interpolation="nearest")
-            for k, (name, positions) in enumerate(regions):  # one row of ticks per region, under the map
+            for k, (_, positions) in enumerate(regions):  # one row of ticks per region, under the map
                 ax.plot(positions, [T + 0.04 * T * (k + 1)] * len(positions), "|", color=REGION_COLOURS[k],
                         markersize=3)
             ax.set_ylim(T * (1 + 0.04 * (len(regions) + 1)) if regions else T - 0.5, -0.5)
@@ -266,3 +267,24 @@ padding:.5em;line-height:1.6}.b{border-left:2px solid #d33;background:#fde2e2}ta
 td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}img{max-width:100%}.m{font-size:small;color:#555}"""
 REGION_COLOURS = ("#1b9e77", "#d95f02", "#7570b3")  # a synthetic task's parts (dark2: apart from tab20's maps)
 CSS += "".join(f".g{k}{{border-bottom:3px solid {colour}}}" for k, colour in enumerate(REGION_COLOURS))
+
+
+def boundary_probe(spec: dict, cfg, model, device: str, examples: int = 8) -> list[dict] | None:
+    """Where a trained model's DLA layers open states (:func:`boundary_stats`) on ``examples``
+    held-out examples of its synthetic task, at the longest length of the evaluation ``spec``
+    (``{"task": "mqar" | "needle" | "text", "lengths": [...], "pairs": [...]}``; MQAR: the most
+    pairs that fit), with the task's regions; ``None`` for text or a model without DLA layers.
+    ``cfg`` is the run's :class:`dla.train.TrainConfig`."""
+    from dla.data import SyntheticDataset
+    from dla.eval.recall import EVAL_STREAM
+
+    if spec["task"] == "text":
+        return None
+    length = max(spec.get("lengths", [cfg.data.seq_len]))
+    if spec["task"] == "mqar":
+        pairs = max(p for p in spec.get("pairs", [cfg.data.mqar.num_kv_pairs]) if 4 * p <= length)
+        task = cfg.data.mqar.evaluation_task(num_kv_pairs=pairs)
+    else:
+        task = cfg.data.needle.evaluation_task(depth=None)
+    batch = SyntheticDataset(task, length, cfg.seed, stream=EVAL_STREAM).batch(0, examples)
+    return boundary_stats(model, batch.input_ids.to(device), task.regions(batch)) or None

@@ -100,7 +100,8 @@ def main():
     show("op dynamic C=30 H=48 varlen=True", op_case(30, T, 48, device, True))
     show("op dynamic C=30 H=48 varlen=True bf16", op_case(30, T, 48, device, True, torch.bfloat16))
     for mixer, policy, C in (("mamba2", "dynamic", 30), ("mamba2", "single", 1), ("mamba2", "fenwick", 0),
-                             ("mamba2", "dynamic", 16), ("gated_deltanet", "dynamic", 16), ("attention", "single", 1), ("gated_deltanet", "single", 1)):
+                             ("mamba2", "dynamic", 16), ("gated_deltanet", "dynamic", 16), ("attention", "single", 1),
+                             ("gated_deltanet", "single", 1)):
         for varlen in (False, True):
             show(f"model {mixer} {policy} C={C} varlen={varlen}" + (" bf16" if device.type == "cuda" else ""),
                  model_case(mixer, policy, C, T, device, varlen, device.type == "cuda"))

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from conftest import BASES, SLOW_DECAY, grads, make_case, rel_err
 
 import dla
-from conftest import BASES, SLOW_DECAY, grads, make_case, rel_err
 
 POLICIES = ("single", "fixed", "fenwick", "dynamic")
 

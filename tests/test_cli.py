@@ -99,7 +99,8 @@ def test_interrupted_run_resumes_at_the_same_step_with_the_same_data(tmp_path, m
     monkeypatch.undo()
     assert (tmp_path / "split" / "checkpoints" / "latest").read_text().strip() == "step_0000008"
     train(*common, f"out_dir={tmp_path / 'split'}", "--resume")
-    whole, split = read_metrics(tmp_path / "whole" / "metrics.jsonl"), read_metrics(tmp_path / "split" / "metrics.jsonl")
+    whole = read_metrics(tmp_path / "whole" / "metrics.jsonl")
+    split = read_metrics(tmp_path / "split" / "metrics.jsonl")
     assert [r["step"] for r in split] == list(range(1, 21))
     # the same batches in the same order: the losses agree to float rounding (BLAS results may
     # depend on memory alignment, which differs between the processes' tensors)

@@ -19,8 +19,8 @@ def test_defaults_and_nested_overrides():
 
 def test_yaml_and_toml_files_then_overrides(tmp_path):
     pytest.importorskip("yaml", reason="PyYAML is not installed (optional: pip install pyyaml)")
-    (tmp_path / "c.yaml").write_text("steps: 5\noptim:\n  lr: 1.0e-2\ndata:\n  task: needle\n  needle:\n    value_len: 3\n"
-                                     "model:\n  hidden_size: 32\n")
+    (tmp_path / "c.yaml").write_text("steps: 5\noptim:\n  lr: 1.0e-2\ndata:\n  task: needle\n"
+                                     "  needle:\n    value_len: 3\nmodel:\n  hidden_size: 32\n")
     cfg = load_config(tmp_path / "c.yaml", ["optim.lr=0.5"])
     assert (cfg.steps, cfg.optim.lr, cfg.data.task, cfg.data.needle.value_len) == (5, 0.5, "needle", 3)
     assert cfg.model == {"hidden_size": 32}

@@ -203,7 +203,8 @@ def test_regions_mark_the_parts_of_an_example():
                                            (Needle(num_needles=30), "needles")])
 def test_synthetic_tasks_reject_impossible_sizes(task, message):
     with pytest.raises(DataError, match=message):
-        build_dataset(DataConfig(task=type(task).__name__.lower(), seq_len=64, **{type(task).__name__.lower(): task}), 0)
+        name = type(task).__name__.lower()
+        build_dataset(DataConfig(task=name, seq_len=64, **{name: task}), 0)
 
 
 def write_jsonl(path, texts):
@@ -260,7 +261,8 @@ def test_hugging_face_tokenizer_from_a_local_directory(tmp_path):
 
     ByteTokenizer().save(tmp_path / "tok")
     path = write_jsonl(tmp_path / "d.jsonl", ["héllo wörld", "second"])
-    ds = build_dataset(DataConfig(task="text", seq_len=4, text=TextConfig(paths=[path], tokenizer=str(tmp_path / "tok"))), 0)
+    text = TextConfig(paths=[path], tokenizer=str(tmp_path / "tok"))
+    ds = build_dataset(DataConfig(task="text", seq_len=4, text=text), 0)
     assert ds.vocab_size == 257 and ds.tokenizer.eos_token_id == 256
     assert ds.documents[0][1].tolist() == ByteTokenizer().encode("héllo wörld") + [256]
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from mixer_helpers import random_inputs
 
 import dla
 
@@ -76,24 +77,6 @@ def reference_dla(k, v, g, w, capacity, threshold, score="state", merge="density
     return death, used
 
 
-def random_inputs(seed, T, H=1, K=3, V=2, stable=False, dtype=torch.float64):
-    """Random contributions, or piecewise-stable ones: runs of tokens whose k and v point nearly the same
-    way (a small jitter keeps scores inside a run apart, so no decision rests on rounding)."""
-    gen = torch.Generator().manual_seed(seed)
-    k, v = torch.randn(1, T, H, K, generator=gen, dtype=dtype), torch.randn(1, T, H, V, generator=gen, dtype=dtype)
-    if stable:
-        run = torch.randint(0, 2, (T,), generator=gen).bool() | (torch.rand(T, generator=gen) < 0.85)
-        run[0] = False
-        for t in range(T):
-            if run[t]:
-                jitter = 0.02 * torch.randn(2, H, max(K, V), generator=gen, dtype=dtype)
-                k[0, t] = k[0, t - 1] * (0.5 + torch.rand((), generator=gen, dtype=dtype)) + jitter[0, :, :K]
-                v[0, t] = v[0, t - 1] * (0.5 + torch.rand((), generator=gen, dtype=dtype)) + jitter[1, :, :V]
-    g = -torch.rand(1, T, H, generator=gen, dtype=dtype) * 0.5
-    beta = torch.rand(1, T, H, generator=gen, dtype=dtype) * 0.9 + 0.05
-    return k, v, g, beta
-
-
 def plan(k, v, g, beta, **kw):
     B, T, H, _ = k.shape
     return dla.plan_schedule("dynamic", batch=B, heads=H, length=T, k=k, v=v, g=g, beta=beta, **kw)
@@ -161,7 +144,8 @@ def test_given_scores_and_ties_match_the_spec(u, capacity, threshold, merge, max
     """Scores on a coarse grid make ties of density common: they go to the older pair."""
     u = [x / 8 for x in u]
     T = len(u)
-    s = dla.plan_schedule("dynamic", batch=1, heads=1, length=T, capacity=capacity, scores=torch.tensor(u).view(1, T, 1),
+    scores = torch.tensor(u).view(1, T, 1)
+    s = dla.plan_schedule("dynamic", batch=1, heads=1, length=T, capacity=capacity, scores=scores,
                           threshold=threshold, merge=merge, max_segment_len=max_len)
     zeros = [[0.0]] * T
     death, _ = reference_dla(zeros, zeros, [0.0] * T, [1.0] * T, capacity, threshold, merge=merge,

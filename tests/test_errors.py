@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from conftest import make_case
 
 import dla
-from conftest import make_case
 
 OPS = {
     "naive": lambda **kw: dla.naive_dla(**kw),

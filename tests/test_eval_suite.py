@@ -4,12 +4,12 @@ task of each category runs, the rest are skipped with a reason, nothing is downl
 import json
 
 import pytest
+from mixer_helpers import one_thread  # noqa: F401 (autouse fixture)
 
 import dla
 from dla.cli import main
 from dla.data import ByteTokenizer
 from dla.eval.suite import CATEGORIES, DATASETS, markdown_table, suite_tasks
-from mixer_helpers import one_thread  # noqa: F401 (autouse fixture)
 
 pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (pip install 'lm-eval[hf]')")
 

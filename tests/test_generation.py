@@ -15,10 +15,11 @@ import torch
 import dla
 
 pytest.importorskip("transformers")
+from mixer_helpers import max_err, one_thread  # noqa: E402, F401 (one_thread is an autouse fixture)
+
 from dla import generation  # noqa: E402
 from dla.layers import KVCache  # noqa: E402
 from dla.models.modeling_dla import CACHE_FIELD  # noqa: E402
-from mixer_helpers import max_err, one_thread  # noqa: E402, F401 (one_thread is an autouse fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
 POLICY_KWARGS = {

@@ -5,10 +5,10 @@ import os
 
 import pytest
 import torch
+from conftest import BASES, FAST_DECAY, SLOW_DECAY, grads, make_case, rel_err
 
 import dla
 from dla.schedule.soft_gate import differentiable_scores
-from conftest import BASES, FAST_DECAY, SLOW_DECAY, grads, make_case, rel_err
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CPU CI checks the "
                                 "Triton kernels through the interpreter in test_triton_*.py)")

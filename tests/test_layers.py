@@ -5,11 +5,19 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from mixer_helpers import max_err, one_thread  # noqa: F401 (one_thread is an autouse fixture)
 
 import dla
-from dla.layers import (Attention, DLAGatedDeltaNet, DLAMamba2, KVCache, LambdaProjection, MixerCache, PolicyConfig,
-                        ShortConvolution)
-from mixer_helpers import max_err, one_thread  # noqa: F401 (one_thread is an autouse fixture)
+from dla.layers import (
+    Attention,
+    DLAGatedDeltaNet,
+    DLAMamba2,
+    KVCache,
+    LambdaProjection,
+    MixerCache,
+    PolicyConfig,
+    ShortConvolution,
+)
 
 HIDDEN, MAXPOS = 32, 256
 POLICY_CASES = {  # name -> PolicyConfig kwargs

@@ -15,11 +15,11 @@ import torch.nn.functional as F
 import dla
 
 pytest.importorskip("transformers")
+from mixer_helpers import max_err, one_thread  # noqa: E402, F401 (one_thread is an autouse fixture)
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM  # noqa: E402
 
 from dla.models.modeling_dla import CACHE_FIELD  # noqa: E402
 from dla.train.distributed import enable_activation_checkpointing  # noqa: E402
-from mixer_helpers import max_err, one_thread  # noqa: E402, F401 (one_thread is an autouse fixture)
 
 MAXPOS = 4096
 POLICY_KWARGS = {
@@ -96,7 +96,8 @@ def test_training_step_and_parameter_count(mixer, policy):
     print(f"tiny {mixer} {policy}: {dla.count_parameters(model)} parameters")
 
 
-@pytest.mark.parametrize("mixer, policy", [("mamba2", "dynamic"), ("gated_deltanet", "fenwick"), ("attention", "single")])
+@pytest.mark.parametrize("mixer, policy", [("mamba2", "dynamic"), ("gated_deltanet", "fenwick"),
+                                           ("attention", "single")])
 def test_activation_checkpointing_gives_the_same_gradients(mixer, policy):
     """Per-block torch.utils.checkpoint (HF's switch, and the config flag) changes no gradient."""
     torch.manual_seed(0)
@@ -110,7 +111,7 @@ def test_activation_checkpointing_gives_the_same_gradients(mixer, policy):
             enable_activation_checkpointing(model)
         assert model.is_activation_checkpointing == (how != "off")
         calls = []
-        model.model.layers[0].mixer.register_forward_hook(lambda *_: calls.append(1))
+        model.model.layers[0].mixer.register_forward_hook(lambda *_, calls=calls: calls.append(1))
         model(ids, cu_seqlens=cu, labels=ids).loss.backward()
         assert len(calls) == (1 if how == "off" else 2)  # checkpointed blocks run again in the backward pass
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
@@ -253,7 +254,8 @@ def test_external_scores_per_layer_with_padding():
 
 
 # ----------------------------------------------------------------------------- save / load
-@pytest.mark.parametrize("mixer, policy", [("mamba2", "fenwick"), ("gated_deltanet", "dynamic"), ("attention", "single")])
+@pytest.mark.parametrize("mixer, policy", [("mamba2", "fenwick"), ("gated_deltanet", "dynamic"),
+                                           ("attention", "single")])
 def test_save_and_reload(tmp_path, mixer, policy):
     model = tiny_model(mixer, policy)
     ids = torch.randint(0, 64, (2, 23))
@@ -371,7 +373,8 @@ def mixer_cache_bytes(config, batch):
     return config.num_hidden_layers * batch * per_row
 
 
-@pytest.mark.parametrize("mixer, policy, expected", [("mamba2", "dynamic", 23_088), ("gated_deltanet", "fenwick", 110_464)])
+@pytest.mark.parametrize("mixer, policy, expected", [("mamba2", "dynamic", 23_088),
+                                                     ("gated_deltanet", "fenwick", 110_464)])
 def test_cache_size_does_not_grow_with_generated_tokens(mixer, policy, expected):
     model = tiny_model(mixer, policy, num_hidden_layers=1, intermediate_size=32)
     ids, mask = left_padded([torch.randint(2, 64, (n,)) for n in (6, 3)])

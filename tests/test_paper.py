@@ -9,13 +9,22 @@ from pathlib import Path
 
 import pytest
 import torch
-
-import dla
-from dla.paper import TARGETS, load, model_config, paper_configs, parameter_table, parameters_of
-from dla.train.distributed import enable_activation_checkpointing
 from mixer_helpers import one_thread  # noqa: F401 (autouse fixture)
 
+import dla
+from dla.train.distributed import enable_activation_checkpointing
+
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the recipe is part of experiments/, which uses the package
+
+from experiments.paper.recipe import (  # noqa: E402
+    TARGETS,
+    load,
+    model_config,
+    paper_configs,
+    parameter_table,
+    parameters_of,
+)
 
 
 def test_every_target_has_a_config_and_its_size():
@@ -60,7 +69,8 @@ def test_train_throughput_timeout_kills_the_torchrun_workers(tmp_path):
     out = tmp_path / "tp.json"
     cmd = [sys.executable, str(ROOT / "benchmarks/train_throughput.py"), "--tiny", "--gpus", "2", "--configs",
            "dla_gdn_1.3b", "--warmup", "1000", "--deadline", "1", "--seq-len", "72", "--out", str(out)]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "timed out" in json.loads(out.read_text())["rows"][0]["error"]
     time.sleep(1)
@@ -81,7 +91,8 @@ def test_train_throughput_tiny_on_cpu(tmp_path):
     out = tmp_path / "tp.json"
     cmd = [sys.executable, str(ROOT / "benchmarks/train_throughput.py"), "--tiny", "--configs", "dla_gdn_1.3b",
            "--steps", "100000", "--budget", "1000", "--warmup", "1", "--deadline", "45", "--out", str(out)]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     row = json.loads(out.read_text())["rows"][0]
     assert "error" not in row, row

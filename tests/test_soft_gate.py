@@ -3,12 +3,14 @@ recomputed scores are the ones the schedule used, and gradients reach τ, k, v a
 
 import pytest
 import torch
+from mixer_helpers import (
+    one_thread,  # noqa: F401 (an autouse fixture)
+    random_inputs,
+)
 
 import dla
 from dla.layers import DLAGatedDeltaNet, DLAMamba2, PolicyConfig
 from dla.schedule.soft_gate import differentiable_scores, gate_factor, opened_segments, scores_from_trace
-from mixer_helpers import one_thread  # noqa: F401 (an autouse fixture)
-from tests.test_dynamic_policy import random_inputs
 
 
 def make_layer(base, **policy):

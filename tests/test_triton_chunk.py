@@ -4,9 +4,9 @@ interpreter (tiny shapes); on a GPU the same tests check the compiled kernels.""
 
 import pytest
 import torch
+from conftest import BASES, FAST_DECAY, SLOW_DECAY, grads, make_case, rel_err
 
 import dla
-from conftest import BASES, FAST_DECAY, SLOW_DECAY, grads, make_case, rel_err
 
 pytest.importorskip("triton", reason="triton is not installed")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -179,7 +179,7 @@ def test_fused_walk_against_the_torch_walks(matrix, K, V, key_block, monkeypatch
     several key blocks or one (K = 40 is padded to 64; 128 is the scalar walk's default block at
     K = 128); K = 200 (padded to 256) also splits the transition's columns into two blocks of 128."""
     monkeypatch.setenv("DLA_WALK_KEY_BLOCK", key_block)
-    from dla.ops.chunk import _inter, _TorchWalks
+    from dla.ops.chunk import TORCH_WALKS, _inter
     from dla.ops.triton.chunk_inter import fused_inter
 
     gen = torch.Generator().manual_seed(K + V + matrix)
@@ -206,7 +206,7 @@ def test_fused_walk_against_the_torch_walks(matrix, K, V, key_block, monkeypatch
         if fused:
             o, S = fused_inter(*(t.float() for t in (q_eff, lam, x, v)), rank, gamma.float(), dest, S0.float())
         else:
-            o, S = _inter(_TorchWalks, q_eff, lam, x.transpose(-1, -2), v, rank, gamma, dest, S0)
+            o, S = _inter(TORCH_WALKS, q_eff, lam, x.transpose(-1, -2), v, rank, gamma, dest, S0)
         results.append([o, S, *torch.autograd.grad((o * w_o).sum() + (S * w_s).sum(), ins)])
     names = ["o", "S_final", "dq_eff", "dlam", "dx", "dv", "dgamma", "dS0"]
     for name, got, want in zip(names, results[1], results[0]):
@@ -230,7 +230,7 @@ def test_walks_and_decode_spill_nothing_at_the_paper_shape():
         pytest.skip("this Triton ships no ptxas")
     root = Path(__file__).resolve().parent.parent
     code = ("import json; from benchmarks.kernel_resources import compile_walk, compile_decode; "
-            "from dla.ops.triton.chunk_inter import _inter_fwd_kernel as f, _inter_bwd_kernel as b; "
+            "from dla.ops.triton.chunk_inter import chunk_dla_inter_fwd_kernel as f, chunk_dla_inter_bwd_kernel as b; "
             "print(json.dumps([compile_walk(f, 256, 512, 30, True, 16, 4), compile_walk(b, 256, 512, 30, True, 32, 8), "
             "compile_decode(256, 512, 30, True), compile_decode(128, 128, 16, True)]))")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -5,9 +5,9 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from mixer_helpers import random_inputs
 
 import dla
-from tests.test_dynamic_policy import random_inputs
 
 pytest.importorskip("triton", reason="triton is not installed")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -46,7 +46,8 @@ def _cpu(s):
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 10**6), T=st.integers(1, 130), capacity=st.integers(2, 9),
-       threshold=st.sampled_from([0.3, 1.0, 1.3]), stable=st.booleans(), score=st.sampled_from(["state", "state_drift"]),
+       threshold=st.sampled_from([0.3, 1.0, 1.3]), stable=st.booleans(),
+       score=st.sampled_from(["state", "state_drift"]),
        merge=st.sampled_from(["density", "least_info", "oldest"]), max_len=st.sampled_from([None, 3]),
        split=st.floats(0, 1))
 def test_triton_state_walk_matches_torch(seed, T, capacity, threshold, stable, score, merge, max_len, split):

@@ -9,10 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from dla.data.batch import IGNORE_INDEX, Batch, batch_generator
-from dla.data.synthetic import MQAR, TASKS, Needle, SyntheticDataset
 from dla.data.stream import StreamingTextDataset
+from dla.data.synthetic import MQAR, TASKS, Needle, SyntheticDataset
 from dla.data.text import TextConfig, TextDataset, read_documents
-from dla.data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
+from dla.data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer, text_tokenizer
 from dla.errors import ConfigError
 
 
@@ -40,4 +40,4 @@ def build_dataset(cfg: DataConfig, seed: int) -> SyntheticDataset | TextDataset 
 
 __all__ = ["Batch", "ByteTokenizer", "DataConfig", "HFTokenizer", "IGNORE_INDEX", "MQAR", "Needle",
            "StreamingTextDataset", "SyntheticDataset", "TextConfig", "TextDataset", "batch_generator", "build_dataset",
-           "load_tokenizer", "read_documents"]
+           "load_tokenizer", "read_documents", "text_tokenizer"]

@@ -203,7 +203,8 @@ class Needle(_TrainingMixture):
             if self.vocab_size // 2 - 1 < n or self.vocab_size - self.vocab_size // 2 < 2:
                 raise DataError(f"needle: vocab_size {self.vocab_size} is too small for {n} needles")
             if (m + 1) * n + queries * m > length // 2:
-                raise DataError(f"needle: {n} needles of {m + 1} tokens and {queries} quer{'y' if queries == 1 else 'ies'} "
+                raise DataError(f"needle: {n} needles of {m + 1} tokens and {queries} "
+                                f"quer{'y' if queries == 1 else 'ies'} "
                                 f"of {m} need a length >= {2 * ((m + 1) * n + queries * m)} (at most half of the "
                                 f"sequence is needles), got {length}")
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dla.errors import ConfigError
+from dla.errors import ConfigError, UserError
 
 
 class ByteTokenizer:
@@ -102,3 +102,13 @@ class HFTokenizer:
 def load_tokenizer(name: str) -> ByteTokenizer | HFTokenizer:
     """``"byte"`` for the byte-level tokenizer, else a Hugging Face tokenizer name or directory."""
     return ByteTokenizer() if name == "byte" else HFTokenizer(name)
+
+
+def text_tokenizer(tokenizer, model):
+    """The checkpoint's tokenizer, else the byte tokenizer when the vocabulary can hold it."""
+    if tokenizer is not None:
+        return tokenizer
+    if model.config.vocab_size >= ByteTokenizer.vocab_size:
+        return ByteTokenizer()
+    raise UserError(f"the checkpoint has no tokenizer and its vocabulary ({model.config.vocab_size} tokens) is too "
+                    "small for bytes: it was trained on a synthetic task (use --mqar / --needle or --synthetic)")

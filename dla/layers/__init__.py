@@ -6,8 +6,15 @@ layers, :class:`KVCache` for attention) that it updates in place.
 """
 
 from dla.layers.attention import Attention, KVCache
-from dla.layers.common import (GatedRMSNorm, LambdaProjection, MixerCache, PolicyConfig, RouterScore,
-                               ShortConvolution, count_parameters)
+from dla.layers.common import (
+                               GatedRMSNorm,
+                               LambdaProjection,
+                               MixerCache,
+                               PolicyConfig,
+                               RouterScore,
+                               ShortConvolution,
+                               count_parameters,
+)
 from dla.layers.gated_deltanet import DLAGatedDeltaNet
 from dla.layers.mamba2 import DLAMamba2
 

@@ -24,10 +24,21 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dla.ops import DLAState, chunk_dla, recurrent_dla
-from dla.schedule import (DEFAULT_CAPACITY, DEFAULT_THRESHOLD, LABEL_RULES, MERGE_RULES, OPEN_STATES, POLICIES,
-                          SCORES, novelty_scores, plan_schedule, score_range)
+from dla.schedule import (
+    DEFAULT_CAPACITY,
+    DEFAULT_THRESHOLD,
+    LABEL_RULES,
+    MERGE_RULES,
+    OPEN_STATES,
+    POLICIES,
+    SCORES,
+    novelty_scores,
+    plan_schedule,
+    score_range,
+)
 from dla.schedule.soft_gate import differentiable_scores, gate_factor, opened_segments
 from dla.varlen import pack, seq_lengths, unpack
+
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)

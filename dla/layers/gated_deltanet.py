@@ -7,8 +7,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dla.layers.common import (DLAMixer, GatedRMSNorm, MixerCache, PolicyConfig, ShortConvolution,
-                               copy_unless_loaded, inverse_softplus_dt, upcast)
+from dla.layers.common import (
+    DLAMixer,
+    GatedRMSNorm,
+    MixerCache,
+    PolicyConfig,
+    ShortConvolution,
+    copy_unless_loaded,
+    inverse_softplus_dt,
+    upcast,
+)
 
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

@@ -6,8 +6,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dla.layers.common import (DLAMixer, GatedRMSNorm, MixerCache, PolicyConfig, ShortConvolution,
-                               copy_unless_loaded, inverse_softplus_dt, upcast)
+from dla.layers.common import (
+    DLAMixer,
+    GatedRMSNorm,
+    MixerCache,
+    PolicyConfig,
+    ShortConvolution,
+    copy_unless_loaded,
+    inverse_softplus_dt,
+    upcast,
+)
 
 
 class DLAMamba2(DLAMixer):

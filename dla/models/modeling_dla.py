@@ -14,12 +14,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from transformers import GenerationMixin, PreTrainedModel
-from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from dla.layers import (Attention, DLAGatedDeltaNet, DLAMamba2, GatedRMSNorm, LambdaProjection, RouterScore,
-                        ShortConvolution)
+from dla.layers import (
+    Attention,
+    DLAGatedDeltaNet,
+    DLAMamba2,
+    GatedRMSNorm,
+    LambdaProjection,
+    RouterScore,
+    ShortConvolution,
+)
 
 from .cache_dla import DLACache
 from .configuration_dla import DLAConfig
@@ -39,7 +46,7 @@ class Unpadded:
     length: int
 
     @classmethod
-    def from_mask(cls, mask: torch.Tensor) -> "Unpadded":
+    def from_mask(cls, mask: torch.Tensor) -> Unpadded:
         mask = mask.bool()
         cu_seqlens = F.pad(mask.sum(1).cumsum(0), (1, 0))
         return cls(mask.flatten().nonzero().squeeze(1), cu_seqlens, *mask.shape)

@@ -20,13 +20,16 @@ Memory kept for backward (autograd): per chunk the states carried in (``C K V`` 
 ``T K V C / L`` in total) and ``O(L (C + L) + L K)`` per chunk of coefficients, labels and
 effective queries; the unfused inter part (:func:`_inter`) also keeps the weighted queries
 (``T C K``) and the token writes (``T / L · C K V``), in blocks of value columns recomputed in the
-backward when the states would exceed ``INTER_BLOCK_BYTES``. For Mamba-2 on CUDA the inter part
-is one fused Triton walk (:mod:`dla.ops.triton.chunk_inter`) that keeps only the carried states.
+backward when the states would exceed ``INTER_BLOCK_BYTES``. On CUDA the inter part of both bases
+is one fused Triton walk (:mod:`dla.ops.triton.chunk_inter`) that keeps only the carried states;
+the sequential walks come from a :class:`Walks` backend (PyTorch loops or Triton kernels).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -41,9 +44,9 @@ CHUNK_SIZES = (16, 32, 64, 128)
 # runs over blocks of value columns, which are independent there, and recomputes each block in the
 # backward instead of keeping it, so peak memory is that of one block (at ~1/3 more inter time).
 INTER_BLOCK_BYTES = 4 * 2**30
-# Gated DeltaNet through the fused walk (its K x K transition per chunk; checked against the PyTorch
-# path on an H100 with Triton 3.6). DLA_FUSED_GDN=0 falls back to the unfused Triton walks, which
-# keep every slot's state at every chunk boundary (about twice the memory), should a Triton version
+# Gated DeltaNet through the fused walk (its K x K transition per chunk; the GPU tests check it
+# against the PyTorch path). DLA_FUSED_GDN=0 falls back to the unfused Triton walks, which keep
+# every slot's state at every chunk boundary (about twice the memory), should a Triton version
 # miscompile the fused one.
 FUSED_GATED_DELTANET = os.environ.get("DLA_FUSED_GDN", "1") != "0"
 
@@ -72,10 +75,7 @@ def chunk_dla(q, k, v, g, lam, schedule, beta=None, scale=None, initial_state: D
     x = prepare(q, k, v, g, lam, schedule, beta, scale, cu_seqlens, initial_state)
     if backend is None:
         backend = default_backend(x.q.is_cuda)
-    if backend == "triton":
-        from dla.ops.triton import chunk_state as walks
-    else:
-        walks = _TorchWalks
+    walks = backend_walks(backend)
     ds = x.schedule
     N, H, Tm, K = x.q.shape
     V, C, L = x.v.shape[-1], ds.capacity, chunk_size
@@ -121,6 +121,7 @@ def chunk_dla(q, k, v, g, lam, schedule, beta=None, scale=None, initial_state: D
         P = QKD
         q_eff = q_c * gamma[..., None]
         X = k_end.transpose(-1, -2)
+        M = gamma[..., -1]  # the chunk's transition A_end ... A_start: its total decay
     else:
         b_c = chunks(x.beta)
         A = (b_c[..., :, None] * D * (k_c @ k_c.transpose(-1, -2))).tril(-1)
@@ -138,15 +139,9 @@ def chunk_dla(q, k, v, g, lam, schedule, beta=None, scale=None, initial_state: D
     if backend == "triton" and (x.beta is None or FUSED_GATED_DELTANET):  # one fused Triton walk
         from dla.ops.triton.chunk_inter import fused_inter
 
-        if x.beta is None:
-            o_inter, S_final = fused_inter(q_eff, lam_inter, k_end, v_c, tok_rank, gamma[..., -1], dest, S0,
-                                           x.out_dtype)
-        else:
-            o_inter, S_final = fused_inter(q_eff, lam_inter, X.transpose(-1, -2), v_c, tok_rank, M, dest, S0,
-                                           x.out_dtype)
+        o_inter, S_final = fused_inter(q_eff, lam_inter, X.transpose(-1, -2), v_c, tok_rank, M, dest, S0, x.out_dtype)
     else:
-        o_inter, S_final = _inter_blocked(walks, q_eff, lam_inter, X, v_c, tok_rank,
-                                          gamma[..., -1] if x.beta is None else M, dest, S0)
+        o_inter, S_final = _inter_blocked(walks, q_eff, lam_inter, X, v_c, tok_rank, M, dest, S0)
     o = (o_intra + o_inter).reshape(N, H, NC * L, V)[:, :, :Tm]
     state = None
     if output_final_state:
@@ -187,35 +182,55 @@ def _inter(walks, q_eff, lam_inter, X, v_c, tok_rank, M, dest, S0):
     return q_lam @ S_in.reshape(N, H, NC, C * K, -1), S[:, :, NC]
 
 
-class _TorchWalks:
-    """The two walks over chunks as PyTorch loops (the reference for the Triton kernels)."""
+@dataclass(frozen=True)
+class Walks:
+    """One backend of the chunked path's two sequential walks over chunks: the segments carried
+    into every chunk, and the (unfused) state recurrence. ``TORCH_WALKS`` is the reference;
+    :func:`backend_walks` gives the one a backend name selects."""
 
-    @staticmethod
-    def carried_slots(start_death, carried_pos, carried_death, L):
-        N, H, T = start_death.shape
-        C = carried_pos.shape[-1]
-        tok = torch.arange(L, device=start_death.device)
-        pos, death = [carried_pos], [carried_death]
-        for c in range(T // L):
-            t_end = torch.full((N, H), c * L + L - 1, device=start_death.device)
-            p, d = advance_slots(pos[-1], death[-1], c * L + tok, start_death[..., c * L:(c + 1) * L], t_end, C)
-            pos.append(p)
-            death.append(d)
-        return torch.stack(pos, 2), torch.stack(death, 2)
+    name: str
+    carried_slots: Callable
+    state_recurrence: Callable
 
-    @staticmethod
-    def state_recurrence(S0, M, W, dest):
-        C = dest.shape[-1]
-        route_carried = F.one_hot(dest, C + 1)[..., :C].transpose(-1, -2).to(W.dtype)  # [.., new, old]
-        # unbind once: indexing chunk c of a big tensor inside the loop would make every step's
-        # backward allocate (and fill) a gradient of the whole tensor, O(T^2) in all
-        S, out = S0, [S0]
-        for route_c, M_c, W_c in zip(route_carried.unbind(2), M.unbind(2), W.unbind(2)):
-            merged = torch.einsum("nhij,nhjkv->nhikv", route_c, S)
-            if M_c.dim() == 2:  # Mamba-2: a scalar decay per chunk
-                merged = M_c[:, :, None, None, None] * merged
-            else:
-                merged = torch.einsum("nhab,nhibv->nhiav", M_c, merged)
-            S = merged + W_c
-            out.append(S)
-        return torch.stack(out, 2)
+
+def _torch_carried_slots(start_death, carried_pos, carried_death, L):
+    N, H, T = start_death.shape
+    C = carried_pos.shape[-1]
+    tok = torch.arange(L, device=start_death.device)
+    pos, death = [carried_pos], [carried_death]
+    for c in range(T // L):
+        t_end = torch.full((N, H), c * L + L - 1, device=start_death.device)
+        p, d = advance_slots(pos[-1], death[-1], c * L + tok, start_death[..., c * L:(c + 1) * L], t_end, C)
+        pos.append(p)
+        death.append(d)
+    return torch.stack(pos, 2), torch.stack(death, 2)
+
+
+def _torch_state_recurrence(S0, M, W, dest):
+    C = dest.shape[-1]
+    route_carried = F.one_hot(dest, C + 1)[..., :C].transpose(-1, -2).to(W.dtype)  # [.., new, old]
+    # unbind once: indexing chunk c of a big tensor inside the loop would make every step's
+    # backward allocate (and fill) a gradient of the whole tensor, O(T^2) in all
+    S, out = S0, [S0]
+    for route_c, M_c, W_c in zip(route_carried.unbind(2), M.unbind(2), W.unbind(2)):
+        merged = torch.einsum("nhij,nhjkv->nhikv", route_c, S)
+        if M_c.dim() == 2:  # Mamba-2: a scalar decay per chunk
+            merged = M_c[:, :, None, None, None] * merged
+        else:
+            merged = torch.einsum("nhab,nhibv->nhiav", M_c, merged)
+        S = merged + W_c
+        out.append(S)
+    return torch.stack(out, 2)
+
+
+# the two walks as PyTorch loops: the reference for the Triton kernels
+TORCH_WALKS = Walks("torch", _torch_carried_slots, _torch_state_recurrence)
+
+
+def backend_walks(backend: str) -> Walks:
+    """The walks of ``backend`` (``"torch"`` or ``"triton"``; Triton is imported only here)."""
+    if backend == "triton":
+        from dla.ops.triton.chunk_state import carried_slots, state_recurrence
+
+        return Walks("triton", carried_slots, state_recurrence)
+    return TORCH_WALKS

@@ -194,8 +194,11 @@ class TorchWalker:
             self.slot_pos = torch.where(newc, torch.cat([pos[:, None], self.slot_pos[:, :-1]], 1), self.slot_pos)
             info = self.slot_info
             shifted = torch.cat([score[:, None], info[:, :-1]], 1)
-            grown0 = torch.maximum(info[:, :1], score[:, None]) if self.merge == "least_info" else info[:, :1] + score[:, None]
-            grown = torch.cat([grown0, info[:, 1:]], 1)
+            if self.merge == "least_info":  # the earlier variant: a segment's information is its maximum
+                grown = torch.maximum(info[:, :1], score[:, None])
+            else:
+                grown = info[:, :1] + score[:, None]
+            grown = torch.cat([grown, info[:, 1:]], 1)
             self.slot_info = torch.where(newc, shifted, torch.where(active[:, None], grown, info))
             self.origin = torch.where(newc, torch.cat([torch.full_like(self.origin[:, :1], t), self.origin[:, :-1]], 1),
                                       self.origin)

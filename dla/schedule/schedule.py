@@ -74,21 +74,21 @@ class SegmentState:
         return torch.where(self.starts >= 0, newer - self.starts, torch.zeros_like(self.starts))
 
     @classmethod
-    def empty(cls, num_seqs: int, heads: int, capacity: int, device=None) -> "SegmentState":
+    def empty(cls, num_seqs: int, heads: int, capacity: int, device=None) -> SegmentState:
         return cls(
             starts=torch.full((num_seqs, heads, capacity), NONE, dtype=torch.long, device=device),
             info=torch.zeros(num_seqs, heads, capacity, device=device),
             position=torch.zeros(num_seqs, dtype=torch.long, device=device),
         )
 
-    def _map(self, fn) -> "SegmentState":
+    def _map(self, fn) -> SegmentState:
         optional = [None if x is None else fn(x) for x in (self.open_state, self.open_norm)]
         return SegmentState(fn(self.starts), fn(self.info), fn(self.position), *optional)
 
-    def to(self, device) -> "SegmentState":
+    def to(self, device) -> SegmentState:
         return self._map(lambda x: x.to(device))
 
-    def index_select(self, index: torch.Tensor) -> "SegmentState":
+    def index_select(self, index: torch.Tensor) -> SegmentState:
         """The sequences ``index`` (reordered, repeated): beam search and batch expansion."""
         return self._map(lambda x: x[index])
 
@@ -342,9 +342,8 @@ def count_after(mask: torch.Tensor) -> torch.Tensor:
     """``[..., M]`` (long): the number of true entries strictly after each position of the last axis.
 
     On a GPU this is one product with a strictly lower-triangular 0/1 matrix rather than a
-    cumulative sum: for the chunked path's ``[256, 64, 64, 80]`` mask (Mamba-2 bench shape, T = 4K,
-    C = 16) PyTorch's scan over the innermost axis took 8.1 ms on an H100 and the fp16 product
-    0.67 ms, with identical results. It is exact because the operands are 0/1, the products
+    cumulative sum over the innermost axis, which is an order of magnitude faster there
+    (``docs/kernels.md`` has the timing). It is exact because the operands are 0/1, the products
     accumulate in fp32, and fp16 holds every count up to 2048. Longer rows, and the CPU (where
     the scan is cheap and an [M, M] product per row is not), keep the cumulative sum."""
     M = mask.shape[-1]

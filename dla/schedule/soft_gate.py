@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from dla.schedule.dynamic import (STATE_SCORES, Trace, carried_products, contribution_norms, pair_products,
-                                  state_score)
+from dla.schedule.dynamic import STATE_SCORES, Trace, carried_products, contribution_norms, pair_products, state_score
 from dla.schedule.schedule import NONE, Schedule
 from dla.schedule.scores import novelty_scores
 from dla.varlen import pack, unpack

@@ -32,8 +32,16 @@ from dla.data import IGNORE_INDEX, Batch, build_dataset
 from dla.errors import ConfigError, TrainingDiverged
 from dla.train import checkpoint as ckpt
 from dla.train.config import TrainConfig, diff, to_dict
-from dla.train.distributed import (Runtime, all_reduce_sum, enable_activation_checkpointing, gradient_sync,
-                                   init_runtime, shutdown, unwrap, wrap_model)
+from dla.train.distributed import (
+    Runtime,
+    all_reduce_sum,
+    enable_activation_checkpointing,
+    gradient_sync,
+    init_runtime,
+    shutdown,
+    unwrap,
+    wrap_model,
+)
 from dla.train.metrics import MetricsLog, Progress
 from dla.train.optim import build_optimizer, build_scheduler, weight_decay_names
 
@@ -231,8 +239,7 @@ def save_training_checkpoint(cfg: TrainConfig, runtime: Runtime, model, optimize
                              next_batch: int) -> Path:
     """Gather the full model and optimizer state (a collective under FSDP) and let rank 0 write
     the checkpoint. Returns its path (on every rank)."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_state = get_model_state_dict(model, options=options)

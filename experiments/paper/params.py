@@ -8,7 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from dla.paper import parameter_table  # noqa: E402
+from experiments.paper.recipe import parameter_table  # noqa: E402
 
 
 def main() -> None:

@@ -4,10 +4,10 @@ For every sequence-head the walk over chunks ``c`` does, with ``S_c[j]`` the ``C
 states entering chunk ``c``:
 
 - read-out: ``o[c] = Σ_j (λ[c, :, j] ⊙ Q_eff[c]) S_c[j]`` (``[L, K] @ [K, V]`` per slot);
-- state update: ``S_{c+1}[n] = γ_c Σ_{j -> n} S_c[j] + X_c^T diag(1[rank_s = n]) V_c``, where
-  ``X_c[s] = A_end ... A_{s+1} k_s`` (the token's key decayed to the chunk's end) and ``γ_c`` is
-  the chunk's scalar decay (Mamba-2) or its ``K x K`` transition ``M_c`` (Gated DeltaNet, whose
-  ``X_c`` also carries the UT transform).
+- state update: ``S_{c+1}[n] = M_c Σ_{j -> n} S_c[j] + X_c^T diag(1[rank_s = n]) V_c``, where
+  ``X_c[s] = A_end ... A_{s+1} k_s`` (the token's key decayed to the chunk's end) and ``M_c``, the
+  chunk's transition ``A_end ... A_start``, is a scalar decay (Mamba-2) or a ``K x K`` matrix
+  (Gated DeltaNet, whose ``X_c`` also carries the UT transform).
 
 The unfused PyTorch path builds the weighted queries ``λ ⊙ Q_eff`` (``T·C·K``) and the token
 writes (``T/L · C·K·V``) as tensors and reads them back; here both exist only in registers. The
@@ -15,7 +15,7 @@ states at every chunk boundary are stored (fp32, ``T/L · C·K·V``) for the bac
 recomputes nothing else: in reverse it turns ``dS_{c+1}`` into the gradients of the token
 writes (``dX``, ``dV``), of the read-out (``dQ_eff``, ``dλ``) and of the decay, and ``dS_c``.
 One program per (sequence-head, value block); gradients that sum over value blocks (``dQ_eff``,
-``dλ``, ``dX``, ``dγ``) are accumulated atomically. Both walks run over blocks of ``BK`` key rows,
+``dλ``, ``dX``, ``dM``) are accumulated atomically. Both walks run over blocks of ``BK`` key rows,
 so no per-token tile of size ``K`` stays in registers (at K = 256 those spilled:
 benchmarks/kernel_resources.py).
 """
@@ -28,25 +28,31 @@ import torch
 import triton
 import triton.language as tl
 
-from dla.ops.triton.chunk_state import _merged, _output, _pow2, _walk_start, source_ranges
+from dla.ops.triton.utils import merged_slots, new_output, padded_size, source_ranges, walk_start
 
-_CONFIGS = [triton.Config({"BV": bv}, num_warps=w, num_stages=1) for bv in (16, 32, 64) for w in (4, 8)]
+INTER_FWD_CONFIGS = [triton.Config({"BV": bv}, num_warps=w, num_stages=1) for bv in (16, 32, 64) for w in (4, 8)]
 if os.environ.get("TRITON_INTERPRET") == "1":
-    _CONFIGS = [triton.Config({"BV": 16})]
+    INTER_FWD_CONFIGS = [triton.Config({"BV": 16})]
 
 
-def _fitting(configs, named_args, **kwargs):
+def fitting_value_blocks(configs, named_args, **kwargs):
+    """Autotuning prune: the configurations whose value block fits ``V``."""
     V = kwargs.get("V", named_args.get("V"))
     return [c for c in configs if c.kwargs["BV"] <= V]
 
 
-@triton.autotune(configs=_CONFIGS, key=["C", "K", "V", "L", "PREC", "MATRIX"],
-                 prune_configs_by={"early_config_prune": _fitting})
+@triton.autotune(configs=INTER_FWD_CONFIGS, key=["C", "K", "V", "L", "PREC", "MATRIX"],
+                 prune_configs_by={"early_config_prune": fitting_value_blocks})
 @triton.jit
-def _inter_fwd_kernel(qe_ptr, lam_ptr, x_ptr, v_ptr, rank_ptr, gam_ptr, lo_ptr, hi_ptr, S0_ptr, S_ptr, o_ptr, NC,
-                      L: tl.constexpr, C: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr,
-                      BK: tl.constexpr, PREC: tl.constexpr, MATRIX: tl.constexpr):
-    r, vv, kk, tile = _walk_start(S0_ptr, S_ptr, NC, C, K, V, BV)
+def chunk_dla_inter_fwd_kernel(qe_ptr, lam_ptr, x_ptr, v_ptr, rank_ptr, M_ptr, lo_ptr, hi_ptr, S0_ptr, S_ptr, o_ptr,
+                               NC, L: tl.constexpr, C: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                               BV: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, MATRIX: tl.constexpr):
+    """Forward walk over the ``NC`` chunks of one row (sequence-head), value columns ``vv``: per
+    chunk the read-out ``o`` of the carried states ``S[r, c]``, then the states ``S[r, c + 1]``
+    (merged old slots times the transition ``M_c``, plus the chunk's token writes). ``MATRIX``:
+    ``M_c`` is ``K x K`` (Gated DeltaNet), else a scalar (Mamba-2). ``PREC``: ``tl.dot``'s input
+    precision. Every chunk boundary's states are stored in ``S`` for the backward walk."""
+    r, vv, kk, tile = walk_start(S0_ptr, S_ptr, NC, C, K, V, BV)
     ll = tl.arange(0, L)
     bk = tl.arange(0, BK)
     for c in range(NC):
@@ -67,35 +73,39 @@ def _inter_fwd_kernel(qe_ptr, lam_ptr, x_ptr, v_ptr, rank_ptr, gam_ptr, lo_ptr, 
         vals = tl.load(v_ptr + tok[:, None] * V + vv[None, :])  # [L, BV]
         xt = tl.load(x_ptr + tok[None, :] * K + kk[:, None])  # [K, L] (unused, so not loaded, if MATRIX)
         for n in range(C):
-            merged = _merged(S_in, tl.load(lo_ptr + rc * C + n), tl.load(hi_ptr + rc * C + n), tile, K, V, BV)
+            merged = merged_slots(S_in, tl.load(lo_ptr + rc * C + n), tl.load(hi_ptr + rc * C + n), tile, K, V, BV)
             mine = rank == n
             writes = tl.max(mine.to(tl.int32), axis=0) > 0  # the chunk writes tokens into slot n
             mine_vals = tl.where(mine[:, None], vals, 0.0)
-            if MATRIX:  # M_c [K, K] applied in blocks of BK rows (tf32 for bf16 inputs: within
-                # their tolerance on an H100, and 1.8x faster than IEEE there)
+            if MATRIX:  # M_c [K, K] applied in blocks of BK rows (tf32 for bf16 inputs: docs/kernels.md)
                 for kb in range(K // BK):
                     rows = kb * BK + bk
-                    M_blk = tl.load(gam_ptr + (rc * K + rows[:, None]) * K + kk[None, :])  # [BK, K]
+                    M_blk = tl.load(M_ptr + (rc * K + rows[:, None]) * K + kk[None, :])  # [BK, K]
                     out = tl.dot(M_blk, merged, input_precision=PREC)
                     if writes:
                         xt_blk = tl.load(x_ptr + tok[None, :] * K + rows[:, None])  # [BK, L]
                         out += tl.dot(xt_blk, mine_vals, input_precision=PREC)
                     tl.store(S_out + n * K * V + rows[:, None] * V + vv[None, :], out)
             else:
-                acc = tl.load(gam_ptr + rc) * merged
+                acc = tl.load(M_ptr + rc) * merged
                 if writes:
                     acc += tl.dot(xt, mine_vals, input_precision=PREC)
                 tl.store(S_out + n * K * V + tile, acc)
+        # S[r, c + 1] is fully stored before the next chunk loads it as S_in (other threads,
+        # another layout)
         tl.debug_barrier()
 
 
 @triton.jit
-def _inter_bwd_kernel(qe_ptr, lam_ptr, x_ptr, v_ptr, rank_ptr, gam_ptr, dest_ptr, S_ptr, do_ptr, G_ptr,
-                      dqe_ptr, dlam_ptr, dx_ptr, dv_ptr, dgam_ptr, NC,
-                      L: tl.constexpr, C: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr,
-                      BK: tl.constexpr, PREC: tl.constexpr, MATRIX: tl.constexpr):
-    """Reverse walk. ``G`` ([rows, 2, C, K, V]) enters with ``dS_NC`` (the final state's
-    gradient) in its first half and leaves with ``dS_0`` in half ``NC % 2``."""
+def chunk_dla_inter_bwd_kernel(qe_ptr, lam_ptr, x_ptr, v_ptr, rank_ptr, M_ptr, dest_ptr, S_ptr, do_ptr, G_ptr,
+                               dqe_ptr, dlam_ptr, dx_ptr, dv_ptr, dM_ptr, NC,
+                               L: tl.constexpr, C: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr,
+                               BK: tl.constexpr, PREC: tl.constexpr, MATRIX: tl.constexpr):
+    """Reverse walk of :func:`chunk_dla_inter_fwd_kernel` over the stored states ``S``. ``G``
+    ([rows, 2, C, K, V]) enters with ``dS_NC`` (the final state's gradient) in its first half and
+    leaves with ``dS_0`` in half ``NC % 2``; the two halves alternate as ``dS_{c+1}`` (read) and
+    ``dS_c`` (written). ``dv`` is stored; ``dqe``, ``dlam``, ``dx`` and ``dM`` sum over value
+    blocks and are accumulated atomically."""
     r = tl.program_id(0).to(tl.int64)
     vv = tl.program_id(1) * BV + tl.arange(0, BV)
     ll = tl.arange(0, L)
@@ -132,8 +142,8 @@ def _inter_bwd_kernel(qe_ptr, lam_ptr, x_ptr, v_ptr, rank_ptr, gam_ptr, dest_ptr
         tl.store(dv_ptr + tok[:, None] * V + vv[None, :], dv)
         # read-out and merges, per carried slot j
         do = tl.load(do_ptr + tok[:, None] * V + vv[None, :])  # [L, BV]
-        gam = tl.load(gam_ptr + rc)
-        dgam = tl.zeros((BV,), dtype=tl.float32)
+        m_c = tl.load(M_ptr + rc)  # the scalar transition (read, unused, when MATRIX)
+        dm_c = tl.zeros((BV,), dtype=tl.float32)
         for kb in range(K // BK):
             rows = kb * BK + bk
             qe = tl.load(qe_ptr + tok[:, None] * K + rows[None, :])  # [L, BK]
@@ -151,12 +161,12 @@ def _inter_bwd_kernel(qe_ptr, lam_ptr, x_ptr, v_ptr, rank_ptr, gam_ptr, dest_ptr
                         for kt in range(K // BT):
                             cols = kt * BT + bt
                             Gn = tl.load(G_out + n * K * V + cols[:, None] * V + vv[None, :])  # [BT, BV]
-                            Mt = tl.load(gam_ptr + (rc * K + cols[None, :]) * K + rows[:, None])  # [BK, BT]: M^T
+                            Mt = tl.load(M_ptr + (rc * K + cols[None, :]) * K + rows[:, None])  # [BK, BT]: M^T
                             dSj += tl.dot(Mt, Gn, input_precision=PREC)
                     else:
                         Gn = tl.load(G_out + n * K * V + rows[:, None] * V + vv[None, :])
-                        dgam += tl.sum(Gn * Sj, axis=0)
-                        dSj += gam * Gn
+                        dm_c += tl.sum(Gn * Sj, axis=0)
+                        dSj += m_c * Gn
                 tl.store(G_in + j * K * V + rows[:, None] * V + vv[None, :], dSj)
             tl.atomic_add(dqe_ptr + tok[:, None] * K + rows[None, :], dqe)
         if MATRIX:
@@ -173,24 +183,24 @@ def _inter_bwd_kernel(qe_ptr, lam_ptr, x_ptr, v_ptr, rank_ptr, gam_ptr, dest_ptr
                             G_blk = tl.load(G_out + n * K * V + rows_a[:, None] * V + vv[None, :])  # [BK, BV]
                             St = tl.load(S_in + j * K * V + cols[None, :] * V + vv[:, None])  # [BV, BT]: S_c[j]^T
                             dM += tl.dot(G_blk, St, input_precision=PREC)
-                    tl.atomic_add(dgam_ptr + (rc * K + rows_a[:, None]) * K + cols[None, :], dM)
+                    tl.atomic_add(dM_ptr + (rc * K + rows_a[:, None]) * K + cols[None, :], dM)
         else:
-            tl.atomic_add(dgam_ptr + rc, tl.sum(dgam, axis=0))
+            tl.atomic_add(dM_ptr + rc, tl.sum(dm_c, axis=0))
+        # dS_c (G_in) is fully stored, and this chunk's loads of dS_{c+1} (G_out) are done, before
+        # the next step reads G_in as its dS_{c+1} and overwrites G_out with its dS_c
         tl.debug_barrier()
 
 
-def _prec(dtype) -> str:
-    # fp32 inputs get IEEE products (the 1e-5 contract); lower-precision inputs tf32
+def input_precision(dtype) -> str:
+    """``tl.dot``'s input precision: IEEE for fp32 inputs (the 1e-5 contract), tf32 below."""
     return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
 
 
-def _key_block(K: int, matrix: bool) -> int:
-    """Key rows per block of the walks. Fewer, larger blocks mean fewer small dots, each with its
-    own trip through shared memory: on an H100 (Triton 3.6) the Mamba-2 shape (K = 128) ran its
-    forward+backward in 74 ms with whole-K blocks against 104 ms with 32 (T = 4K, C = 16), though
-    its backward spills a little (~200 bytes). The Gated DeltaNet walks also hold transition tiles
-    and spill far more above 32 (K = 128: ~300 bytes at 64, ~1.5 KB at 128), as the scalar walk does
-    at K = 256 (benchmarks/kernel_resources.py, Triton 3.9's ptxas). DLA_WALK_KEY_BLOCK overrides."""
+def key_block(K: int, matrix: bool) -> int:
+    """Key rows per block of the walks: whole-K blocks for the scalar walk at K <= 128 (fewer,
+    larger dots, each with one trip through shared memory), 32 for the Gated DeltaNet walk, which
+    also holds transition tiles, and at K = 256, where larger blocks spill. Measurements:
+    docs/kernels.md. The environment variable DLA_WALK_KEY_BLOCK overrides it."""
     default = 128 if K <= 128 and not matrix else 32
     block = int(os.environ.get("DLA_WALK_KEY_BLOCK", default))
     if block < 16 or block & (block - 1):
@@ -200,52 +210,53 @@ def _key_block(K: int, matrix: bool) -> int:
 
 class _FusedInter(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, qe, lam, x, v, gam, S0, rank, lo, hi, dest, prec):
+    def forward(ctx, qe, lam, x, v, M, S0, rank, lo, hi, dest, prec):
         R, NC, L, K = qe.shape
         C, Vd = S0.shape[1], v.shape[-1]
-        S = _output((R, NC + 1, C, K, Vd), qe)
-        o = _output((R, NC, L, Vd), qe)
-        key_block = _key_block(K, matrix=gam.dim() == 4)
+        S = new_output((R, NC + 1, C, K, Vd), qe)
+        o = new_output((R, NC, L, Vd), qe)
+        block = key_block(K, matrix=M.dim() == 4)
         grid = lambda meta: (R, Vd // meta["BV"])  # noqa: E731
-        _inter_fwd_kernel[grid](qe, lam, x, v, rank, gam, lo, hi, S0, S, o, NC, L=L, C=C, K=K, V=Vd,
-                                BK=key_block, PREC=prec, MATRIX=gam.dim() == 4)
-        ctx.save_for_backward(qe, lam, x, v, gam, rank, dest, S)
-        ctx.prec, ctx.key_block = prec, key_block  # the backward walks the same blocks
+        chunk_dla_inter_fwd_kernel[grid](qe, lam, x, v, rank, M, lo, hi, S0, S, o, NC, L=L, C=C, K=K, V=Vd,
+                                         BK=block, PREC=prec, MATRIX=M.dim() == 4)
+        ctx.save_for_backward(qe, lam, x, v, M, rank, dest, S)
+        ctx.prec, ctx.key_block = prec, block  # the backward walks the same blocks
         return o, S[:, NC]
 
     @staticmethod
     def backward(ctx, do, dS_final):
-        qe, lam, x, v, gam, rank, dest, S = ctx.saved_tensors
+        qe, lam, x, v, M, rank, dest, S = ctx.saved_tensors
         R, NC, L, K = qe.shape
         C, Vd = S.shape[2], v.shape[-1]
         G = torch.zeros((R, 2, C, K, Vd), dtype=torch.float32, device=qe.device)
         if dS_final is not None:
             G[:, 0] = dS_final
-        dqe, dlam, dx, dgam = (torch.zeros_like(t) for t in (qe, lam, x, gam))
-        dv = _output(v.shape, v)
+        dqe, dlam, dx, dM = (torch.zeros_like(t) for t in (qe, lam, x, M))
+        dv = new_output(v.shape, v)
         BV = min(32, Vd)
-        _inter_bwd_kernel[(R, Vd // BV)](qe, lam, x, v, rank, gam, dest, S, do.float().contiguous(), G,
-                                         dqe, dlam, dx, dv, dgam, NC, L=L, C=C, K=K, V=Vd, BV=BV, BK=ctx.key_block,
-                                         PREC=ctx.prec, MATRIX=gam.dim() == 4, num_warps=8,
-                                         num_stages=1)  # the default (3) spills at K = 256
-        return dqe, dlam, dx, dv, dgam, G[:, NC % 2], None, None, None, None, None
+        chunk_dla_inter_bwd_kernel[(R, Vd // BV)](qe, lam, x, v, rank, M, dest, S, do.float().contiguous(), G,
+                                                  dqe, dlam, dx, dv, dM, NC, L=L, C=C, K=K, V=Vd, BV=BV,
+                                                  BK=ctx.key_block, PREC=ctx.prec, MATRIX=M.dim() == 4, num_warps=8,
+                                                  num_stages=1)  # the default (3) spills at K = 256
+        return dqe, dlam, dx, dv, dM, G[:, NC % 2], None, None, None, None, None
 
 
-def fused_inter(q_eff, lam_inter, x, v, tok_rank, gamma, dest, S0, input_dtype=torch.float32):
-    """Inter-chunk read-out and state walk: a scalar decay per chunk (Mamba-2, ``gamma [N, H,
-    NC]``) or a ``K x K`` transition per chunk (Gated DeltaNet, ``gamma [N, H, NC, K, K]``).
+def fused_inter(q_eff, lam_inter, x, v, tok_rank, M, dest, S0, input_dtype=torch.float32):
+    """Inter-chunk read-out and state walk with the chunk transition ``M``: a scalar decay per
+    chunk (Mamba-2, ``M [N, H, NC]``) or a ``K x K`` matrix per chunk (Gated DeltaNet, ``M [N, H,
+    NC, K, K]``).
 
     ``q_eff``, ``x`` (keys decayed to the chunk's end) ``[N, H, NC, L, K]``; ``lam_inter [N, H,
     NC, L, C]`` (λ of every query for every carried slot, zero for empty slots); ``v [N, H, NC,
     L, V]``; ``tok_rank [N, H, NC, L]`` (the slot a token is written into at the chunk's end,
-    ``C`` = none); ``gamma [N, H, NC]`` (the chunk's total decay); ``dest [N, H, NC, C]`` (new slot
+    ``C`` = none); ``dest [N, H, NC, C]`` (new slot
     of every carried slot, ``C`` = none); ``S0 [N, H, C, K, V]``; ``input_dtype``: the caller's
     dtype (float32 inputs get IEEE products, lower precisions tf32). Returns ``o_inter [N, H, NC,
     L, V]`` and the final states ``[N, H, C, K, V]`` (float32), differentiable in every float input.
     """
     N, H, NC, L, K = q_eff.shape
     C, Vd = dest.shape[-1], v.shape[-1]
-    Kp, Vp = _pow2(K), _pow2(Vd)
+    Kp, Vp = padded_size(K), padded_size(Vd)
     lo, hi = source_ranges(dest)
     R = N * H
     f32 = torch.float32
@@ -256,10 +267,10 @@ def fused_inter(q_eff, lam_inter, x, v, tok_rank, gamma, dest, S0, input_dtype=t
             t = torch.nn.functional.pad(t, pad)
         return t.reshape(R, *t.shape[2:]).contiguous()
 
-    transition = rows(gamma, (0, Kp - K, 0, Kp - K)) if gamma.dim() == 5 else rows(gamma)
+    transition = rows(M, (0, Kp - K, 0, Kp - K)) if M.dim() == 5 else rows(M)
     o, S = _FusedInter.apply(rows(q_eff, (0, Kp - K)), rows(lam_inter), rows(x, (0, Kp - K)),
                              rows(v, (0, Vp - Vd)), transition, rows(S0, (0, Vp - Vd, 0, Kp - K)),
                              tok_rank.to(torch.int32).reshape(R, NC, L).contiguous(), lo.reshape(R, NC, C),
                              hi.reshape(R, NC, C), dest.to(torch.int32).reshape(R, NC, C).contiguous(),
-                             _prec(input_dtype))
+                             input_precision(input_dtype))
     return o.reshape(N, H, NC, L, Vp)[..., :Vd], S.reshape(N, H, C, Kp, Vp)[..., :K, :Vd]

@@ -22,20 +22,17 @@ import torch
 import triton
 import triton.language as tl
 
+from dla.ops.triton.utils import merged_slots, new_output, padded_size, source_ranges, walk_start
 from dla.schedule.schedule import NONE
-
-# tests set this to fill kernel outputs with NaN first, so an element a kernel forgets is caught
-POISON = os.environ.get("DLA_POISON_OUTPUTS") == "1"
-
-
-def _output(shape, like):
-    return (torch.full if POISON else torch.empty)(shape, *([float("nan")] if POISON else []),
-                                                   dtype=torch.float32, device=like.device)
 
 
 @triton.jit
-def _carried_slots_kernel(sd_ptr, pos_ptr, death_ptr, out_pos_ptr, out_death_ptr, NC,
-                          L: tl.constexpr, C: tl.constexpr, CP: tl.constexpr):
+def chunk_dla_carried_slots_kernel(sd_ptr, pos_ptr, death_ptr, out_pos_ptr, out_death_ptr, NC,
+                                   L: tl.constexpr, C: tl.constexpr, CP: tl.constexpr):
+    """The ``C`` segments alive at every chunk boundary of one sequence-head (program ``r``):
+    positions and deaths of the slots entering chunk ``c + 1``, newest first, from those entering
+    chunk ``c`` and the chunk's tokens (``sd``: the death of the boundary each token starts, -1 if
+    none). ``CP`` is ``C`` rounded up to a power of two; slots past ``C`` are masked."""
     r = tl.program_id(0).to(tl.int64)
     idx = tl.arange(0, CP)
     in_c = idx < C
@@ -59,6 +56,8 @@ def _carried_slots_kernel(sd_ptr, pos_ptr, death_ptr, out_pos_ptr, out_death_ptr
         tl.store(dbase + out + t_rank, td, mask=t_live & (t_rank < C))
         tl.store(base + out + s_rank, sp, mask=s_live & (s_rank < C))
         tl.store(dbase + out + s_rank, sdth, mask=s_live & (s_rank < C))
+        # the slots stored above (each thread stores some) are complete before they are loaded
+        # back as the next chunk's input (each thread loads others)
         tl.debug_barrier()
         sp = tl.load(base + out + idx, mask=in_c, other=-1)
         sdth = tl.load(dbase + out + idx, mask=in_c, other=-1)
@@ -73,13 +72,14 @@ def carried_slots(start_death: torch.Tensor, carried_pos: torch.Tensor, carried_
     out_pos = torch.full((N, H, NC + 1, C), NONE, dtype=torch.long, device=start_death.device)
     out_death = torch.full_like(out_pos, NONE)
     if N * H:
-        _carried_slots_kernel[(N * H,)](start_death.contiguous(), carried_pos.contiguous(),
-                                        carried_death.contiguous(), out_pos, out_death, NC, L=L, C=C,
-                                        CP=triton.next_power_of_2(C), num_warps=1)
+        chunk_dla_carried_slots_kernel[(N * H,)](start_death.contiguous(), carried_pos.contiguous(),
+                                                 carried_death.contiguous(), out_pos, out_death, NC, L=L, C=C,
+                                                 CP=triton.next_power_of_2(C), num_warps=1)
     return out_pos, out_death
 
 
-def _fitting_configs(configs, named_args, **kwargs):
+def fitting_blocks(configs, named_args, **kwargs):
+    """Autotuning prune: the configurations whose key and value blocks fit ``K`` and ``V``."""
     K, V = kwargs.get("K", named_args.get("K")), kwargs.get("V", named_args.get("V"))
     return [c for c in configs if c.kwargs["BK"] <= K and c.kwargs["BV"] <= V]
 
@@ -87,44 +87,20 @@ def _fitting_configs(configs, named_args, **kwargs):
 # the forward walk writes every output element, so it can be tuned by re-running it; the backward
 # accumulates atomically and in place, so it runs one fixed configuration. (Under the interpreter
 # there is nothing to tune.)
-_FWD_CONFIGS = [triton.Config({"BK": bk, "BV": bv}, num_warps=w, num_stages=1)
+STATE_FWD_CONFIGS = [triton.Config({"BK": bk, "BV": bv}, num_warps=w, num_stages=1)
                 for bk in (16, 32, 64) for bv in (16, 32) for w in (4, 8)]
 if os.environ.get("TRITON_INTERPRET") == "1":
-    _FWD_CONFIGS = [triton.Config({"BK": 16, "BV": 16})]
+    STATE_FWD_CONFIGS = [triton.Config({"BK": 16, "BV": 16})]
 
 
+@triton.autotune(configs=STATE_FWD_CONFIGS, key=["C", "K", "V"],
+                 prune_configs_by={"early_config_prune": fitting_blocks})
 @triton.jit
-def _walk_start(S0_ptr, S_ptr, NC, C: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr):
-    """The program's row ``r``, value columns ``vv``, key rows ``kk`` and the offsets of its
-    ``[K, BV]`` tile in one K x V state; fills the first chunk boundary of the row's states
-    ``S[r] [NC + 1, C, K, V]`` with ``S0[r]``."""
-    r = tl.program_id(0).to(tl.int64)
-    vv = tl.program_id(1) * BV + tl.arange(0, BV)
-    kk = tl.arange(0, K)
-    tile = kk[:, None] * V + vv[None, :]
-    S_row = S_ptr + r * (NC + 1) * C * K * V
-    for j in range(C):
-        tl.store(S_row + j * K * V + tile, tl.load(S0_ptr + r * C * K * V + j * K * V + tile))
-    tl.debug_barrier()
-    return r, vv, kk, tile
-
-
-@triton.jit
-def _merged(S_in, lo, hi, tile, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr):
-    """Σ of the old slots ``lo..hi`` (the ones merging into one new slot), one ``[K, BV]`` tile."""
-    acc = tl.zeros((K, BV), dtype=tl.float32)
-    for j in range(lo, hi + 1):
-        acc += tl.load(S_in + j * K * V + tile)
-    return acc
-
-
-@triton.autotune(configs=_FWD_CONFIGS, key=["C", "K", "V"],
-                 prune_configs_by={"early_config_prune": _fitting_configs})
-@triton.jit
-def _state_fwd_kernel(S0_ptr, S_ptr, lo_ptr, hi_ptr, M_ptr, W_ptr, NC,
-                      C: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr):
+def chunk_dla_state_fwd_kernel(S0_ptr, S_ptr, lo_ptr, hi_ptr, M_ptr, W_ptr, NC,
+                               C: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr,
+                               BK: tl.constexpr):
     """S[c+1, n] = M_c Σ_{j = lo..hi} S[c, j] + W[c, n]: one program per (row, value block)."""
-    r, vv, kk, tile = _walk_start(S0_ptr, S_ptr, NC, C, K, V, BV)
+    r, vv, kk, tile = walk_start(S0_ptr, S_ptr, NC, C, K, V, BV)
     bk = tl.arange(0, BK)
     for c in range(NC):
         rc = r * NC + c  # int64 (r is), so offsets from it do not overflow as c * C*K*V (int32) would
@@ -132,19 +108,22 @@ def _state_fwd_kernel(S0_ptr, S_ptr, lo_ptr, hi_ptr, M_ptr, W_ptr, NC,
         S_out = S_in + C * K * V
         W_c = W_ptr + rc * C * K * V
         for n in range(C):
-            acc = _merged(S_in, tl.load(lo_ptr + rc * C + n), tl.load(hi_ptr + rc * C + n), tile, K, V, BV)
+            acc = merged_slots(S_in, tl.load(lo_ptr + rc * C + n), tl.load(hi_ptr + rc * C + n), tile, K, V, BV)
             for kb in tl.static_range(K // BK):
                 rows = kb * BK + bk
                 M_blk = tl.load(M_ptr + (rc * K + rows[:, None]) * K + kk[None, :])  # [BK, K]
                 blk = rows[:, None] * V + vv[None, :]
                 out = tl.dot(M_blk, acc, input_precision="ieee") + tl.load(W_c + n * K * V + blk)
                 tl.store(S_out + n * K * V + blk, out)
+        # S[c + 1] is fully stored before the next chunk loads it as its input (other threads,
+        # another layout)
         tl.debug_barrier()
 
 
 @triton.jit
-def _state_bwd_kernel(S_ptr, dS_ptr, lo_ptr, hi_ptr, M_ptr, dM_ptr, NC,
-                      C: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr):
+def chunk_dla_state_bwd_kernel(S_ptr, dS_ptr, lo_ptr, hi_ptr, M_ptr, dM_ptr, NC,
+                               C: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr,
+                               BK: tl.constexpr):
     """Reverse walk. ``dS`` enters holding the gradients w.r.t. every S_c from outside the
     recurrence and leaves holding the total gradients (so dW[c] = dS[c + 1]); dM is accumulated
     atomically over value blocks."""
@@ -163,7 +142,7 @@ def _state_bwd_kernel(S_ptr, dS_ptr, lo_ptr, hi_ptr, M_ptr, dM_ptr, NC,
             lo = tl.load(lo_ptr + rc * C + n)
             hi = tl.load(hi_ptr + rc * C + n)
             G = tl.load(dS_out + n * K * V + tile)  # [K, BV]
-            acc = _merged(S_in, lo, hi, tile, K, V, BV)
+            acc = merged_slots(S_in, lo, hi, tile, K, V, BV)
             for kb in tl.static_range(K // BK):
                 rows = kb * BK + bk
                 G_blk = tl.load(dS_out + n * K * V + rows[:, None] * V + vv[None, :])  # [BK, BV]
@@ -174,31 +153,18 @@ def _state_bwd_kernel(S_ptr, dS_ptr, lo_ptr, hi_ptr, M_ptr, dM_ptr, NC,
                 for j in range(lo, hi + 1):
                     p = dS_in + j * K * V + rows[:, None] * V + vv[None, :]
                     tl.store(p, tl.load(p) + dA_blk)
+        # dS[c] is fully updated (read-modify-write above) before the next step, chunk c - 1,
+        # loads it as the gradient flowing back
         tl.debug_barrier()
-
-
-def source_ranges(dest: torch.Tensor):
-    """``dest [..., C]`` (new slot of every old slot, ``C`` = nowhere) -> the first and last old
-    slot merging into every new slot, ``int32 [..., C]`` (``lo > hi`` when none)."""
-    C = dest.shape[-1]
-    slot = torch.arange(C, device=dest.device)
-    hit = dest[..., None, :] == slot[:, None]  # [..., new, old]
-    lo = torch.where(hit, slot, C).amin(-1).to(torch.int32).contiguous()
-    hi = torch.where(hit, slot, -1).amax(-1).to(torch.int32).contiguous()
-    return lo, hi
-
-
-def _pow2(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
 
 
 class _StateRecurrence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, S0, M, W, lo, hi):
         R, NC, C, K, Vd = W.shape
-        S = _output((R, NC + 1, C, K, Vd), S0)
+        S = new_output((R, NC + 1, C, K, Vd), S0)
         grid = lambda meta: (R, Vd // meta["BV"])  # noqa: E731
-        _state_fwd_kernel[grid](S0, S, lo, hi, M, W, NC, C=C, K=K, V=Vd)
+        chunk_dla_state_fwd_kernel[grid](S0, S, lo, hi, M, W, NC, C=C, K=K, V=Vd)
         ctx.save_for_backward(S, M, lo, hi)
         return S
 
@@ -209,7 +175,8 @@ class _StateRecurrence(torch.autograd.Function):
         BV, BK = min(32, Vd), min(32, K)
         dS = dS.float().contiguous().clone()
         dM = torch.zeros_like(M)
-        _state_bwd_kernel[(R, Vd // BV)](S, dS, lo, hi, M, dM, NC1 - 1, C=C, K=K, V=Vd, BV=BV, BK=BK, num_warps=8)
+        chunk_dla_state_bwd_kernel[(R, Vd // BV)](S, dS, lo, hi, M, dM, NC1 - 1, C=C, K=K, V=Vd, BV=BV, BK=BK,
+                                                   num_warps=8)
         return dS[:, 0], dM, dS[:, 1:], None, None
 
 
@@ -220,7 +187,7 @@ def state_recurrence(S0, M, W, dest):
     ``dest [N,H,NC,C]`` routes old slots to new ones (``C`` = nowhere)."""
     N, H, NC, C = dest.shape
     K, Vd = W.shape[-2], W.shape[-1]
-    Kp, Vp = _pow2(K), _pow2(Vd)
+    Kp, Vp = padded_size(K), padded_size(Vd)
     lo, hi = source_ranges(dest)
     f32 = torch.float32
 

@@ -12,13 +12,17 @@ import torch
 import triton
 import triton.language as tl
 
-from dla.ops.triton.chunk_state import source_ranges
+from dla.ops.triton.utils import source_ranges
 
 
 @triton.jit
-def _decode_kernel(S_ptr, S_new_ptr, lo_ptr, hi_ptr, q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, lam_ptr, o_ptr,
-                   C: tl.constexpr, K: tl.constexpr, V: tl.constexpr, KP: tl.constexpr, BV: tl.constexpr,
-                   DELTA: tl.constexpr):
+def decode_dla_step_kernel(S_ptr, S_new_ptr, lo_ptr, hi_ptr, q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, lam_ptr, o_ptr,
+                           C: tl.constexpr, K: tl.constexpr, V: tl.constexpr, KP: tl.constexpr, BV: tl.constexpr,
+                           DELTA: tl.constexpr):
+    """One token for one row (sequence-head) and value columns ``vv``: new slot ``n`` = the old
+    slots ``lo[n]..hi[n]`` summed, times ``A_t`` (``exp(g_t)``, and ``I - β_t k_t k_tᵀ`` when
+    ``DELTA``, Gated DeltaNet), plus the write ``w_t k_t v_tᵀ`` in slot 0; ``o = Σ_n λ_n S_nᵀ q``.
+    ``KP`` is ``K`` rounded up to a power of two (masked)."""
     r = tl.program_id(0).to(tl.int64)
     vv = tl.program_id(1) * BV + tl.arange(0, BV)
     kk = tl.arange(0, KP)
@@ -66,8 +70,8 @@ def decode_step(S, dest, q, k, v, g, beta, lam):
     o = torch.empty(N, H, V, dtype=torch.float32, device=S.device)
     BV, num_warps = launch_shape(K, V, beta is not None)
     grid = (N * H, triton.cdiv(V, BV))
-    _decode_kernel[grid](S, S_new, lo, hi, q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(),
-                         g if beta is None else beta.contiguous(), lam.contiguous(), o,
-                         C=C, K=K, V=V, KP=triton.next_power_of_2(K), BV=BV, DELTA=beta is not None,
-                         num_warps=num_warps)
+    decode_dla_step_kernel[grid](S, S_new, lo, hi, q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(),
+                                 g if beta is None else beta.contiguous(), lam.contiguous(), o,
+                                 C=C, K=K, V=V, KP=triton.next_power_of_2(K), BV=BV, DELTA=beta is not None,
+                                 num_warps=num_warps)
     return S_new.to(q.dtype), o.to(q.dtype)

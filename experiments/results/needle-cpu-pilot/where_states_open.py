@@ -10,7 +10,7 @@ together before commit a7d415d.
 import argparse
 import json
 
-from dla.sweep import boundary_probe
+from dla.inspection import boundary_probe
 from dla.train.checkpoint import load_model
 from dla.train.config import config_from_dict
 
