@@ -9,7 +9,7 @@ and ``dla.generate()`` (CUDA graph where the step can be captured), against the 
 
 Models (12 layers, hidden 768, 32K vocabulary, SwiGLU 2048, tied embeddings, bf16 on CUDA):
 ``attention`` (rotary, 12 heads), ``mamba2-single`` / ``mamba2-dynamic`` (24 heads of 128 x 64
-states; dynamic: DLA with capacity 16), ``gated_deltanet-single`` / ``gated_deltanet-dynamic`` (6
+states; dynamic: the paper's DLA, capacity 30), ``gated_deltanet-single`` / ``gated_deltanet-dynamic`` (6
 heads, key 96, value 192). Each (model, batch, context) row prefills a random prompt (ids >= 1,
 no padding, no end-of-sequence token), then decodes ``--new-tokens`` tokens greedily; only the
 decoding steps are timed (CUDA events between consecutive steps, the first ``--skip`` steps
@@ -42,9 +42,9 @@ from dla.plots import pyplot, save
 MODELS = {
     "attention": dict(mixer="attention"),
     "mamba2-single": dict(mixer="mamba2", policy="single"),
-    "mamba2-dynamic": dict(mixer="mamba2", policy="dynamic", capacity=16),
+    "mamba2-dynamic": dict(mixer="mamba2", policy="dynamic"),
     "gated_deltanet-single": dict(mixer="gated_deltanet", policy="single"),
-    "gated_deltanet-dynamic": dict(mixer="gated_deltanet", policy="dynamic", capacity=16),
+    "gated_deltanet-dynamic": dict(mixer="gated_deltanet", policy="dynamic"),
 }
 FULL = dict(vocab_size=32000, hidden_size=768, num_hidden_layers=12, intermediate_size=2048)
 FULL_HEADS = {"attention": dict(num_heads=12), "mamba2": {}, "gated_deltanet": dict(num_heads=6, head_dim=96)}
