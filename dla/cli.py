@@ -63,7 +63,10 @@ def cmd_train(args) -> int:
         print(json.dumps(to_dict(cfg), indent=2))
         return 0
     stop_at = None if args.stop_after is None else time.time() + args.stop_after
-    result = train(cfg, resume=args.resume, show_progress=not args.quiet, stop_at=stop_at)
+    if args.allow_config_change and not args.resume:
+        raise UserError("--allow-config-change goes with --resume")
+    result = train(cfg, resume=args.resume, show_progress=not args.quiet, stop_at=stop_at,
+                   allow_config_change=args.allow_config_change)
     return 130 if result["status"] == "interrupted" else 0
 
 
@@ -200,8 +203,33 @@ def cmd_demo(args) -> int:
 
 
 # ----------------------------------------------------------------------------- parser
+class Parser(argparse.ArgumentParser):
+    """Command-line mistakes are one ``error:`` line (status 2), as every other user error."""
+
+    def error(self, message):
+        raise UserError(f"{self.prog}: {message} (see '{self.prog} --help')")
+
+
+def positive_int(text: str) -> int:
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dla", description="Dynamic Linear Attention: train, evaluate, inspect, "
+    parser = Parser(prog="dla", description="Dynamic Linear Attention: train, evaluate, inspect, "
                                      "benchmark. 'dla COMMAND --help' describes each command.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     fmt = argparse.RawDescriptionHelpFormatter
@@ -216,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("items", nargs="*", metavar="CONFIG | KEY=VALUE", help="a config file and/or overrides")
     p.add_argument("--resume", action="store_true", help="continue from OUT_DIR's latest checkpoint: same step, "
                    "same data order, optimizer and RNG state")
+    p.add_argument("--allow-config-change", action="store_true", help="with --resume: accept a changed model.*, "
+                   "data.* or seed (the model is built from the new config and the saved weights must fit it)")
     p.add_argument("--stop-after", type=parse_duration, metavar="TIME", help="stop after the first step that ends "
                    "this long after the start (e.g. 3h50m, 90m, 600), saving a checkpoint (exit status 130); the "
                    "next job continues with --resume")
@@ -308,11 +338,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """The arguments; ``dla train``'s config file and overrides may also follow its flags."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if args.command == "train" and not any(e.startswith("-") for e in extra):
+            args.items += extra
+        else:
+            raise UserError(f"dla {args.command}: unrecognized arguments: {' '.join(extra)} "
+                            f"(see 'dla {args.command} --help')")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    keep_freed_memory()  # CPU training would otherwise pay the kernel's page zeroing at every step
     try:
+        args = parse(argv)
+        keep_freed_memory()  # CPU training would otherwise pay the kernel's page zeroing at every step
         return args.handler(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C during training, or one during any other command
+        print("\ninterrupted", file=sys.stderr)
+        return 130
