@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dla.ops.common import DLAState, prepare
+from dla.ops.common import DLAState, check_backend, prepare
 from dla.schedule.schedule import NONE, bit_length
 
 
@@ -74,6 +74,7 @@ def recurrent_dla(q, k, v, g, lam, schedule, beta=None, scale=None, initial_stat
     if backend not in (None, "torch", "triton"):
         raise ValueError(f"backend must be None, 'torch' or 'triton', got {backend!r}")
     x = prepare(q, k, v, g, lam, schedule, beta, scale, cu_seqlens, initial_state)
+    check_backend(backend, x.q.device)
     ds = x.schedule
     N, H, Tm, K = x.q.shape
     V = x.v.shape[-1]
