@@ -85,6 +85,13 @@ def test_a_huge_capacity_allocates_memory_linear_in_it(base):
     assert torch.allclose(o, reference) and state.states.shape == (1, 1, 50_000, 2, 2)
 
 
+@pytest.mark.parametrize("base", ["mamba2"])
+def test_decoding_with_a_huge_capacity(base):
+    c = case(base, T=3, H=1, K=2, V=2, capacity=50_000)
+    o, state = dla.recurrent_dla(**c, output_final_state=True)
+    assert torch.allclose(o, dla.chunk_dla(**c)[0]) and state.states.shape == (1, 1, 50_000, 2, 2)
+
+
 @pytest.mark.parametrize("base", ["mamba2", "gated_deltanet"])
 def test_the_scattered_state_routing_equals_the_dense_one(base, monkeypatch):
     from dla.ops import chunk
@@ -98,6 +105,8 @@ def test_the_scattered_state_routing_equals_the_dense_one(base, monkeypatch):
     g_scattered = torch.autograd.grad(scattered.sum(), [c["q"], c["v"], c["lam"]])
     assert torch.allclose(dense, scattered, atol=1e-12)
     assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(g_dense, g_scattered))
+    recurrent, _ = dla.recurrent_dla(**{k: v for k, v in c.items() if k != "chunk_size"})
+    assert torch.allclose(recurrent, dense, atol=1e-10)
 
 
 # ----------------------------------------------------------------------------- the schedule (being rewritten)

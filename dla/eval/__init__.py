@@ -90,10 +90,18 @@ def synthetic_tasks(train_config: dict | None, vocab_size: int) -> tuple[MQAR, N
         seq_len = 256 if train_config is None else train_config["data"]["seq_len"]
         return MQAR(vocab_size=vocab_size), Needle(vocab_size=vocab_size), seq_len
     data = train_config["data"]
-    mqar, needle = MQAR(**data["mqar"]), replace(Needle(**data["needle"]), depth=None)
+    try:
+        mqar, needle = MQAR(**data["mqar"]), replace(Needle(**data["needle"]), depth=None)
+        seq_len = int(data["seq_len"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"the checkpoint's train_config.json does not describe its data ({type(e).__name__}: {e}): "
+                        "it is damaged or comes from another version of dla") from None
     # the task it was not trained on uses the vocabulary of the one it was
     if data["task"] == "needle":
         mqar = replace(mqar, vocab_size=needle.vocab_size)
     else:
         needle = replace(needle, vocab_size=mqar.vocab_size)
-    return mqar, needle, data["seq_len"]
+    if mqar.vocab_size > vocab_size:
+        raise UserError(f"the checkpoint's train_config.json describes a {data['task']} task of {mqar.vocab_size} "
+                        f"tokens, more than the model's vocabulary ({vocab_size}): the files do not belong together")
+    return mqar, needle, seq_len
