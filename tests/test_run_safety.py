@@ -124,6 +124,22 @@ def test_resume_loads_the_trainer_state_without_running_pickled_code(run, tmp_pa
     assert "trainer_state.pt cannot be loaded safely" in line and not marker.exists()
 
 
+def test_a_trainer_state_of_the_earlier_format_still_resumes(run):
+    """Before, the RNG states were numpy's and Python's own objects (numpy arrays are allowed)."""
+    import random
+
+    import numpy as np
+
+    path = run / "checkpoints" / "step_0000004" / "trainer_state.pt"
+    state = torch.load(path, weights_only=True)
+    np.random.seed(3)
+    random.seed(3)
+    state["rng"]["numpy"], state["rng"]["python"] = np.random.get_state(), random.getstate()
+    torch.save(state, path)
+    resume(run, "steps=6")
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
+
+
 @pytest.mark.parametrize("damage, message", [
     ("truncate", "trainer_state.pt cannot be loaded safely"),
     ("foreign", r"is not a dla trainer state \(it holds a list\)"),

@@ -138,8 +138,11 @@ def set_rng_state(state: dict) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
+    if isinstance(n, tuple):  # written before the RNG states were stored as plain values
+        np.random.set_state(n)
+    else:
+        np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                             n["cached_gaussian"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -251,8 +254,13 @@ def load_trainer_state(checkpoint: Path) -> dict:
     path = checkpoint / TRAINER_STATE
     if not path.is_file():
         raise UserError(f"{checkpoint} has no {TRAINER_STATE}: it is a saved model, not a resumable checkpoint")
+    # numpy arrays rebuilt by these (they only make arrays) are allowed: older trainer states hold
+    # numpy's RNG state as an array
+    core = getattr(np, "_core", None) or np.core  # (numpy 1.x: np.core)
+    numpy_array = [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(numpy_array):
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 -- truncated, foreign or unsafe files raise many types
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{path} cannot be loaded safely ({type(e).__name__}: {first[:200]}): it is damaged, "
