@@ -222,11 +222,9 @@ def diverged(step: int, what: str, last_good: Path | None, out_dir: Path, main: 
 
 def weights_finite(model, runtime: Runtime) -> bool:
     """Whether every parameter is finite, on every process."""
-    bad = 0
-    for p in model.parameters():
-        local = p.to_local() if hasattr(p, "to_local") else p
-        bad += int(not bool(torch.isfinite(local.detach()).all()))
-    (bad,) = all_reduce_sum([float(bad)], runtime)
+    flags = [~torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all() for p in model.parameters()]
+    bad = float(torch.stack(flags).sum()) if flags else 0.0  # one host sync
+    (bad,) = all_reduce_sum([bad], runtime)
     return bad == 0
 
 
