@@ -203,6 +203,16 @@ def test_the_last_good_checkpoint_is_named_kept_and_resumable(tmp_path, capsys, 
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")][-1] == 6
 
 
+def test_a_divergence_after_resuming_keeps_the_checkpoints_of_the_earlier_run(run, capsys, monkeypatch):
+    from dla.train import loop
+
+    monkeypatch.setattr(loop, "lm_loss", lambda model, batch: torch.tensor(float("nan"), requires_grad=True))
+    resume(run, "steps=8", expect=2)  # the checkpoint resumed from gives a NaN loss here: it is not called good
+    assert "No good checkpoint was written" in error_line(capsys)
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_0000002", "step_0000004"]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_0000004"
+
+
 def test_nan_weights_are_never_saved(tmp_path, capsys, monkeypatch):
     real_step = torch.optim.AdamW.step
 

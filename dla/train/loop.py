@@ -137,11 +137,15 @@ def _train(cfg: TrainConfig, runtime: Runtime, resume: bool, show_progress: bool
     metrics = MetricsLog(out_dir, step if resume else None) if main else None
     progress = Progress(cfg.steps, step, cfg.log_every, main=main, show=show_progress)
 
+    written: list[Path] = []  # the checkpoints this process wrote (a divergence removes only these)
+
     def save() -> Path:
         if not weights_finite(model, runtime):
-            raise diverged(step - 1, "NaN or Inf weights after the optimizer step", last_good, out_dir, main)
-        return save_training_checkpoint(cfg, runtime, model, optimizer, scheduler, dataset, step,
+            raise diverged(step - 1, "NaN or Inf weights after the optimizer step", last_good, out_dir, main, written)
+        path = save_training_checkpoint(cfg, runtime, model, optimizer, scheduler, dataset, step,
                                         first_batch + (step - start_step) * per_step, protect=last_good)
+        written.append(path)
+        return path
 
     # ---- the loop
     loss, tokens_seen = math.nan, 0
@@ -162,14 +166,14 @@ def _train(cfg: TrainConfig, runtime: Runtime, resume: bool, show_progress: bool
                         except ValueError as e:  # the ops refuse NaN / Inf inputs: the weights diverged
                             if "nan" not in str(e).lower():
                                 raise
-                            raise diverged(step, f"non-finite activations ({e})", last_good, out_dir, main) from e
+                            raise diverged(step, f"non-finite activations ({e})", last_good, out_dir, main, written) from e
                     loss_sum += micro_loss.item()
                     tokens += batch.num_tokens
                 grad_norm = grad_clip(model, cfg.optim.grad_clip)
                 loss_sum, tokens, stopping = all_reduce_sum([loss_sum, tokens, float(stop.requested)], runtime)
                 loss = loss_sum / per_step
                 if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                    raise diverged(step, f"the loss is {loss} (gradient norm {grad_norm})", last_good, out_dir, main)
+                    raise diverged(step, f"the loss is {loss} (gradient norm {grad_norm})", last_good, out_dir, main, written)
                 if pending is not None:  # the weights it saved gave a finite loss: a good checkpoint
                     last_good, pending = pending, None
                 optimizer.step()
@@ -199,24 +203,28 @@ def _train(cfg: TrainConfig, runtime: Runtime, resume: bool, show_progress: bool
     return summary("done", step, loss, pending or last_good, out_dir)
 
 
-def diverged(step: int, what: str, last_good: Path | None, out_dir: Path, main: bool = True) -> TrainingDiverged:
-    """The error for a divergence at (0-based) ``step``; the checkpoints written after ``last_good``
-    (whose weights had diverged) are removed and ``checkpoints/latest`` names ``last_good`` again."""
+def diverged(step: int, what: str, last_good: Path | None, out_dir: Path, main: bool = True,
+             written: list[Path] = ()) -> TrainingDiverged:
+    """The error for a divergence at (0-based) ``step``. The checkpoints this run wrote after
+    ``last_good`` (whose weights had diverged) are removed, and ``checkpoints/latest`` names
+    ``last_good`` (else the newest checkpoint left, one this run did not write)."""
     removed = []
     if main:
-        root = ckpt.checkpoints_dir(out_dir)
-        for path in sorted(root.glob("step_*")):
-            if last_good is None or path.name > last_good.name:
+        for path in written:
+            if (last_good is None or path.name > last_good.name) and path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
                 removed.append(path.name)
+        root = ckpt.checkpoints_dir(out_dir)
         if root.is_dir():
-            ckpt.point_latest(out_dir, None if last_good is None else last_good.name)
+            left = sorted(p.name for p in root.glob("step_*"))
+            ckpt.point_latest(out_dir, last_good.name if last_good is not None else (left[-1] if left else None))
     gone = f" Removed the checkpoint(s) written after it, whose weights had diverged: {', '.join(removed)}." \
         if removed else ""
     return TrainingDiverged(
         f"{what} at step {step + 1}; training stopped. "
         + (f"The last good checkpoint is {last_good}; resume from it with --resume, perhaps with a lower "
-           "optim.lr." if last_good else "No good checkpoint was written (start again with a lower optim.lr).")
+           "optim.lr." if last_good else "No good checkpoint was written (start again with a lower optim.lr, or "
+           "resume an earlier checkpoint by pointing checkpoints/latest at it).")
         + gone)
 
 
