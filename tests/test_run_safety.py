@@ -70,15 +70,31 @@ def test_a_lock_of_another_host_names_the_file_to_delete(run, capsys):
 
 
 def test_two_processes_on_one_out_dir(tmp_path):
-    """Two real ``dla train`` processes started together: one trains, the other stops at once."""
-    args = [sys.executable, "-m", "dla", "train", *TINY, f"out_dir={tmp_path}", "steps=30", "--quiet"]
+    """A second real ``dla train`` process on a running run's out_dir stops at once; the first goes on."""
+    import time
+
+    args = [sys.executable, "-m", "dla", "train", *TINY, f"out_dir={tmp_path}", "steps=100000", "log_every=1",
+            "checkpoint_every=0", "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                              cwd=os.path.dirname(os.path.dirname(__file__))) for _ in range(2)]
-    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
-    assert sorted(rc for rc, _ in results) == [0, 2], results
-    assert "is in use by another dla train run" in next(err for rc, err in results if rc == 2)
-    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [5, 10, 15, 20, 25, 30]
+    cwd = os.path.dirname(os.path.dirname(__file__))
+    first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd)
+    try:
+        deadline = time.time() + 120
+        while not (tmp_path / "metrics.jsonl").is_file() or not read_metrics(tmp_path / "metrics.jsonl"):
+            assert first.poll() is None and time.time() < deadline, first.stderr.read() if first.poll() else "slow"
+            time.sleep(0.2)
+        second = subprocess.run(args, capture_output=True, text=True, env=env, cwd=cwd, timeout=300, check=False)
+        assert second.returncode == 2 and "is in use by another dla train run" in second.stderr, second.stderr
+        assert first.poll() is None  # untouched
+        first.send_signal(signal.SIGINT)
+        assert first.wait(timeout=120) == 130
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    steps = [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")]
+    assert steps == list(range(1, len(steps) + 1))  # one run's rows only
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == f"step_{steps[-1]:07d}"
     assert not (tmp_path / ".lock").exists()
 
 
