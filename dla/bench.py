@@ -109,8 +109,27 @@ def op_benchmarks(out: Path, quick: bool, device: torch.device) -> list[Path]:
     return sorted(out.glob(name + ".*"))
 
 
+def check_bench_args(lengths: list[int], new_tokens: int, model_size: dict, capacity: int) -> None:
+    """:class:`UserError` for settings no benchmarked model can take (before anything runs)."""
+    from dla.errors import UserError
+    from dla.models import DLAConfig
+
+    if not lengths or min(lengths) < 1 or new_tokens < 1 or capacity < 1:
+        raise UserError(f"lengths, new tokens and capacity must be >= 1, got lengths {lengths}, "
+                        f"{new_tokens} new tokens, capacity {capacity}")
+    for variant in VARIANTS.values():
+        extra = {"capacity": capacity} if variant.get("policy") == "dynamic" else {}
+        try:
+            DLAConfig(vocab_size=256, max_position_embeddings=max(lengths) + new_tokens, **model_size, **variant,
+                      **extra)
+        except ValueError as e:
+            raise UserError(f"the benchmark model ({', '.join(f'{k}={v}' for k, v in model_size.items())}) is not "
+                            f"valid: {e} (see --hidden-size, --layers)") from None
+
+
 def run_bench(out: Path, lengths: list[int], new_tokens: int, model_size: dict, capacity: int, device,
               ops: bool, quick: bool) -> list[Path]:
+    check_bench_args(lengths, new_tokens, model_size, capacity)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(device)
     files = op_benchmarks(out, quick, device) if ops else []

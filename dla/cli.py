@@ -40,6 +40,18 @@ state_size, policy, capacity, threshold, period, max_segment_len, merge, score, 
 """
 
 
+def output_dir(path: str | Path, flag: str = "--out") -> Path:
+    """``path`` as a directory to write results into (created), or :class:`UserError`."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{flag} {path} is a file: give a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{flag} {path} cannot be created: {e.strerror}") from None
+    return path
+
+
 def pick_device(name: str):
     import torch
 
@@ -64,7 +76,10 @@ def cmd_train(args) -> int:
         print(json.dumps(to_dict(cfg), indent=2))
         return 0
     stop_at = None if args.stop_after is None else time.time() + args.stop_after
-    result = train(cfg, resume=args.resume, show_progress=not args.quiet, stop_at=stop_at)
+    if args.allow_config_change and not args.resume:
+        raise UserError("--allow-config-change goes with --resume")
+    result = train(cfg, resume=args.resume, show_progress=not args.quiet, stop_at=stop_at,
+                   allow_config_change=args.allow_config_change)
     return 130 if result["status"] == "interrupted" else 0
 
 
@@ -85,14 +100,15 @@ def cmd_eval(args) -> int:
     if args.suite:
         from dla.eval.suite import run_suite
 
-        out = Path(args.out) if args.out else directory / "eval"
+        out = output_dir(args.out if args.out else directory / "eval")
         run_suite(directory, out, args.suite_data, args.suite_tasks, args.lm_eval_limit, args.batch_size, device,
                   args.ruler_lengths)
         print(f"wrote {out / 'suite.json'}, {out / 'suite.md'}")
         return 0
+    if not all(0 <= d <= 1 for d in args.depths):
+        raise UserError(f"--depths must be in [0, 1], got {args.depths}")
     model, tokenizer, train_config = load_model(directory, device)
-    out = Path(args.out) if args.out else directory / "eval"
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(args.out if args.out else directory / "eval")
     if not (args.mqar or args.needle or args.text or args.lm_eval):
         if tokenizer is not None:
             raise UserError("this is a text model: choose --text FILE and/or --lm-eval TASK (or --mqar / --needle)")
@@ -148,7 +164,7 @@ def cmd_inspect(args) -> int:
         ids = ids[: args.max_tokens]
         if regions:
             regions = {name: mask[: args.max_tokens] for name, mask in regions.items()}
-    out = Path(args.out) if args.out else directory / "inspect"
+    out = output_dir(args.out if args.out else directory / "inspect")
     with torch.no_grad():
         report = inspect_model(model, ids, render, out, source, args.heads, str(directory), regions)
     for layer in report["layers"]:
@@ -174,7 +190,7 @@ def cmd_bench(args) -> int:
         lengths = [1024, 2048, 4096, 8192, 16384, 32768] if gpu else [256, 512, 1024, 2048, 4096]
     size = {"hidden_size": args.hidden_size or (1024 if gpu else 256), "num_hidden_layers": args.layers,
             "head_dim": 64, "state_size": 64}
-    files = run_bench(Path(args.out), lengths, args.new_tokens, size, args.capacity, device, not args.skip_ops,
+    files = run_bench(output_dir(args.out), lengths, args.new_tokens, size, args.capacity, device, not args.skip_ops,
                       args.quick)
     print("wrote " + ", ".join(str(f) for f in files))
     return 0
@@ -184,13 +200,38 @@ def cmd_bench(args) -> int:
 def cmd_demo(args) -> int:
     from dla.demo import run_demo
 
-    run_demo(Path(args.out), pick_device(args.device), args.seed, args.steps, args.policies, args.workers)
+    run_demo(output_dir(args.out), pick_device(args.device), args.seed, args.steps, args.policies, args.workers)
     return 0
 
 
 # ----------------------------------------------------------------------------- parser
+class Parser(argparse.ArgumentParser):
+    """Command-line mistakes are one ``error:`` line (status 2), as every other user error."""
+
+    def error(self, message):
+        raise UserError(f"{self.prog}: {message} (see '{self.prog} --help')")
+
+
+def positive_int(text: str) -> int:
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dla", description="Dynamic Linear Attention: train, evaluate, inspect, "
+    parser = Parser(prog="dla", description="Dynamic Linear Attention: train, evaluate, inspect, "
                                      "benchmark. 'dla COMMAND --help' describes each command.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     fmt = argparse.RawDescriptionHelpFormatter
@@ -205,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("items", nargs="*", metavar="CONFIG | KEY=VALUE", help="a config file and/or overrides")
     p.add_argument("--resume", action="store_true", help="continue from OUT_DIR's latest checkpoint: same step, "
                    "same data order, optimizer and RNG state")
+    p.add_argument("--allow-config-change", action="store_true", help="with --resume: accept a changed model.*, "
+                   "data.* or seed (the model is built from the new config and the saved weights must fit it)")
     p.add_argument("--stop-after", type=parse_duration, metavar="TIME", help="stop after the first step that ends "
                    "this long after the start (e.g. 3h50m, 90m, 600), saving a checkpoint (exit status 130); the "
                    "next job continues with --resume")
@@ -225,24 +268,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", nargs="+", metavar="FILE", help="loss by position on these text / JSONL files")
     p.add_argument("--lm-eval", nargs="+", metavar="TASK", help="lm-evaluation-harness tasks (needs lm-eval)")
     p.add_argument("--lm-eval-include", metavar="DIR", help="a directory of extra lm-eval task YAMLs")
-    p.add_argument("--lm-eval-limit", type=int, metavar="N", help="at most N examples per lm-eval task")
+    p.add_argument("--lm-eval-limit", type=positive_int, metavar="N", help="at most N examples per lm-eval task")
     p.add_argument("--suite", choices=("paper",), help="the paper's three categories through lm-eval in one run, "
                    "one table (OUT/suite.json, OUT/suite.md); tasks whose data is absent are skipped, never downloaded")
     p.add_argument("--suite-data", metavar="DIR", help="local stand-in datasets: DIR/<dataset path>/ (e.g. "
                    "DIR/baber/piqa/validation.jsonl), found before the datasets cache")
     p.add_argument("--suite-tasks", nargs="+", metavar="TASK", help="a subset of the suite (tasks or categories)")
-    p.add_argument("--ruler-lengths", type=int, nargs="+", default=[4096, 8192, 16384], metavar="T",
+    p.add_argument("--ruler-lengths", type=positive_int, nargs="+", default=[4096, 8192, 16384], metavar="T",
                    help="RULER needle lengths for --suite")
-    p.add_argument("--lengths", type=int, nargs="+", metavar="T", help="sequence lengths (default: the training "
-                   "length, x2, x4)")
-    p.add_argument("--pairs", type=int, nargs="+", metavar="N", help="MQAR key-value pairs (default: n/2, n, 2n, 4n "
-                   "around the training value)")
+    p.add_argument("--lengths", type=positive_int, nargs="+", metavar="T",
+                   help="sequence lengths (default: the training length, x2, x4)")
+    p.add_argument("--pairs", type=positive_int, nargs="+", metavar="N",
+                   help="MQAR key-value pairs (default: n/2, n, 2n, 4n around the training value)")
     p.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0], metavar="D",
                    help="needle depths in [0, 1]")
-    p.add_argument("--examples", type=int, default=256, help="examples per cell of the recall grids")
-    p.add_argument("--seq-len", type=int, help="window length for --text (default: the training length)")
-    p.add_argument("--windows", type=int, default=64, help="at most this many windows for --text")
-    p.add_argument("--batch-size", type=int, default=8, help="batch size for lm-eval")
+    p.add_argument("--examples", type=positive_int, default=256, help="examples per cell of the recall grids")
+    p.add_argument("--seq-len", type=positive_int, help="window length for --text (default: the training length)")
+    p.add_argument("--windows", type=positive_int, default=64, help="at most this many windows for --text")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="batch size for lm-eval")
     p.add_argument("--seed", type=int, default=0, help="seed of the evaluation data")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--out", metavar="DIR")
@@ -259,9 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--synthetic", action="store_true", help="one example of the task the model was trained on, "
                    "laid out as its evaluation is (no training mixture), with the task's parts marked (MQAR's "
                    "key-value pairs and queries; the needles and the query)")
-    p.add_argument("--max-tokens", type=int, default=256, help="inspect the first N tokens (the pairwise maps are "
-                   "N x N)")
-    p.add_argument("--heads", type=int, nargs="+", metavar="H", help="heads to show (default: all)")
+    p.add_argument("--max-tokens", type=positive_int, default=256,
+                   help="inspect the first N tokens (the pairwise maps are N x N)")
+    p.add_argument("--heads", type=non_negative_int, nargs="+", metavar="H", help="heads to show (default: all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the --synthetic example")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--out", metavar="DIR", help="default CHECKPOINT/inspect")
@@ -273,11 +316,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "models of one size: tokens/s and cache bytes vs context length, as JSON and PNG.")
     p.add_argument("--quick", action="store_true", help="fewer and shorter lengths")
     p.add_argument("--skip-ops", action="store_true", help="only the decoding benchmark")
-    p.add_argument("--lengths", type=int, nargs="+", metavar="T", help="context lengths")
-    p.add_argument("--new-tokens", type=int, default=32, help="tokens decoded per measurement")
-    p.add_argument("--hidden-size", type=int, help="model width (default 256 on CPU, 1024 on GPU)")
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--capacity", type=int, default=16, help="DLA's capacity C")
+    p.add_argument("--lengths", type=positive_int, nargs="+", metavar="T", help="context lengths")
+    p.add_argument("--new-tokens", type=positive_int, default=32, help="tokens decoded per measurement")
+    p.add_argument("--hidden-size", type=positive_int, help="model width (default 256 on CPU, 1024 on GPU)")
+    p.add_argument("--layers", type=positive_int, default=4)
+    p.add_argument("--capacity", type=positive_int, default=16, help="DLA's capacity C")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--out", default="runs/bench", metavar="DIR")
     p.set_defaults(handler=cmd_bench)
@@ -286,22 +329,39 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=fmt, description="Trains the dynamic, fenwick, fixed and single policies "
                        "(same model size, data and steps) on MQAR, prints an accuracy table and writes a plot. "
                        "5 to 10 minutes on 2 CPU cores; longer training on a GPU. Deterministic by --seed.")
-    p.add_argument("--steps", type=int, help="training steps per model (default: the device's preset)")
+    p.add_argument("--steps", type=positive_int, help="training steps per model (default: the device's preset)")
     p.add_argument("--policies", nargs="+", default=["dynamic", "fenwick", "fixed", "single"],
                    choices=("dynamic", "fenwick", "fixed", "single"))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, help="models trained at once on CPU (default: one per core, at most 4)")
+    p.add_argument("--workers", type=positive_int,
+                   help="models trained at once on CPU (default: one per core, at most 4)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--out", default="runs/demo", metavar="DIR")
     p.set_defaults(handler=cmd_demo)
     return parser
 
 
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """The arguments; ``dla train``'s config file and overrides may also follow its flags."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "train":  # positional items after a flag: argparse leaves them over
+        args.items += [e for e in extra if not e.startswith("-")]
+        extra = [e for e in extra if e.startswith("-")]
+    if extra:
+        raise UserError(f"dla {args.command}: unrecognized arguments: {' '.join(extra)} "
+                        f"(see 'dla {args.command} --help')")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    keep_freed_memory()  # CPU training would otherwise pay the kernel's page zeroing at every step
     try:
+        args = parse(argv)
+        keep_freed_memory()  # CPU training would otherwise pay the kernel's page zeroing at every step
         return args.handler(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C during training, or one during any other command
+        print("\ninterrupted", file=sys.stderr)
+        return 130

@@ -15,7 +15,8 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor | None, batch: int, length: int, d
     if cu_seqlens is None:
         return
     if not isinstance(cu_seqlens, torch.Tensor):
-        raise TypeError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
+        raise TypeError(f"cu_seqlens must be a torch.Tensor of int32/int64 offsets on the inputs' device (e.g. "
+                        f"torch.tensor([0, 12, 20], dtype=torch.int32)), got {type(cu_seqlens).__name__}")
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"cu_seqlens must be an integer tensor (int32/int64), got {cu_seqlens.dtype}")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:

@@ -106,7 +106,7 @@ def test_interrupted_run_resumes_at_the_same_step_with_the_same_data(tmp_path, m
     # depend on memory alignment, which differs between the processes' tensors)
     for a, b in zip(whole, split):
         assert a["lr"] == b["lr"] and math.isclose(a["loss"], b["loss"], rel_tol=1e-5)
-    state = torch.load(tmp_path / "split" / "checkpoints" / "step_0000020" / "trainer_state.pt", weights_only=False)
+    state = torch.load(tmp_path / "split" / "checkpoints" / "step_0000020" / "trainer_state.pt", weights_only=True)
     assert state["step"] == 20 and state["next_batch"] == 20
 
 
@@ -126,17 +126,6 @@ def test_parse_duration(text, seconds):
             parse_duration(text)
     else:
         assert parse_duration(text) == seconds
-
-
-def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, capsys):
-    train(*TINY, f"out_dir={tmp_path}", "steps=30", "checkpoint_every=1", "optim.warmup_steps=1", "optim.lr=1e9",
-          "optim.grad_clip=0", expect=2)
-    err = capsys.readouterr().err
-    assert "training stopped" in err and ("the loss is" in err or "non-finite activations" in err)
-    step = int(err.split(" at step ")[1].split(";")[0])
-    latest = (tmp_path / "checkpoints" / "latest").read_text().strip()
-    assert f"The last good checkpoint is {tmp_path / 'checkpoints' / latest}" in err
-    assert int(latest.split("_")[1]) == step - 1
 
 
 @pytest.mark.parametrize("items, message", [

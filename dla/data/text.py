@@ -79,9 +79,15 @@ def read_documents(cfg: TextConfig, seed: int = 0):
             import datasets
         except ImportError as e:
             raise ConfigError("data.text.hf_dataset needs the datasets package (pip install datasets)") from e
+        if looks_like_path(cfg.hf_dataset) and not Path(cfg.hf_dataset).exists():
+            raise DataError(f"data.text.hf_dataset: the directory {cfg.hf_dataset} does not exist")
         extra = {"data_files": cfg.hf_data_files} if cfg.hf_data_files else {}
-        rows = datasets.load_dataset(cfg.hf_dataset, cfg.hf_config, split=cfg.hf_split, streaming=cfg.streaming,
-                                     **extra)
+        try:
+            rows = datasets.load_dataset(cfg.hf_dataset, cfg.hf_config, split=cfg.hf_split, streaming=cfg.streaming,
+                                         **extra)
+        except (OSError, ValueError) as e:  # not found locally or on the Hub, offline, no such split
+            raise DataError(f"data.text.hf_dataset {cfg.hf_dataset!r} cannot be loaded: {e} (a local directory must "
+                            "exist; a Hub dataset needs the network or the datasets cache)") from None
         if cfg.streaming:
             if cfg.shuffle_buffer > 0:
                 rows = rows.shuffle(seed=seed, buffer_size=cfg.shuffle_buffer)
@@ -98,9 +104,19 @@ def read_documents(cfg: TextConfig, seed: int = 0):
             yield f"{cfg.hf_dataset}[{i}]", text
 
 
+def looks_like_path(name: str) -> bool:
+    """A local path rather than a Hub dataset name (``user/name``): absolute, ``./``, ``../`` or ``~``."""
+    return name.startswith(("/", "./", "../", "~")) or name in (".", "..") or "\\" in name
+
+
 def _read_jsonl(path: Path, text_field: str):
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not UTF-8 text (byte {e.start} of the line: {e.reason}); "
+                                "JSONL files must be UTF-8") from None
             if not line.strip():
                 continue
             try:

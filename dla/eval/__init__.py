@@ -6,6 +6,7 @@ directory and returns what it wrote.
 
 from __future__ import annotations
 
+import difflib
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -64,8 +65,17 @@ def eval_lm_harness(checkpoint: Path, tasks: list[str], out: Path, include_path:
         from lm_eval.tasks import TaskManager
     except ImportError as e:
         raise UserError("--lm-eval needs lm-evaluation-harness: pip install 'lm-eval[hf]'") from e
+    if include_path is not None and not Path(include_path).is_dir():
+        raise UserError(f"--lm-eval-include {include_path}: not a directory")
+    manager = TaskManager(include_path=include_path)
+    unknown = [t for t in tasks if not manager.match_tasks([t]) and not Path(t).is_file()]
+    if unknown:
+        hints = {t: difflib.get_close_matches(t, manager.all_tasks, n=3) for t in unknown}
+        said = "; ".join(f"{t!r}" + (f" (did you mean {', '.join(h)}?)" if h else "") for t, h in hints.items())
+        raise UserError(f"--lm-eval: no such lm-evaluation-harness task: {said}; 'lm_eval ls tasks' lists them, "
+                        "--lm-eval-include DIR adds your own")
     results = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={checkpoint},trust_remote_code=True",
-                                      tasks=tasks, task_manager=TaskManager(include_path=include_path), limit=limit,
+                                      tasks=tasks, task_manager=manager, limit=limit,
                                       batch_size=batch_size, device=str(device))
     (out / "lm_eval.json").write_text(json.dumps(results["results"], indent=1, default=str))
     for task, metrics in results["results"].items():
@@ -80,10 +90,18 @@ def synthetic_tasks(train_config: dict | None, vocab_size: int) -> tuple[MQAR, N
         seq_len = 256 if train_config is None else train_config["data"]["seq_len"]
         return MQAR(vocab_size=vocab_size), Needle(vocab_size=vocab_size), seq_len
     data = train_config["data"]
-    mqar, needle = MQAR(**data["mqar"]), replace(Needle(**data["needle"]), depth=None)
+    try:
+        mqar, needle = MQAR(**data["mqar"]), replace(Needle(**data["needle"]), depth=None)
+        seq_len = int(data["seq_len"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"the checkpoint's train_config.json does not describe its data ({type(e).__name__}: {e}): "
+                        "it is damaged or comes from another version of dla") from None
     # the task it was not trained on uses the vocabulary of the one it was
     if data["task"] == "needle":
         mqar = replace(mqar, vocab_size=needle.vocab_size)
     else:
         needle = replace(needle, vocab_size=mqar.vocab_size)
-    return mqar, needle, data["seq_len"]
+    if mqar.vocab_size > vocab_size:
+        raise UserError(f"the checkpoint's train_config.json describes a {data['task']} task of {mqar.vocab_size} "
+                        f"tokens, more than the model's vocabulary ({vocab_size}): the files do not belong together")
+    return mqar, needle, seq_len

@@ -18,9 +18,12 @@ def per_position_loss(model, tokenizer, paths: list[str], seq_len: int, max_wind
     eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
     stream = [t for _, text in read_documents(TextConfig(paths=paths, text_field=text_field))
               for t in tokenizer.encode(text) + eos]
-    windows = min(max_windows, (len(stream) - 1) // seq_len)
+    if max_windows < 1 or seq_len < 1:
+        raise ValueError(f"max_windows and seq_len must be >= 1, got {max_windows} and {seq_len}")
+    windows = min(max_windows, max(0, (len(stream) - 1) // seq_len))
     if windows == 0:
-        raise DataError(f"{', '.join(paths)}: {len(stream)} tokens, fewer than seq_len + 1 = {seq_len + 1}")
+        raise DataError(f"{', '.join(paths)}: {len(stream)} tokens, fewer than seq_len + 1 = {seq_len + 1} "
+                        "(a shorter --seq-len, or more text)")
     tokens = torch.tensor(stream[: windows * seq_len + 1])
     rows = tokens[:-1].view(windows, seq_len)
     targets = tokens[1:].view(windows, seq_len)

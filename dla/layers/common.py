@@ -408,11 +408,18 @@ class DLAMixer(nn.Module):
         state = None if cache is None else cache.state
         u = self.information_scores(x, k, cu_seqlens, cache, scores)
         gated = p.dynamic and p.soft_gate and self.training and torch.is_grad_enabled()
-        schedule = plan_schedule(p.policy, batch=B, heads=H, length=T, capacity=p.capacity,
-                                 threshold=self.threshold.detach() if p.dynamic else p.threshold, score=p.score,
-                                 merge=p.merge, open_state=p.open_state, k=k, v=v, g=g, beta=beta, scores=u,
-                                 period=p.period, max_segment_len=p.max_segment_len, cu_seqlens=cu_seqlens,
-                                 label_rule=p.label_rule, initial_state=state, device=q.device, keep_trace=gated)
+        try:
+            schedule = plan_schedule(p.policy, batch=B, heads=H, length=T, capacity=p.capacity,
+                                     threshold=self.threshold.detach() if p.dynamic else p.threshold, score=p.score,
+                                     merge=p.merge, open_state=p.open_state, k=k, v=v, g=g, beta=beta, scores=u,
+                                     period=p.period, max_segment_len=p.max_segment_len, cu_seqlens=cu_seqlens,
+                                     label_rule=p.label_rule, initial_state=state, device=q.device, keep_trace=gated)
+        except ValueError as error:
+            if p.policy == "fenwick" and str(error).startswith("fenwick needs capacity"):
+                raise ValueError(f"a sequence runs past max_position_embeddings = {p.max_position_embeddings}, which "
+                                 f"fixes the fenwick capacity at {p.capacity} states ({error}); raise "
+                                 "max_position_embeddings") from error
+            raise
         if self.record_schedule:
             self.last_schedule, self.last_scores = schedule, schedule.scores
         if gated:

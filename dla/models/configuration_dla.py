@@ -20,6 +20,35 @@ def _check_positive_int(name: str, value) -> None:
         raise ValueError(f"{name} must be an int >= 1, got {value!r}")
 
 
+# keys Hugging Face itself passes to a config (saved in config.json, or by from_pretrained / generate)
+HF_KEYS = frozenset((
+    "transformers_version", "architectures", "auto_map", "model_type", "dtype", "torch_dtype", "name_or_path",
+    "output_hidden_states", "output_attentions", "return_dict", "use_return_dict", "chunk_size_feed_forward",
+    "is_encoder_decoder", "is_decoder", "id2label", "label2id", "num_labels", "problem_type", "gradient_checkpointing",
+    "attn_implementation", "experts_implementation", "per_layer_config", "rope_scaling", "tokenizer_class", "prefix",
+    "sep_token_id", "decoder_start_token_id", "task_specific_params", "finetuning_task", "custom_pipelines",
+    "add_cross_attention", "tie_encoder_decoder", "torchscript", "use_bfloat16", "pruned_heads", "tf_legacy_loss",
+    "cross_attention_hidden_size", "base_model_tp_plan", "base_model_pp_plan"))
+
+
+def _check_known_keys(cls, kwargs: dict) -> None:
+    """``ValueError`` for a keyword neither ``cls`` nor Hugging Face knows (a misspelt field would
+    otherwise be stored and ignored), naming the closest field."""
+    import difflib
+    import inspect
+
+    from transformers import GenerationConfig
+
+    own = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "kwargs")]
+    known = set(own) | HF_KEYS | set(getattr(PreTrainedConfig, "__dataclass_fields__", ()))
+    known |= set(GenerationConfig._get_default_generation_params())
+    for key in kwargs:
+        if key not in known and not key.startswith("_"):
+            close = difflib.get_close_matches(key, own, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ValueError(f"unknown {cls.__name__} argument {key!r}; {hint}the arguments are: {', '.join(own)}")
+
+
 class DLAConfig(PreTrainedConfig):
     """Configuration of :class:`dla.DLAModel` / :class:`dla.DLAForCausalLM`.
 
@@ -62,8 +91,11 @@ class DLAConfig(PreTrainedConfig):
                  label_rule: str | None = None, tie_word_embeddings: bool = True, use_cache: bool = True,
                  pad_token_id: int | None = None, bos_token_id: int | None = 1, eos_token_id: int | None = 2,
                  **kwargs):
+        _check_known_keys(type(self), kwargs)
         if mixer not in MIXERS:
             raise ValueError(f"mixer must be one of {MIXERS}, got {mixer!r}")
+        if isinstance(norm_eps, bool) or not isinstance(norm_eps, (int, float)) or not 0 < norm_eps < math.inf:
+            raise ValueError(f"norm_eps must be a finite number > 0, got {norm_eps!r}")
         for name, value in (("vocab_size", vocab_size), ("hidden_size", hidden_size),
                             ("num_hidden_layers", num_hidden_layers), ("head_dim", head_dim), ("expand", expand),
                             ("state_size", state_size), ("n_groups", n_groups), ("conv_size", conv_size),

@@ -61,6 +61,27 @@ class Unpadded:
         return out.unflatten(0, (self.batch, self.length))
 
 
+def check_input_ids(input_ids, vocab_size: int) -> None:
+    """``ValueError``/``TypeError`` naming ``input_ids`` unless it is a ``[B, T]`` integer tensor, T >= 1,
+    of token ids in ``[0, vocab_size)`` (an id outside would index past the embeddings: an
+    ``IndexError`` on the CPU, a device-side assert on a GPU)."""
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
+    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+        raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [B, T] (a batch of sequences; one sequence is input_ids[None]), got "
+                         f"shape {tuple(input_ids.shape)}")
+    if input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids has no tokens (T = 0), shape {tuple(input_ids.shape)}")
+    if input_ids.numel():
+        low, high = torch.aminmax(input_ids)
+        low, high = int(low), int(high)
+        if low < 0 or high >= vocab_size:
+            raise ValueError(f"input_ids must be token ids in [0, vocab_size = {vocab_size}), got values in "
+                             f"[{low}, {high}]")
+
+
 def build_mixer(config: DLAConfig) -> nn.Module:
     if config.mixer == "attention":
         return Attention(config.hidden_size, config.num_heads, config.head_dim, config.rope_theta)
@@ -169,6 +190,14 @@ class DLAModel(DLAPreTrainedModel):
             use_cache = cfg.use_cache and not self.training
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if input_ids is not None:
+            check_input_ids(input_ids, cfg.vocab_size)
+        elif not isinstance(inputs_embeds, torch.Tensor) or inputs_embeds.dim() != 3 \
+                or inputs_embeds.shape[-1] != cfg.hidden_size:
+            raise ValueError(f"inputs_embeds must be a [B, T, hidden_size = {cfg.hidden_size}] tensor, got "
+                             f"{tuple(getattr(inputs_embeds, 'shape', ())) or type(inputs_embeds).__name__}")
+        elif inputs_embeds.shape[1] == 0:
+            raise ValueError("inputs_embeds has no tokens (T = 0)")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, T = x.shape[:2]
         unpadded = None
@@ -274,6 +303,14 @@ class DLAForCausalLM(DLAPreTrainedModel, GenerationMixin):
         logits = self.lm_head(hidden[logits_mask] if logits_mask is not None else hidden[:, -logits_to_keep:])
         loss = None
         if labels is not None:
+            shape = tuple(hidden.shape[:2])
+            if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != shape:
+                got = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+                raise ValueError(f"labels must be a [B, T] = {list(shape)} tensor like input_ids, got {got}")
+            bad = labels[(labels != -100) & ((labels < 0) | (labels >= self.config.vocab_size))]
+            if bad.numel():
+                raise ValueError(f"labels must be token ids in [0, vocab_size = {self.config.vocab_size}) or -100 "
+                                 f"(ignored), got {int(bad[0])}")
             targets = labels[:, 1:].clone()
             if cu_seqlens is not None:
                 ends = cu_seqlens[1:-1].long() - 1

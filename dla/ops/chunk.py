@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from dla.ops.common import DLAState, prepare
+from dla.ops.common import DLAState, check_backend, prepare
 from dla.schedule.schedule import NONE, advance_slots, segment_structure
 
 CHUNK_SIZES = (16, 32, 64, 128)
@@ -73,6 +73,7 @@ def chunk_dla(q, k, v, g, lam, schedule, beta=None, scale=None, initial_state: D
     if backend not in (None, "torch", "triton"):
         raise ValueError(f"backend must be None, 'torch' or 'triton', got {backend!r}")
     x = prepare(q, k, v, g, lam, schedule, beta, scale, cu_seqlens, initial_state)
+    check_backend(backend, x.q.device)
     if backend is None:
         backend = default_backend(x.q.is_cuda)
     walks = backend_walks(backend)
@@ -151,6 +152,11 @@ def chunk_dla(q, k, v, g, lam, schedule, beta=None, scale=None, initial_state: D
     return x.output(o), state
 
 
+# above this capacity the PyTorch state walk routes states by scatter instead of a [C, C] matrix per
+# chunk, whose memory would grow with C² whatever the sequence length (capacity 100,000: 40 GB a chunk)
+DENSE_ROUTE_MAX_CAPACITY = 256
+
+
 def _inter_blocked(walks, q_eff, lam_inter, X, v_c, tok_rank, M, dest, S0):
     """:func:`_inter` over blocks of value columns, each recomputed in the backward, when the
     stored states would exceed ``INTER_BLOCK_BYTES`` (halving the block while it is over 16 columns)."""
@@ -208,12 +214,19 @@ def _torch_carried_slots(start_death, carried_pos, carried_death, L):
 
 def _torch_state_recurrence(S0, M, W, dest):
     C = dest.shape[-1]
-    route_carried = F.one_hot(dest, C + 1)[..., :C].transpose(-1, -2).to(W.dtype)  # [.., new, old]
+    if C <= DENSE_ROUTE_MAX_CAPACITY:  # a [C, C] routing matrix per chunk: one product
+        routes = F.one_hot(dest, C + 1)[..., :C].transpose(-1, -2).to(W.dtype).unbind(2)  # [.., new, old]
+    else:  # a large capacity: scatter the states to their new slots (memory linear in C, not C²)
+        routes = dest.unbind(2)
     # unbind once: indexing chunk c of a big tensor inside the loop would make every step's
     # backward allocate (and fill) a gradient of the whole tensor, O(T^2) in all
     S, out = S0, [S0]
-    for route_c, M_c, W_c in zip(route_carried.unbind(2), M.unbind(2), W.unbind(2)):
-        merged = torch.einsum("nhij,nhjkv->nhikv", route_c, S)
+    for route_c, M_c, W_c in zip(routes, M.unbind(2), W.unbind(2)):
+        if route_c.dim() == 4:
+            merged = torch.einsum("nhij,nhjkv->nhikv", route_c, S)
+        else:  # old slot j goes to slot route_c[j]; C means nowhere (the extra slot, dropped)
+            index = route_c[..., None, None].expand(S.shape)
+            merged = S.new_zeros(S.shape[:2] + (C + 1,) + S.shape[3:]).scatter_add(2, index, S)[:, :, :C]
         if M_c.dim() == 2:  # Mamba-2: a scalar decay per chunk
             merged = M_c[:, :, None, None, None] * merged
         else:

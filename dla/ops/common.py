@@ -9,6 +9,9 @@ inputs and float32 otherwise.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
+import os
 from dataclasses import dataclass
 
 import torch
@@ -84,16 +87,31 @@ def _check_tensor(name, x, dims, dtype=None, device=None):
         raise ValueError(f"{name} is on {x.device} but q is on {device}")
 
 
-def _check_values(finite: dict, g: torch.Tensor) -> None:
-    """NaN/Inf in any of ``finite`` or a positive log-decay: one host sync for all the checks (each
-    would stall a GPU's queue), and an error naming the first bad argument."""
-    bad = torch.stack([~torch.isfinite(x).all() for x in finite.values()] + [(g > 0).any()])
+def _check_values(finite: dict, g: torch.Tensor, beta: torch.Tensor | None = None) -> None:
+    """NaN/Inf in any of ``finite``, a positive log-decay or a ``beta`` outside [0, 1]: one host sync
+    for all the checks (each would stall a GPU's queue), and an error naming the first bad argument."""
+    checks = [~torch.isfinite(x).all() for x in finite.values()] + [(g > 0).any()]
+    if beta is not None:
+        checks.append(((beta < 0) | (beta > 1)).any())
+    bad = torch.stack(checks)
     if bool(bad.any()):
         flags = bad.tolist()
         for name, flag in zip(finite, flags):
             if flag:
                 raise ValueError(f"{name} contains NaN or Inf")
-        raise ValueError("g is a log-decay and must be <= 0")
+        if flags[len(finite)]:
+            raise ValueError("g is a log-decay and must be <= 0")
+        raise ValueError("beta is the delta rule's write strength and must be in [0, 1] (a sigmoid's output)")
+
+
+def check_backend(backend: str | None, device: torch.device) -> None:
+    """``ValueError`` for a backend the op does not have, or ``"triton"`` for inputs off the GPU
+    (allowed under ``TRITON_INTERPRET=1``, which runs the kernels on the CPU for tests)."""
+    if backend not in (None, "torch", "triton"):
+        raise ValueError(f"backend must be None, 'torch' or 'triton', got {backend!r}")
+    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"backend='triton' runs on a CUDA GPU, but the inputs are on {device}; use backend='torch' "
+                         "(or None: Triton on CUDA, PyTorch elsewhere)")
 
 
 def prepare(q, k, v, g, lam, schedule, beta=None, scale=None, cu_seqlens=None, initial_state=None) -> Prepared:
@@ -101,6 +119,14 @@ def prepare(q, k, v, g, lam, schedule, beta=None, scale=None, cu_seqlens=None, i
     _check_tensor("q", q, "BTHK")
     dt, dev = q.dtype, q.device
     B, T, H, K = q.shape
+    if K == 0:
+        raise ValueError(f"q and k must have a key width K >= 1, got shape {tuple(q.shape)}")
+    if isinstance(scale, torch.Tensor) and scale.numel() == 1:
+        scale = scale.item()
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)):
+        raise TypeError(f"scale must be a number (or None for K ** -0.5), got {type(scale).__name__}")
+    if scale is not None and not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
     _check_tensor("k", k, "BTHK", dt, dev)
     _check_tensor("v", v, "BTHV", dt, dev)
     _check_tensor("g", g, "BTH", None, dev)
@@ -156,7 +182,7 @@ def prepare(q, k, v, g, lam, schedule, beta=None, scale=None, cu_seqlens=None, i
         prev_key0 = initial_state.prev_key
     elif schedule.initial is not None and (schedule.initial.starts >= 0).any():
         raise ValueError("the schedule continues earlier segments; pass their states as initial_state")
-    _check_values(finite, g)
+    _check_values(finite, g, beta)
 
     cdt = torch.float64 if dt == torch.float64 else torch.float32
 

@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dla.ops.common import DLAState, prepare
+from dla.ops import chunk
+from dla.ops.common import DLAState, check_backend, prepare
 from dla.schedule.schedule import NONE, bit_length
 
 
@@ -74,6 +75,7 @@ def recurrent_dla(q, k, v, g, lam, schedule, beta=None, scale=None, initial_stat
     if backend not in (None, "torch", "triton"):
         raise ValueError(f"backend must be None, 'torch' or 'triton', got {backend!r}")
     x = prepare(q, k, v, g, lam, schedule, beta, scale, cu_seqlens, initial_state)
+    check_backend(backend, x.q.device)
     ds = x.schedule
     N, H, Tm, K = x.q.shape
     V = x.v.shape[-1]
@@ -108,8 +110,12 @@ def recurrent_dla(q, k, v, g, lam, schedule, beta=None, scale=None, initial_stat
 def _torch_step(S, dest, q, k, v, g, beta, lam):
     """One token: route the slots, transition, write into slot 0, read out. Differentiable."""
     C = S.shape[2]
-    route = F.one_hot(dest, C + 1)[..., :C].transpose(-1, -2).to(S.dtype)  # [N, H, new, old]
-    S = torch.einsum("nhij,nhjkv->nhikv", route, S)
+    if C <= chunk.DENSE_ROUTE_MAX_CAPACITY:
+        route = F.one_hot(dest, C + 1)[..., :C].transpose(-1, -2).to(S.dtype)  # [N, H, new, old]
+        S = torch.einsum("nhij,nhjkv->nhikv", route, S)
+    else:  # scatter to the new slots: memory linear in C (a [C, C] matrix would be 40 GB at C = 100,000)
+        index = dest[..., None, None].expand(S.shape)
+        S = S.new_zeros(S.shape[:2] + (C + 1,) + S.shape[3:]).scatter_add(2, index, S)[:, :, :C]
     decay = g.exp()[..., None, None, None]
     if beta is None:
         S = decay * S

@@ -14,6 +14,7 @@ import copy
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -34,6 +35,28 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
+
+    def check(self) -> None:
+        """:class:`ConfigError` naming the key of a value AdamW or the schedule cannot use."""
+        def bad(name: str, value, rule: str):
+            return ConfigError(f"optim.{name} must be {rule}, got {value!r}")
+
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise bad("lr", self.lr, "a finite number > 0")
+        finite = {"min_lr_ratio": self.min_lr_ratio, "weight_decay": self.weight_decay,
+                  "eps": self.eps, "grad_clip": self.grad_clip}
+        for name, value in finite.items():
+            if not math.isfinite(value) or value < 0:
+                raise bad(name, value, "a finite number >= 0")
+        if self.min_lr_ratio > 1:
+            raise bad("min_lr_ratio", self.min_lr_ratio, "in [0, 1] (the final learning rate over optim.lr)")
+        if self.warmup_steps < 0:
+            raise bad("warmup_steps", self.warmup_steps, ">= 0")
+        if len(self.betas) != 2:
+            raise bad("betas", self.betas, "two numbers [beta1, beta2]")
+        for i, beta in enumerate(self.betas):
+            if not 0 <= beta < 1:
+                raise ConfigError(f"optim.betas[{i}] must be in [0, 1), got {beta!r}")
 
 
 @dataclass
@@ -69,8 +92,7 @@ class TrainConfig:
                               ("parallel", ("ddp", "fsdp"))):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        if len(self.optim.betas) != 2:
-            raise ConfigError(f"optim.betas must be two numbers, got {self.optim.betas}")
+        self.optim.check()
 
 
 def read_config_file(path: str | Path) -> dict:
@@ -78,7 +100,10 @@ def read_config_file(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save the config as UTF-8") from None
     try:
         if path.suffix in (".yaml", ".yml"):
             try:

@@ -9,8 +9,16 @@ sees exactly the data the uninterrupted run would have seen, and one process wit
 Stopping: Ctrl-C (SIGINT), SIGTERM (what torchrun sends its workers) or the wall-clock time
 ``stop_at`` finishes the current step, writes a checkpoint and returns ``status =
 "interrupted"`` (continue with ``resume``); a second Ctrl-C aborts at once. A NaN or infinite
-loss or gradient norm stops before the optimizer step with :class:`dla.errors.TrainingDiverged`,
-leaving the last checkpoint as the last good one.
+loss or gradient norm stops before the optimizer step with :class:`dla.errors.TrainingDiverged`.
+A checkpoint is *good* once its weights were finite when saved and the loss computed with them (the
+next step's) was finite; on divergence the checkpoints after the last good one are removed,
+``checkpoints/latest`` names it again, and rotation never deletes it.
+
+The run directory: one run at a time (:class:`dla.train.lock.RunLock`, ``OUT_DIR/.lock``); what a
+killed run left (``checkpoints/.tmp-*``) is removed at the start. Resuming accepts changed
+training settings (``optim.*``, ``steps``, the batch and logging settings, ...), which take
+effect; a changed ``model.*``, ``data.*`` or ``seed`` is refused unless ``allow_config_change``
+(then the model is built from the new config and the saved weights must fit it).
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import inspect
 import json
 import math
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -29,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from dla.data import IGNORE_INDEX, Batch, build_dataset
-from dla.errors import ConfigError, TrainingDiverged
+from dla.errors import ConfigError, TrainingDiverged, UserError
 from dla.train import checkpoint as ckpt
 from dla.train.config import TrainConfig, diff, to_dict
 from dla.train.distributed import (
@@ -42,15 +51,20 @@ from dla.train.distributed import (
     unwrap,
     wrap_model,
 )
+from dla.train.lock import RunLock, prepare_out_dir
 from dla.train.metrics import MetricsLog, Progress
-from dla.train.optim import build_optimizer, build_scheduler, weight_decay_names
+from dla.train.optim import build_optimizer, build_scheduler, lr_factor, weight_decay_names
+
+FIXED_ON_RESUME = ("model", "data", "seed")  # config sections a resumed run keeps (unless allow_config_change)
 
 
-def train(cfg: TrainConfig, resume: bool = False, show_progress: bool = True, stop_at: float | None = None) -> dict:
+def train(cfg: TrainConfig, resume: bool = False, show_progress: bool = True, stop_at: float | None = None,
+          allow_config_change: bool = False) -> dict:
     """Run (or, with ``resume``, continue) training as ``cfg`` says, stopping (with a checkpoint)
     after the first step that ends past ``stop_at`` (a ``time.time()`` value), e.g. before a job's
     time limit. Returns a summary: ``status`` (``"done"`` / ``"interrupted"``), ``step``,
-    ``loss`` (the last step's), ``checkpoint`` (the last one written) and ``out_dir``."""
+    ``loss`` (the last step's), ``checkpoint`` (the last one written) and ``out_dir``.
+    ``allow_config_change``: resume even though ``model.*``, ``data.*`` or ``seed`` changed."""
     cfg.check()
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     was_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
@@ -58,30 +72,54 @@ def train(cfg: TrainConfig, resume: bool = False, show_progress: bool = True, st
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
     runtime = init_runtime(cfg.device)
+    lock = None
     try:
-        return _train(cfg, runtime, resume, show_progress, stop_at)
+        if runtime.is_main:  # one run per out_dir; what a killed run left is removed under the lock
+            prepare_out_dir(Path(cfg.out_dir))
+            lock = RunLock(cfg.out_dir).acquire()
+            ckpt.clean_stale(cfg.out_dir)
+        return _train(cfg, runtime, resume, show_progress, stop_at, allow_config_change)
     finally:
+        if lock is not None:
+            lock.release()
         shutdown(runtime)
         torch.use_deterministic_algorithms(was_deterministic, warn_only=was_warn_only)
 
 
-def _train(cfg: TrainConfig, runtime: Runtime, resume: bool, show_progress: bool, stop_at: float | None) -> dict:
+def resume_changes(saved: dict, cfg: TrainConfig, checkpoint: Path, allow_config_change: bool) -> list[str]:
+    """The settings that differ from the checkpoint's run: a changed ``model``/``data``/``seed`` is a
+    :class:`ConfigError` unless ``allow_config_change``; the others take effect."""
+    changed = diff(saved, to_dict(cfg))
+    fixed = [c for c in changed if c.split(".")[0].split(":")[0] in FIXED_ON_RESUME]
+    if fixed and not allow_config_change:
+        raise ConfigError(f"--resume: the config differs from the one {checkpoint} was trained with in settings a "
+                          f"resumed run keeps ({'; '.join(fixed)}); undo these changes, or pass "
+                          "--allow-config-change to build the model from the new config and load the saved weights "
+                          "into it")
+    return changed
+
+
+def _train(cfg: TrainConfig, runtime: Runtime, resume: bool, show_progress: bool, stop_at: float | None,
+           allow_config_change: bool = False) -> dict:
     out_dir = Path(cfg.out_dir)
     main = runtime.is_main
 
     # ---- data and model (a resumed run reloads the model it saved)
-    dataset = build_dataset(cfg.data, cfg.seed)
-    state = None
+    state = checkpoint = None
     if resume:
         checkpoint = ckpt.latest_checkpoint(out_dir)
         if checkpoint is None:
             raise ConfigError(f"--resume: no checkpoint in {out_dir}/checkpoints (start without --resume)")
+        if not checkpoint.is_dir():
+            raise UserError(f"--resume: {out_dir}/checkpoints/latest names {checkpoint.name}, which does not exist")
         state = ckpt.load_trainer_state(checkpoint)
-        changed = diff(state["config"], to_dict(cfg))
+        changed = resume_changes(state["config"], cfg, checkpoint, allow_config_change)
         if changed and main:
-            print(f"warning: resuming {checkpoint} with a changed config:\n  " + "\n  ".join(changed))
+            print(f"resuming {checkpoint} with changed settings (they take effect):\n  " + "\n  ".join(changed))
+    dataset = build_dataset(cfg.data, cfg.seed)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, dataset, None if state is None else checkpoint).to(runtime.device)
+    model_changed = state is not None and state["config"].get("model") != cfg.model
+    model = build_model(cfg, dataset, checkpoint, rebuild=model_changed).to(runtime.device)
     if cfg.activation_checkpointing:
         enable_activation_checkpointing(model)
     decay_names = weight_decay_names(model)
@@ -91,16 +129,14 @@ def _train(cfg: TrainConfig, runtime: Runtime, resume: bool, show_progress: bool
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and runtime.device.type == "cuda")
 
     # ---- where to start
-    step, first_batch, last_checkpoint = 0, 0, None
+    step, first_batch, pending, last_good = 0, 0, None, None
     if state is not None:
-        load_optimizer_state(model, optimizer, state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        ckpt.set_rng_state(state["rng"])
-        step, first_batch, last_checkpoint = state["step"], state["next_batch"], checkpoint
+        restore_state(model, optimizer, scheduler, state, cfg, checkpoint)
+        # the checkpoint resumed from is good once the loss its weights give is finite
+        step, first_batch, pending = state["step"], state["next_batch"], checkpoint
     start_step = step
     per_step = cfg.grad_accum * runtime.world_size
     if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / ckpt.TRAIN_CONFIG).write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
         n_params = sum(p.numel() for p in unwrap(model).parameters())
         print(f"{'resuming at step ' + str(step) if resume else 'training'}: {n_params:,} parameters, "
@@ -109,9 +145,15 @@ def _train(cfg: TrainConfig, runtime: Runtime, resume: bool, show_progress: bool
     metrics = MetricsLog(out_dir, step if resume else None) if main else None
     progress = Progress(cfg.steps, step, cfg.log_every, main=main, show=show_progress)
 
+    written: list[Path] = []  # the checkpoints this process wrote (a divergence removes only these)
+
     def save() -> Path:
-        return save_training_checkpoint(cfg, runtime, model, optimizer, scheduler, dataset, step,
-                                        first_batch + (step - start_step) * per_step)
+        if not weights_finite(model, runtime):
+            raise diverged(step - 1, "NaN or Inf weights after the optimizer step", last_good, out_dir, main, written)
+        path = save_training_checkpoint(cfg, runtime, model, optimizer, scheduler, dataset, step,
+                                        first_batch + (step - start_step) * per_step, protect=last_good)
+        written.append(path)
+        return path
 
     # ---- the loop
     loss, tokens_seen = math.nan, 0
@@ -132,14 +174,18 @@ def _train(cfg: TrainConfig, runtime: Runtime, resume: bool, show_progress: bool
                         except ValueError as e:  # the ops refuse NaN / Inf inputs: the weights diverged
                             if "nan" not in str(e).lower():
                                 raise
-                            raise diverged(step, f"non-finite activations ({e})", last_checkpoint) from e
+                            raise diverged(step, f"non-finite activations ({e})", last_good, out_dir, main,
+                                           written) from e
                     loss_sum += micro_loss.item()
                     tokens += batch.num_tokens
                 grad_norm = grad_clip(model, cfg.optim.grad_clip)
                 loss_sum, tokens, stopping = all_reduce_sum([loss_sum, tokens, float(stop.requested)], runtime)
                 loss = loss_sum / per_step
                 if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                    raise diverged(step, f"the loss is {loss} (gradient norm {grad_norm})", last_checkpoint)
+                    raise diverged(step, f"the loss is {loss} (gradient norm {grad_norm})", last_good, out_dir, main,
+                                   written)
+                if pending is not None:  # the weights it saved gave a finite loss: a good checkpoint
+                    last_good, pending = pending, None
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -154,24 +200,73 @@ def _train(cfg: TrainConfig, runtime: Runtime, resume: bool, show_progress: bool
                                  "grad_norm": grad_norm, "tokens_per_s": tokens_per_s, "tokens": tokens_seen,
                                  "elapsed_s": elapsed})
                 if stopping:
-                    last_checkpoint = save()
-                    progress.write(f"interrupted: saved {last_checkpoint} at step {step}; continue with --resume")
-                    return summary("interrupted", step, loss, last_checkpoint, out_dir)
+                    pending = save()
+                    progress.write(f"interrupted: saved {pending} at step {step}; continue with --resume")
+                    return summary("interrupted", step, loss, pending, out_dir)
                 if step == cfg.steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
-                    last_checkpoint = save()
-                    progress.write(f"step {step}: loss {loss:.4f}, saved {last_checkpoint}", progress=True)
+                    pending = save()
+                    progress.write(f"step {step}: loss {loss:.4f}, saved {pending}", progress=True)
     finally:
         progress.close()
         if metrics is not None:
             metrics.close()
-    return summary("done", step, loss, last_checkpoint, out_dir)
+    return summary("done", step, loss, pending or last_good, out_dir)
 
 
-def diverged(step: int, what: str, last_checkpoint: Path | None) -> TrainingDiverged:
+def diverged(step: int, what: str, last_good: Path | None, out_dir: Path, main: bool = True,
+             written: list[Path] = ()) -> TrainingDiverged:
+    """The error for a divergence at (0-based) ``step``. The checkpoints this run wrote after
+    ``last_good`` (whose weights had diverged) are removed, and ``checkpoints/latest`` names
+    ``last_good`` (else the newest checkpoint left, one this run did not write)."""
+    removed = []
+    if main:
+        for path in written:
+            if (last_good is None or path.name > last_good.name) and path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path.name)
+        root = ckpt.checkpoints_dir(out_dir)
+        if root.is_dir():
+            left = sorted(p.name for p in root.glob("step_*"))
+            ckpt.point_latest(out_dir, last_good.name if last_good is not None else (left[-1] if left else None))
+    gone = f" Removed the checkpoint(s) written after it, whose weights had diverged: {', '.join(removed)}." \
+        if removed else ""
     return TrainingDiverged(
         f"{what} at step {step + 1}; training stopped. "
-        + (f"The last good checkpoint is {last_checkpoint}; resume from it with --resume, perhaps with a lower "
-           "optim.lr." if last_checkpoint else "No checkpoint was written."))
+        + (f"The last good checkpoint is {last_good}; resume from it with --resume, perhaps with a lower "
+           "optim.lr." if last_good else "No good checkpoint was written (start again with a lower optim.lr, or "
+           "resume an earlier checkpoint by pointing checkpoints/latest at it).")
+        + gone)
+
+
+def weights_finite(model, runtime: Runtime) -> bool:
+    """Whether every parameter is finite, on every process."""
+    flags = [~torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all() for p in model.parameters()]
+    bad = float(torch.stack(flags).sum()) if flags else 0.0  # one host sync
+    (bad,) = all_reduce_sum([bad], runtime)
+    return bad == 0
+
+
+def restore_state(model, optimizer, scheduler, state: dict, cfg: TrainConfig, checkpoint: Path) -> None:
+    """Load the optimizer, scheduler and RNG states, then apply the current ``cfg.optim`` (an
+    override on resume takes effect: the restored states would otherwise keep the old values)."""
+    where = checkpoint / ckpt.TRAINER_STATE
+    try:
+        load_optimizer_state(model, optimizer, state["optimizer"])
+    except (KeyError, ValueError, RuntimeError, TypeError, IndexError) as e:
+        raise UserError(f"the optimizer state in {where} does not fit the model ({type(e).__name__}: {e})") from None
+    try:
+        scheduler.load_state_dict(state["scheduler"])
+        ckpt.set_rng_state(state["rng"])
+    except (KeyError, ValueError, RuntimeError, TypeError, IndexError, AttributeError) as e:
+        raise UserError(f"{where} is damaged: its scheduler or RNG state cannot be restored "
+                        f"({type(e).__name__}: {e})") from None
+    o = cfg.optim
+    scheduler.base_lrs = [o.lr for _ in optimizer.param_groups]
+    lr = o.lr * lr_factor(scheduler.last_epoch, cfg.steps, o)
+    for i, group in enumerate(optimizer.param_groups):
+        group.update(initial_lr=o.lr, lr=lr, betas=tuple(o.betas), eps=o.eps)
+        group["weight_decay"] = o.weight_decay if i == 0 else 0.0
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 def summary(status: str, step: int, loss: float, checkpoint: Path | None, out_dir: Path) -> dict:
@@ -179,15 +274,19 @@ def summary(status: str, step: int, loss: float, checkpoint: Path | None, out_di
 
 
 # ----------------------------------------------------------------------------- pieces
-def build_model(cfg: TrainConfig, dataset, checkpoint: Path | None = None):
+def build_model(cfg: TrainConfig, dataset, checkpoint: Path | None = None, rebuild: bool = False):
     """A :class:`dla.DLAForCausalLM` from ``cfg.model`` (keyword arguments of
     :class:`dla.DLAConfig`; ``vocab_size`` and, for text, the special token ids default to the
-    dataset's), or the one saved in ``checkpoint``."""
+    dataset's), or the one saved in ``checkpoint`` (with ``rebuild``: the model of ``cfg.model``
+    with the checkpoint's weights, which must fit it)."""
     from dla.models import DLAConfig, DLAForCausalLM
 
-    if checkpoint is not None:
-        ckpt.quiet_transformers()
-        return DLAForCausalLM.from_pretrained(checkpoint)
+    if checkpoint is not None and not rebuild:
+        model = ckpt.load_pretrained(checkpoint)
+        if model.config.vocab_size < dataset.vocab_size:
+            raise ConfigError(f"the model in {checkpoint} has {model.config.vocab_size} tokens, fewer than the "
+                              f"data's vocabulary ({dataset.vocab_size} tokens): it was trained on other data")
+        return model
     known = [p for p in inspect.signature(DLAConfig.__init__).parameters if p not in ("self", "kwargs")]
     for key in cfg.model:
         if key not in known:
@@ -208,7 +307,14 @@ def build_model(cfg: TrainConfig, dataset, checkpoint: Path | None = None):
     if cfg.data.seq_len > config.max_position_embeddings:
         raise ConfigError(f"data.seq_len = {cfg.data.seq_len} is longer than the model's maximum sequence length "
                           f"model.max_position_embeddings = {config.max_position_embeddings}")
-    return DLAForCausalLM(config)
+    model = DLAForCausalLM(config)
+    if checkpoint is not None:  # resuming with a changed model config: the saved weights must fit it
+        from safetensors.torch import load_file
+
+        ckpt.check_weights_file(checkpoint, config)
+        model.load_state_dict(load_file(checkpoint / "model.safetensors"), strict=False)
+        model.tie_weights()
+    return model
 
 
 def lm_loss(model, batch: Batch) -> torch.Tensor:
@@ -236,7 +342,7 @@ def load_optimizer_state(model, optimizer, state: dict) -> None:
 
 
 def save_training_checkpoint(cfg: TrainConfig, runtime: Runtime, model, optimizer, scheduler, dataset, step: int,
-                             next_batch: int) -> Path:
+                             next_batch: int, protect: Path | None = None) -> Path:
     """Gather the full model and optimizer state (a collective under FSDP) and let rank 0 write
     the checkpoint. Returns its path (on every rank)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
@@ -261,7 +367,7 @@ def save_training_checkpoint(cfg: TrainConfig, runtime: Runtime, model, optimize
         trainer_state = {"step": step, "next_batch": next_batch, "optimizer": optimizer_state,
                          "scheduler": scheduler.state_dict(), "rng": ckpt.rng_state(), "config": to_dict(cfg),
                          "world_size": runtime.world_size}
-        path = ckpt.save_checkpoint(cfg.out_dir, step, write_model, trainer_state, cfg.keep_checkpoints)
+        path = ckpt.save_checkpoint(cfg.out_dir, step, write_model, trainer_state, cfg.keep_checkpoints, protect)
     if runtime.distributed:
         torch.distributed.barrier()
     return path
