@@ -84,24 +84,50 @@ def contribution_norms(k, v, w):
     return (w * w) * (k * k).sum(-1) * (v * v).sum(-1)
 
 
-def chunk_terms(c: Contributions, a: int, b: int, open_state: torch.Tensor) -> ChunkTerms:
-    k, v, w, g = c.k[:, a:b], c.v[:, a:b], c.w[:, a:b], c.g[:, a:b]
-    pair, _, G_prev = pair_products(k, v, w, k, v, w, g)
-    prefix = pair.flip(-1).cumsum(-1).flip(-1)  # prefix[t, b] = Σ_{u >= b} pair[t, u]
-    return ChunkTerms(prefix, carried_products(k, v, w, G_prev, open_state), contribution_norms(k, v, w), g.exp())
+class WindowTerms:
+    """Everything the state score needs that does not depend on the walk, for all chunks of a window
+    at once (the window zero-padded to ``NC * L`` tokens; a padded token writes nothing): per chunk
+    ``prefix [R, NC, L, L]``, ``norm`` and ``gamma`` (:class:`ChunkTerms`), the factors
+    ``exp(G_{t-1}) w_t`` of the carried products and ``exp(G_end - G_u) w_u`` of the chunk's writes
+    into the open state, ``[R, NC, L]``, and the chunk's decay ``exp(G_end)``, ``[R, NC]``. What is
+    left per chunk, after the walk, is two small products with the open state."""
 
+    def __init__(self, c: Contributions, L: int):
+        R, Tm = c.w.shape
+        NC = -(-Tm // L)
+        pad = NC * L - Tm
 
-def advance_open_state(c: Contributions, a: int, b: int, open_state, open_start):
-    """The open state after chunk ``[a, b)``, given where the open segment starts (window time,
-    ``[R]``): the carried state aged through the chunk if it started before ``a``, plus the decayed
-    writes of the chunk's tokens from its start on (``g`` and ``w`` vanish beyond a row's length)."""
-    k, v, w, g = c.k[:, a:b], c.v[:, a:b], c.w[:, a:b], c.g[:, a:b]
-    G = g.cumsum(-1)
-    G_end = G[:, -1:]
-    t = torch.arange(a, b, device=g.device)
-    coef = torch.where(t >= open_start[:, None], (G_end - G).exp() * w, 0.0)
-    kept = torch.where(open_start < a, G_end[:, 0].exp(), 0.0)
-    return kept[:, None, None] * open_state + (k * coef[..., None]).transpose(1, 2) @ v
+        def chunks(x):  # [R, Tm, ...] -> [R * NC, L, ...], zeros past the window
+            x = torch.nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (0, pad))
+            return x.reshape(R * NC, L, *x.shape[2:])
+
+        k, v, w, g = chunks(c.k), chunks(c.v), chunks(c.w), chunks(c.g)
+        pair, G, G_prev = pair_products(k, v, w, k, v, w, g)
+        self.L, self.NC, self.Tm = L, NC, Tm
+        self.prefix = pair.flip(-1).cumsum(-1).flip(-1).view(R, NC, L, L)  # prefix[t, b] = Σ_{u >= b} pair[t, u]
+        self.norm = contribution_norms(k, v, w).view(R, NC, L)
+        self.gamma = g.exp().view(R, NC, L)
+        self.carry_scale = (G_prev.exp() * w).view(R, NC, L)
+        G_end = G[:, -1:]
+        self.write_scale = ((G_end - G).exp() * w).view(R, NC, L)
+        self.chunk_decay = G_end.exp().view(R, NC)
+        self.k, self.v = k.view(R, NC, L, -1), v.view(R, NC, L, -1)
+
+    def chunk(self, i: int, open_state) -> ChunkTerms:
+        """The terms of chunk ``i`` for the walk, given the open state before it."""
+        n = min(self.L, self.Tm - i * self.L)
+        carry = self.carry_scale[:, i] * ((self.k[:, i] @ open_state) * self.v[:, i]).sum(-1)
+        return ChunkTerms(self.prefix[:, i, :n, :n], carry[:, :n], self.norm[:, i, :n], self.gamma[:, i, :n])
+
+    def advance(self, i: int, open_state, open_start):
+        """The open state after chunk ``i``, given where the open segment starts (window time, ``[R]``):
+        the carried state aged through the chunk if it started before the chunk, plus the decayed writes
+        of the chunk's tokens from its start on."""
+        a = i * self.L
+        t = torch.arange(a, a + self.L, device=open_state.device)
+        coef = torch.where(t >= open_start[:, None], self.write_scale[:, i], 0.0)
+        kept = torch.where(open_start < a, self.chunk_decay[:, i], 0.0)
+        return kept[:, None, None] * open_state + (self.k[:, i] * coef[..., None]).transpose(1, 2) @ self.v[:, i]
 
 
 def state_score(x, norm, open_norm, gamma, drift: bool, eps: float = 0.0):
@@ -296,13 +322,16 @@ def plan_dynamic(seg: SegmentState, lengths, capacity: int, threshold: torch.Ten
         open_state = (torch.zeros(R, K, V, dtype=dtype, device=dev) if seg.open_state is None
                       else seg.open_state.reshape(R, K, V).to(dtype))
         starts = []
-        for a in range(0, Tm, PLAN_CHUNK):
-            b = min(a + PLAN_CHUNK, Tm)
-            starts.append(open_state)
-            walker.walk(a, b, terms=chunk_terms(c, a, b, open_state), drift=score == "state_drift")
-            open_state = advance_open_state(c, a, b, open_state, walker.open_start())
+        if Tm:
+            window = WindowTerms(c, min(PLAN_CHUNK, Tm))
+            for i in range(window.NC):
+                a = i * window.L
+                starts.append(open_state)
+                walker.walk(a, min(a + window.L, Tm), terms=window.chunk(i, open_state), drift=score == "state_drift")
+                open_state = window.advance(i, open_state, walker.open_start())
         if keep_trace:
             trace.open_states = torch.stack(starts, 1) if starts else c.k.new_zeros(R, 0, K, V)
+            trace.chunk = window.L if Tm else PLAN_CHUNK
     death, carried, final_starts, final_info = walker.finish(N, H)
     final = SegmentState(final_starts, final_info, seg.position.long() + lengths,
                          open_state=None if open_state is None else open_state.reshape(N, H, *open_state.shape[1:]),
