@@ -326,11 +326,19 @@ def _set(holder, key, value) -> None:
 @contextlib.contextmanager
 def _sync_debug(mode: str):
     previous = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode(mode)
+    _set_sync_debug_mode(mode)
     try:
         yield
     finally:
-        torch.cuda.set_sync_debug_mode(previous)
+        _set_sync_debug_mode(previous)
+
+
+def _set_sync_debug_mode(mode) -> None:
+    # torch warns once that the mode is a prototype; the check is internal to generate(), so the
+    # warning would only tell its callers about a torch feature they did not ask for
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Synchronization debug mode is a prototype feature")
+        torch.cuda.set_sync_debug_mode(mode)
 
 
 def _where(error: BaseException) -> str:

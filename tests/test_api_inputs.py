@@ -9,7 +9,7 @@ import torch
 from conftest import make_case
 
 import dla
-from dla.models import DLAConfig, DLAForCausalLM
+from dla.models import DLACache, DLAConfig, DLAForCausalLM
 
 OPS = {"naive": dla.naive_dla, "recurrent": dla.recurrent_dla, "chunk": dla.chunk_dla}
 def case(base="gated_deltanet", **kw):
@@ -194,6 +194,15 @@ def model():
 def test_model_inputs(model, kwargs, exc, match):
     with pytest.raises(exc, match=match):
         model(**kwargs)
+
+
+def test_a_new_cache_has_its_ids_checked_and_either_name_continues_it(model):
+    cache = DLACache(model.config)
+    with pytest.raises(ValueError, match="input_ids must be token ids"):
+        model(input_ids=torch.tensor([[1, 32]]), cache=cache)
+    model(input_ids=torch.tensor([[1, 2]]), cache=cache)
+    model(input_ids=torch.tensor([[3]]), past_key_values=cache)
+    assert cache.seen_tokens == 3
 
 
 def test_model_accepts_ignored_labels(model):

@@ -32,7 +32,8 @@ from .cache_dla import DLACache
 from .configuration_dla import DLAConfig
 
 # transformers 5.x renamed the cache argument and output field `past_key_values` to `cache`; use
-# whichever this version has, and accept both as arguments
+# whichever this version has, and accept both as arguments (named in the signatures: generate()
+# refuses a keyword the forward does not name)
 CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
@@ -61,10 +62,11 @@ class Unpadded:
         return out.unflatten(0, (self.batch, self.length))
 
 
-def check_input_ids(input_ids, vocab_size: int) -> None:
+def check_input_ids(input_ids, vocab_size: int, values: bool = True) -> None:
     """``ValueError``/``TypeError`` naming ``input_ids`` unless it is a ``[B, T]`` integer tensor, T >= 1,
     of token ids in ``[0, vocab_size)`` (an id outside would index past the embeddings: an
-    ``IndexError`` on the CPU, a device-side assert on a GPU)."""
+    ``IndexError`` on the CPU, a device-side assert on a GPU). ``values=False`` checks the type and
+    shape only: the values are read on the host, which waits for the device."""
     if not isinstance(input_ids, torch.Tensor):
         raise TypeError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
     if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
@@ -74,7 +76,7 @@ def check_input_ids(input_ids, vocab_size: int) -> None:
                          f"shape {tuple(input_ids.shape)}")
     if input_ids.shape[1] == 0:
         raise ValueError(f"input_ids has no tokens (T = 0), shape {tuple(input_ids.shape)}")
-    if input_ids.numel():
+    if values and input_ids.numel():
         low, high = torch.aminmax(input_ids)
         low, high = int(low), int(high)
         if low < 0 or high >= vocab_size:
@@ -173,25 +175,29 @@ class DLAModel(DLAPreTrainedModel):
         self.embed_tokens = value
 
     def forward(self, input_ids=None, attention_mask=None, cache=None, inputs_embeds=None, use_cache=None,
-                output_hidden_states=None, return_dict=None, cu_seqlens=None, scores=None, **kwargs):
+                output_hidden_states=None, return_dict=None, cu_seqlens=None, scores=None, past_key_values=None,
+                **kwargs):
         """``input_ids [B, T]`` (or ``inputs_embeds``) -> ``last_hidden_state [B, T, hidden]``.
 
         - ``attention_mask [B, T_past + T]`` (1 = token, 0 = padding, any pattern): the last ``T``
           columns mark the current tokens; rows are packed around their padding.
         - ``cu_seqlens``: ``B = 1`` and the sequences are packed (instead of ``attention_mask``).
-        - ``cache``: a :class:`DLACache` to continue, one row per sequence; with ``use_cache`` and no
-          cache a new one is made (``use_cache`` defaults to ``config.use_cache`` outside training).
+        - ``cache`` (or ``past_key_values``, its older name): a :class:`DLACache` to continue, one row
+          per sequence; with ``use_cache`` and no cache a new one is made (``use_cache`` defaults to
+          ``config.use_cache`` outside training).
         - ``scores``: information scores for ``score="external"``, ``[B, T, heads]`` for every layer
           or a sequence with one per layer.
         """
         cfg = self.config
-        cache = cache if cache is not None else kwargs.get("past_key_values")
+        cache = cache if cache is not None else past_key_values
         if use_cache is None:
             use_cache = cfg.use_cache and not self.training
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if input_ids is not None:
-            check_input_ids(input_ids, cfg.vocab_size)
+            # a call that continues a cache is a decoding step, fed the ids the model chose: reading
+            # them on the host would make every token wait for the device (and break a CUDA graph)
+            check_input_ids(input_ids, cfg.vocab_size, values=cache is None or not cache.is_initialized)
         elif not isinstance(inputs_embeds, torch.Tensor) or inputs_embeds.dim() != 3 \
                 or inputs_embeds.shape[-1] != cfg.hidden_size:
             raise ValueError(f"inputs_embeds must be a [B, T, hidden_size = {cfg.hidden_size}] tensor, got "
@@ -288,7 +294,7 @@ class DLAForCausalLM(DLAPreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids=None, attention_mask=None, cache=None, inputs_embeds=None, labels=None,
                 use_cache=None, logits_to_keep: int = 0, output_hidden_states=None, return_dict=None, cu_seqlens=None,
-                scores=None, logits_mask=None, **kwargs):
+                scores=None, logits_mask=None, past_key_values=None, **kwargs):
         """As :meth:`DLAModel.forward`, plus ``labels [B, T]`` (next-token cross-entropy, -100 ignored;
         with ``cu_seqlens`` no sequence predicts the next one's first token) and ``logits_to_keep``
         (logits of the last ``logits_to_keep`` positions only; 0 = all). ``logits_mask [B, T]``
@@ -298,7 +304,7 @@ class DLAForCausalLM(DLAPreTrainedModel, GenerationMixin):
             raise ValueError("logits_mask cannot be combined with labels or logits_to_keep")
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, cache=cache, inputs_embeds=inputs_embeds,
                          use_cache=use_cache, output_hidden_states=output_hidden_states, cu_seqlens=cu_seqlens,
-                         scores=scores, **kwargs)
+                         scores=scores, past_key_values=past_key_values, **kwargs)
         hidden = out.last_hidden_state
         logits = self.lm_head(hidden[logits_mask] if logits_mask is not None else hidden[:, -logits_to_keep:])
         loss = None
