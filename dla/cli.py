@@ -328,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="train tiny DLA-Mamba-2 models with four policies on MQAR and compare",
                        formatter_class=fmt, description="Trains the dynamic, fenwick, fixed and single policies "
                        "(same model size, data and steps) on MQAR, prints an accuracy table and writes a plot. "
-                       "5 to 10 minutes on 2 CPU cores; longer training on a GPU. Deterministic by --seed.")
+                       "About 11 minutes on 2 CPU cores; longer training on a GPU. Deterministic by --seed.")
     p.add_argument("--steps", type=positive_int, help="training steps per model (default: the device's preset)")
     p.add_argument("--policies", nargs="+", default=["dynamic", "fenwick", "fixed", "single"],
                    choices=("dynamic", "fenwick", "fixed", "single"))

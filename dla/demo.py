@@ -22,7 +22,7 @@ from dla.train.config import TrainConfig, load_config
 from dla.train.metrics import format_duration, read_metrics
 from dla.train.workers import run_parallel
 
-# sizes that train in about 10 minutes on 2 CPU cores; a GPU trains the same task longer, on
+# sizes that train in about 11 minutes on 2 CPU cores; a GPU trains the same task longer, on
 # bigger batches. Models are trained at seq_len and evaluated up to max_len (twice as long:
 # recall over longer gaps)
 PRESETS = {
