@@ -84,6 +84,14 @@ def contribution_norms(k, v, w):
     return (w * w) * (k * k).sum(-1) * (v * v).sum(-1)
 
 
+def to_chunks(x: torch.Tensor, L: int) -> torch.Tensor:
+    """``[R, Tm, ...]`` -> ``[R * NC, L, ...]``, zero-padded to ``NC = ceil(Tm / L)`` whole chunks."""
+    R, Tm = x.shape[:2]
+    NC = -(-Tm // L)
+    x = torch.nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (0, NC * L - Tm))
+    return x.reshape(R * NC, L, *x.shape[2:])
+
+
 class WindowTerms:
     """Everything the state score needs that does not depend on the walk, for all chunks of a window
     at once (the window zero-padded to ``NC * L`` tokens; a padded token writes nothing): per chunk
@@ -95,13 +103,7 @@ class WindowTerms:
     def __init__(self, c: Contributions, L: int):
         R, Tm = c.w.shape
         NC = -(-Tm // L)
-        pad = NC * L - Tm
-
-        def chunks(x):  # [R, Tm, ...] -> [R * NC, L, ...], zeros past the window
-            x = torch.nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (0, pad))
-            return x.reshape(R * NC, L, *x.shape[2:])
-
-        k, v, w, g = chunks(c.k), chunks(c.v), chunks(c.w), chunks(c.g)
+        k, v, w, g = (to_chunks(x, L) for x in (c.k, c.v, c.w, c.g))
         pair, G, G_prev = pair_products(k, v, w, k, v, w, g)
         self.L, self.NC, self.Tm = L, NC, Tm
         self.prefix = pair.flip(-1).cumsum(-1).flip(-1).view(R, NC, L, L)  # prefix[t, b] = Σ_{u >= b} pair[t, u]

@@ -17,7 +17,15 @@ from __future__ import annotations
 
 import torch
 
-from dla.schedule.dynamic import STATE_SCORES, Trace, carried_products, contribution_norms, pair_products, state_score
+from dla.schedule.dynamic import (
+    STATE_SCORES,
+    Trace,
+    carried_products,
+    contribution_norms,
+    pair_products,
+    state_score,
+    to_chunks,
+)
 from dla.schedule.schedule import NONE, Schedule
 from dla.schedule.scores import novelty_scores
 from dla.varlen import pack, unpack
@@ -27,20 +35,22 @@ def scores_from_trace(trace: Trace, k, v, w, key_k, key_v, key_w, key_g, positio
     """``I_t`` ``[R, Tm]`` from dense rows (``k [R, Tm, K]``, ...): the query side ``k, v, w`` carries
     gradients, the key side (the open state's tokens) and the trace are constants."""
     R, Tm = w.shape
+    if Tm == 0:
+        return w.new_zeros(R, 0)
     L = trace.chunk
-    out = []
-    for i, a in enumerate(range(0, Tm, L)):
-        b = min(a + L, Tm)
-        kq, vq, wq = k[:, a:b], v[:, a:b], w[:, a:b]
-        g = key_g[:, a:b]
-        pair, _, G_prev = pair_products(kq, vq, wq, key_k[:, a:b], key_v[:, a:b], key_w[:, a:b], g)
-        start = trace.open_start[:, a:b]  # the open segment's start before t, window time
-        u = torch.arange(a, b, device=w.device)
-        x = (pair * (u >= start[..., None])).sum(-1)
-        x = x + torch.where(start < a, carried_products(kq, vq, wq, G_prev, trace.open_states[:, i]), 0.0)
-        score, _ = state_score(x, contribution_norms(kq, vq, wq), trace.open_norm[:, a:b], g.exp(), drift, eps=1e-12)
-        out.append(score)
-    scores = torch.cat(out, 1) if out else w.new_zeros(R, 0)
+    NC = -(-Tm // L)
+    kq, vq, wq = to_chunks(k, L), to_chunks(v, L), to_chunks(w, L)  # every chunk at once: [R * NC, L, ...]
+    g = to_chunks(key_g, L)
+    pair, _, G_prev = pair_products(kq, vq, wq, to_chunks(key_k, L), to_chunks(key_v, L), to_chunks(key_w, L), g)
+    start = to_chunks(trace.open_start, L)  # the open segment's start before t, window time
+    chunk_start = (torch.arange(NC, device=w.device) * L).repeat(R)[:, None]  # [R * NC, 1]
+    u = chunk_start + torch.arange(L, device=w.device)
+    x = (pair * (u[:, None, :] >= start[..., None])).sum(-1)
+    carried = carried_products(kq, vq, wq, G_prev, trace.open_states.reshape(R * NC, *trace.open_states.shape[2:]))
+    x = x + torch.where(start < chunk_start, carried, 0.0)
+    open_norm = to_chunks(trace.open_norm, L)
+    score, _ = state_score(x, contribution_norms(kq, vq, wq), open_norm, g.exp(), drift, eps=1e-12)
+    scores = score.reshape(R, NC * L)[:, :Tm]
     first = (position[:, None] + torch.arange(Tm, device=w.device)) == 0  # a sequence start scores 0
     return torch.where(first, 0.0, scores)
 
