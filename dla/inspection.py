@@ -54,8 +54,9 @@ def boundary_stats(model, input_ids: torch.Tensor, regions: dict[str, torch.Tens
     """Where the DLA layers of ``model`` opened states on a ``[B, T]`` batch, one dict per layer
     (empty without DLA layers), counted over all sequences and heads: ``births_per_100_tokens``
     (states opened after position 0), ``merged`` (the share of them merged again within the
-    sequence) and, per named region (``[B, T]`` bool masks), its ``tokens`` and ``births`` shares:
-    births concentrated in a region have a births share above its tokens share."""
+    sequence), the ``dynamic`` policy's ``threshold`` τ per head (learned with soft gates) and,
+    per named region (``[B, T]`` bool masks), its ``tokens`` and ``births`` shares: births
+    concentrated in a region have a births share above its tokens share."""
     regions = regions or {}
     with recorded_schedules(model) as mixers:
         if not mixers:
@@ -69,6 +70,7 @@ def boundary_stats(model, input_ids: torch.Tensor, regions: dict[str, torch.Tens
             born[..., 0] = False  # a sequence start is no boundary
             births = int(born.sum())
             entry = {"layer": i, "policy": mixer.policy.policy, "capacity": mixer.policy.capacity,
+                     "threshold": None if mixer.threshold is None else mixer.threshold.detach().float().tolist(),
                      "births_per_100_tokens": 100 * births / born.numel(),
                      "merged": int((born & (death < T)).sum()) / births if births else None, "regions": {}}
             for name, mask in regions.items():

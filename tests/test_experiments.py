@@ -48,7 +48,8 @@ eval: {task: mqar, pairs: [2, 4], examples: 8}
 report: {rows: model, cols: null, select: lr, panels: [mamba2]}
 """
 
-GRID_SIZES = {"mqar": 13 * 3 * 3 * 2, "mqar_long": 7, "recall": 3 * 9 * 2 * 2 * 2, "needle": 2 * 7 * 2 * 2, "text": 7,
+GRID_SIZES = {"mqar": 13 * 3 * 3 * 2, "mqar_long": 7, "mqar_paper": 13 * 2,
+              "recall": 3 * 9 * 2 * 2 * 2, "needle": 2 * 7 * 2 * 2, "text": 7,
               "ablations": 2 * 18 * 2}
 
 

@@ -45,6 +45,14 @@ def test_inspect_reports_scores_thresholds_and_densities(model, tmp_path):
     assert "<th>τ</th>" in page and "densities" in page
 
 
+def test_boundary_stats_report_the_learned_thresholds(model):
+    from dla.inspection import boundary_stats
+
+    stats = boundary_stats(model, torch.randint(0, 32, (2, 40)))
+    assert [s["threshold"] for s in stats][1] == pytest.approx([0.3, 0.5, 0.7, 0.9])
+    assert all(s["births_per_100_tokens"] >= 0 for s in stats)
+
+
 def test_final_segments_follow_the_schedule():
     k = torch.randn(1, 40, 1, 4)
     s = dla.plan_schedule("dynamic", batch=1, heads=1, length=40, k=k, v=torch.randn(1, 40, 1, 3),
