@@ -50,7 +50,7 @@ report: {rows: model, cols: null, select: lr, panels: [mamba2]}
 
 GRID_SIZES = {"mqar": 13 * 3 * 3 * 2, "mqar_long": 7, "mqar_paper": 13 * 2,
               "recall": 3 * 9 * 2 * 2 * 2, "needle": 2 * 7 * 2 * 2, "text": 7,
-              "ablations": 2 * 18 * 2}
+              "ablations": 2 * 18 * 2, "ablations_paper": 2 * 14 * 2}
 
 
 @pytest.fixture
