@@ -160,10 +160,10 @@ class TorchWalker:
     of overflow; ``origin`` says where each slot's start came from (window time ``>= 0``, or
     ``-(j + 1)`` for carried slot ``j``)."""
 
-    def __init__(self, seg: SegmentState, lengths, capacity, threshold, max_segment_len, merge, dtype):
-        N, H, C = seg.starts.shape
+    def __init__(self, seg: SegmentState, lengths, threshold, max_segment_len, merge, dtype):
+        N, H, C = seg.starts.shape  # the capacity is the slots' count
         R, dev = N * H, seg.starts.device
-        self.C, self.merge, self.max_segment_len, self.dtype = C, merge, max_segment_len, dtype
+        self.C, self.merge, self.max_segment_len = C, merge, max_segment_len
         self.threshold = threshold.to(dtype)
         self.length = lengths.repeat_interleave(H)
         self.position = seg.position.long().repeat_interleave(H)
@@ -291,7 +291,7 @@ class Trace:
         self.open_norm[:, t] = open_norm
 
 
-def plan_dynamic(seg: SegmentState, lengths, capacity: int, threshold: torch.Tensor, max_segment_len, merge: str,
+def plan_dynamic(seg: SegmentState, lengths, threshold: torch.Tensor, max_segment_len, merge: str,
                  score: str, backend: str, scores=None, contributions: Contributions | None = None,
                  keep_trace: bool = False):
     """Walk every row; ``scores [N, H, Tm]`` (given scores) or ``contributions`` (state scores).
@@ -305,7 +305,7 @@ def plan_dynamic(seg: SegmentState, lengths, capacity: int, threshold: torch.Ten
         dtype = torch.float32
     else:
         Walker = TorchWalker
-    walker = Walker(seg, lengths, capacity, threshold.repeat(N), max_segment_len, merge, dtype)
+    walker = Walker(seg, lengths, threshold.repeat(N), max_segment_len, merge, dtype)
     R, dev = N * H, seg.starts.device
     trace = None
     if keep_trace:

@@ -159,7 +159,7 @@ def _walk_kernel(score_ptr, prefix_ptr, carry_ptr, norm_ptr, gamma_ptr,
 class TritonWalker:
     """The walker interface of :class:`dla.schedule.dynamic.TorchWalker`, one Triton launch per walk."""
 
-    def __init__(self, seg: SegmentState, lengths, capacity, threshold, max_segment_len, merge, dtype):
+    def __init__(self, seg: SegmentState, lengths, threshold, max_segment_len, merge, dtype):
         N, H, C = seg.starts.shape
         R, dev = N * H, seg.starts.device
         self.N, self.H, self.C, self.CP = N, H, C, triton.next_power_of_2(C + 1)
