@@ -32,7 +32,6 @@ from dla.schedule import (
     OPEN_STATES,
     POLICIES,
     SCORES,
-    novelty_scores,
     plan_schedule,
     score_range,
 )
@@ -373,9 +372,10 @@ class DLAMixer(nn.Module):
             cache.conv[name] = state
         return y
 
-    def information_scores(self, x, k, cu_seqlens, cache: MixerCache | None, scores):
-        """Given scores u ``[B, T, H]`` for the ``dynamic`` policy's ``novelty``, ``router`` and
-        ``external`` scores (None otherwise: the state scores are computed while planning)."""
+    def information_scores(self, x, cu_seqlens, cache: MixerCache | None, scores):
+        """Given scores u ``[B, T, H]`` for the ``dynamic`` policy's ``router`` and ``external`` scores
+        (None otherwise: the planner computes the state and novelty scores from k, v, g, beta and the
+        cache's state)."""
         p = self.policy
         if p.policy != "dynamic":
             return None
@@ -389,14 +389,11 @@ class DLAMixer(nn.Module):
             return scores
         if scores is not None:
             raise ValueError(f"scores are only used with score='external', this layer has score={p.score!r}")
-        state = None if cache is None else cache.state
         if p.score == "router":
             u, last = self.router(x, cu_seqlens, None if cache is None else cache.router_key)
             if cache is not None:
                 cache.router_key = last
             return u
-        if p.score == "novelty":
-            return novelty_scores(k, cu_seqlens, None if state is None else state.prev_key)
         return None
 
     def attend(self, x, q, k, v, g, beta, scale, cu_seqlens=None, cache: MixerCache | None = None, scores=None):
@@ -406,7 +403,7 @@ class DLAMixer(nn.Module):
         p = self.policy
         B, T, H = q.shape[:3]
         state = None if cache is None else cache.state
-        u = self.information_scores(x, k, cu_seqlens, cache, scores)
+        u = self.information_scores(x, cu_seqlens, cache, scores)
         gated = p.dynamic and p.soft_gate and self.training and torch.is_grad_enabled()
         try:
             schedule = plan_schedule(p.policy, batch=B, heads=H, length=T, capacity=p.capacity,

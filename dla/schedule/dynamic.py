@@ -177,7 +177,7 @@ class TorchWalker:
         self.death = None
         self.carried = torch.full((R, C + 1), NEVER, dtype=torch.long, device=dev)
 
-    def start(self, Tm: int, trace: Trace | None):
+    def start(self, Tm: int, trace: Trace):
         R, dev = self.slot_pos.shape[0], self.slot_pos.device
         self.death = torch.full((R, Tm), NONE, dtype=torch.long, device=dev)
         self.trace = trace
@@ -207,7 +207,7 @@ class TorchWalker:
                 norm, gamma = terms.norm[:, i], terms.gamma[:, i]
                 score, extended = state_score(x, norm, self.open_norm, gamma, drift)
                 score = torch.where(first, 0.0, score)
-                if self.trace is not None:
+                if self.trace.open_start is not None:
                     self.trace.record(t, start + a, self.open_norm)
             wants = score >= self.threshold
             if self.max_segment_len is not None:
@@ -216,8 +216,7 @@ class TorchWalker:
             new = first | birth
             if terms is not None:
                 self.open_norm = torch.where(new, norm, torch.where(active, extended, self.open_norm))
-            if self.trace is not None:
-                self.trace.scores[:, t] = score
+            self.trace.scores[:, t] = score
             newc = new[:, None]
             self.slot_pos = torch.where(newc, torch.cat([pos[:, None], self.slot_pos[:, :-1]], 1), self.slot_pos)
             info = self.slot_info
@@ -295,7 +294,8 @@ def plan_dynamic(seg: SegmentState, lengths, threshold: torch.Tensor, max_segmen
                  score: str, backend: str, scores=None, contributions: Contributions | None = None,
                  keep_trace: bool = False):
     """Walk every row; ``scores [N, H, Tm]`` (given scores) or ``contributions`` (state scores).
-    Returns ``(death, carried, final SegmentState, trace or None)``."""
+    Returns ``(death, carried, final SegmentState, trace)``; the trace always holds the scores used,
+    and with ``keep_trace`` (soft gating) what the state scores need to be recomputed."""
     N, H, _ = seg.starts.shape
     state = score in STATE_SCORES
     Tm = contributions.k.shape[1] if state else scores.shape[-1]
@@ -307,12 +307,11 @@ def plan_dynamic(seg: SegmentState, lengths, threshold: torch.Tensor, max_segmen
         Walker = TorchWalker
     walker = Walker(seg, lengths, threshold.repeat(N), max_segment_len, merge, dtype)
     R, dev = N * H, seg.starts.device
-    trace = None
+    trace = Trace(scores=torch.zeros(R, Tm, dtype=dtype, device=dev))
+    keep_trace = keep_trace and state
     if keep_trace:
-        trace = Trace(scores=torch.zeros(R, Tm, dtype=dtype, device=dev))
-        if state:
-            trace.open_start = torch.full((R, Tm), NONE, dtype=torch.long, device=dev)
-            trace.open_norm = torch.zeros(R, Tm, dtype=dtype, device=dev)
+        trace.open_start = torch.full((R, Tm), NONE, dtype=torch.long, device=dev)
+        trace.open_norm = torch.zeros(R, Tm, dtype=dtype, device=dev)
     walker.start(Tm, trace)
     open_state = None
     if not state:
@@ -328,7 +327,8 @@ def plan_dynamic(seg: SegmentState, lengths, threshold: torch.Tensor, max_segmen
             window = WindowTerms(c, min(PLAN_CHUNK, Tm))
             for i in range(window.NC):
                 a = i * window.L
-                starts.append(open_state)
+                if keep_trace:
+                    starts.append(open_state)
                 walker.walk(a, min(a + window.L, Tm), terms=window.chunk(i, open_state), drift=score == "state_drift")
                 open_state = window.advance(i, open_state, walker.open_start())
         if keep_trace:

@@ -188,7 +188,7 @@ def plan_schedule(policy: str, *, batch: int, heads: int, length: int, capacity:
             backend = "triton" if torch.device(device).type == "cuda" else "torch"
         death, carried, final, trace = plan_dynamic(
             seg, lengths, threshold.to(device), max_segment_len, merge, score, backend,
-            scores=rows_scores, contributions=contributions, keep_trace=True)
+            scores=rows_scores, contributions=contributions, keep_trace=keep_trace)
         used = _to_public(trace.scores.view(num_seqs, heads, max_len), lengths, cu_seqlens, length, fill=0)
         if not keep_trace:
             trace = None

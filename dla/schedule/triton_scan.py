@@ -32,7 +32,7 @@ def _walk_kernel(score_ptr, prefix_ptr, carry_ptr, norm_ptr, gamma_ptr,
                  death_ptr, carried_ptr, trace_score_ptr, trace_start_ptr, trace_norm_ptr,
                  a, b, Tm, H, L, max_segment_len,
                  C: tl.constexpr, CP: tl.constexpr, BL: tl.constexpr, SCORE: tl.constexpr, MERGE: tl.constexpr,
-                 HAS_MAX: tl.constexpr, TRACE: tl.constexpr):
+                 HAS_MAX: tl.constexpr, TRACE_OPEN: tl.constexpr):
     """Walk tokens ``[a, b)`` of row ``r`` (one sequence-head). ``SCORE``: 0 given scores
     (``score_ptr [R, Tm]``), 1 the state score, 2 its drift reading (chunk terms ``[R, L(, L)]``
     of the chunk starting at ``a``, ``L <= BL``). ``MERGE``: 0 density, 1 least_info, 2 oldest.
@@ -90,11 +90,10 @@ def _walk_kernel(score_ptr, prefix_ptr, carry_ptr, norm_ptr, gamma_ptr,
             d = tl.minimum(tl.maximum(1 - cos, 0.0), 2.0)
             score = tl.where(ok, tl.sqrt_rn(d + d), 0.0)
             score = tl.where(first, 0.0, score)
-            if TRACE:
+            if TRACE_OPEN:
                 tl.store(trace_start_ptr + r * Tm + t, s0 + a)
                 tl.store(trace_norm_ptr + r * Tm + t, open_norm)
-        if TRACE:
-            tl.store(trace_score_ptr + r * Tm + t, score)
+        tl.store(trace_score_ptr + r * Tm + t, score)
         wants = score >= threshold
         if HAS_MAX:
             wants = wants | ((pos - open_start) >= max_segment_len)
@@ -178,7 +177,7 @@ class TritonWalker:
                           else seg.open_norm.reshape(R).float().contiguous())
         self.carried = torch.full((R, C), NEVER, dtype=torch.long, device=dev)
 
-    def start(self, Tm: int, trace: Trace | None):
+    def start(self, Tm: int, trace: Trace):
         self.Tm, self.trace = Tm, trace
         self.death = torch.full((self.slot_start.shape[0], Tm), NONE, dtype=torch.long, device=self.slot_start.device)
 
@@ -205,11 +204,11 @@ class TritonWalker:
             scores, prefix, carry, norm, gamma, self.lengths, self.position, self.threshold,
             self.slot_start, self.info, self.origin, self.count, self.open_norm,
             self.death, self.carried,
-            dummy if tr is None else tr.scores, self.death if tr is None or tr.open_start is None else tr.open_start,
-            dummy if tr is None or tr.open_norm is None else tr.open_norm,
+            tr.scores, self.death if tr.open_start is None else tr.open_start,
+            dummy if tr.open_norm is None else tr.open_norm,
             a, b, self.Tm, self.H, L, int(self.max_segment_len or 0),
             C=self.C, CP=self.CP, BL=triton.next_power_of_2(L), SCORE=score_code, MERGE=_MERGE_CODES[self.merge],
-            HAS_MAX=self.max_segment_len is not None, TRACE=tr is not None,
+            HAS_MAX=self.max_segment_len is not None, TRACE_OPEN=tr.open_start is not None,
             num_warps=1, enable_fp_fusion=False)
 
     def finish(self, N: int, H: int):
