@@ -4,8 +4,11 @@
     python benchmarks/ops.py --plot FILE.json          # (re)draw the PNG from a JSON
 
 Forward and forward+backward median times (``triton.testing.do_bench``), peak memory of one
-forward+backward, and the schedule planning time (novelty scores + dynamic policy) on bf16
-inputs. Shapes: Mamba-2 H=32, K=128, V=64; Gated DeltaNet H=16, K=V=128; SDPA H=16, D=128.
+forward+backward, and the time to plan the schedule (``plan_ms``: the information scores and the
+``dynamic`` policy's walk; by default the paper's state score and density merging) on bf16 inputs.
+Random inputs make the state score open a state at about every token, so every token also merges:
+the planner's worst case and the op's densest schedule. Shapes: Mamba-2 H=32, K=128, V=64; Gated
+DeltaNet H=16, K=V=128; SDPA H=16, D=128.
 """
 
 from __future__ import annotations
@@ -69,7 +72,7 @@ def run(args):
     meta = {"date": time.strftime("%Y-%m-%d"),
             "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "python": platform.python_version(), "tokens_per_batch": TOKENS, "dtype": "bfloat16",
-            "threshold": args.threshold}
+            "score": args.score, "threshold": args.threshold}
     data = {"meta": meta, "results": results}
 
     def record(name, base, T, C, fn, tensors, extra=None):
@@ -107,13 +110,16 @@ def run(args):
             scale = K ** -0.5
             for C in args.capacities:
                 torch.cuda.synchronize()
-                scores = dla.novelty_scores(x["k"])
-                sched = dla.plan_schedule("dynamic", batch=B, heads=H, length=T, capacity=C, scores=scores,
-                                          threshold=args.threshold)
-                plan_ms = triton.testing.do_bench(
-                    lambda: dla.plan_schedule("dynamic", batch=B, heads=H, length=T, capacity=C,
-                                              scores=dla.novelty_scores(x["k"]), threshold=args.threshold),
-                    warmup=5, rep=20, return_mode="median")
+
+                def plan():
+                    # the earlier variant: key novelty with least-information merging
+                    earlier = args.score == "novelty"
+                    return dla.plan_schedule("dynamic", batch=B, heads=H, length=T, capacity=C, score=args.score,
+                                             merge="least_info" if earlier else "density", threshold=args.threshold,
+                                             k=x["k"], v=x["v"], g=x["g"], beta=x["beta"])
+
+                sched = plan()
+                plan_ms = triton.testing.do_bench(plan, warmup=5, rep=20, return_mode="median")
                 lam = torch.full((B, T, H, sched.n_labels), 0.7, device=dev, dtype=dtype).requires_grad_()
                 tensors = list(leaves.values()) + [lam]
                 record(f"dla-{base}", base, T, C,
@@ -187,12 +193,18 @@ def plot(data, path):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192, 16384, 32768])
-    ap.add_argument("--capacities", type=int, nargs="+", default=[8, 16, 32])
+    ap.add_argument("--capacities", type=int, nargs="+", default=[16, 30])
     ap.add_argument("--bases", nargs="+", choices=("mamba2", "gated_deltanet"), default=["mamba2", "gated_deltanet"])
-    ap.add_argument("--threshold", type=float, default=0.5)
+    ap.add_argument("--score", choices=("state", "novelty"), default="state",
+                    help="the dynamic policy's information score: the paper's (state) or the earlier variant's")
+    ap.add_argument("--threshold", type=float, help="τ (default: the score's, 1.0 for state, 0.5 for novelty)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "ops.json")
     ap.add_argument("--plot", type=Path, help="only draw the PNG of an existing JSON")
     args = ap.parse_args()
+    if args.threshold is None:
+        from dla.schedule import DEFAULT_THRESHOLD
+
+        args.threshold = DEFAULT_THRESHOLD[args.score]
     if args.plot:
         plot(json.loads(args.plot.read_text()), args.plot.with_suffix(".png"))
         return
