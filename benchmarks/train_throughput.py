@@ -11,8 +11,12 @@ appended to the JSON file after every config, so a run cut short keeps what it m
     # two GPUs, FSDP2 (each config under torchrun); scaling vs the one-GPU file:
     python benchmarks/train_throughput.py --gpus 2 --baseline benchmarks/results/train_throughput_h100.json \\
         --out benchmarks/results/train_throughput_2xh100.json
+    # the ~125M models of benchmarks/configs/ (the kernels' model-level targets), at 4K tokens:
+    python benchmarks/train_throughput.py --seq-len 4096 --configs benchmarks/configs/*_125m.yaml
     # CPU smoke test
     python benchmarks/train_throughput.py --tiny --configs dla_mamba2_780m --out /tmp/tp.json
+
+The result file's ``meta`` holds the versions, the date and the command.
 """
 
 from __future__ import annotations
@@ -197,9 +201,23 @@ def estimate(path: Path, tokens: float = 50e9, gpus: int = 8) -> str:
     return "\n".join(lines) + "\n"
 
 
+def versions() -> dict:
+    """torch, Triton and fla versions of this environment, for the result file's ``meta``."""
+    import importlib.metadata
+
+    found = {}
+    for name, dist in (("torch", "torch"), ("triton", "triton"), ("fla", "flash-linear-attention"),
+                       ("transformers", "transformers")):
+        try:
+            found[name] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--configs", nargs="+", help="paper config names (default: all)")
+    p.add_argument("--configs", nargs="+", help="paper config names or YAML paths (default: all paper configs)")
     p.add_argument("--steps", type=int, default=20, help="timed steps (fewer if --budget runs out)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, autotuning)")
     p.add_argument("--budget", type=float, default=40, help="seconds of timed steps per config at most")
@@ -228,6 +246,7 @@ def main(argv=None) -> int:
 
     names = args.configs or paper_configs()
     start, rows = time.perf_counter(), []
+    meta = versions() | {"date": time.strftime("%Y-%m-%d"), "command": "python " + " ".join(sys.argv)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for i, name in enumerate(names):
         left = args.deadline - (time.perf_counter() - start)
@@ -240,7 +259,8 @@ def main(argv=None) -> int:
                         f"{row['tokens_per_s']:,.0f} tokens/s, {row['step_s']:.2f} s/step over {row['steps_timed']} "
                         f"steps, peak {row['peak_mem_gib'] or 0:.1f} GiB"), flush=True)
         add_scaling(rows, args.baseline)
-        args.out.write_text(json.dumps({"rows": rows}, indent=1) + "\n")
+        meta["device"] = rows[0].get("device", meta.get("device"))
+        args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     print(f"wrote {args.out}")
     return 0
 
