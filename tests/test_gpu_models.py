@@ -86,3 +86,51 @@ def test_model_generate_on_gpu(mixer):
         for t in range(70, 80):
             logits.append(model(generated[:1, -80:][:, t:t + 1], cache=cache).logits)
     assert rel_err(torch.cat(logits, 1), full) < 1e-4
+
+
+@pytest.mark.parametrize("mixer", ["mamba2", "gated_deltanet"])
+def test_checkpointed_training_replays_the_triton_walks(mixer, monkeypatch):
+    """Under activation checkpointing the recomputed forward replays the Triton walks: each layer walks
+    once per step, the recomputation plans the first pass's schedule and soft gates' trace exactly, and
+    the gradients are those of training without checkpointing."""
+    pytest.importorskip("transformers")
+    from dla.layers import common
+    from dla.schedule import triton_scan
+    from dla.train.distributed import enable_activation_checkpointing
+
+    walkers, schedules = [], []
+
+    class CountingWalker(triton_scan.TritonWalker):
+        def __init__(self, *args):
+            super().__init__(*args)
+            walkers.append(self)
+
+    def recording_plan(*args, **kwargs):
+        schedules.append(plan(*args, **kwargs))
+        return schedules[-1]
+
+    plan = common.plan_schedule
+    monkeypatch.setattr(triton_scan, "TritonWalker", CountingWalker)
+    monkeypatch.setattr(common, "plan_schedule", recording_plan)
+    config = dla.DLAConfig(mixer=mixer, vocab_size=256, hidden_size=128, num_hidden_layers=2, head_dim=32,
+                           state_size=32, max_position_embeddings=1024, capacity=8, pad_token_id=0, eos_token_id=None)
+    ids = torch.randint(1, 256, (1, 300), device="cuda")
+    cu = torch.tensor([0, 211, 300], device="cuda")
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = dla.DLAForCausalLM(config).cuda().train()
+        if checkpointing:
+            enable_activation_checkpointing(model)
+        walkers.clear()
+        schedules.clear()
+        model(ids, cu_seqlens=cu, labels=ids).loss.backward()
+        grads.append({name: p.grad for name, p in model.named_parameters()})
+        assert len(walkers) == 2
+    assert len(schedules) == 4  # the forward's two layers, then their recomputation in reverse order
+    for first, replayed in zip(schedules[:2], schedules[:1:-1]):
+        assert torch.equal(first.death, replayed.death) and torch.equal(first.scores, replayed.scores)
+        for name in ("open_start", "open_norm", "open_states"):
+            assert torch.equal(getattr(first.trace, name), getattr(replayed.trace, name)), name
+    for name, want in grads[0].items():
+        assert (grads[1][name] - want).norm() <= 1e-5 * want.norm(), name

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -27,6 +28,7 @@ from dla.layers import (
     RouterScore,
     ShortConvolution,
 )
+from dla.schedule.replay import with_walk_replay
 
 from .cache_dla import DLACache
 from .configuration_dla import DLAConfig
@@ -112,11 +114,14 @@ class DLABlock(GradientCheckpointingLayer):
     """``x + mixer(RMSNorm(x))``, then ``x + MLP(RMSNorm(x))``.
 
     With activation checkpointing on (HF's ``model.activation_checkpointing_enable()``, formerly
-    ``gradient_checkpointing_enable()``, or
-    ``DLAConfig(gradient_checkpointing=True)``), a block in
+    ``gradient_checkpointing_enable()``, or ``DLAConfig(gradient_checkpointing=True)``), a block in
     training keeps only its input and recomputes the rest in the backward pass
-    (``torch.utils.checkpoint``, non-reentrant); the schedule is recomputed from the same inputs, so
-    it is the same."""
+    (``torch.utils.checkpoint``, non-reentrant). The ``dynamic`` policy's schedule is planned once per
+    step: the forward keeps what its walk decided (per token and per slot, not the open states) and
+    the recomputation replays it instead of walking again (:mod:`dla.schedule.replay`), so the
+    schedule, the soft gates and the gradients are bit for bit those of the first pass. Reentrant
+    checkpointing (``use_reentrant=True``) takes no ``context_fn`` and plans again, with the same
+    result."""
 
     def __init__(self, config: DLAConfig):
         super().__init__()
@@ -139,6 +144,11 @@ class DLAPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     # checkpoints from before the learned threshold τ keep the configured one
     _keys_to_ignore_on_load_missing = [r"mixer\.threshold$"]
+
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=checkpoint, **kwargs):
+        # every Hugging Face switch (activation_checkpointing_enable, gradient_checkpointing_enable, the
+        # config flag) hands the blocks their checkpoint function here: give it the walk replay
+        super()._set_gradient_checkpointing(enable, with_walk_replay(gradient_checkpointing_func), **kwargs)
 
     def _init_weights(self, module):
         """Linear and embedding weights N(0, initializer_range²); everything the layers initialise

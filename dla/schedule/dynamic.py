@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dla.schedule.replay import planning_walker
 from dla.schedule.schedule import NEVER, NONE, SegmentState
 
 SCORES = ("state", "state_drift", "novelty", "router", "external")
@@ -305,7 +306,8 @@ def plan_dynamic(seg: SegmentState, lengths, threshold: torch.Tensor, max_segmen
         dtype = torch.float32
     else:
         Walker = TorchWalker
-    walker = Walker(seg, lengths, threshold.repeat(N), max_segment_len, merge, dtype)
+    # under activation checkpointing the recomputed forward replays the first pass's walk (dla.schedule.replay)
+    walker = planning_walker(Walker, seg, lengths, threshold.repeat(N), max_segment_len, merge, dtype)
     R, dev = N * H, seg.starts.device
     trace = Trace(scores=torch.zeros(R, Tm, dtype=dtype, device=dev))
     keep_trace = keep_trace and state
