@@ -4,10 +4,14 @@ The prompt runs through the model's forward (the chunked path), then every new t
 call of the whole model on ``[B, 1]`` tokens. On CUDA that call is captured once as a CUDA graph,
 as ``mamba_ssm``'s generation does, and replayed per token: the inputs and the next tokens live
 in static buffers, and the cache's tensors are updated in place (a tensor the step replaces is
-copied back into the buffer it replaced, inside the graph). A step that cannot be captured --
-one that reads a device value on the host, or whose cache tensors change shape or dtype --
-decodes eagerly instead, with a one-line warning naming why. Either way the tokens are those of
-``model.generate(input_ids, max_new_tokens=..., do_sample=False)``.
+copied back into the buffer it replaced, inside the graph). The step reads no value on the host:
+the prompt's call checks its inputs as every call of the model does, the steps skip the checks
+that read values (``validate=False``), and the one check a step could fail on its own -- a
+sequence running past the level labels or fenwick capacity that ``max_position_embeddings``
+fixes -- is made once, for the longest sequence, before the prompt. A step that cannot be
+captured -- one that reads a device value on the host, or whose cache tensors change shape or
+dtype -- decodes eagerly instead, with a one-line warning naming why. Either way the tokens are
+those of ``model.generate(input_ids, max_new_tokens=..., do_sample=False)``.
 """
 
 from __future__ import annotations
@@ -112,6 +116,9 @@ def start_decoding(model: DLAForCausalLM, input_ids: torch.Tensor, max_new_token
         raise TypeError(f"use_cuda_graph must be None or a bool, got {use_cuda_graph!r}")
     if use_cuda_graph and device.type != "cuda":
         raise ValueError(f"use_cuda_graph needs a model on a CUDA device, this one is on {device}")
+    if model.config.mixer != "attention":
+        # the longest a sequence gets through the model: the prompt and every new token but the last
+        model.config.policy_config().check_length(T + max_new_tokens - 1)
     input_ids = input_ids.long()
     if attention_mask is None:
         attention_mask = _infer_mask(input_ids, *_special_tokens(model, device))
@@ -156,8 +163,9 @@ class EagerStep:
     def __init__(self, model, cache: DLACache):
         self.model, self.cache = model, cache
 
+    @torch.no_grad()
     def __call__(self, token: torch.Tensor) -> torch.Tensor:
-        out = self.model(input_ids=token[:, None], cache=self.cache, use_cache=True, logits_to_keep=1)
+        out = self.model(input_ids=token[:, None], cache=self.cache, use_cache=True, logits_to_keep=1, validate=False)
         return out.logits[:, -1].argmax(-1)
 
 
@@ -200,6 +208,7 @@ class GraphStep:
                     layer.static, layer.cursor = False, None
             raise
 
+    @torch.no_grad()
     def __call__(self, token: torch.Tensor) -> torch.Tensor:
         self.ids.copy_(token[:, None])
         if self.graph is None:
@@ -210,7 +219,8 @@ class GraphStep:
 
     def _step(self):
         """The step the graph holds: the model, the greedy choice, the cache written back in place."""
-        logits = self.model(input_ids=self.ids, cache=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        logits = self.model(input_ids=self.ids, cache=self.cache, use_cache=True, logits_to_keep=1,
+                            validate=False).logits[:, -1]
         slots = [(holder, key) for holder, key, value in cache_entries(self.cache) if isinstance(value, torch.Tensor)]
         if len(slots) != len(self.slots):
             raise NotCapturable("the step changes which tensors the cache holds")

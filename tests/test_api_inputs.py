@@ -106,6 +106,52 @@ def test_the_scattered_state_routing_equals_the_dense_one(base, monkeypatch):
     assert torch.allclose(recurrent, dense, atol=1e-10)
 
 
+def state_tensors(state: dla.DLAState) -> list:
+    seg = state.segments
+    return [state.states, seg.starts, seg.info, seg.position, seg.open_state, seg.open_norm, state.prev_key]
+
+
+@pytest.mark.parametrize("base", ["mamba2", "gated_deltanet"])
+@pytest.mark.parametrize("policy", ["fixed", "fenwick", "dynamic"])
+def test_unchecked_decoding_steps_equal_checked_ones(base, policy):
+    """``validate=False`` (planner and recurrent op) leaves the checks that read values out and
+    nothing else: after a chunked prefill, every one-token step plans the same schedule and gives
+    the same output and state, bit for bit. A NaN then passes where the checked step refuses it."""
+    x, _ = make_case(policy, base, B=2, T=14, H=2, K=4, V=3, capacity=5)
+    prompt = 9
+
+    def window(lo, hi):
+        return {name: None if t is None else t[:, lo:hi] for name, t in x.items()}
+
+    def plan(w, state, validate):
+        return dla.plan_schedule(policy, batch=2, heads=2, length=w["q"].shape[1], capacity=5, period=3,
+                                 k=w["k"], v=w["v"], g=w["g"], beta=w["beta"], initial_state=state,
+                                 validate=validate)
+
+    w = window(0, prompt)
+    _, state = dla.chunk_dla(**w, schedule=plan(w, None, True), output_final_state=True)
+    states = [state, state]
+    for t in range(prompt, 14):
+        w = window(t, t + 1)
+        schedules = [plan(w, s, validate) for s, validate in zip(states, (True, False))]
+        assert torch.equal(schedules[0].death, schedules[1].death)
+        assert torch.equal(schedules[0].carried_death, schedules[1].carried_death)
+        (o_checked, checked), (o_unchecked, unchecked) = (
+            dla.recurrent_dla(**w, schedule=sched, initial_state=s, output_final_state=True, validate=validate)
+            for sched, s, validate in zip(schedules, states, (True, False)))
+        assert torch.equal(o_checked, o_unchecked)
+        assert all((a is None and b is None) or torch.equal(a, b)
+                   for a, b in zip(state_tensors(checked), state_tensors(unchecked)))
+        states = [checked, unchecked]
+    w = window(13, 14)
+    w["q"] = w["q"] * float("nan")
+    schedule = plan(w, states[0], False)
+    with pytest.raises(ValueError, match="q contains NaN or Inf"):
+        dla.recurrent_dla(**w, schedule=schedule, initial_state=states[0])
+    o, _ = dla.recurrent_dla(**w, schedule=schedule, initial_state=states[0], validate=False)
+    assert torch.isnan(o).all()
+
+
 # ----------------------------------------------------------------------------- the schedule (being rewritten)
 def test_plan_schedule_refuses_an_unknown_label_rule():
     with pytest.raises(ValueError, match="label_rule"):

@@ -26,9 +26,17 @@ POLICY_KWARGS = {
     "single": dict(policy="single"),
     "fixed": dict(policy="fixed", capacity=4, period=5),
     "fenwick": dict(policy="fenwick"),
-    "dynamic": dict(policy="dynamic", capacity=4),
+    # thresholds at which both tiny bases open segments and merge them while they decode
+    "dynamic": dict(policy="dynamic", capacity=4, threshold=0.3),
+    # the other scores, merge rules and options of the planner, and level labels without fenwick
+    "dynamic-drift": dict(policy="dynamic", capacity=4, score="state_drift", open_state="plain", max_segment_len=6,
+                          threshold=0.3),
+    "dynamic-novelty": dict(policy="dynamic", capacity=4, score="novelty", merge="least_info", threshold=0.05),
+    "dynamic-router": dict(policy="dynamic", capacity=4, score="router", merge="oldest"),
+    "fixed-level": dict(policy="fixed", capacity=4, period=3, label_rule="level"),
 }
-CASES = [("attention", "single")] + [(m, p) for m in ("mamba2", "gated_deltanet") for p in POLICY_KWARGS]
+DLA_CASES = [(m, p) for m in ("mamba2", "gated_deltanet") for p in POLICY_KWARGS]
+CASES = [("attention", "single")] + DLA_CASES
 TINY = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, head_dim=16, state_size=8, intermediate_size=64,
             max_position_embeddings=256, chunk_size=16, pad_token_id=0, bos_token_id=1, eos_token_id=None)
 
@@ -258,11 +266,68 @@ def test_model_generate_passes_no_mask_after_the_prompt():
     assert all(call[CACHE_FIELD] is calls[0][CACHE_FIELD] for call in calls)
 
 
-@pytest.mark.xfail(reason="the DLA layer step still checks its inputs and plans its schedule on the host "
-                          "(dla/ops/common.py, dla/schedule/policies.py, dla/schedule/scores.py)", strict=False)
-@pytest.mark.parametrize("mixer, policy", [(m, p) for m in ("mamba2", "gated_deltanet") for p in POLICY_KWARGS])
+@pytest.mark.parametrize("mixer, policy", DLA_CASES)
 def test_dla_step_reads_nothing_on_the_host(mixer, policy, host_reads):
     assert one_step_reads(tiny_model(mixer, policy), host_reads) == []
+
+
+@pytest.mark.parametrize("mixer, policy", DLA_CASES)
+def test_unchecked_steps_equal_checked_ones_bit_for_bit(mixer, policy):
+    """``validate=False`` only leaves checks out: the logits and every cache tensor after each
+    step equal those of the checking forward exactly."""
+    model = tiny_model(mixer, policy)
+    ids, mask = left_padded((9, 4, 7))
+    caches = [dla.DLACache(model.config) for _ in range(2)]
+    with torch.no_grad():
+        for cache in caches:
+            token = model(ids, attention_mask=mask, cache=cache, use_cache=True).logits[:, -1].argmax(-1)
+        for _ in range(5):
+            checked, unchecked = (model(token[:, None], cache=cache, validate=validate).logits
+                                  for cache, validate in zip(caches, (True, False)))
+            assert torch.equal(checked, unchecked)
+            held = [[v for _, _, v in generation.cache_entries(c) if isinstance(v, torch.Tensor)] for c in caches]
+            assert len(held[0]) == len(held[1]) and all(torch.equal(a, b) for a, b in zip(*held))
+            token = checked[:, -1].argmax(-1)
+
+
+@pytest.mark.parametrize("mixer, policy", DLA_CASES)
+def test_the_cached_states_hold_only_their_own_memory(mixer, policy):
+    """After the prompt (three chunks) every layer's segment states own exactly their bytes: the
+    chunked walks' final states are views of their states at every chunk boundary, and a cache
+    holding the views kept all of them alive (on a GPU, every layer's: 70 of 80 GB after a batch of
+    8 x 2K prompts at C = 30)."""
+    model = tiny_model(mixer, policy)
+    decoding = generation.start_decoding(model, torch.randint(1, 64, (2, 40)), 4)
+    for layer in decoding.cache.layers:
+        states = layer.state.states
+        assert states.untyped_storage().nbytes() == states.numel() * states.element_size()
+
+
+@pytest.mark.parametrize("policy", ["fixed", "dynamic"])
+def test_the_prompt_is_still_checked(policy):
+    """The steps skip the checks that read values; the prompt's call makes them: its ids, and
+    NaN reaching the layers' op (through one embedding row made NaN)."""
+    model = tiny_model("mamba2", policy)
+    with pytest.raises(ValueError, match="input_ids must be token ids"):
+        dla.generate(model, torch.full((1, 3), 64), 2)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[5] = float("nan")
+    with pytest.raises(ValueError, match="contains NaN or Inf"):
+        dla.generate(model, torch.tensor([[7, 5, 9]]), 2)
+
+
+@pytest.mark.parametrize("policy", ["fenwick", "fixed-level"])
+def test_a_sequence_past_the_level_labels_is_refused_before_decoding(policy):
+    """The steps no longer check the labels a position needs: generate() checks the longest
+    sequence once. max_position_embeddings = 16 holds positions up to 15: a prompt of 9 and 8
+    new tokens (16 through the model) fits and gives generate()'s tokens, 9 new tokens do not."""
+    model = tiny_model("mamba2", policy, max_position_embeddings=16)
+    ids = torch.randint(2, 64, (2, 9))
+    assert torch.equal(dla.generate(model, ids, 8), model.generate(ids, max_new_tokens=8, do_sample=False))
+    with pytest.raises(ValueError, match="max_position_embeddings|needs 6"):  # fenwick's message, or the labels'
+        model.generate(ids, max_new_tokens=9, do_sample=False)
+    with pytest.raises(ValueError, match="max_position_embeddings = 16"):
+        dla.generate(model, ids, 9)
 
 
 # ----------------------------------------------------------------------------- CUDA graphs
@@ -270,10 +335,8 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs nee
 
 
 @cuda
-@pytest.mark.parametrize("mixer, policy", [("attention", "single"), ("mamba2", "single"),
-                                           ("gated_deltanet", "single")])
-def test_cuda_graph_generate_returns_the_tokens_of_model_generate(mixer, policy):
-    model = tiny_model(mixer, policy, device="cuda")
+def test_cuda_graph_generate_of_attention_returns_the_tokens_of_model_generate():
+    model = tiny_model("attention", device="cuda")
     ids, mask = left_padded((9, 4, 7), device="cuda")
     want = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
     with torch.no_grad():
@@ -282,23 +345,54 @@ def test_cuda_graph_generate_returns_the_tokens_of_model_generate(mixer, policy)
 
 
 @cuda
-@pytest.mark.parametrize("mixer, policy", [(m, p) for m in ("mamba2", "gated_deltanet")
-                                           for p in ("fixed", "fenwick", "dynamic")])
+@pytest.mark.parametrize("mixer, policy", DLA_CASES)
 def test_cuda_graph_generate_of_dla_policies_gives_the_same_tokens(mixer, policy):
-    """Captured, or decoded eagerly with a warning that says where the step waits for the host."""
+    """Every DLA step is captured (no warning that it decodes eagerly), and replaying it gives the
+    tokens of ``model.generate()``."""
     model = tiny_model(mixer, policy, device="cuda")
     ids, mask = left_padded((9, 4, 7), device="cuda")
     want = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        decoding = generation.start_decoding(model, ids, 12, attention_mask=mask, use_cuda_graph=True)
         got = dla.generate(model, ids, 12, attention_mask=mask, use_cuda_graph=True)
-    assert torch.equal(got, want)
     # torch's own warnings (its sync debug mode is a prototype) are not dla's to check
-    ours = [str(w.message) for w in caught if "dla.generate" in str(w.message)]
-    assert len(ours) <= 1
-    for message in ours:
-        assert "dla.generate: decoding eagerly" in message and "dla/" in message
+    assert [str(w.message) for w in caught if "dla.generate" in str(w.message)] == []
     assert not [w for w in caught if "Synchronization debug mode" in str(w.message)]
+    assert decoding.graph and isinstance(decoding.step, generation.GraphStep)
+    assert torch.equal(got, want)
+
+
+@cuda
+@pytest.mark.parametrize("mixer, policy", DLA_CASES)
+def test_dla_step_on_cuda_runs_the_decode_kernel_and_never_waits(mixer, policy, monkeypatch):
+    """The eager step on a GPU: one Triton decoding kernel per layer, and no synchronisation with
+    the host (torch's sync debug mode raises at the first)."""
+    from dla.ops.triton import decode
+
+    launches = []
+
+    def counted(*args):
+        launches.append(args[0].shape)
+        return original(*args)
+
+    original = decode.decode_step
+    monkeypatch.setattr(decode, "decode_step", counted)
+    model = tiny_model(mixer, policy, device="cuda")
+    decoding = generation.start_decoding(model, torch.randint(1, 64, (2, 9), device="cuda"), 6,
+                                         use_cuda_graph=False)
+    token = decoding.step(decoding.token)  # the first step compiles the kernels
+    launches.clear()
+    previous = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Synchronization debug mode is a prototype feature")
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(3):
+                token = decoding.step(token)
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+    assert len(launches) == 3 * model.config.num_hidden_layers
 
 
 # ----------------------------------------------------------------------------- benchmark

@@ -43,6 +43,12 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def level_count(length: int) -> int:
+    """Level labels (0 = the open segment) that positions ``0 .. length - 1`` can use: also the
+    capacity a fenwick schedule needs for sequences of ``length`` tokens."""
+    return max(length - 1, 0).bit_length() + 1
+
+
 @dataclass(frozen=True)
 class PolicyConfig:
     """How a DLA layer plans its segments (spec §3), validated at construction.
@@ -123,7 +129,21 @@ class PolicyConfig:
     @property
     def levels(self) -> int:
         """Level labels a sequence of ``max_position_embeddings`` tokens can use (0 = the open segment)."""
-        return (self.max_position_embeddings - 1).bit_length() + 1
+        return level_count(self.max_position_embeddings)
+
+    def check_length(self, length: int) -> None:
+        """``ValueError`` naming ``max_position_embeddings`` unless sequences of ``length`` tokens fit
+        the layer's fenwick capacity and level labels (by default, positions up to the power of two
+        at or above ``max_position_embeddings``, less one): what the planner and the op check at
+        every call, once, for callers whose steps skip those checks (:func:`dla.generate`)."""
+        held = [n for n, bound in ((self.capacity, self.policy == "fenwick"),
+                                   (self.n_labels, self.label_rule == "level")) if bound]
+        needed = level_count(length)
+        if self.capacity > 1 and held and needed > min(held):
+            raise ValueError(f"sequences of {length} tokens run past max_position_embeddings = "
+                             f"{self.max_position_embeddings}: positions up to {length - 1} need {needed} levels, "
+                             f"the layers' fenwick capacity or level labels hold {min(held)}; raise "
+                             "max_position_embeddings")
 
     @property
     def n_labels(self) -> int:
@@ -163,11 +183,13 @@ class LambdaProjection(nn.Module):
 
 def sequence_starts(cu_seqlens: torch.Tensor | None, batch: int, length: int, device) -> tuple:
     """``(rows, cols, nonempty)``: where every sequence's first token sits in a ``[batch, length]``
-    (or packed ``[1, length]``) layout, and which sequences have any token in this window."""
+    (or packed ``[1, length]``) layout, and which sequences have any token in this window: a
+    boolean mask, or for a dense batch a slice (all or none), which selects without reading a
+    value on the host (a decoding step must not wait for the GPU)."""
     if cu_seqlens is None:
         rows = torch.arange(batch, device=device)
         cols = torch.zeros(batch, dtype=torch.long, device=device)
-        return rows, cols, torch.full((batch,), length > 0, device=device)
+        return rows, cols, slice(None) if length > 0 else slice(0)
     cols = cu_seqlens[:-1].long()
     return torch.zeros_like(cols), cols, cu_seqlens[1:] > cu_seqlens[:-1]
 
@@ -396,10 +418,13 @@ class DLAMixer(nn.Module):
             return u
         return None
 
-    def attend(self, x, q, k, v, g, beta, scale, cu_seqlens=None, cache: MixerCache | None = None, scores=None):
+    def attend(self, x, q, k, v, g, beta, scale, cu_seqlens=None, cache: MixerCache | None = None, scores=None,
+               validate: bool = True):
         """Plan the schedule and run the op; ``x`` is the layer input (for λ and the router).
         A single token per sequence continuing a cache runs the recurrent step, anything else the
-        chunked path. Returns ``o [B, T, H, V]`` and leaves the final state in ``cache``."""
+        chunked path. Returns ``o [B, T, H, V]`` and leaves the final state in ``cache``.
+        ``validate=False``: the planner and the recurrent step skip the checks that read tensor
+        values on the host (the chunked path always checks)."""
         p = self.policy
         B, T, H = q.shape[:3]
         state = None if cache is None else cache.state
@@ -410,7 +435,8 @@ class DLAMixer(nn.Module):
                                      threshold=self.threshold.detach() if p.dynamic else p.threshold, score=p.score,
                                      merge=p.merge, open_state=p.open_state, k=k, v=v, g=g, beta=beta, scores=u,
                                      period=p.period, max_segment_len=p.max_segment_len, cu_seqlens=cu_seqlens,
-                                     label_rule=p.label_rule, initial_state=state, device=q.device, keep_trace=gated)
+                                     label_rule=p.label_rule, initial_state=state, device=q.device, keep_trace=gated,
+                                     validate=validate)
         except ValueError as error:
             if p.policy == "fenwick" and str(error).startswith("fenwick needs capacity"):
                 raise ValueError(f"a sequence runs past max_position_embeddings = {p.max_position_embeddings}, which "
@@ -428,7 +454,7 @@ class DLAMixer(nn.Module):
         kwargs = dict(beta=beta, scale=scale, initial_state=state, output_final_state=cache is not None,
                       cu_seqlens=cu_seqlens)
         if state is not None and cu_seqlens is None and T == 1:
-            o, final = recurrent_dla(q, k, v, g, lam, schedule, **kwargs)
+            o, final = recurrent_dla(q, k, v, g, lam, schedule, validate=validate, **kwargs)
         else:
             o, final = chunk_dla(q, k, v, g, lam, schedule, chunk_size=self.chunk_size, **kwargs)
         if cache is not None:

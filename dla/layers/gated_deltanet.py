@@ -67,9 +67,10 @@ class DLAGatedDeltaNet(DLAMixer):
         self.reset_threshold()
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None, cache: MixerCache | None = None,
-                scores: torch.Tensor | None = None) -> torch.Tensor:
+                scores: torch.Tensor | None = None, validate: bool = True) -> torch.Tensor:
         """``x [B, T, hidden]`` (packed: ``B = 1`` and ``cu_seqlens``) -> ``[B, T, hidden]``.
-        ``cache`` continues earlier calls and is updated in place; ``scores`` for ``score="external"``."""
+        ``cache`` continues earlier calls and is updated in place; ``scores`` for ``score="external"``;
+        ``validate=False`` skips the checks that read values on the host (:meth:`DLAMixer.attend`)."""
         H = self.num_heads
         q = self.convolve("q_conv1d", self.q_proj(x), cu_seqlens, cache).unflatten(-1, (H, self.head_dim))
         k = self.convolve("k_conv1d", self.k_proj(x), cu_seqlens, cache).unflatten(-1, (H, self.head_dim))
@@ -77,6 +78,6 @@ class DLAGatedDeltaNet(DLAMixer):
         q, k = l2_normalize(q), l2_normalize(k)
         beta = torch.sigmoid(self.b_proj(x))
         g = -torch.exp(upcast(self.A_log)) * F.softplus(upcast(self.a_proj(x)) + self.dt_bias)
-        o = self.attend(x, q, k, v, g, beta, self.head_dim ** -0.5, cu_seqlens, cache, scores)
+        o = self.attend(x, q, k, v, g, beta, self.head_dim ** -0.5, cu_seqlens, cache, scores, validate)
         o = self.o_norm(o, self.g_proj(x).unflatten(-1, (H, self.head_v_dim)))
         return self.o_proj(o.flatten(-2))

@@ -62,9 +62,10 @@ class DLAMamba2(DLAMixer):
         self.reset_threshold()
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None, cache: MixerCache | None = None,
-                scores: torch.Tensor | None = None) -> torch.Tensor:
+                scores: torch.Tensor | None = None, validate: bool = True) -> torch.Tensor:
         """``x [B, T, hidden]`` (packed: ``B = 1`` and ``cu_seqlens``) -> ``[B, T, hidden]``.
-        ``cache`` continues earlier calls and is updated in place; ``scores`` for ``score="external"``."""
+        ``cache`` continues earlier calls and is updated in place; ``scores`` for ``score="external"``;
+        ``validate=False`` skips the checks that read values on the host (:meth:`DLAMixer.attend`)."""
         B, T, _ = x.shape
         H, P, N, G = self.num_heads, self.head_dim, self.state_size, self.n_groups
         z, xbc, dt = self.in_proj(x).split([self.inner_size, self.inner_size + 2 * G * N, H], -1)
@@ -75,6 +76,6 @@ class DLAMamba2(DLAMixer):
         c = c.unflatten(-1, (G, N)).repeat_interleave(H // G, 2)
         dt = F.softplus(dt + self.dt_bias)
         g = dt * -torch.exp(upcast(self.A_log))
-        y = self.attend(x, c, b, (xs * dt[..., None]).to(xs.dtype), g, None, 1.0, cu_seqlens, cache, scores)
+        y = self.attend(x, c, b, (xs * dt[..., None]).to(xs.dtype), g, None, 1.0, cu_seqlens, cache, scores, validate)
         y = y + xs * self.D[:, None].to(xs.dtype)
         return self.out_proj(self.norm(y.flatten(-2), z))

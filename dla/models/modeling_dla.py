@@ -130,8 +130,10 @@ class DLABlock(GradientCheckpointingLayer):
         self.mlp_norm = nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
         self.mlp = DLAMLP(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x, cu_seqlens=None, cache=None, scores=None):
+    def forward(self, x, cu_seqlens=None, cache=None, scores=None, validate=True):
         extra = {} if scores is None else {"scores": scores}
+        if not validate and not isinstance(self.mixer, Attention):  # attention checks no values
+            extra["validate"] = False
         x = x + self.mixer(self.mixer_norm(x), cu_seqlens=cu_seqlens, cache=cache, **extra)
         return x + self.mlp(self.mlp_norm(x))
 
@@ -186,7 +188,7 @@ class DLAModel(DLAPreTrainedModel):
 
     def forward(self, input_ids=None, attention_mask=None, cache=None, inputs_embeds=None, use_cache=None,
                 output_hidden_states=None, return_dict=None, cu_seqlens=None, scores=None, past_key_values=None,
-                **kwargs):
+                validate=True, **kwargs):
         """``input_ids [B, T]`` (or ``inputs_embeds``) -> ``last_hidden_state [B, T, hidden]``.
 
         - ``attention_mask [B, T_past + T]`` (1 = token, 0 = padding, any pattern): the last ``T``
@@ -197,6 +199,10 @@ class DLAModel(DLAPreTrainedModel):
           ``config.use_cache`` outside training).
         - ``scores``: information scores for ``score="external"``, ``[B, T, heads]`` for every layer
           or a sequence with one per layer.
+        - ``validate=False``: skip the checks that read tensor values on the host (the ids' range, the
+          layers' NaN/Inf and schedule checks): each one waits for a GPU and none can be in a CUDA
+          graph. :func:`dla.generate` passes it for its decoding steps, after the prompt's call has
+          checked everything.
         """
         cfg = self.config
         cache = cache if cache is not None else past_key_values
@@ -207,7 +213,7 @@ class DLAModel(DLAPreTrainedModel):
         if input_ids is not None:
             # a call that continues a cache is a decoding step, fed the ids the model chose: reading
             # them on the host would make every token wait for the device (and break a CUDA graph)
-            check_input_ids(input_ids, cfg.vocab_size, values=cache is None or not cache.is_initialized)
+            check_input_ids(input_ids, cfg.vocab_size, values=validate and (cache is None or not cache.is_initialized))
         elif not isinstance(inputs_embeds, torch.Tensor) or inputs_embeds.dim() != 3 \
                 or inputs_embeds.shape[-1] != cfg.hidden_size:
             raise ValueError(f"inputs_embeds must be a [B, T, hidden_size = {cfg.hidden_size}] tensor, got "
@@ -237,7 +243,7 @@ class DLAModel(DLAPreTrainedModel):
             if output_hidden_states:
                 hidden_states.append(x if unpadded is None else unpadded.unpack(x))
             layer_cache = None if cache is None else cache.layers[i]
-            x = block(x, cu_seqlens=cu_seqlens, cache=layer_cache, scores=layer_scores[i])
+            x = block(x, cu_seqlens=cu_seqlens, cache=layer_cache, scores=layer_scores[i], validate=validate)
         x = self.norm(x)
         if unpadded is not None:
             x = unpadded.unpack(x)

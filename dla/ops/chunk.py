@@ -148,7 +148,9 @@ def chunk_dla(q, k, v, g, lam, schedule, beta=None, scale=None, initial_state: D
     if output_final_state:
         final_pos, final_death = slots_pos[:, :, NC], slots_death[:, :, NC]
         starts = torch.where(final_death != NONE, final_pos + ds.position[:, None, None], NONE)
-        state = x.final_state(S_final.to(x.q.dtype), starts, schedule)
+        # a copy: the walks' final states are views of their states at every chunk boundary, which a
+        # cache holding the view would keep alive (every layer's, for as long as it decodes)
+        state = x.final_state(S_final.to(x.q.dtype, copy=True), starts, schedule)
     return x.output(o), state
 
 

@@ -114,8 +114,15 @@ def check_backend(backend: str | None, device: torch.device) -> None:
                          "(or None: Triton on CUDA, PyTorch elsewhere)")
 
 
-def prepare(q, k, v, g, lam, schedule, beta=None, scale=None, cu_seqlens=None, initial_state=None) -> Prepared:
-    """Validate the op inputs (``ValueError``/``TypeError`` naming the argument) and unpack them."""
+def prepare(q, k, v, g, lam, schedule, beta=None, scale=None, cu_seqlens=None, initial_state=None,
+            validate: bool = True) -> Prepared:
+    """Validate the op inputs (``ValueError``/``TypeError`` naming the argument) and unpack them.
+
+    ``validate=False`` skips the checks that read tensor values on the host (NaN/Inf, signs and
+    ranges, the schedule's level labels against ``lam``, ``initial_state`` against the schedule):
+    on a GPU each one waits for the device, and none can be in a CUDA graph. Types, shapes and
+    devices are still checked. For inputs that were checked once before a run of calls, as the
+    decoding steps of :func:`dla.generate` after its prompt."""
     _check_tensor("q", q, "BTHK")
     dt, dev = q.dtype, q.device
     B, T, H, K = q.shape
@@ -154,7 +161,7 @@ def prepare(q, k, v, g, lam, schedule, beta=None, scale=None, cu_seqlens=None, i
         raise ValueError("cu_seqlens differs from the cu_seqlens the schedule was planned with")
     if lam.shape[:3] != (B, T, H):
         raise ValueError(f"lam must be [B, T, H, n_labels] = [{B}, {T}, {H}, n], got {tuple(lam.shape)}")
-    if lam.shape[-1] < schedule.n_labels:
+    if validate and lam.shape[-1] < schedule.n_labels:
         raise ValueError(f"lam has {lam.shape[-1]} labels but the schedule ({schedule.label_rule} labels, "
                          f"capacity {schedule.capacity}) needs {schedule.n_labels}")
     if scale is None:
@@ -170,7 +177,7 @@ def prepare(q, k, v, g, lam, schedule, beta=None, scale=None, cu_seqlens=None, i
         if schedule.initial is None:
             raise ValueError("initial_state is given but the schedule was not planned from it; "
                              "call plan_schedule(..., initial_state=state)")
-        if not torch.equal(initial_state.segments.starts.to(dev), schedule.initial.starts.to(dev)):
+        if validate and not torch.equal(initial_state.segments.starts.to(dev), schedule.initial.starts.to(dev)):
             raise ValueError("initial_state's segments differ from those the schedule was planned from")
         V = v.shape[-1]
         if initial_state.states.shape != (N, H, C, K, V):
@@ -180,9 +187,10 @@ def prepare(q, k, v, g, lam, schedule, beta=None, scale=None, cu_seqlens=None, i
         finite["initial_state.states"] = initial_state.states
         initial = initial_state.states
         prev_key0 = initial_state.prev_key
-    elif schedule.initial is not None and (schedule.initial.starts >= 0).any():
+    elif validate and schedule.initial is not None and (schedule.initial.starts >= 0).any():
         raise ValueError("the schedule continues earlier segments; pass their states as initial_state")
-    _check_values(finite, g, beta)
+    if validate:
+        _check_values(finite, g, beta)
 
     cdt = torch.float64 if dt == torch.float64 else torch.float32
 

@@ -63,18 +63,21 @@ def slot_labels(slot_pos: torch.Tensor, slot_death: torch.Tensor, t: int, label_
 
 
 def recurrent_dla(q, k, v, g, lam, schedule, beta=None, scale=None, initial_state: DLAState | None = None,
-                  output_final_state: bool = False, cu_seqlens=None, backend: str | None = None):
+                  output_final_state: bool = False, cu_seqlens=None, backend: str | None = None,
+                  validate: bool = True):
     """Dynamic Linear Attention as a recurrence over at most ``C`` states.
 
     Returns ``(o [B, T, H, V], state)``; ``state`` is a :class:`dla.DLAState` when
     ``output_final_state`` else ``None``. ``initial_state`` continues earlier windows of each
     sequence; ``schedule`` must then be planned with ``initial_state=`` the same state.
     ``backend="triton"`` (the default for one-token windows on CUDA) runs each step as one fused
-    kernel without autograd (decoding); ``"torch"`` is differentiable.
+    kernel without autograd (decoding); ``"torch"`` is differentiable. ``validate=False`` skips
+    the input checks that read tensor values on the host (see :func:`dla.ops.common.prepare`), so
+    that a decoding step never waits for the GPU and can be captured in a CUDA graph.
     """
     if backend not in (None, "torch", "triton"):
         raise ValueError(f"backend must be None, 'torch' or 'triton', got {backend!r}")
-    x = prepare(q, k, v, g, lam, schedule, beta, scale, cu_seqlens, initial_state)
+    x = prepare(q, k, v, g, lam, schedule, beta, scale, cu_seqlens, initial_state, validate)
     check_backend(backend, x.q.device)
     ds = x.schedule
     N, H, Tm, K = x.q.shape

@@ -232,9 +232,8 @@ class TorchWalker:
                                       self.origin)
             self.count = self.count + new.long()
             self.death[:, t] = torch.where(birth, NEVER, NONE)
-            over = self.count > C
-            if bool(over.any()):
-                self._merge(over, t, slot_idx)
+            # merging where no row overflows changes nothing: no host read decides whether to
+            self._merge(self.count > C, t, slot_idx)
 
     def _merge(self, over, t, slot_idx):
         """Merge one adjacent closed pair ``(j, j + 1)``, ``j in 1..C-1``, in every overflowing row."""

@@ -50,7 +50,7 @@ def plan_schedule(policy: str, *, batch: int, heads: int, length: int, capacity:
                   scores: torch.Tensor | None = None, period: int | None = None,
                   max_segment_len: int | None = None, cu_seqlens: torch.Tensor | None = None,
                   label_rule: str | None = None, initial_state=None, device=None,
-                  backend: str | None = None, keep_trace: bool = False) -> Schedule:
+                  backend: str | None = None, keep_trace: bool = False, validate: bool = True) -> Schedule:
     """Plan a :class:`Schedule` for ``[batch, heads, length]`` tokens.
 
     ``dynamic`` (spec §3): ``score`` is ``"state"`` (the paper's state information score, Eq. 13),
@@ -74,6 +74,12 @@ def plan_schedule(policy: str, *, batch: int, heads: int, length: int, capacity:
     or ``"triton"`` for the ``dynamic`` walk (default: Triton on CUDA tensors, PyTorch elsewhere);
     both give identical schedules. ``keep_trace``: keep what the walk saw (``schedule.trace``).
     The schedule's ``scores [B, H, T]`` are the scores the ``dynamic`` policy used.
+
+    ``validate=False`` skips the checks that read tensor values on the host (finite inputs and
+    threshold, scores in [0, 1], ``initial_state`` consistent with the policy, and, when
+    ``capacity`` is given, the positions the fenwick capacity holds): on a GPU each one waits for
+    the device, and none can be in a CUDA graph. For inputs checked once before a run of calls, as
+    the decoding steps of :func:`dla.generate`; the schedule is the same.
     """
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
@@ -96,7 +102,7 @@ def plan_schedule(policy: str, *, batch: int, heads: int, length: int, capacity:
         _check_int("capacity", capacity, 1)
     if max_segment_len is not None:
         _check_int("max_segment_len", max_segment_len, 1)
-    threshold = _check_threshold(threshold, score, heads)
+    threshold = _check_threshold(threshold, score, heads, validate)
     for name, x in (("k", k), ("v", v), ("g", g), ("beta", beta), ("scores", scores)):
         if x is not None and not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -127,7 +133,7 @@ def plan_schedule(policy: str, *, batch: int, heads: int, length: int, capacity:
     else:
         position = torch.zeros(num_seqs, dtype=torch.long, device=device)
 
-    if policy == "fenwick":
+    if policy == "fenwick" and (capacity is None or validate):
         last = int((position + lengths - 1).clamp(min=0).max()) if num_seqs else 0
         needed = last.bit_length() + 1
         if capacity is None:
@@ -166,8 +172,8 @@ def plan_schedule(policy: str, *, batch: int, heads: int, length: int, capacity:
             return x.transpose(1, 2).to(device)
 
         if score in STATE_SCORES:
-            contributions = _contributions(k, v, g, beta, shape, open_state, rows, in_seq)
-            if seg.open_state is None and bool((seg.starts >= 0).any()):
+            contributions = _contributions(k, v, g, beta, shape, open_state, rows, in_seq, validate)
+            if validate and seg.open_state is None and bool((seg.starts >= 0).any()):
                 raise ValueError(f"score={score!r} continues from the open state, but initial_state carries none "
                                  "(it was planned with another score)")
         else:
@@ -181,7 +187,7 @@ def plan_schedule(policy: str, *, batch: int, heads: int, length: int, capacity:
             if scores.shape != shape:
                 raise ValueError(f"scores must be [B, T, H] = [{batch}, {length}, {heads}], "
                                  f"got {tuple(scores.shape)}")
-            if not bool(((scores >= 0) & (scores <= 1)).all()):  # one sync; NaN and Inf fail it too
+            if validate and not bool(((scores >= 0) & (scores <= 1)).all()):  # one sync; NaN, Inf fail it
                 raise ValueError("scores must be finite and in [0, 1]")
             rows_scores = rows(scores)
         if backend is None:
@@ -192,7 +198,7 @@ def plan_schedule(policy: str, *, batch: int, heads: int, length: int, capacity:
         used = _to_public(trace.scores.view(num_seqs, heads, max_len), lengths, cu_seqlens, length, fill=0)
         if not keep_trace:
             trace = None
-    if initial_state is not None and ((starts > 0) & (carried < 0)).any():
+    if validate and initial_state is not None and ((starts > 0) & (carried < 0)).any():
         raise ValueError("initial_state's segments are inconsistent with the policy: a boundary would have died "
                          "before this window")
     carried = torch.where(starts > 0, carried, torch.full_like(carried, NONE))
@@ -203,8 +209,8 @@ def plan_schedule(policy: str, *, batch: int, heads: int, length: int, capacity:
                     trace=trace)
 
 
-def _check_threshold(threshold, score: str, heads: int) -> torch.Tensor:
-    """τ as a ``[heads]`` tensor (one per head)."""
+def _check_threshold(threshold, score: str, heads: int, validate: bool) -> torch.Tensor:
+    """τ as a ``[heads]`` tensor (one per head); ``validate``: a tensor's values must be finite."""
     top = score_range(score)
     if threshold is None:
         return torch.full((heads,), DEFAULT_THRESHOLD[score])
@@ -213,7 +219,7 @@ def _check_threshold(threshold, score: str, heads: int) -> torch.Tensor:
             raise ValueError(f"threshold must be a number or a [heads] = [{heads}] tensor, "
                              f"got shape {tuple(threshold.shape)}")
         threshold = threshold.detach().float().reshape(-1).expand(heads)
-        if not bool(torch.isfinite(threshold).all()):
+        if validate and not bool(torch.isfinite(threshold).all()):
             raise ValueError("threshold contains NaN or Inf")
         return threshold
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= top:
@@ -221,8 +227,9 @@ def _check_threshold(threshold, score: str, heads: int) -> torch.Tensor:
     return torch.full((heads,), float(threshold))
 
 
-def _contributions(k, v, g, beta, shape, open_state, rows, in_seq) -> Contributions:
-    """The dense rows the state scores read: ``k, v``, ``w`` (β or 1) and the open state's decay."""
+def _contributions(k, v, g, beta, shape, open_state, rows, in_seq, validate: bool) -> Contributions:
+    """The dense rows the state scores read: ``k, v``, ``w`` (β or 1) and the open state's decay
+    (``validate``: all finite)."""
     B, T, H = shape
     if k is None or v is None:
         raise ValueError("the state scores need k [B, T, H, K] and v [B, T, H, V]")
@@ -243,10 +250,11 @@ def _contributions(k, v, g, beta, shape, open_state, rows, in_seq) -> Contributi
     gr = torch.zeros_like(w) if open_state == "plain" else rows(g.detach().to(dtype))
     w = torch.where(mask[:, None], w, 0.0)
     gr = torch.where(mask[:, None], gr, 0.0)
-    bad = torch.stack([~torch.isfinite(x).all() for x in (kr, vr, w, gr)])
-    if bool(bad.any()):  # one host sync for the four checks
-        name = ("k", "v", "beta", "g")[bad.long().argmax()]
-        raise ValueError(f"{name} contains NaN or Inf")
+    if validate:
+        bad = torch.stack([~torch.isfinite(x).all() for x in (kr, vr, w, gr)])
+        if bool(bad.any()):  # one host sync for the four checks
+            name = ("k", "v", "beta", "g")[bad.long().argmax()]
+            raise ValueError(f"{name} contains NaN or Inf")
     R = N * H_
     return Contributions(kr.reshape(R, Tm, k.shape[-1]), vr.reshape(R, Tm, v.shape[-1]), w.reshape(R, Tm),
                          gr.reshape(R, Tm))

@@ -39,10 +39,10 @@ def novelty_scores(k: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
         n = start_cols.numel()
         if prev_key.shape != (n, H, K):
             raise ValueError(f"prev_key must be [{n}, {H}, {K}], got {tuple(prev_key.shape)}")
-        has_tokens = torch.ones(n, dtype=torch.bool, device=k.device) if cu_seqlens is None else \
-            cu_seqlens[1:] > cu_seqlens[:-1]  # an empty sequence has no first token to continue
-        prev = prev.index_put((start_rows[has_tokens], start_cols[has_tokens]),
-                              prev_key.detach().to(dtype)[has_tokens])
+        prev_key = prev_key.detach().to(dtype)
+        if cu_seqlens is not None:  # an empty sequence has no first token to continue
+            start_rows, start_cols, prev_key = start_rows[nonempty], start_cols[nonempty], prev_key[nonempty]
+        prev = prev.index_put((start_rows, start_cols), prev_key)
     u = (1 - F.cosine_similarity(k, prev, dim=-1, eps=1e-6)) / 2
     if prev_key is None:
         u = torch.where(starts[..., None], torch.ones_like(u), u)
