@@ -104,7 +104,7 @@ def chunk_dla_inter_fwd_kernel(qe_ptr, lam_ptr, x_ptr, v_ptr, rank_ptr, M_ptr, l
     The states at every ``GROUP``-th chunk boundary and at the last are kept in ``S`` (the
     checkpoints of the backward walk); those between pass through the row's two boundaries of
     ``ring``."""
-    r, vv, _, _ = walk_start(S0_ptr, S_ptr, tl.cdiv(NC, GROUP) + 1, C, K, V, BV)
+    r, vv, _, _ = walk_start(S0_ptr, S_ptr, tl.cdiv(NC, GROUP), C, K, V, BV)  # rows hold cdiv(NC, GROUP) + 1
     ll = tl.arange(0, L)
     bk = tl.arange(0, BK)
     for c in range(NC):

@@ -100,7 +100,7 @@ def chunk_dla_state_fwd_kernel(S0_ptr, S_ptr, lo_ptr, hi_ptr, M_ptr, W_ptr, NC,
                                C: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr,
                                BK: tl.constexpr):
     """S[c+1, n] = M_c Σ_{j = lo..hi} S[c, j] + W[c, n]: one program per (row, value block)."""
-    r, vv, kk, tile = walk_start(S0_ptr, S_ptr, NC + 1, C, K, V, BV)  # every boundary is kept
+    r, vv, kk, tile = walk_start(S0_ptr, S_ptr, NC, C, K, V, BV)
     bk = tl.arange(0, BK)
     for c in range(NC):
         rc = r * NC + c  # int64 (r is), so offsets from it do not overflow as c * C*K*V (int32) would

@@ -38,15 +38,15 @@ def source_ranges(dest: torch.Tensor):
 
 
 @triton.jit
-def walk_start(S0_ptr, S_ptr, NB, C: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr):
+def walk_start(S0_ptr, S_ptr, NC, C: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr):
     """The program's row ``r``, value columns ``vv``, key rows ``kk`` and the offsets of its
-    ``[K, BV]`` tile in one K x V state; fills the first of the ``NB`` chunk boundaries that the
-    row's states ``S[r] [NB, C, K, V]`` hold with ``S0[r]``."""
+    ``[K, BV]`` tile in one K x V state; fills the first chunk boundary of the row's states
+    ``S[r] [NC + 1, C, K, V]`` with ``S0[r]``."""
     r = tl.program_id(0).to(tl.int64)
     vv = tl.program_id(1) * BV + tl.arange(0, BV)
     kk = tl.arange(0, K)
     tile = kk[:, None] * V + vv[None, :]
-    S_row = S_ptr + r * NB * C * K * V
+    S_row = S_ptr + r * (NC + 1) * C * K * V
     for j in range(C):
         tl.store(S_row + j * K * V + tile, tl.load(S0_ptr + r * C * K * V + j * K * V + tile))
     # the stores of S[r, 0] above happen before the walk's first loads of it, which other
