@@ -11,9 +11,12 @@ states entering chunk ``c``:
 
 The unfused PyTorch path builds the weighted queries ``λ ⊙ Q_eff`` (``T·C·K``) and the token
 writes (``T/L · C·K·V``) as tensors and reads them back; here both exist only in registers. The
-states at every chunk boundary are stored (fp32, ``T/L · C·K·V``) for the backward walk, which
-recomputes nothing else: in reverse it turns ``dS_{c+1}`` into the gradients of the token
-writes (``dX``, ``dV``), of the read-out (``dQ_eff``, ``dλ``) and of the decay, and ``dS_c``.
+forward keeps the states (fp32) only at every ``G``-th chunk boundary and the last, the
+checkpoints (``(T/L/G + 1) · C·K·V``, :func:`checkpoint_group`); the backward walk goes over
+groups of ``G`` chunks from the last, recomputes a group's states from its checkpoint (the
+forward's state update, one shared function, so bit for bit the same) and then, in reverse, turns
+``dS_{c+1}`` into the gradients of the token writes (``dX``, ``dV``), of the read-out (``dQ_eff``,
+``dλ``) and of the decay, and ``dS_c``.
 One program per (sequence-head, value block); gradients that sum over value blocks (``dQ_eff``,
 ``dλ``, ``dX``, ``dM``) are accumulated atomically. Both walks run over blocks of ``BK`` key rows,
 so no per-token tile of size ``K`` stays in registers (at K = 256 those spilled:
