@@ -213,6 +213,24 @@ def test_fused_walk_state_checkpoints(matrix, NC, C, group):
         assert rel_err(a.double(), c) < 1e-5, name
 
 
+def test_fused_walk_without_gradients_keeps_the_first_and_last_boundaries(monkeypatch):
+    """Without a backward to come (torch.no_grad: inference, a prefill) the walk keeps the states
+    of the first and the last chunk boundary only, the rest passing through its ring; o and the
+    final states are those of a differentiable call (9 chunks: 3 checkpoints in groups of 8)."""
+    from dla.ops.triton import chunk_inter
+
+    (q_eff, lam, x, v, gamma, S0), rank, dest, _, _ = walk_case(False, NC=9, C=3, K=16, V=16, device=DEVICE)
+    inputs = [t.float().requires_grad_() for t in (q_eff, lam, x, v)]
+    gamma, S0 = gamma.float().requires_grad_(), S0.float().requires_grad_()
+    shapes, new_output = [], chunk_inter.new_output
+    monkeypatch.setattr(chunk_inter, "new_output", lambda shape, like: shapes.append(shape) or new_output(shape, like))
+    o, S = chunk_inter.fused_inter(*inputs, rank, gamma, dest, S0)
+    with torch.no_grad():
+        o_inference, S_inference = chunk_inter.fused_inter(*inputs, rank, gamma, dest, S0)
+    assert [s[1] for s in shapes] == [3, 2, 9, 2, 2, 9]  # per call: checkpoints, ring (boundaries), o (chunks)
+    assert torch.equal(o_inference, o) and torch.equal(S_inference, S)
+
+
 def test_checkpoint_group(monkeypatch):
     from dla.ops.triton.chunk_inter import checkpoint_group
 

@@ -325,7 +325,8 @@ def fused_inter(q_eff, lam_inter, x, v, tok_rank, M, dest, S0, input_dtype=torch
     ``C`` = none); ``dest [N, H, NC, C]`` (new slot
     of every carried slot, ``C`` = none); ``S0 [N, H, C, K, V]``; ``input_dtype``: the caller's
     dtype (float32 inputs get IEEE products, lower precisions tf32); ``group``: chunks per state
-    checkpoint kept for the backward (:func:`checkpoint_group`). Returns ``o_inter [N, H, NC,
+    checkpoint kept for the backward (:func:`checkpoint_group`; without gradients only the final
+    states are kept). Returns ``o_inter [N, H, NC,
     L, V]`` and the final states ``[N, H, C, K, V]`` (float32), differentiable in every float input.
     """
     N, H, NC, L, K = q_eff.shape
@@ -342,9 +343,13 @@ def fused_inter(q_eff, lam_inter, x, v, tok_rank, M, dest, S0, input_dtype=torch
         return t.reshape(R, *t.shape[2:]).contiguous()
 
     transition = rows(M, (0, Kp - K, 0, Kp - K)) if M.dim() == 5 else rows(M)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q_eff, lam_inter, x, v, M, S0)):
+        group = checkpoint_group(NC, group)
+    else:  # no backward to come (inference, a prefill): the first and last boundaries only
+        group = triton.next_power_of_2(NC)
     o, S = _FusedInter.apply(rows(q_eff, (0, Kp - K)), rows(lam_inter), rows(x, (0, Kp - K)),
                              rows(v, (0, Vp - Vd)), transition, rows(S0, (0, Vp - Vd, 0, Kp - K)),
                              tok_rank.to(torch.int32).reshape(R, NC, L).contiguous(), lo.reshape(R, NC, C),
                              hi.reshape(R, NC, C), dest.to(torch.int32).reshape(R, NC, C).contiguous(),
-                             input_precision(input_dtype), checkpoint_group(NC, group))
+                             input_precision(input_dtype), group)
     return o.reshape(N, H, NC, L, Vp)[..., :Vd], S.reshape(N, H, C, Kp, Vp)[..., :K, :Vd]
