@@ -70,3 +70,48 @@ def grads(out: torch.Tensor, inputs: dict, seed=1) -> dict:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def walk_case(matrix, NC, C, K, V, N=1, H=2, L=16, seed=0, device="cpu"):
+    """Random inputs of fused_inter (float64, on ``device``) in the regime the model-level cases barely
+    reach: decays of order 1 and a non-symmetric K x K transition (so a transposed or misplaced key
+    block of M or dM shows), merges and dropped slots; and random weights of o and the final
+    states for the loss. Returns (leaves, rank, dest, w_o, w_s)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    rank = torch.randint(0, C + 1, (N, H, NC, L), generator=gen)  # C: the token is routed nowhere
+    dest = torch.randint(0, C + 1, (N * H * NC, C), generator=gen).sort(-1).values.reshape(N, H, NC, C)
+    if matrix:
+        gam = 0.9 * torch.eye(K, dtype=torch.float64) + 0.2 * randn(N, H, NC, K, K) / K ** 0.5
+    else:
+        gam = 0.4 + 0.5 * torch.rand(N, H, NC, generator=gen, dtype=torch.float64)
+    leaves = [randn(N, H, NC, L, K), torch.rand(N, H, NC, L, C, generator=gen, dtype=torch.float64),
+              randn(N, H, NC, L, K) / K ** 0.5, randn(N, H, NC, L, V), gam, randn(N, H, C, K, V)]
+    w_o, w_s = randn(N, H, NC, L, V), randn(N, H, C, K, V)
+    # made on the CPU: the same numbers on either device
+    return [t.to(device) for t in leaves], rank.to(device), dest.to(device), w_o.to(device), w_s.to(device)
+
+
+WALK_RESULTS = ["o", "S_final", "dq_eff", "dlam", "dx", "dv", "dgamma", "dS0"]
+
+
+def walk_results(case, fused, group=None, input_dtype=torch.float32):
+    """o, the final states and the gradients of (o * w_o).sum() + (S * w_s).sum() w.r.t. q_eff, λ,
+    x, v, the transition and S0 (:data:`WALK_RESULTS`): through fused_inter (fp32, with the products
+    of ``input_dtype`` inputs, ``group`` chunks per state checkpoint) or the unfused PyTorch walks
+    (float64)."""
+    from dla.ops.chunk import TORCH_WALKS, _inter
+    from dla.ops.triton.chunk_inter import fused_inter
+
+    leaves, rank, dest, w_o, w_s = case
+    ins = [t.clone().requires_grad_() for t in leaves]
+    q_eff, lam, x, v, gamma, S0 = ins
+    if fused:
+        o, S = fused_inter(*(t.float() for t in (q_eff, lam, x, v)), rank, gamma.float(), dest, S0.float(),
+                           input_dtype, group)
+    else:
+        o, S = _inter(TORCH_WALKS, q_eff, lam, x.transpose(-1, -2), v, rank, gamma, dest, S0)
+    return [o, S, *torch.autograd.grad((o * w_o).sum() + (S * w_s).sum(), ins)]

@@ -4,7 +4,7 @@ interpreter (tiny shapes); on a GPU the same tests check the compiled kernels.""
 
 import pytest
 import torch
-from conftest import BASES, FAST_DECAY, SLOW_DECAY, grads, make_case, rel_err
+from conftest import BASES, FAST_DECAY, SLOW_DECAY, WALK_RESULTS, grads, make_case, rel_err, walk_case, walk_results
 
 import dla
 
@@ -15,15 +15,23 @@ TOL = 1e-5
 # (base, Gated DeltaNet through the fused walk): the tests below run for both Gated DeltaNet walks
 WALKS = [("mamba2", False), ("gated_deltanet", False), ("gated_deltanet", True)]
 WALK_IDS = ["mamba2", "gated_deltanet", "gated_deltanet-fused"]
+# chunks per state checkpoint of the fused walk: every boundary kept, or several groups of 2 (the
+# default, 8, makes one group of these few chunks)
+CHECKPOINT_GROUPS = ["1", "2"]
 
 
 @pytest.fixture(autouse=True)
 def _gated_deltanet_walk(request, monkeypatch):
-    """Sets the walk a WALKS case asks for, and checks afterwards that the fused walk ran iff it should."""
+    """Sets the walk a WALKS case asks for (and the fused walk's checkpoint group a CHECKPOINT_GROUPS
+    case asks for), and checks afterwards that the fused walk ran iff it should."""
     params = getattr(getattr(request.node, "callspec", None), "params", {})
     if "fused" not in params:
         yield
         return
+    if "group" in params:
+        if params["group"] != CHECKPOINT_GROUPS[0] and not (params["base"] == "mamba2" or params["fused"]):
+            pytest.skip("the checkpoint group is the fused walk's")
+        monkeypatch.setenv("DLA_WALK_CHECKPOINT_GROUP", params["group"])
     from dla.ops.triton import chunk_inter
 
     monkeypatch.setattr(dla.ops.chunk, "FUSED_GATED_DELTANET", params["fused"])
@@ -56,8 +64,9 @@ def test_triton_chunk_matches_torch(policy, base, fused, label_rule):
     check(inputs, schedule)
 
 
+@pytest.mark.parametrize("group", CHECKPOINT_GROUPS)
 @pytest.mark.parametrize("base, fused", WALKS, ids=WALK_IDS)
-def test_triton_chunk_odd_head_sizes_and_varlen(base, fused):
+def test_triton_chunk_odd_head_sizes_and_varlen(base, fused, group):
     cu = torch.tensor([0, 5, 40, 40, 77], device=DEVICE)
     inputs, schedule = make_case("dynamic", base, None, B=1, T=77, H=3, K=7, V=20, capacity=3,
                                  dtype=torch.float32, requires_grad=True, cu_seqlens=cu, device=DEVICE)
@@ -82,8 +91,9 @@ def test_triton_chunk_slow_decays_across_many_chunks(base, fused):
     check(inputs, schedule)
 
 
+@pytest.mark.parametrize("group", CHECKPOINT_GROUPS)
 @pytest.mark.parametrize("base, fused", WALKS, ids=WALK_IDS)
-def test_triton_chunk_initial_state_gradient(base, fused):
+def test_triton_chunk_initial_state_gradient(base, fused, group):
     T, T1 = 70, 33
     inputs, _ = make_case("dynamic", base, "level", B=2, T=T, H=2, K=16, V=16, capacity=4, dtype=torch.float32,
                           device=DEVICE)
@@ -104,8 +114,9 @@ def test_triton_chunk_initial_state_gradient(base, fused):
     assert g_ref.abs().sum() > 0 and rel_err(g, g_ref) <= TOL
 
 
+@pytest.mark.parametrize("group", CHECKPOINT_GROUPS)
 @pytest.mark.parametrize("base, fused", WALKS, ids=WALK_IDS)
-def test_triton_chunk_final_state_gradient(base, fused):
+def test_triton_chunk_final_state_gradient(base, fused, group):
     """A loss on the final states (as when a prefill's state is trained through) reaches every input."""
     inputs, schedule = make_case("dynamic", base, "recency", B=2, T=50, H=2, K=16, V=16, capacity=4,
                                  dtype=torch.float32, requires_grad=True, device=DEVICE)
@@ -173,44 +184,63 @@ def test_gated_deltanet_inter_in_value_blocks(monkeypatch):
 @pytest.mark.parametrize("K, V", [(64, 40), (40, 16), (128, 16), (200, 16)])
 @pytest.mark.parametrize("matrix", [False, True], ids=["scalar", "matrix"])
 def test_fused_walk_against_the_torch_walks(matrix, K, V, key_block, monkeypatch):
-    """fused_inter directly against the unfused PyTorch walks, in the regime the model-level cases
-    barely reach: decays of order 1 and a non-symmetric K x K transition (so a transposed or
-    misplaced key block of M or dM shows), merges and dropped slots, a final-state gradient, and
-    several key blocks or one (K = 40 is padded to 64; 128 is the scalar walk's default block at
-    K = 128); K = 200 (padded to 256) also splits the transition's columns into two blocks of 128."""
+    """fused_inter directly against the unfused PyTorch walks (:func:`walk_case`), with a final-state
+    gradient, and several key blocks or one (K = 40 is padded to 64; 128 is the scalar walk's
+    default block at K = 128); K = 200 (padded to 256) also splits the transition's columns into
+    two blocks of 128."""
     monkeypatch.setenv("DLA_WALK_KEY_BLOCK", key_block)
-    from dla.ops.chunk import TORCH_WALKS, _inter
-    from dla.ops.triton.chunk_inter import fused_inter
+    case = walk_case(matrix, NC=4, C=3, K=K, V=V, seed=K + V + matrix, device=DEVICE)
+    want, got = walk_results(case, fused=False), walk_results(case, fused=True)
+    for name, a, b in zip(WALK_RESULTS, got, want):
+        assert rel_err(a.double(), b) < 1e-5, name
 
-    gen = torch.Generator().manual_seed(K + V + matrix)
-    N, H, NC, L, C = 1, 2, 4, 16, 3
 
-    def randn(*shape):
-        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+@pytest.mark.parametrize("matrix, NC, C, group", [(False, 3, 8, 4), (True, 3, 1, 4), (False, 9, 3, 4),
+                                                   (True, 9, 3, 4), (False, 17, 1, 8), (True, 17, 3, 8)],
+                         ids=lambda p: ("matrix" if p else "scalar") if isinstance(p, bool) else str(p))
+def test_fused_walk_state_checkpoints(matrix, NC, C, group):
+    """The forward keeps the states only every ``group`` chunks and the backward recomputes those
+    between, one group at a time from the last: the same numbers, bit for bit, as keeping every
+    chunk boundary (group 1), and the PyTorch walks' within 1e-5. NC is no multiple of the group
+    (one partial group of 3 chunks, or full groups and a last one of a single chunk). V = 20 is
+    padded to 32: two forward value blocks of 16 in the interpreter, one backward block of 32, so
+    the backward recomputes the states in other tiles than the forward stored them."""
+    case = walk_case(matrix, NC=NC, C=C, K=16, V=20, seed=NC + C + matrix, device=DEVICE)
+    every, checkpointed = walk_results(case, fused=True, group=1), walk_results(case, fused=True, group=group)
+    want = walk_results(case, fused=False)
+    for name, a, b, c in zip(WALK_RESULTS, checkpointed, every, want):
+        assert torch.equal(a, b), name
+        assert rel_err(a.double(), c) < 1e-5, name
 
-    rank = torch.randint(0, C + 1, (N, H, NC, L), generator=gen)  # C: the token is routed nowhere
-    dest = torch.randint(0, C + 1, (N * H * NC, C), generator=gen).sort(-1).values.reshape(N, H, NC, C)
-    if matrix:
-        gam = 0.9 * torch.eye(K, dtype=torch.float64) + 0.2 * randn(N, H, NC, K, K) / K ** 0.5
-    else:
-        gam = 0.4 + 0.5 * torch.rand(N, H, NC, generator=gen, dtype=torch.float64)
-    leaves = [randn(N, H, NC, L, K), torch.rand(N, H, NC, L, C, generator=gen, dtype=torch.float64),
-              randn(N, H, NC, L, K) / K ** 0.5, randn(N, H, NC, L, V), gam, randn(N, H, C, K, V)]
-    w_o, w_s = randn(N, H, NC, L, V), randn(N, H, C, K, V)
-    leaves, w_o, w_s, rank, dest = [t.to(DEVICE) for t in leaves], w_o.to(DEVICE), w_s.to(DEVICE), rank.to(DEVICE), \
-        dest.to(DEVICE)  # made on the CPU: the same numbers on either device
-    results = []
-    for fused in (False, True):
-        ins = [t.clone().requires_grad_() for t in leaves]
-        q_eff, lam, x, v, gamma, S0 = ins
-        if fused:
-            o, S = fused_inter(*(t.float() for t in (q_eff, lam, x, v)), rank, gamma.float(), dest, S0.float())
-        else:
-            o, S = _inter(TORCH_WALKS, q_eff, lam, x.transpose(-1, -2), v, rank, gamma, dest, S0)
-        results.append([o, S, *torch.autograd.grad((o * w_o).sum() + (S * w_s).sum(), ins)])
-    names = ["o", "S_final", "dq_eff", "dlam", "dx", "dv", "dgamma", "dS0"]
-    for name, got, want in zip(names, results[1], results[0]):
-        assert rel_err(got.double(), want) < 1e-5, name
+
+def test_fused_walk_without_gradients_keeps_the_first_and_last_boundaries(monkeypatch):
+    """Without a backward to come (torch.no_grad: inference, a prefill) the walk keeps the states
+    of the first and the last chunk boundary only, the rest passing through its ring; o and the
+    final states are those of a differentiable call (9 chunks: 3 checkpoints in groups of 8)."""
+    from dla.ops.triton import chunk_inter
+
+    (q_eff, lam, x, v, gamma, S0), rank, dest, _, _ = walk_case(False, NC=9, C=3, K=16, V=16, device=DEVICE)
+    inputs = [t.float().requires_grad_() for t in (q_eff, lam, x, v)]
+    gamma, S0 = gamma.float().requires_grad_(), S0.float().requires_grad_()
+    shapes, new_output = [], chunk_inter.new_output
+    monkeypatch.setattr(chunk_inter, "new_output", lambda shape, like: shapes.append(shape) or new_output(shape, like))
+    o, S = chunk_inter.fused_inter(*inputs, rank, gamma, dest, S0)
+    with torch.no_grad():
+        o_inference, S_inference = chunk_inter.fused_inter(*inputs, rank, gamma, dest, S0)
+    assert [s[1] for s in shapes] == [3, 2, 9, 2, 2, 9]  # per call: checkpoints, ring (boundaries), o (chunks)
+    assert torch.equal(o_inference, o) and torch.equal(S_inference, S)
+
+
+def test_checkpoint_group(monkeypatch):
+    from dla.ops.triton.chunk_inter import checkpoint_group
+
+    assert [checkpoint_group(nc) for nc in (1, 3, 5, 8, 64, 513)] == [1, 4, 8, 8, 8, 8]
+    assert checkpoint_group(64, 16) == 16 and checkpoint_group(64, 1) == 1
+    monkeypatch.setenv("DLA_WALK_CHECKPOINT_GROUP", "2")
+    assert checkpoint_group(64) == 2 and checkpoint_group(64, 4) == 4  # the argument wins
+    for bad in (0, 3, 12):
+        with pytest.raises(ValueError, match="power of two"):
+            checkpoint_group(64, bad)
 
 
 def test_walks_and_decode_spill_nothing_at_the_paper_shape():

@@ -11,9 +11,12 @@ states entering chunk ``c``:
 
 The unfused PyTorch path builds the weighted queries ``λ ⊙ Q_eff`` (``T·C·K``) and the token
 writes (``T/L · C·K·V``) as tensors and reads them back; here both exist only in registers. The
-states at every chunk boundary are stored (fp32, ``T/L · C·K·V``) for the backward walk, which
-recomputes nothing else: in reverse it turns ``dS_{c+1}`` into the gradients of the token
-writes (``dX``, ``dV``), of the read-out (``dQ_eff``, ``dλ``) and of the decay, and ``dS_c``.
+forward keeps the states (fp32) only at every ``G``-th chunk boundary and the last, the
+checkpoints (``(T/L/G + 1) · C·K·V``, :func:`checkpoint_group`); the backward walk goes over
+groups of ``G`` chunks from the last, recomputes a group's states from its checkpoint (the
+forward's state update, one shared function, so bit for bit the same) and then, in reverse, turns
+``dS_{c+1}`` into the gradients of the token writes (``dX``, ``dV``), of the read-out (``dQ_eff``,
+``dλ``) and of the decay, and ``dS_c``.
 One program per (sequence-head, value block); gradients that sum over value blocks (``dQ_eff``,
 ``dλ``, ``dX``, ``dM``) are accumulated atomically. Both walks run over blocks of ``BK`` key rows,
 so no per-token tile of size ``K`` stays in registers (at K = 256 those spilled:
@@ -41,24 +44,76 @@ def fitting_value_blocks(configs, named_args, **kwargs):
     return [c for c in configs if c.kwargs["BV"] <= V]
 
 
+@triton.jit
+def boundary_states(S_ptr, scratch_ptr, r, b, NC, GROUP, slot, SLOTS, C: tl.constexpr, K: tl.constexpr,
+                    V: tl.constexpr):
+    """Where the states ``[C, K, V]`` of row ``r`` at chunk boundary ``b`` lie: in the checkpoints
+    ``S [rows, cdiv(NC, GROUP) + 1, C, K, V]`` when ``b`` is a multiple of ``GROUP`` or the last
+    boundary ``NC``, else in slot ``slot`` of the row's ``SLOTS`` boundaries of ``scratch``."""
+    if ((b % GROUP) == 0) | (b == NC):
+        states = S_ptr + (r * (tl.cdiv(NC, GROUP) + 1) + tl.cdiv(b, GROUP)) * C * K * V
+    else:
+        states = scratch_ptr + (r * SLOTS + slot) * C * K * V
+    return states
+
+
+@triton.jit
+def walk_state_update(S_in, S_out, x_ptr, v_ptr, rank_ptr, M_ptr, lo_ptr, hi_ptr, rc, vv,
+                      L: tl.constexpr, C: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr,
+                      BK: tl.constexpr, PREC: tl.constexpr, MATRIX: tl.constexpr):
+    """The states after chunk ``rc`` (``S_out``, value columns ``vv``) from those before it
+    (``S_in``): every new slot is the merged old slots times the transition ``M_c`` plus the
+    chunk's token writes. The forward walk runs it after each read-out and the backward walk
+    reruns it from a checkpoint: one code, so the recomputed states equal the forward's bit for bit."""
+    tok = rc * L + tl.arange(0, L)
+    kk = tl.arange(0, K)
+    bk = tl.arange(0, BK)
+    tile = kk[:, None] * V + vv[None, :]
+    rank = tl.load(rank_ptr + tok)
+    vals = tl.load(v_ptr + tok[:, None] * V + vv[None, :])  # [L, BV]
+    xt = tl.load(x_ptr + tok[None, :] * K + kk[:, None])  # [K, L] (unused, so not loaded, if MATRIX)
+    for n in range(C):
+        merged = merged_slots(S_in, tl.load(lo_ptr + rc * C + n), tl.load(hi_ptr + rc * C + n), tile, K, V, BV)
+        mine = rank == n
+        writes = tl.max(mine.to(tl.int32), axis=0) > 0  # the chunk writes tokens into slot n
+        mine_vals = tl.where(mine[:, None], vals, 0.0)
+        if MATRIX:  # M_c [K, K] applied in blocks of BK rows (tf32 for bf16 inputs: docs/kernels.md)
+            for kb in range(K // BK):
+                rows = kb * BK + bk
+                M_blk = tl.load(M_ptr + (rc * K + rows[:, None]) * K + kk[None, :])  # [BK, K]
+                out = tl.dot(M_blk, merged, input_precision=PREC)
+                if writes:
+                    xt_blk = tl.load(x_ptr + tok[None, :] * K + rows[:, None])  # [BK, L]
+                    out += tl.dot(xt_blk, mine_vals, input_precision=PREC)
+                tl.store(S_out + n * K * V + rows[:, None] * V + vv[None, :], out)
+        else:
+            acc = tl.load(M_ptr + rc) * merged
+            if writes:
+                acc += tl.dot(xt, mine_vals, input_precision=PREC)
+            tl.store(S_out + n * K * V + tile, acc)
+
+
 @triton.autotune(configs=INTER_FWD_CONFIGS, key=["C", "K", "V", "L", "PREC", "MATRIX"],
                  prune_configs_by={"early_config_prune": fitting_value_blocks})
 @triton.jit
-def chunk_dla_inter_fwd_kernel(qe_ptr, lam_ptr, x_ptr, v_ptr, rank_ptr, M_ptr, lo_ptr, hi_ptr, S0_ptr, S_ptr, o_ptr,
-                               NC, L: tl.constexpr, C: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                               BV: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, MATRIX: tl.constexpr):
+def chunk_dla_inter_fwd_kernel(qe_ptr, lam_ptr, x_ptr, v_ptr, rank_ptr, M_ptr, lo_ptr, hi_ptr, S0_ptr, S_ptr,
+                               ring_ptr, o_ptr, NC, GROUP, L: tl.constexpr, C: tl.constexpr, K: tl.constexpr,
+                               V: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
+                               MATRIX: tl.constexpr):
     """Forward walk over the ``NC`` chunks of one row (sequence-head), value columns ``vv``: per
-    chunk the read-out ``o`` of the carried states ``S[r, c]``, then the states ``S[r, c + 1]``
-    (merged old slots times the transition ``M_c``, plus the chunk's token writes). ``MATRIX``:
-    ``M_c`` is ``K x K`` (Gated DeltaNet), else a scalar (Mamba-2). ``PREC``: ``tl.dot``'s input
-    precision. Every chunk boundary's states are stored in ``S`` for the backward walk."""
-    r, vv, kk, tile = walk_start(S0_ptr, S_ptr, NC, C, K, V, BV)
+    chunk the read-out ``o`` of the carried states, then the states after the chunk (merged old
+    slots times the transition ``M_c``, plus the chunk's token writes). ``MATRIX``: ``M_c`` is
+    ``K x K`` (Gated DeltaNet), else a scalar (Mamba-2). ``PREC``: ``tl.dot``'s input precision.
+    The states at every ``GROUP``-th chunk boundary and at the last are kept in ``S`` (the
+    checkpoints of the backward walk); those between pass through the row's two boundaries of
+    ``ring``."""
+    r, vv, _, _ = walk_start(S0_ptr, S_ptr, tl.cdiv(NC, GROUP), C, K, V, BV)  # rows hold cdiv(NC, GROUP) + 1
     ll = tl.arange(0, L)
     bk = tl.arange(0, BK)
     for c in range(NC):
         rc = r * NC + c  # int64 (r is), so offsets from it do not overflow as c * C*K*V (int32) would
-        S_in = S_ptr + (rc + r) * C * K * V  # S[r, c]: rows hold NC + 1 boundaries
-        S_out = S_in + C * K * V
+        S_in = boundary_states(S_ptr, ring_ptr, r, c, NC, GROUP, c % 2, 2, C, K, V)
+        S_out = boundary_states(S_ptr, ring_ptr, r, c + 1, NC, GROUP, (c + 1) % 2, 2, C, K, V)
         tok = rc * L + ll
         o = tl.zeros((L, BV), dtype=tl.float32)
         for kb in range(K // BK):  # blocks of key rows: a whole [L, K] query tile spills at K = 256
@@ -69,43 +124,26 @@ def chunk_dla_inter_fwd_kernel(qe_ptr, lam_ptr, x_ptr, v_ptr, rank_ptr, M_ptr, l
                 S_blk = tl.load(S_in + j * K * V + rows[:, None] * V + vv[None, :])  # [BK, BV]
                 o += tl.dot(qe * lam_j[:, None], S_blk, input_precision=PREC)
         tl.store(o_ptr + tok[:, None] * V + vv[None, :], o)
-        rank = tl.load(rank_ptr + tok)
-        vals = tl.load(v_ptr + tok[:, None] * V + vv[None, :])  # [L, BV]
-        xt = tl.load(x_ptr + tok[None, :] * K + kk[:, None])  # [K, L] (unused, so not loaded, if MATRIX)
-        for n in range(C):
-            merged = merged_slots(S_in, tl.load(lo_ptr + rc * C + n), tl.load(hi_ptr + rc * C + n), tile, K, V, BV)
-            mine = rank == n
-            writes = tl.max(mine.to(tl.int32), axis=0) > 0  # the chunk writes tokens into slot n
-            mine_vals = tl.where(mine[:, None], vals, 0.0)
-            if MATRIX:  # M_c [K, K] applied in blocks of BK rows (tf32 for bf16 inputs: docs/kernels.md)
-                for kb in range(K // BK):
-                    rows = kb * BK + bk
-                    M_blk = tl.load(M_ptr + (rc * K + rows[:, None]) * K + kk[None, :])  # [BK, K]
-                    out = tl.dot(M_blk, merged, input_precision=PREC)
-                    if writes:
-                        xt_blk = tl.load(x_ptr + tok[None, :] * K + rows[:, None])  # [BK, L]
-                        out += tl.dot(xt_blk, mine_vals, input_precision=PREC)
-                    tl.store(S_out + n * K * V + rows[:, None] * V + vv[None, :], out)
-            else:
-                acc = tl.load(M_ptr + rc) * merged
-                if writes:
-                    acc += tl.dot(xt, mine_vals, input_precision=PREC)
-                tl.store(S_out + n * K * V + tile, acc)
-        # S[r, c + 1] is fully stored before the next chunk loads it as S_in (other threads,
-        # another layout)
+        walk_state_update(S_in, S_out, x_ptr, v_ptr, rank_ptr, M_ptr, lo_ptr, hi_ptr, rc, vv,
+                          L, C, K, V, BV, BK, PREC, MATRIX)
+        # the states after chunk c are fully stored before the next chunk loads them as S_in (other
+        # threads, another layout), and this chunk's loads of S_in are done before the ring slot
+        # that holds it is overwritten two chunks on
         tl.debug_barrier()
 
 
 @triton.jit
-def chunk_dla_inter_bwd_kernel(qe_ptr, lam_ptr, x_ptr, v_ptr, rank_ptr, M_ptr, dest_ptr, S_ptr, do_ptr, G_ptr,
-                               dqe_ptr, dlam_ptr, dx_ptr, dv_ptr, dM_ptr, NC,
+def chunk_dla_inter_bwd_kernel(qe_ptr, lam_ptr, x_ptr, v_ptr, rank_ptr, M_ptr, lo_ptr, hi_ptr, dest_ptr, S_ptr,
+                               scratch_ptr, do_ptr, G_ptr, dqe_ptr, dlam_ptr, dx_ptr, dv_ptr, dM_ptr, NC, GROUP,
                                L: tl.constexpr, C: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr,
                                BK: tl.constexpr, PREC: tl.constexpr, MATRIX: tl.constexpr):
-    """Reverse walk of :func:`chunk_dla_inter_fwd_kernel` over the stored states ``S``. ``G``
-    ([rows, 2, C, K, V]) enters with ``dS_NC`` (the final state's gradient) in its first half and
-    leaves with ``dS_0`` in half ``NC % 2``; the two halves alternate as ``dS_{c+1}`` (read) and
-    ``dS_c`` (written). ``dv`` is stored; ``dqe``, ``dlam``, ``dx`` and ``dM`` sum over value
-    blocks and are accumulated atomically."""
+    """Reverse walk of :func:`chunk_dla_inter_fwd_kernel`, over groups of ``GROUP`` chunks from
+    the last: the states inside a group are recomputed from its checkpoint in ``S`` (the forward's
+    state update without the read-out) into the row's ``GROUP - 1`` boundaries of ``scratch``,
+    then its chunks are walked in reverse. ``G`` ([rows, 2, C, K, V]) enters with ``dS_NC`` (the
+    final state's gradient) in its first half and leaves with ``dS_0`` in half ``NC % 2``; the two
+    halves alternate as ``dS_{c+1}`` (read) and ``dS_c`` (written). ``dv`` is stored; ``dqe``,
+    ``dlam``, ``dx`` and ``dM`` sum over value blocks and are accumulated atomically."""
     r = tl.program_id(0).to(tl.int64)
     vv = tl.program_id(1) * BV + tl.arange(0, BV)
     ll = tl.arange(0, L)
@@ -113,82 +151,97 @@ def chunk_dla_inter_bwd_kernel(qe_ptr, lam_ptr, x_ptr, v_ptr, rank_ptr, M_ptr, d
     BT: tl.constexpr = 128 if K > 128 else K  # columns of a transition tile: [BK, 256] ones spill
     bt = tl.arange(0, BT)
     G_row = G_ptr + r * 2 * C * K * V
-    for ci in range(NC):
-        c = NC - 1 - ci
-        rc = r * NC + c  # int64, as in the forward
-        S_in = S_ptr + (rc + r) * C * K * V
-        G_out = G_row + (ci % 2) * C * K * V  # dS_{c+1}
-        G_in = G_row + ((ci + 1) % 2) * C * K * V  # dS_c, written here
-        tok = rc * L + ll
-        # Everything below runs over blocks of BK key rows, so no [L, K] or [K, K] tile is ever
-        # held: at K = 256 those spill (benchmarks/kernel_resources.py). The transition's products
-        # use [BK, BT] and [BT, BV] tiles (BT = K up to 128): one dot per slot and block at K = 128
-        # instead of K / BK small ones, each with its own trip through shared memory.
-        # token writes: W[n] = X^T diag(rank = n) V
-        rank = tl.load(rank_ptr + tok)
-        vals = tl.load(v_ptr + tok[:, None] * V + vv[None, :])  # [L, BV]
-        dv = tl.zeros((L, BV), dtype=tl.float32)
-        for kb in range(K // BK):
-            rows = kb * BK + bk
-            x = tl.load(x_ptr + tok[:, None] * K + rows[None, :])  # [L, BK]
-            dx = tl.zeros((L, BK), dtype=tl.float32)
-            for n in range(C):
-                mine = rank == n
-                if tl.max(mine.to(tl.int32), axis=0) > 0:
-                    Gn = tl.load(G_out + n * K * V + rows[:, None] * V + vv[None, :])  # [BK, BV]
-                    dv += tl.where(mine[:, None], tl.dot(x, Gn, input_precision=PREC), 0.0)
-                    dx += tl.where(mine[:, None], tl.dot(vals, tl.trans(Gn), input_precision=PREC), 0.0)
-            tl.atomic_add(dx_ptr + tok[:, None] * K + rows[None, :], dx)
-        tl.store(dv_ptr + tok[:, None] * V + vv[None, :], dv)
-        # read-out and merges, per carried slot j
-        do = tl.load(do_ptr + tok[:, None] * V + vv[None, :])  # [L, BV]
-        m_c = tl.load(M_ptr + rc)  # the scalar transition (read, unused, when MATRIX)
-        dm_c = tl.zeros((BV,), dtype=tl.float32)
-        for kb in range(K // BK):
-            rows = kb * BK + bk
-            qe = tl.load(qe_ptr + tok[:, None] * K + rows[None, :])  # [L, BK]
-            dqe = tl.zeros((L, BK), dtype=tl.float32)
-            for j in range(C):
-                Sj = tl.load(S_in + j * K * V + rows[:, None] * V + vv[None, :])  # [BK, BV]
-                lam_j = tl.load(lam_ptr + tok * C + j)
-                dqs = tl.dot(do, tl.trans(Sj), input_precision=PREC)  # [L, BK]: dO S_j^T
-                dqe += lam_j[:, None] * dqs
-                tl.atomic_add(dlam_ptr + tok * C + j, tl.sum(qe * dqs, axis=1))
-                dSj = tl.dot(tl.trans(qe * lam_j[:, None]), do, input_precision=PREC)  # [BK, BV]
-                n = tl.load(dest_ptr + rc * C + j)
-                if n < C:
-                    if MATRIX:  # S_{c+1}[n] = M_c (... + S_c[j] + ...): dS_c[j] += M_c^T G_n (dM_c below)
-                        for kt in range(K // BT):
-                            cols = kt * BT + bt
-                            Gn = tl.load(G_out + n * K * V + cols[:, None] * V + vv[None, :])  # [BT, BV]
-                            Mt = tl.load(M_ptr + (rc * K + cols[None, :]) * K + rows[:, None])  # [BK, BT]: M^T
-                            dSj += tl.dot(Mt, Gn, input_precision=PREC)
-                    else:
-                        Gn = tl.load(G_out + n * K * V + rows[:, None] * V + vv[None, :])
-                        dm_c += tl.sum(Gn * Sj, axis=0)
-                        dSj += m_c * Gn
-                tl.store(G_in + j * K * V + rows[:, None] * V + vv[None, :], dSj)
-            tl.atomic_add(dqe_ptr + tok[:, None] * K + rows[None, :], dqe)
-        if MATRIX:
-            # dM_c = sum_j G_{dest j} S_c[j]^T, one [BK, BT] block at a time summed over the slots in
-            # registers: one atomic add per block, not one per slot
-            for ka in range(K // BK):
-                rows_a = ka * BK + bk
-                for kt in range(K // BT):
-                    cols = kt * BT + bt
-                    dM = tl.zeros((BK, BT), dtype=tl.float32)
-                    for j in range(C):
-                        n = tl.load(dest_ptr + rc * C + j)
-                        if n < C:
-                            G_blk = tl.load(G_out + n * K * V + rows_a[:, None] * V + vv[None, :])  # [BK, BV]
-                            St = tl.load(S_in + j * K * V + cols[None, :] * V + vv[:, None])  # [BV, BT]: S_c[j]^T
-                            dM += tl.dot(G_blk, St, input_precision=PREC)
-                    tl.atomic_add(dM_ptr + (rc * K + rows_a[:, None]) * K + cols[None, :], dM)
-        else:
-            tl.atomic_add(dM_ptr + rc, tl.sum(dm_c, axis=0))
-        # dS_c (G_in) is fully stored, and this chunk's loads of dS_{c+1} (G_out) are done, before
-        # the next step reads G_in as its dS_{c+1} and overwrites G_out with its dS_c
-        tl.debug_barrier()
+    groups = tl.cdiv(NC, GROUP)
+    for gi in range(groups):
+        c_first = (groups - 1 - gi) * GROUP
+        c_end = tl.minimum(c_first + GROUP, NC)
+        # the boundaries c_first + 1 .. c_end - 1 (scratch slot b - c_first - 1) from the checkpoint
+        for c in range(c_first, c_end - 1):
+            S_in = boundary_states(S_ptr, scratch_ptr, r, c, NC, GROUP, c - c_first - 1, GROUP - 1, C, K, V)
+            S_out = boundary_states(S_ptr, scratch_ptr, r, c + 1, NC, GROUP, c - c_first, GROUP - 1, C, K, V)
+            walk_state_update(S_in, S_out, x_ptr, v_ptr, rank_ptr, M_ptr, lo_ptr, hi_ptr, r * NC + c, vv,
+                              L, C, K, V, BV, BK, PREC, MATRIX)
+            # the boundary is fully stored before the next update (or the reverse steps) load it
+            # (other threads, another layout)
+            tl.debug_barrier()
+        for cg in range(c_end - c_first):
+            c = c_end - 1 - cg
+            ci = NC - 1 - c  # reverse steps so far: the parity of the gradient halves
+            rc = r * NC + c  # int64, as in the forward
+            S_in = boundary_states(S_ptr, scratch_ptr, r, c, NC, GROUP, c - c_first - 1, GROUP - 1, C, K, V)
+            G_out = G_row + (ci % 2) * C * K * V  # dS_{c+1}
+            G_in = G_row + ((ci + 1) % 2) * C * K * V  # dS_c, written here
+            tok = rc * L + ll
+            # Everything below runs over blocks of BK key rows, so no [L, K] or [K, K] tile is ever
+            # held: at K = 256 those spill (benchmarks/kernel_resources.py). The transition's products
+            # use [BK, BT] and [BT, BV] tiles (BT = K up to 128): one dot per slot and block at K = 128
+            # instead of K / BK small ones, each with its own trip through shared memory.
+            # token writes: W[n] = X^T diag(rank = n) V
+            rank = tl.load(rank_ptr + tok)
+            vals = tl.load(v_ptr + tok[:, None] * V + vv[None, :])  # [L, BV]
+            dv = tl.zeros((L, BV), dtype=tl.float32)
+            for kb in range(K // BK):
+                rows = kb * BK + bk
+                x = tl.load(x_ptr + tok[:, None] * K + rows[None, :])  # [L, BK]
+                dx = tl.zeros((L, BK), dtype=tl.float32)
+                for n in range(C):
+                    mine = rank == n
+                    if tl.max(mine.to(tl.int32), axis=0) > 0:
+                        Gn = tl.load(G_out + n * K * V + rows[:, None] * V + vv[None, :])  # [BK, BV]
+                        dv += tl.where(mine[:, None], tl.dot(x, Gn, input_precision=PREC), 0.0)
+                        dx += tl.where(mine[:, None], tl.dot(vals, tl.trans(Gn), input_precision=PREC), 0.0)
+                tl.atomic_add(dx_ptr + tok[:, None] * K + rows[None, :], dx)
+            tl.store(dv_ptr + tok[:, None] * V + vv[None, :], dv)
+            # read-out and merges, per carried slot j
+            do = tl.load(do_ptr + tok[:, None] * V + vv[None, :])  # [L, BV]
+            m_c = tl.load(M_ptr + rc)  # the scalar transition (read, unused, when MATRIX)
+            dm_c = tl.zeros((BV,), dtype=tl.float32)
+            for kb in range(K // BK):
+                rows = kb * BK + bk
+                qe = tl.load(qe_ptr + tok[:, None] * K + rows[None, :])  # [L, BK]
+                dqe = tl.zeros((L, BK), dtype=tl.float32)
+                for j in range(C):
+                    Sj = tl.load(S_in + j * K * V + rows[:, None] * V + vv[None, :])  # [BK, BV]
+                    lam_j = tl.load(lam_ptr + tok * C + j)
+                    dqs = tl.dot(do, tl.trans(Sj), input_precision=PREC)  # [L, BK]: dO S_j^T
+                    dqe += lam_j[:, None] * dqs
+                    tl.atomic_add(dlam_ptr + tok * C + j, tl.sum(qe * dqs, axis=1))
+                    dSj = tl.dot(tl.trans(qe * lam_j[:, None]), do, input_precision=PREC)  # [BK, BV]
+                    n = tl.load(dest_ptr + rc * C + j)
+                    if n < C:
+                        if MATRIX:  # S_{c+1}[n] = M_c (... + S_c[j] + ...): dS_c[j] += M_c^T G_n (dM_c below)
+                            for kt in range(K // BT):
+                                cols = kt * BT + bt
+                                Gn = tl.load(G_out + n * K * V + cols[:, None] * V + vv[None, :])  # [BT, BV]
+                                Mt = tl.load(M_ptr + (rc * K + cols[None, :]) * K + rows[:, None])  # [BK, BT]: M^T
+                                dSj += tl.dot(Mt, Gn, input_precision=PREC)
+                        else:
+                            Gn = tl.load(G_out + n * K * V + rows[:, None] * V + vv[None, :])
+                            dm_c += tl.sum(Gn * Sj, axis=0)
+                            dSj += m_c * Gn
+                    tl.store(G_in + j * K * V + rows[:, None] * V + vv[None, :], dSj)
+                tl.atomic_add(dqe_ptr + tok[:, None] * K + rows[None, :], dqe)
+            if MATRIX:
+                # dM_c = sum_j G_{dest j} S_c[j]^T, one [BK, BT] block at a time summed over the slots in
+                # registers: one atomic add per block, not one per slot
+                for ka in range(K // BK):
+                    rows_a = ka * BK + bk
+                    for kt in range(K // BT):
+                        cols = kt * BT + bt
+                        dM = tl.zeros((BK, BT), dtype=tl.float32)
+                        for j in range(C):
+                            n = tl.load(dest_ptr + rc * C + j)
+                            if n < C:
+                                G_blk = tl.load(G_out + n * K * V + rows_a[:, None] * V + vv[None, :])  # [BK, BV]
+                                St = tl.load(S_in + j * K * V + cols[None, :] * V + vv[:, None])  # [BV, BT]: S_c[j]^T
+                                dM += tl.dot(G_blk, St, input_precision=PREC)
+                        tl.atomic_add(dM_ptr + (rc * K + rows_a[:, None]) * K + cols[None, :], dM)
+            else:
+                tl.atomic_add(dM_ptr + rc, tl.sum(dm_c, axis=0))
+            # dS_c (G_in) is fully stored, and this chunk's loads of dS_{c+1} (G_out) are done, before
+            # the next step reads G_in as its dS_{c+1} and overwrites G_out with its dS_c; this
+            # group's loads of scratch are done before the next group recomputes into it
+            tl.debug_barrier()
 
 
 def input_precision(dtype) -> str:
@@ -208,40 +261,60 @@ def key_block(K: int, matrix: bool) -> int:
     return min(block, K)
 
 
+def checkpoint_group(NC: int, group: int | None = None) -> int:
+    """Chunks per state checkpoint of the fused walk: the forward keeps the states at every
+    ``group``-th chunk boundary (and the last) for the backward, which recomputes the ``group - 1``
+    boundaries between two checkpoints from the first, one group at a time. The states kept
+    are then ``NC / group + 1`` boundaries plus ``group - 1`` of scratch per row (2 in the forward),
+    against ``NC + 1`` for ``group = 1`` (every boundary, no recomputation), and the backward reruns
+    the state update (not the read-out) of all but one chunk per group. The default 8 is about
+    ``sqrt(NC)`` (least memory) at 64 chunks, 4K tokens per sequence; ``group``, else the
+    environment variable DLA_WALK_CHECKPOINT_GROUP, overrides it. A power of two, at most
+    ``NC`` rounded up to one (larger groups would only hold unused scratch)."""
+    if group is None:
+        group = int(os.environ.get("DLA_WALK_CHECKPOINT_GROUP", 8))
+    if group < 1 or group & (group - 1):
+        raise ValueError(f"the checkpoint group (DLA_WALK_CHECKPOINT_GROUP) must be a power of two, got {group}")
+    return min(group, triton.next_power_of_2(NC))
+
+
 class _FusedInter(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, qe, lam, x, v, M, S0, rank, lo, hi, dest, prec):
+    def forward(ctx, qe, lam, x, v, M, S0, rank, lo, hi, dest, prec, group):
         R, NC, L, K = qe.shape
         C, Vd = S0.shape[1], v.shape[-1]
-        S = new_output((R, NC + 1, C, K, Vd), qe)
+        S = new_output((R, -(-NC // group) + 1, C, K, Vd), qe)  # the checkpoints: boundaries 0, G, 2G, ..., NC
+        ring = new_output((R, 2 if group > 1 else 0, C, K, Vd), qe)  # the boundaries between them, in turn
         o = new_output((R, NC, L, Vd), qe)
         block = key_block(K, matrix=M.dim() == 4)
         grid = lambda meta: (R, Vd // meta["BV"])  # noqa: E731
-        chunk_dla_inter_fwd_kernel[grid](qe, lam, x, v, rank, M, lo, hi, S0, S, o, NC, L=L, C=C, K=K, V=Vd,
-                                         BK=block, PREC=prec, MATRIX=M.dim() == 4)
-        ctx.save_for_backward(qe, lam, x, v, M, rank, dest, S)
-        ctx.prec, ctx.key_block = prec, block  # the backward walks the same blocks
-        return o, S[:, NC]
+        chunk_dla_inter_fwd_kernel[grid](qe, lam, x, v, rank, M, lo, hi, S0, S, ring, o, NC, group, L=L, C=C, K=K,
+                                         V=Vd, BK=block, PREC=prec, MATRIX=M.dim() == 4)
+        ctx.save_for_backward(qe, lam, x, v, M, rank, lo, hi, dest, S)
+        ctx.prec, ctx.key_block, ctx.group = prec, block, group  # the backward walks the same blocks
+        return o, S[:, -1]
 
     @staticmethod
     def backward(ctx, do, dS_final):
-        qe, lam, x, v, M, rank, dest, S = ctx.saved_tensors
+        qe, lam, x, v, M, rank, lo, hi, dest, S = ctx.saved_tensors
         R, NC, L, K = qe.shape
         C, Vd = S.shape[2], v.shape[-1]
         G = torch.zeros((R, 2, C, K, Vd), dtype=torch.float32, device=qe.device)
         if dS_final is not None:
             G[:, 0] = dS_final
+        scratch = new_output((R, ctx.group - 1, C, K, Vd), qe)  # one group's boundaries between checkpoints
         dqe, dlam, dx, dM = (torch.zeros_like(t) for t in (qe, lam, x, M))
         dv = new_output(v.shape, v)
         BV = min(32, Vd)
-        chunk_dla_inter_bwd_kernel[(R, Vd // BV)](qe, lam, x, v, rank, M, dest, S, do.float().contiguous(), G,
-                                                  dqe, dlam, dx, dv, dM, NC, L=L, C=C, K=K, V=Vd, BV=BV,
-                                                  BK=ctx.key_block, PREC=ctx.prec, MATRIX=M.dim() == 4, num_warps=8,
+        chunk_dla_inter_bwd_kernel[(R, Vd // BV)](qe, lam, x, v, rank, M, lo, hi, dest, S, scratch,
+                                                  do.float().contiguous(), G, dqe, dlam, dx, dv, dM, NC, ctx.group,
+                                                  L=L, C=C, K=K, V=Vd, BV=BV, BK=ctx.key_block, PREC=ctx.prec,
+                                                  MATRIX=M.dim() == 4, num_warps=8,
                                                   num_stages=1)  # the default (3) spills at K = 256
-        return dqe, dlam, dx, dv, dM, G[:, NC % 2], None, None, None, None, None
+        return dqe, dlam, dx, dv, dM, G[:, NC % 2], None, None, None, None, None, None
 
 
-def fused_inter(q_eff, lam_inter, x, v, tok_rank, M, dest, S0, input_dtype=torch.float32):
+def fused_inter(q_eff, lam_inter, x, v, tok_rank, M, dest, S0, input_dtype=torch.float32, group=None):
     """Inter-chunk read-out and state walk with the chunk transition ``M``: a scalar decay per
     chunk (Mamba-2, ``M [N, H, NC]``) or a ``K x K`` matrix per chunk (Gated DeltaNet, ``M [N, H,
     NC, K, K]``).
@@ -251,7 +324,9 @@ def fused_inter(q_eff, lam_inter, x, v, tok_rank, M, dest, S0, input_dtype=torch
     L, V]``; ``tok_rank [N, H, NC, L]`` (the slot a token is written into at the chunk's end,
     ``C`` = none); ``dest [N, H, NC, C]`` (new slot
     of every carried slot, ``C`` = none); ``S0 [N, H, C, K, V]``; ``input_dtype``: the caller's
-    dtype (float32 inputs get IEEE products, lower precisions tf32). Returns ``o_inter [N, H, NC,
+    dtype (float32 inputs get IEEE products, lower precisions tf32); ``group``: chunks per state
+    checkpoint kept for the backward (:func:`checkpoint_group`; without gradients only the final
+    states are kept). Returns ``o_inter [N, H, NC,
     L, V]`` and the final states ``[N, H, C, K, V]`` (float32), differentiable in every float input.
     """
     N, H, NC, L, K = q_eff.shape
@@ -268,9 +343,13 @@ def fused_inter(q_eff, lam_inter, x, v, tok_rank, M, dest, S0, input_dtype=torch
         return t.reshape(R, *t.shape[2:]).contiguous()
 
     transition = rows(M, (0, Kp - K, 0, Kp - K)) if M.dim() == 5 else rows(M)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q_eff, lam_inter, x, v, M, S0)):
+        group = checkpoint_group(NC, group)
+    else:  # no backward to come (inference, a prefill): the first and last boundaries only
+        group = triton.next_power_of_2(NC)
     o, S = _FusedInter.apply(rows(q_eff, (0, Kp - K)), rows(lam_inter), rows(x, (0, Kp - K)),
                              rows(v, (0, Vp - Vd)), transition, rows(S0, (0, Vp - Vd, 0, Kp - K)),
                              tok_rank.to(torch.int32).reshape(R, NC, L).contiguous(), lo.reshape(R, NC, C),
                              hi.reshape(R, NC, C), dest.to(torch.int32).reshape(R, NC, C).contiguous(),
-                             input_precision(input_dtype))
+                             input_precision(input_dtype), group)
     return o.reshape(N, H, NC, L, Vp)[..., :Vd], S.reshape(N, H, C, Kp, Vp)[..., :K, :Vd]
