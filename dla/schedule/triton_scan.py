@@ -12,10 +12,11 @@ vector by one lane (``tl.gather``, warp shuffles), a birth appends a lane and a 
 and shifts the newer lanes down. A step has two chains that meet only at its end: the score (and
 so the birth decision) from the open segment's terms, and the merge a birth would need, priced
 from the slots before the token (the newcomer takes the newest lane, so no candidate pair depends
-on the score). The merge's choice is one reduction that returns the cheapest pair's lane and the
-origin of its dying segment. The slots live in registers during a launch and in small buffers
-between launches (one launch per chunk for the state scores, one for a window of given scores);
-:meth:`TritonWalker.finish` orders them newest first.
+on the score), and only while all slots are in use. The merge's choice is one reduction that
+returns the cheapest pair's lane and the origin of its dying segment. The slots live in
+registers during a launch and in small buffers between launches (one launch per chunk for the
+state scores, one for a window of given scores); :meth:`TritonWalker.finish` orders them newest
+first.
 """
 
 from __future__ import annotations
@@ -120,7 +121,7 @@ def _walk_kernel(score_ptr, prefix_ptr, carry_ptr, norm_ptr, gamma_ptr,
         b_gamma = tl.load(gamma_ptr + i_r * stride_gamma + o_l, mask=m_l, other=0.0)
         b_first = tl.load(p_prefix + o_l * stride_prefix_t, mask=m_l, other=0.0)  # prefix[u, 0]
         b_diag = tl.load(p_prefix + o_l * stride_prefix_t + o_l - 1, mask=m_l & (o_l > 0), other=0.0)  # [u, u-1]
-        x = tl.gather(b_carry, o_1, 0) + tl.gather(b_first, o_1, 0)  # [1]: the open segment started before
+        x = tl.gather(b_carry, o_1, 0) + tl.gather(b_first, o_1, 0)  # [1]: the open segment started before the chunk
         b_row_next = tl.load(p_prefix + stride_prefix_t + o_l, mask=o_l < tl.where(1 < L, L, 0), other=0.0)
     else:
         b_score_next = tl.load(score_ptr + i_r * Tm + a + o_l, mask=a + o_l < end, other=0.0)
