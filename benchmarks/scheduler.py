@@ -5,8 +5,10 @@
 The ``dynamic`` rows plan the paper's method (state score, density merging, capacity ``--capacity``)
 from random k, v, g, β, its ``state_drift`` reading, and the earlier variant (key novelty, least-info
 merging, capacity 16). ``--op`` also times the chunked op's forward and backward on the same tokens
-(the planning share of a training step). Writes ``--out`` (default
-``benchmarks/results/scheduler_<device>.json``).
+(the planning share of a training step). ``--kernels`` (CUDA) profiles one more plan per row and
+reports the GPU time of the Triton walk beside that of all the planner's kernels (the rest is
+the chunk-parallel terms in PyTorch, and launch gaps make up the wall time). Writes ``--out``
+(default ``benchmarks/results/scheduler_<device>.json``).
 """
 
 from __future__ import annotations
@@ -45,6 +47,18 @@ def timed(fn, device, repeats):
     return statistics.median(times), out
 
 
+def kernel_seconds(fn):
+    """GPU seconds of one call of ``fn``: ``(the walk kernel's, all kernels')``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    walk = sum(e.device_time for e in kernels if "walk" in e.name)
+    return walk * 1e-6, sum(e.device_time for e in kernels) * 1e-6
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=8)
@@ -57,6 +71,9 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--op", action="store_true", help="also time chunk_dla forward + backward")
+    ap.add_argument("--backend", choices=("torch", "triton"), default=None,
+                    help="the dynamic walk's (default: Triton on CUDA; triton on the CPU needs TRITON_INTERPRET=1)")
+    ap.add_argument("--kernels", action="store_true", help="also profile the planner's GPU kernels (CUDA)")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
@@ -72,11 +89,17 @@ def main():
     for name in args.variants:
         policy, extra = VARIANTS[name]
         kw = {**dict(batch=B, heads=H, length=T, capacity=args.capacity, k=k, v=v, g=g, beta=beta), **extra}
-        if policy == "dynamic" and "threshold" not in extra:
-            kw["threshold"] = args.threshold
+        if policy == "dynamic":
+            kw.setdefault("threshold", args.threshold)
+            kw["backend"] = args.backend
         seconds, s = timed(lambda: dla.plan_schedule(policy, **kw), dev, args.repeats)
         row = {"policy": policy, "options": {k_: v_ for k_, v_ in extra.items()}, "plan_seconds": seconds,
                "capacity": s.capacity, "boundaries_per_100_tokens": 100 * float((s.death >= 0).sum()) / (B * H * T)}
+        kernels = ""
+        if args.kernels and dev != "cpu":
+            walk, total = kernel_seconds(lambda: dla.plan_schedule(policy, **kw))
+            row["walk_kernel_seconds"], row["plan_kernel_seconds"] = walk, total
+            kernels = f", GPU: walk {1e3 * walk:.1f} ms of {1e3 * total:.1f} ms"
         if args.op:
             lam = torch.ones(B, T, H, s.n_labels, device=dev, dtype=dtype)
             inputs = [x.detach().requires_grad_() for x in (q, k, v)]
@@ -92,7 +115,7 @@ def main():
         share = f"  op fwd+bwd {row['op_fwd_bwd_seconds']:.3f} s, planning {100 * row['plan_share']:.0f}%" \
             if args.op else ""
         print(f"{name:16s} C={s.capacity:<3d} plan {seconds:8.3f} s, {row['boundaries_per_100_tokens']:5.1f} "
-              f"boundaries / 100 tokens{share}", flush=True)
+              f"boundaries / 100 tokens{kernels}{share}", flush=True)
     out = args.out or Path(__file__).parent / "results" / f"scheduler_{dev}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     name = torch.cuda.get_device_name() if dev != "cpu" else "cpu"

@@ -5,11 +5,18 @@ the same precomputed chunk terms and do the same float32 operations in the same 
 is compiled without fused multiply-adds and with correctly rounded division and square root, so
 every score, sum and density equals PyTorch's.
 
-Slots are unordered here: a birth takes any free slot, the open segment is the slot with the
-newest start, and on overflow each closed slot finds its older and newer neighbours by comparing
-starts (a C x C comparison, only at overflow). The slots live in registers during a launch and in
-small buffers between launches (one launch per chunk for the state scores, one for a window of
-given scores); :meth:`TritonWalker.finish` orders them newest first.
+The walk is a chain of dependent steps, one per token, so a step's latency is what it costs. The
+slots are kept in chronological order (lane ``i`` holds the ``i``-th oldest segment, the open one
+last): a segment's older and newer neighbours are the next lanes, read by shifting a ``[CP]``
+vector by one lane (``tl.gather``, warp shuffles), a birth appends a lane and a merge removes one
+and shifts the newer lanes down. A step has two chains that meet only at its end: the score (and
+so the birth decision) from the open segment's terms, and the merge a birth would need, priced
+from the slots before the token (the newcomer takes the newest lane, so no candidate pair depends
+on the score), and only while all slots are in use. The merge's choice is one reduction that
+returns the cheapest pair's lane and the origin of its dying segment. The slots live in
+registers during a launch and in small buffers between launches (one launch per chunk for the
+state scores, one for a window of given scores); :meth:`TritonWalker.finish` orders them newest
+first.
 """
 
 from __future__ import annotations
@@ -23,6 +30,51 @@ from dla.schedule.schedule import NEVER, NONE, SegmentState
 
 _NEVER = tl.constexpr(NEVER)
 _MERGE_CODES = {"density": 0, "least_info": 1, "oldest": 2}
+SCORE_BLOCK = 64  # given scores are read in blocks of this many tokens, the next block a block ahead
+
+
+@triton.jit
+def _cheaper_pair(cost_a, j_a, origin_a, cost_b, j_b, origin_b):
+    """The merge's argmin with its payload: the cheaper pair, the older (lower lane) on ties."""
+    a_wins = (cost_a < cost_b) | ((cost_a == cost_b) & (j_a < j_b))
+    return tl.where(a_wins, cost_a, cost_b), tl.where(a_wins, j_a, j_b), tl.where(a_wins, origin_a, origin_b)
+
+
+@triton.jit
+def _open_product(b_row, b_carry, b_first, o_u, s0):
+    """``⟨s_u, O_{u-1}⟩`` of chunk token ``o_u`` (``[1]``) from its row of ``prefix`` (``[BL]``) when
+    the open segment starts at chunk time ``s0``: the carried product plus the whole row's sum if
+    it started before the chunk. The order of TorchWalker's sum."""
+    x_in = tl.gather(b_row, tl.maximum(s0, 0).to(tl.int32), 0)
+    return tl.where(s0 < 0, tl.gather(b_carry, o_u, 0) + tl.gather(b_first, o_u, 0), x_in)
+
+
+@triton.jit
+def _cheapest_merge(b_start, b_info, b_origin, pos, o_c, C: tl.constexpr, CP: tl.constexpr, MERGE: tl.constexpr):
+    """The merge a birth at ``pos`` needs with all ``C`` slots in use (lanes ``0..C-1``, the newcomer
+    at lane ``C``): the pair ``(j, j + 1)`` of closed segments, ``j <= C - 2``. Priced from the slots
+    before the token, so it does not wait for the token's score. Returns ``j`` and the dying
+    segment's origin (``[1]``), the lanes one newer (``[CP]`` starts, information, origins: the
+    slots after removing lane ``j + 1`` are these above ``j``) and the merged information."""
+    o_next = tl.minimum(o_c + 1, CP - 1)
+    b_start1 = tl.gather(b_start, o_next, 0)
+    b_info1 = tl.gather(b_info, o_next, 0)
+    b_origin1 = tl.gather(b_origin, o_next, 0)
+    if MERGE == 0:
+        b_start2 = tl.where(o_c == C - 2, pos, tl.gather(b_start, tl.minimum(o_c + 2, CP - 1), 0))
+        span = b_start2 - b_start  # the pair's tokens: from its start to the next segment's
+        b_cost = tl.div_rn(b_info1 + b_info, tl.where(span > 0, span, 1).to(tl.float32))
+    elif MERGE == 1:
+        b_cost = b_info1 + b_info
+    else:  # every pair costs the same, so the tie rule picks the oldest
+        b_cost = tl.zeros_like(b_info)
+    b_cost = tl.where(o_c < C - 1, b_cost, float("inf"))
+    _, j, dying_origin = tl.reduce((b_cost, o_c, b_origin1), 0, _cheaper_pair, keep_dims=True)
+    if MERGE == 1:
+        merged = tl.maximum(b_info, b_info1)
+    else:
+        merged = b_info1 + b_info
+    return j, dying_origin, b_start1, b_info1, b_origin1, merged
 
 
 @triton.jit
@@ -30,129 +82,130 @@ def _walk_kernel(score_ptr, prefix_ptr, carry_ptr, norm_ptr, gamma_ptr,
                  lengths_ptr, position_ptr, threshold_ptr,
                  start_ptr, info_ptr, origin_ptr, count_ptr, open_norm_ptr,
                  death_ptr, carried_ptr, trace_score_ptr, trace_start_ptr, trace_norm_ptr,
-                 a, b, Tm, H, L, max_segment_len,
+                 a, b, Tm, H, L, stride_prefix_r, stride_prefix_t, stride_carry, stride_norm, stride_gamma,
+                 max_segment_len,
                  C: tl.constexpr, CP: tl.constexpr, BL: tl.constexpr, SCORE: tl.constexpr, MERGE: tl.constexpr,
                  HAS_MAX: tl.constexpr, TRACE_OPEN: tl.constexpr):
-    """Walk tokens ``[a, b)`` of row ``r`` (one sequence-head). ``SCORE``: 0 given scores
-    (``score_ptr [R, Tm]``), 1 the state score, 2 its drift reading (chunk terms ``[R, L(, L)]``
-    of the chunk starting at ``a``, ``L <= BL``). ``MERGE``: 0 density, 1 least_info, 2 oldest.
+    """Walk tokens ``[a, b)`` of row ``i_r`` (one sequence-head). ``SCORE``: 0 given scores
+    (``score_ptr [R, Tm]``, read ``BL`` tokens at a time), 1 the state score, 2 its drift reading
+    (chunk terms ``[R, L(, L)]`` of the chunk starting at ``a``, ``L <= BL``). ``MERGE``: 0 density,
+    1 least_info, 2 oldest.
 
-    The walk is a chain of dependent steps, so no step waits on memory: the chunk's per-token
-    terms are loaded as ``[BL]`` blocks up front, the next token's row of ``prefix`` is loaded a
-    step ahead, and a step reads its values out of the blocks by a masked sum (one nonzero term:
-    exact)."""
-    r = tl.program_id(0).to(tl.int64)
-    n = r // H
-    length = tl.load(lengths_ptr + n)
-    pos0 = tl.load(position_ptr + n)
-    threshold = tl.load(threshold_ptr + r)
+    Values that are one per row (the score, the open segment, the slot count) are ``[1]`` blocks,
+    so that a token's terms are read out of the chunk's ``[BL]`` blocks by a gather (one shuffle)
+    instead of a reduction. The state score's product with the open state is prepared a token
+    ahead for both outcomes of the current token (it opens a segment, or not), from a row of
+    ``prefix`` loaded a token before that: the score's chain is only its arithmetic. The merge is
+    priced only while all slots are in use (a uniform branch: with the paper's score on random
+    inputs that is every token, with few births almost never)."""
+    i_r = tl.program_id(0).to(tl.int64)
+    i_n = i_r // H
+    length = tl.load(lengths_ptr + i_n)
+    pos0 = tl.load(position_ptr + i_n)
+    threshold = tl.load(threshold_ptr + i_r)
+    end = tl.minimum(b, length).to(tl.int32)  # window times fit int32: the origins are int32
+    o_1 = tl.zeros([1], dtype=tl.int32)
     o_c = tl.arange(0, CP)
-    start = tl.load(start_ptr + r * CP + o_c)  # [CP] absolute start positions, -1: empty
-    info = tl.load(info_ptr + r * CP + o_c)
-    origin = tl.load(origin_ptr + r * CP + o_c)  # window time of the start, or -(carried slot + 1)
-    count = tl.load(count_ptr + r)
-    open_norm = tl.load(open_norm_ptr + r)
-    open_start = tl.max(start, axis=0)
+    b_start = tl.load(start_ptr + i_r * CP + o_c)  # [CP] absolute starts, oldest first, -1: empty
+    b_info = tl.load(info_ptr + i_r * CP + o_c)
+    b_origin = tl.load(origin_ptr + i_r * CP + o_c)  # window time of the start, or -(carried slot + 1)
+    count = tl.load(count_ptr + i_r + o_1)  # [1]
+    open_norm = tl.load(open_norm_ptr + i_r + o_1)
+    open_start = tl.max(b_start, axis=0) + o_1.to(tl.int64)  # [1], -1 before the first segment
     o_l = tl.arange(0, BL)
-    m_l = o_l < L
     if SCORE != 0:
-        b_carry = tl.load(carry_ptr + r * L + o_l, mask=m_l, other=0.0)  # [BL]
-        b_norm = tl.load(norm_ptr + r * L + o_l, mask=m_l, other=0.0)
-        b_gamma = tl.load(gamma_ptr + r * L + o_l, mask=m_l, other=0.0)
-        b_row = tl.load(prefix_ptr + r * L * L + o_l, mask=m_l, other=0.0)  # prefix[0, :]
-    for t in range(a, tl.minimum(b, length)):
-        pos = pos0 + t
-        first = count == 0
+        m_l = o_l < L
+        p_prefix = prefix_ptr + i_r * stride_prefix_r
+        b_carry = tl.load(carry_ptr + i_r * stride_carry + o_l, mask=m_l, other=0.0)  # [BL]
+        b_norm = tl.load(norm_ptr + i_r * stride_norm + o_l, mask=m_l, other=0.0)
+        b_gamma = tl.load(gamma_ptr + i_r * stride_gamma + o_l, mask=m_l, other=0.0)
+        b_first = tl.load(p_prefix + o_l * stride_prefix_t, mask=m_l, other=0.0)  # prefix[u, 0]
+        b_diag = tl.load(p_prefix + o_l * stride_prefix_t + o_l - 1, mask=m_l & (o_l > 0), other=0.0)  # [u, u-1]
+        x = tl.gather(b_carry, o_1, 0) + tl.gather(b_first, o_1, 0)  # [1]: the open segment started before the chunk
+        b_row_next = tl.load(p_prefix + stride_prefix_t + o_l, mask=o_l < tl.where(1 < L, L, 0), other=0.0)
+    else:
+        b_score_next = tl.load(score_ptr + i_r * Tm + a + o_l, mask=a + o_l < end, other=0.0)
+    for a0 in range(a, end, BL):  # the state scores: one block, the chunk
         if SCORE == 0:
-            score = tl.load(score_ptr + r * Tm + t)
-        else:
-            i = t - a
-            row = b_row
-            b_row = tl.load(prefix_ptr + (r * L + i + 1) * L + o_l, mask=o_l < tl.where(i + 1 < L, L, 0), other=0.0)
-            s0 = open_start - pos0 - a  # the open segment's start, chunk time
-            at_i = o_l == i
-            if s0 < 0:
-                x = tl.sum(tl.where(at_i, b_carry, 0.0), axis=0) + tl.sum(tl.where(o_l == 0, row, 0.0), axis=0)
+            b_score = b_score_next
+            b_score_next = tl.load(score_ptr + i_r * Tm + a0 + BL + o_l, mask=a0 + BL + o_l < end, other=0.0)
+        for t in range(a0, tl.minimum(a0 + BL, end)):
+            pos = pos0 + t
+            first = count == 0
+            i = t - a0
+            if SCORE == 0:
+                score = tl.gather(b_score, i + o_1, 0)
             else:
-                x = tl.sum(tl.where(o_l == s0, row, 0.0), axis=0)
-            norm = tl.sum(tl.where(at_i, b_norm, 0.0), axis=0)
-            gamma = tl.sum(tl.where(at_i, b_gamma, 0.0), axis=0)
-            # dla.schedule.dynamic.state_score, operation for operation
-            extended = gamma * gamma * open_norm + 2 * gamma * x + norm
-            if SCORE == 2:
-                num = gamma * open_norm + x
-                den = extended * open_norm
+                s0 = open_start - pos0 - a  # the open segment's start, chunk time
+                o_i = i + o_1
+                # the next token's product with the open state: if this token opens a segment, or not
+                o_u = tl.minimum(i + 1, BL - 1) + o_1
+                x_born = tl.gather(b_diag, o_u, 0)
+                x_kept = _open_product(b_row_next, b_carry, b_first, o_u, s0)
+                b_row_next = tl.load(p_prefix + (i + 2) * stride_prefix_t + o_l,
+                                     mask=o_l < tl.where(i + 2 < L, L, 0), other=0.0)
+                norm = tl.gather(b_norm, o_i, 0)
+                gamma = tl.gather(b_gamma, o_i, 0)
+                # dla.schedule.dynamic.state_score, operation for operation
+                extended = gamma * gamma * open_norm + 2 * gamma * x + norm
+                if SCORE == 2:
+                    num = gamma * open_norm + x
+                    den = extended * open_norm
+                else:
+                    num = x
+                    den = norm * open_norm
+                ok = den > 0
+                cos = tl.div_rn(num, tl.sqrt_rn(tl.where(ok, den, 1.0)))
+                d = tl.minimum(tl.maximum(1 - cos, 0.0), 2.0)
+                score = tl.where(ok, tl.sqrt_rn(d + d), 0.0)
+                score = tl.where(first, 0.0, score)
+                if TRACE_OPEN:
+                    tl.store(trace_start_ptr + i_r * Tm + t + o_1, s0 + a)
+                    tl.store(trace_norm_ptr + i_r * Tm + t + o_1, open_norm)
+            tl.store(trace_score_ptr + i_r * Tm + t + o_1, score)
+            if tl.max(count, axis=0) == C:  # all slots in use: a birth merges a pair
+                j, dying_origin, b_start1, b_info1, b_origin1, merged = _cheapest_merge(b_start, b_info, b_origin,
+                                                                                        pos, o_c, C, CP, MERGE)
             else:
-                num = x
-                den = norm * open_norm
-            ok = den > 0
-            cos = tl.div_rn(num, tl.sqrt_rn(tl.where(ok, den, 1.0)))
-            d = tl.minimum(tl.maximum(1 - cos, 0.0), 2.0)
-            score = tl.where(ok, tl.sqrt_rn(d + d), 0.0)
-            score = tl.where(first, 0.0, score)
-            if TRACE_OPEN:
-                tl.store(trace_start_ptr + r * Tm + t, s0 + a)
-                tl.store(trace_norm_ptr + r * Tm + t, open_norm)
-        tl.store(trace_score_ptr + r * Tm + t, score)
-        wants = score >= threshold
-        if HAS_MAX:
-            wants = wants | ((pos - open_start) >= max_segment_len)
-        new = first | wants
-        if SCORE != 0:
-            open_norm = tl.where(new, norm, tl.maximum(extended, 0.0))
-        if new:
-            free = tl.min(tl.where(start < 0, o_c, CP), axis=0)
-            at_free = o_c == free
-            start = tl.where(at_free, pos, start)
-            info = tl.where(at_free, score, info)
-            origin = tl.where(at_free, t, origin)
-            if not first:
-                tl.store(death_ptr + r * Tm + t, _NEVER)
-            count += 1
-            open_start = pos
-        else:
+                j, dying_origin, b_start1, b_info1, b_origin1, merged = o_1, o_1, b_start, b_info, b_origin, b_info
+            # the score's chain: a birth, and with all slots in use a merge
+            wants = score >= threshold
+            if HAS_MAX:
+                wants = wants | ((pos - open_start) >= max_segment_len)
+            new = first | wants
+            over = new & (count == C)
+            if SCORE != 0:
+                open_norm = tl.where(new, norm, tl.maximum(extended, 0.0))
+                x = tl.where(new, x_born, x_kept)
+            open_start = tl.where(new, pos, open_start)
+            tl.store(death_ptr + i_r * Tm + t + o_1, _NEVER, mask=new & ~first)
+            tl.store(death_ptr + i_r * Tm + tl.maximum(dying_origin, 0) + o_1, t, mask=over & (dying_origin >= 0))
+            tl.store(carried_ptr + i_r * C - tl.minimum(dying_origin, -1) - 1 + o_1, t, mask=over & (dying_origin < 0))
+            # merge j + 1 into j and shift the newer lanes down, then append the newcomer or grow the open segment
+            b_start = tl.where(over & (o_c > j), b_start1, b_start)
+            b_info = tl.where(over & (o_c >= j), tl.where(o_c == j, merged, b_info1), b_info)
+            b_origin = tl.where(over & (o_c > j), b_origin1, b_origin)
+            at_birth = new & (o_c == tl.minimum(count, C - 1))
+            at_open = ~new & (o_c == count - 1)
+            b_start = tl.where(at_birth, pos, b_start)
             if MERGE == 1:
-                info = tl.where(start == open_start, tl.maximum(info, score), info)
+                grown = tl.maximum(b_info, score)
             else:
-                info = tl.where(start == open_start, info + score, info)
-        if count > C:
-            s_i = start[:, None]
-            s_j = start[None, :]
-            older_start = tl.max(tl.where((s_j < s_i) & (s_j >= 0), s_j, -1), axis=1)
-            newer_start = tl.min(tl.where(s_j > s_i, s_j, 2**62), axis=1)
-            # exactly one slot matches: the masked sum is that slot's value
-            older_info = tl.sum(tl.where(s_j == older_start[:, None], info[None, :], 0.0), axis=1)
-            closed = (start >= 0) & (start < pos) & (older_start >= 0)
-            if MERGE == 0:
-                cost = tl.div_rn(info + older_info, (newer_start - older_start).to(tl.float32))
-            elif MERGE == 1:
-                cost = info + older_info
-            else:  # every pair costs the same, so the tie rule picks the oldest
-                cost = tl.zeros_like(info)
-            cost = tl.where(closed, cost, float("inf"))
-            cheapest = closed & (cost == tl.min(cost, axis=0))
-            dying_start = tl.min(tl.where(cheapest, start, 2**62), axis=0)  # ties: the older pair
-            dying = start == dying_start
-            dying_info = tl.sum(tl.where(dying, info, 0.0), axis=0)
-            dying_origin = tl.sum(tl.where(dying, origin, 0), axis=0)
-            survivor = start == tl.sum(tl.where(dying, older_start, 0), axis=0)
-            if MERGE == 1:
-                info = tl.where(survivor, tl.maximum(info, dying_info), info)
-            else:
-                info = tl.where(survivor, dying_info + info, info)
-            if dying_origin >= 0:
-                tl.store(death_ptr + r * Tm + dying_origin, t)
-            else:
-                tl.store(carried_ptr + r * C - dying_origin - 1, t)
-            start = tl.where(dying, -1, start)
-            info = tl.where(dying, 0.0, info)
-            origin = tl.where(dying, -(C + 1), origin)
-            count -= 1
-    tl.store(start_ptr + r * CP + o_c, start)
-    tl.store(info_ptr + r * CP + o_c, info)
-    tl.store(origin_ptr + r * CP + o_c, origin)
-    tl.store(count_ptr + r, count)
-    tl.store(open_norm_ptr + r, open_norm)
+                grown = b_info + score
+            b_info = tl.where(at_birth, score, tl.where(at_open, grown, b_info))
+            b_origin = tl.where(at_birth, t, b_origin)
+            count = tl.minimum(count + new.to(tl.int32), C)
+    tl.store(start_ptr + i_r * CP + o_c, b_start)
+    tl.store(info_ptr + i_r * CP + o_c, b_info)
+    tl.store(origin_ptr + i_r * CP + o_c, b_origin)
+    tl.store(count_ptr + i_r + o_1, count)
+    tl.store(open_norm_ptr + i_r + o_1, open_norm)
+
+
+def _unit_stride(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as float32 with contiguous rows (the kernel takes the other strides as arguments)."""
+    x = x.float()
+    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 class TritonWalker:
@@ -166,13 +219,16 @@ class TritonWalker:
         self.threshold = threshold.float().contiguous()
         self.lengths = lengths.long().contiguous()
         self.position = seg.position.long().contiguous()
-        pad = self.CP - C
-        self.slot_start = torch.cat([seg.starts.reshape(R, C).long(),
-                                torch.full((R, pad), NONE, dtype=torch.long, device=dev)], 1).contiguous()
-        self.info = torch.cat([seg.info.reshape(R, C).float(), torch.zeros(R, pad, device=dev)], 1).contiguous()
-        origin = torch.where(torch.arange(self.CP, device=dev) < C, -(torch.arange(self.CP, device=dev) + 1), -(C + 1))
-        self.origin = origin.expand(R, self.CP).contiguous()
-        self.count = (self.slot_start >= 0).sum(1).contiguous()
+        # lanes oldest first: lane i holds slot count - 1 - i of the newest-first SegmentState
+        starts = seg.starts.reshape(R, C).long()
+        count = (starts >= 0).sum(1, keepdim=True)
+        lane = torch.arange(self.CP, device=dev)
+        slot = (count - 1 - lane).clamp(0, C - 1)
+        used = lane < count
+        self.slot_start = torch.where(used, starts.gather(1, slot), NONE).contiguous()
+        self.info = torch.where(used, seg.info.reshape(R, C).float().gather(1, slot), 0.0).contiguous()
+        self.origin = torch.where(used, -(slot + 1), -(C + 1)).to(torch.int32).contiguous()
+        self.count = count.view(R).to(torch.int32).contiguous()
         self.open_norm = (torch.zeros(R, device=dev) if seg.open_norm is None
                           else seg.open_norm.reshape(R).float().contiguous())
         self.carried = torch.full((R, C), NEVER, dtype=torch.long, device=dev)
@@ -192,13 +248,13 @@ class TritonWalker:
             return
         dummy = self.info
         if terms is None:
-            score_code, prefix, carry, norm, gamma, L = 0, dummy, dummy, dummy, dummy, 1
+            score_code, prefix, carry, norm, gamma, L, BL = 0, dummy, dummy, dummy, dummy, 1, SCORE_BLOCK
             scores = scores.float().contiguous()
         else:
             score_code = 2 if drift else 1
-            prefix, carry, norm, gamma = (x.float().contiguous() for x in
-                                          (terms.prefix, terms.carry, terms.norm, terms.gamma))
+            prefix, carry, norm, gamma = (_unit_stride(x) for x in (terms.prefix, terms.carry, terms.norm, terms.gamma))
             L, scores = b - a, dummy
+            BL = triton.next_power_of_2(L)
         tr = self.trace
         _walk_kernel[(R,)](
             scores, prefix, carry, norm, gamma, self.lengths, self.position, self.threshold,
@@ -206,8 +262,9 @@ class TritonWalker:
             self.death, self.carried,
             tr.scores, self.death if tr.open_start is None else tr.open_start,
             dummy if tr.open_norm is None else tr.open_norm,
-            a, b, self.Tm, self.H, L, int(self.max_segment_len or 0),
-            C=self.C, CP=self.CP, BL=triton.next_power_of_2(L), SCORE=score_code, MERGE=_MERGE_CODES[self.merge],
+            a, b, self.Tm, self.H, L, prefix.stride(0), prefix.stride(1) if prefix.dim() > 2 else 0,
+            carry.stride(0), norm.stride(0), gamma.stride(0), int(self.max_segment_len or 0),
+            C=self.C, CP=self.CP, BL=BL, SCORE=score_code, MERGE=_MERGE_CODES[self.merge],
             HAS_MAX=self.max_segment_len is not None, TRACE_OPEN=tr.open_start is not None,
             num_warps=1, enable_fp_fusion=False)
 
