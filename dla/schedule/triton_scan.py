@@ -12,11 +12,10 @@ vector by one lane (``tl.gather``, warp shuffles), a birth appends a lane and a 
 and shifts the newer lanes down. A step has two chains that meet only at its end: the score (and
 so the birth decision) from the open segment's terms, and the merge a birth would need, priced
 from the slots before the token (the newcomer takes the newest lane, so no candidate pair depends
-on the score), and only while all slots are in use. The merge's choice is one reduction that
-returns the cheapest pair's lane and the origin of its dying segment. The slots live in
-registers during a launch and in small buffers between launches (one launch per chunk for the
-state scores, one for a window of given scores); :meth:`TritonWalker.finish` orders them newest
-first.
+on the score). The merge's choice is one reduction that returns the cheapest pair's lane and the
+origin of its dying segment. The slots live in registers during a launch and in small buffers
+between launches (one launch per chunk for the state scores, one for a window of given scores);
+:meth:`TritonWalker.finish` orders them newest first.
 """
 
 from __future__ import annotations
@@ -50,34 +49,6 @@ def _open_product(b_row, b_carry, b_first, o_u, s0):
 
 
 @triton.jit
-def _cheapest_merge(b_start, b_info, b_origin, pos, o_c, C: tl.constexpr, CP: tl.constexpr, MERGE: tl.constexpr):
-    """The merge a birth at ``pos`` needs with all ``C`` slots in use (lanes ``0..C-1``, the newcomer
-    at lane ``C``): the pair ``(j, j + 1)`` of closed segments, ``j <= C - 2``. Priced from the slots
-    before the token, so it does not wait for the token's score. Returns ``j`` and the dying
-    segment's origin (``[1]``), the lanes one newer (``[CP]`` starts, information, origins: the
-    slots after removing lane ``j + 1`` are these above ``j``) and the merged information."""
-    o_next = tl.minimum(o_c + 1, CP - 1)
-    b_start1 = tl.gather(b_start, o_next, 0)
-    b_info1 = tl.gather(b_info, o_next, 0)
-    b_origin1 = tl.gather(b_origin, o_next, 0)
-    if MERGE == 0:
-        b_start2 = tl.where(o_c == C - 2, pos, tl.gather(b_start, tl.minimum(o_c + 2, CP - 1), 0))
-        span = b_start2 - b_start  # the pair's tokens: from its start to the next segment's
-        b_cost = tl.div_rn(b_info1 + b_info, tl.where(span > 0, span, 1).to(tl.float32))
-    elif MERGE == 1:
-        b_cost = b_info1 + b_info
-    else:  # every pair costs the same, so the tie rule picks the oldest
-        b_cost = tl.zeros_like(b_info)
-    b_cost = tl.where(o_c < C - 1, b_cost, float("inf"))
-    _, j, dying_origin = tl.reduce((b_cost, o_c, b_origin1), 0, _cheaper_pair, keep_dims=True)
-    if MERGE == 1:
-        merged = tl.maximum(b_info, b_info1)
-    else:
-        merged = b_info1 + b_info
-    return j, dying_origin, b_start1, b_info1, b_origin1, merged
-
-
-@triton.jit
 def _walk_kernel(score_ptr, prefix_ptr, carry_ptr, norm_ptr, gamma_ptr,
                  lengths_ptr, position_ptr, threshold_ptr,
                  start_ptr, info_ptr, origin_ptr, count_ptr, open_norm_ptr,
@@ -94,10 +65,8 @@ def _walk_kernel(score_ptr, prefix_ptr, carry_ptr, norm_ptr, gamma_ptr,
     Values that are one per row (the score, the open segment, the slot count) are ``[1]`` blocks,
     so that a token's terms are read out of the chunk's ``[BL]`` blocks by a gather (one shuffle)
     instead of a reduction. The state score's product with the open state is prepared a token
-    ahead for both outcomes of the current token (it opens a segment, or not), from a row of
-    ``prefix`` loaded a token before that: the score's chain is only its arithmetic. The merge is
-    priced only while all slots are in use (a uniform branch: with the paper's score on random
-    inputs that is every token, with few births almost never)."""
+    ahead for both outcomes of the current token (it opens a segment, or not), and the rows of
+    ``prefix`` it needs are loaded two tokens ahead: the score's chain is only its arithmetic."""
     i_r = tl.program_id(0).to(tl.int64)
     i_n = i_r // H
     length = tl.load(lengths_ptr + i_n)
@@ -106,6 +75,8 @@ def _walk_kernel(score_ptr, prefix_ptr, carry_ptr, norm_ptr, gamma_ptr,
     end = tl.minimum(b, length).to(tl.int32)  # window times fit int32: the origins are int32
     o_1 = tl.zeros([1], dtype=tl.int32)
     o_c = tl.arange(0, CP)
+    o_next = tl.minimum(o_c + 1, CP - 1)  # the lanes (and so the segments) one and two newer
+    o_next2 = tl.minimum(o_c + 2, CP - 1)
     b_start = tl.load(start_ptr + i_r * CP + o_c)  # [CP] absolute starts, oldest first, -1: empty
     b_info = tl.load(info_ptr + i_r * CP + o_c)
     b_origin = tl.load(origin_ptr + i_r * CP + o_c)  # window time of the start, or -(carried slot + 1)
@@ -121,8 +92,10 @@ def _walk_kernel(score_ptr, prefix_ptr, carry_ptr, norm_ptr, gamma_ptr,
         b_gamma = tl.load(gamma_ptr + i_r * stride_gamma + o_l, mask=m_l, other=0.0)
         b_first = tl.load(p_prefix + o_l * stride_prefix_t, mask=m_l, other=0.0)  # prefix[u, 0]
         b_diag = tl.load(p_prefix + o_l * stride_prefix_t + o_l - 1, mask=m_l & (o_l > 0), other=0.0)  # [u, u-1]
-        x = tl.gather(b_carry, o_1, 0) + tl.gather(b_first, o_1, 0)  # [1]: the open segment started before the chunk
+        b_row = tl.load(p_prefix + o_l, mask=m_l, other=0.0)  # prefix[0, :]
+        x = _open_product(b_row, b_carry, b_first, o_1, open_start - pos0 - a)  # [1]
         b_row_next = tl.load(p_prefix + stride_prefix_t + o_l, mask=o_l < tl.where(1 < L, L, 0), other=0.0)
+        b_row_next2 = tl.load(p_prefix + 2 * stride_prefix_t + o_l, mask=o_l < tl.where(2 < L, L, 0), other=0.0)
     else:
         b_score_next = tl.load(score_ptr + i_r * Tm + a + o_l, mask=a + o_l < end, other=0.0)
     for a0 in range(a, end, BL):  # the state scores: one block, the chunk
@@ -142,8 +115,9 @@ def _walk_kernel(score_ptr, prefix_ptr, carry_ptr, norm_ptr, gamma_ptr,
                 o_u = tl.minimum(i + 1, BL - 1) + o_1
                 x_born = tl.gather(b_diag, o_u, 0)
                 x_kept = _open_product(b_row_next, b_carry, b_first, o_u, s0)
-                b_row_next = tl.load(p_prefix + (i + 2) * stride_prefix_t + o_l,
-                                     mask=o_l < tl.where(i + 2 < L, L, 0), other=0.0)
+                b_row_next = b_row_next2
+                b_row_next2 = tl.load(p_prefix + (i + 3) * stride_prefix_t + o_l,
+                                      mask=o_l < tl.where(i + 3 < L, L, 0), other=0.0)
                 norm = tl.gather(b_norm, o_i, 0)
                 gamma = tl.gather(b_gamma, o_i, 0)
                 # dla.schedule.dynamic.state_score, operation for operation
@@ -163,11 +137,25 @@ def _walk_kernel(score_ptr, prefix_ptr, carry_ptr, norm_ptr, gamma_ptr,
                     tl.store(trace_start_ptr + i_r * Tm + t + o_1, s0 + a)
                     tl.store(trace_norm_ptr + i_r * Tm + t + o_1, open_norm)
             tl.store(trace_score_ptr + i_r * Tm + t + o_1, score)
-            if tl.max(count, axis=0) == C:  # all slots in use: a birth merges a pair
-                j, dying_origin, b_start1, b_info1, b_origin1, merged = _cheapest_merge(b_start, b_info, b_origin,
-                                                                                        pos, o_c, C, CP, MERGE)
+            # the merge a birth with all C slots in use would need (lanes 0..C-1 in use, the
+            # newcomer at lane C, at pos): the pair (j, j + 1) of closed segments, j <= C - 2
+            b_start1 = tl.gather(b_start, o_next, 0)
+            b_info1 = tl.gather(b_info, o_next, 0)
+            b_origin1 = tl.gather(b_origin, o_next, 0)
+            if MERGE == 0:
+                b_start2 = tl.where(o_c == C - 2, pos, tl.gather(b_start, o_next2, 0))
+                span = b_start2 - b_start  # the pair's tokens: from its start to the next segment's
+                b_cost = tl.div_rn(b_info1 + b_info, tl.where(span > 0, span, 1).to(tl.float32))
+            elif MERGE == 1:
+                b_cost = b_info1 + b_info
+            else:  # every pair costs the same, so the tie rule picks the oldest
+                b_cost = tl.zeros_like(b_info)
+            b_cost = tl.where(o_c < C - 1, b_cost, float("inf"))
+            _, j, dying_origin = tl.reduce((b_cost, o_c, b_origin1), 0, _cheaper_pair, keep_dims=True)  # [1]
+            if MERGE == 1:
+                merged = tl.maximum(b_info, b_info1)
             else:
-                j, dying_origin, b_start1, b_info1, b_origin1, merged = o_1, o_1, b_start, b_info, b_origin, b_info
+                merged = b_info1 + b_info
             # the score's chain: a birth, and with all slots in use a merge
             wants = score >= threshold
             if HAS_MAX:
