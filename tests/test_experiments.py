@@ -28,6 +28,7 @@ from experiments.sweep import (  # noqa: E402
     select_runs,
 )
 from experiments.sweep import runner as sweep_runner  # noqa: E402
+from experiments.sweep.report import mean_boundaries  # noqa: E402
 
 TINY = """
 name: tiny
@@ -168,6 +169,21 @@ def test_needle_report_lays_out_one_figure_row_and_one_region_share_per_task():
     assert "task=passkey" in passkey and "which holds 0.043% of the tokens" in passkey
     assert "task=multikey" in multikey and "which holds 0.17% of the tokens" in multikey
     assert "| a | 0.5 (41%) |" in passkey
+
+
+def test_boundary_table_gives_each_layers_learned_threshold_averaged_over_heads_and_seeds():
+    """τ per layer: the mean over the heads of every seed's probe, beside the births; a layer
+    without a threshold (not the dynamic policy) shows none."""
+    def probe(births, taus):
+        return [{"births_per_100_tokens": births, "threshold": taus, "regions": {}},
+                {"births_per_100_tokens": 1.0, "threshold": None, "regions": {}}]
+
+    layers = mean_boundaries([{"boundaries": probe(2.0, [0.5, 0.7])}, {"boundaries": probe(4.0, [0.9, 1.3])}])
+    assert layers[0]["threshold"] == pytest.approx(0.85) and layers[0]["births_per_100_tokens"] == 3.0
+    assert layers[1]["threshold"] is None
+    exp = SimpleNamespace(name="mqar", report={"rows": "model", "cols": None, "select": None}, axes={"model": ["a"]})
+    table = boundary_table(exp, [{"model": "a", "detail": [1], "boundaries": layers}], ["model"])
+    assert "| a | 3.0 τ 0.85 / 1.0 |" in table and "τ: the layer's threshold" in table
 
 
 def test_runs_pause_at_the_pause_time_and_continue(tiny, tmp_path, monkeypatch, capsys):

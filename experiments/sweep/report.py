@@ -144,8 +144,9 @@ def mean_detail(task: str, runs: list[dict]):
 
 
 def mean_boundaries(runs: list[dict]) -> list[dict] | None:
-    """Per layer, the runs' (seeds') mean ``births_per_100_tokens`` and share of births in the
-    task's first region (``region``, with its share of the tokens); None without boundary data."""
+    """Per layer, the runs' (seeds') mean ``births_per_100_tokens``, share of births in the task's
+    first region (``region``, with its share of the tokens) and ``threshold`` (τ, the mean over heads
+    and runs; None where the layer has none); None without boundary data."""
     probes = [r["boundaries"] for r in runs if r.get("boundaries")]
     if not probes:
         return None
@@ -154,12 +155,14 @@ def mean_boundaries(runs: list[dict]) -> list[dict] | None:
         region = next(iter(first["regions"]), None)
         shares = [p[i]["regions"][region]["births"] for p in probes] if region else []
         shares = [v for v in shares if v is not None]
+        taus = [tau for p in probes for tau in (p[i].get("threshold") or [])]
         layers.append(
             {
                 "births_per_100_tokens": statistics.fmean(p[i]["births_per_100_tokens"] for p in probes),
                 "region": region,
                 "region_tokens": first["regions"][region]["tokens"] if region else None,
                 "region_births": statistics.fmean(shares) if shares else None,
+                "threshold": statistics.fmean(taus) if taus else None,
             }
         )
     return layers
@@ -184,10 +187,12 @@ def boundary_table(exp: Experiment, entries: list[dict], group_axes: list[str]) 
             f"{exp.report['select'] or 'run'} per cell; per layer, first to last: states opened per 100 tokens"
             + (
                 f", and in parentheses the share of them inside the {first['region']} region, which holds "
-                f"{_percent(first['region_tokens'])} of the tokens)"
+                f"{_percent(first['region_tokens'])} of the tokens"
                 if first["region"]
-                else ")"
-            ),
+                else ""
+            )
+            + ("; τ: the layer's threshold, mean over heads and seeds)" if any(
+                layer.get("threshold") is not None for e in part for layer in e["boundaries"]) else ")"),
             "",
             f"| {rows} | " + " | ".join(str(c or "result") for c in col_values) + " |",
             "|---" * (len(col_values) + 1) + "|",
@@ -200,6 +205,7 @@ def boundary_table(exp: Experiment, entries: list[dict], group_axes: list[str]) 
                     " / ".join(
                         f"{layer['births_per_100_tokens']:.1f}"
                         + (f" ({_percent(layer['region_births'])})" if layer["region_births"] is not None else "")
+                        + (f" τ {layer['threshold']:.2f}" if layer.get("threshold") is not None else "")
                         for layer in entry["boundaries"]
                     )
                     if entry
