@@ -94,18 +94,18 @@ def _closed_form_token(seg: SegmentState, label_rule: str, death_of, period: int
     dest = torch.where(filled & (dest < born + survivors[..., -1:]), dest, C)
     moved = torch.full(starts.shape[:-1] + (C + 1,), NONE, dtype=starts.dtype, device=starts.device)
     moved = moved.scatter(-1, torch.where(keep, dest, C), starts)
-    new_starts = torch.where(born & (torch.arange(C, device=starts.device) == 0), pos, moved[..., :C])
+    slot = torch.arange(C, device=starts.device)
+    new_starts = torch.where(born & (slot == 0), pos, moved[..., :C])
     segments = SegmentState(new_starts, torch.zeros(new_starts.shape, device=starts.device), position + 1)
-    return _finish(dest, segments, label_rule)
+    return _finish(dest, segments, label_rule, slot)
 
 
-def _finish(dest, segments: SegmentState, label_rule: str, scores=None) -> TokenPlan:
-    """The labels of the new slots (:func:`dla.ops.recurrent.slot_labels`' rule, from absolute starts)."""
+def _finish(dest, segments: SegmentState, label_rule: str, slot, scores=None) -> TokenPlan:
+    """The labels of the new slots ``slot`` (:func:`dla.ops.recurrent.slot_labels`' rule, from absolute starts)."""
     starts = segments.starts
     filled = starts >= 0
-    slot = torch.arange(starts.shape[-1], device=starts.device)
     if label_rule == "recency":
-        label = torch.where(filled, slot, 0)
+        label = slot * filled
     else:
         newer_start = torch.cat([segments.position[:, None, None].expand_as(starts[..., :1]), starts[..., :-1]], -1)
         size = (newer_start - starts).clamp(min=1)  # the open segment's own size is never read
@@ -116,7 +116,9 @@ def _finish(dest, segments: SegmentState, label_rule: str, scores=None) -> Token
 def _dynamic_token(seg: SegmentState, threshold, score, merge, open_state, k, v, g, beta, scores, max_segment_len,
                    label_rule, backend) -> TokenPlan:
     """The ``dynamic`` policy's step of :class:`dla.schedule.dynamic.TorchWalker` (and of the state
-    score's chunk terms, for a chunk of one token) for one token."""
+    score's chunk terms, for a chunk of one token) for one token. Products by an exact 1 (Mamba-2's
+    ``w``, the decays ``exp(0)`` of a one-token chunk) and sums with an exact 0 (its pairwise
+    products) are left out: they change no number."""
     starts, position = seg.starts, seg.position.long()
     N, H, C = starts.shape
     pos = position[:, None]  # [N, 1]
@@ -126,50 +128,53 @@ def _dynamic_token(seg: SegmentState, threshold, score, merge, open_state, k, v,
     else:
         dtype = torch.float32 if backend == "triton" else scores.dtype
     info = seg.info.to(dtype)
-    count = (starts >= 0).sum(-1)
-    first = count == 0
+    # slots are compact, newest first: the first slot is empty before the first token, the last once full
+    first = starts[..., 0] < 0
+    full = starts[..., -1] >= 0
     open_norm = open_state_new = norm = extended = None
     if state:
         R, K, V = N * H, k.shape[-1], v.shape[-1]
-        kr, vr = k.detach().to(dtype).transpose(1, 2).reshape(R, 1, K), v.detach().to(dtype).transpose(1, 2).reshape(
-            R, 1, V)
-        w = (torch.ones(R, 1, dtype=dtype, device=kr.device) if beta is None
-             else beta.detach().to(dtype).transpose(1, 2).reshape(R, 1))
-        gamma = (torch.zeros_like(w) if open_state == "plain" else g.detach().to(dtype).transpose(1, 2).reshape(R, 1)
-                 ).exp()
+        kr = k.detach().to(dtype).transpose(1, 2).reshape(R, 1, K)
+        vr = v.detach().to(dtype).transpose(1, 2).reshape(R, 1, V)
+        w = None if beta is None else beta.detach().to(dtype).transpose(1, 2).reshape(R, 1)
+        gamma = (torch.ones(N, H, dtype=dtype, device=kr.device) if open_state == "plain"
+                 else g.detach().to(dtype).transpose(1, 2).reshape(N, H).exp())
         O = (torch.zeros(R, K, V, dtype=dtype, device=kr.device) if seg.open_state is None
              else seg.open_state.reshape(R, K, V).to(dtype))
         open_norm = (torch.zeros(N, H, dtype=dtype, device=kr.device) if seg.open_norm is None
                      else seg.open_norm.to(dtype))
         # ⟨s_t, O⟩: the chunk's carried product (its scale exp(G_{t-1}) w_t is w_t at the chunk's first token)
-        x = (w * ((kr @ O) * vr).sum(-1)).view(N, H)
+        x = ((kr @ O) * vr).sum(-1)
+        x = (x if w is None else w * x).view(N, H)
         norm = contribution_norms(kr, vr, w).view(N, H)
-        token_score, extended = state_score(x, norm, open_norm, gamma.view(N, H), score == "state_drift")
-        token_score = torch.where(first, 0.0, token_score)
+        token_score, extended = state_score(x, norm, open_norm, gamma, score == "state_drift")
+        token_score = token_score.masked_fill(first, 0.0)
     else:
         token_score = scores[:, 0].to(dtype)
     wants = token_score >= torch.as_tensor(threshold, device=starts.device).float().to(dtype)
     if max_segment_len is not None:
         wants = wants | (pos - starts[..., 0] >= max_segment_len)
     new = first | wants  # [N, H]: the token opens a segment
-    over = new & (count == C)
+    over = new & full
     slot = torch.arange(C, device=starts.device)
-    # the merge: closed pairs (i, i + 1) of the old slots, i in 0..C-2, i.e. (i + 1, i + 2) once shifted
+    # the merge: closed pairs (i, i + 1) of the old slots, i in 0..C-2, i.e. (i + 1, i + 2) once shifted; its
+    # choice is only used where the slots overflow, and there every slot holds a segment (a positive span)
     pair_info = info[..., :C - 1] + info[..., 1:]
     if merge == "oldest":  # every pair costs the same, so the tie rule picks the oldest
-        newer = torch.full_like(first, C - 2, dtype=torch.long)
+        newer = torch.full_like(starts[..., 0], C - 2)
     else:
         if merge == "density":
             newer_start = torch.cat([pos[..., None].expand(N, H, 1), starts[..., :C - 2]], -1)
             span = newer_start - starts[..., 1:]  # the pair's tokens: from start i + 1 to the start before i
-            cost = pair_info / torch.where(span > 0, span, 1).to(dtype)
+            cost = pair_info / span.clamp(min=1)
         else:
             cost = pair_info
         newer = C - 2 - cost.flip(-1).argmin(-1)  # ties go to the older pair
-    a, b = info.gather(-1, newer[..., None]), info.gather(-1, newer[..., None] + 1)
-    merged = torch.maximum(a, b) if merge == "least_info" else a + b
-    dying = torch.where(over, newer, C)[..., None]  # old slot of the boundary that dies (C: none)
-    dest = torch.where(starts >= 0, slot + (new[..., None] & (slot <= dying)), C)
+    if merge == "least_info":  # the earlier variant: a segment's information is its maximum
+        pair_info = torch.maximum(info[..., :C - 1], info[..., 1:])
+    merged = pair_info.gather(-1, newer[..., None])
+    dying = newer.masked_fill(~over, C)[..., None]  # old slot of the boundary that dies (C: none)
+    dest = (slot + (new[..., None] & (slot <= dying))).masked_fill(starts < 0, C)
     source = slot + (slot > dying)  # new slot <- this slot of [token, old slots]
     opened_starts = torch.cat([pos[..., None].expand(N, H, 1), starts], -1).gather(-1, source)
     opened_info = torch.cat([token_score[..., None], info], -1).gather(-1, source)
@@ -181,8 +186,9 @@ def _dynamic_token(seg: SegmentState, threshold, score, merge, open_state, k, v,
     new_info = torch.where(newc, opened_info, torch.cat([grown, info[..., 1:]], -1))
     if state:
         # a new segment restarts the open state at the token's contribution: O = exp(g) O + w k vᵀ otherwise
-        kept = torch.where(new.view(R), 0.0, gamma[:, 0])
-        open_state_new = (kept[:, None, None] * O + (kr * w[..., None]).transpose(1, 2) @ vr).view(N, H, K, V)
+        kept = gamma.masked_fill(new, 0.0).view(R)
+        write = (kr if w is None else kr * w[..., None]).transpose(1, 2) @ vr
+        open_state_new = (kept[:, None, None] * O + write).view(N, H, K, V)
         open_norm = torch.where(new, norm, extended)
     segments = SegmentState(new_starts, new_info, position + 1, open_state=open_state_new, open_norm=open_norm)
-    return _finish(dest, segments, label_rule, token_score)
+    return _finish(dest, segments, label_rule, slot, token_score)
