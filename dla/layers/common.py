@@ -268,15 +268,15 @@ class ShortConvolution(nn.Conv1d):
         W = self.kernel_size[0]
         rows = x if cu_seqlens is None else unpack(x, cu_seqlens)
         N = rows.shape[0]
-        lengths = (torch.full((N,), T, dtype=torch.long, device=x.device) if cu_seqlens is None
-                   else seq_lengths(cu_seqlens))
         past = rows.new_zeros(N, D, W - 1) if state is None else state.to(rows.dtype)
         full = torch.cat([past, rows.transpose(1, 2)], -1)  # [N, D, W - 1 + T_max]
         y = F.silu(F.conv1d(full, self.weight, self.bias, groups=D)).transpose(1, 2)
+        if cu_seqlens is None:  # a copy: the state must not keep the whole window alive
+            return y, full[..., T:].contiguous()
         # the last W - 1 inputs of each sequence end where its tokens end, not at the padded row end
-        window = lengths[:, None] + torch.arange(W - 1, device=x.device)
+        window = seq_lengths(cu_seqlens)[:, None] + torch.arange(W - 1, device=x.device)
         new_state = full.gather(-1, window[:, None, :].expand(N, D, W - 1))
-        return (y if cu_seqlens is None else pack(y, cu_seqlens)), new_state
+        return pack(y, cu_seqlens), new_state
 
 
 class GatedRMSNorm(nn.Module):
@@ -476,7 +476,7 @@ class DLAMixer(nn.Module):
         plan = plan_token(p.policy, state, threshold=self.threshold.detach() if p.dynamic else p.threshold,
                           score=p.score, merge=p.merge, open_state=p.open_state, k=k, v=v, g=g, beta=beta,
                           scores=scores, period=p.period, max_segment_len=p.max_segment_len, label_rule=p.label_rule)
-        lam = q.new_ones(1, 1, 1, 1).expand(*q.shape[:3], 1) if self.lam_proj is None else self.lam_proj(x)
+        lam = None if self.lam_proj is None else self.lam_proj(x)
         o, cache.state = recurrent_step(q, k, v, g, plan.slot_lambda(lam), plan.dest, state, plan.segments,
                                         beta=beta, scale=scale)
         return o

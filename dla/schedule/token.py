@@ -44,9 +44,10 @@ class TokenPlan:
     segments: SegmentState
     scores: torch.Tensor | None = None
 
-    def slot_lambda(self, lam: torch.Tensor) -> torch.Tensor:
-        """λ of every new slot, ``[N, H, C]``, from the token's ``lam [N, 1, H, n_labels]`` (0 for empty slots)."""
-        return lam[:, 0].gather(-1, self.label) * self.filled
+    def slot_lambda(self, lam: torch.Tensor | None) -> torch.Tensor:
+        """λ of every new slot, ``[N, H, C]``, from the token's ``lam [N, 1, H, n_labels]`` (``None``: λ ≡ 1),
+        0 for empty slots."""
+        return self.filled.float() if lam is None else lam[:, 0].gather(-1, self.label) * self.filled
 
 
 def plan_token(policy: str, initial_state, *, threshold: torch.Tensor | float | None = None, score: str = "state",
@@ -80,22 +81,24 @@ def _closed_form_token(seg: SegmentState, label_rule: str, death_of, period: int
     ``fixed`` (every ``period``-th): a boundary born at ``p`` dies at ``death_of(p)``."""
     starts, position = seg.starts, seg.position.long()
     pos = position[:, None, None]  # [N, 1, 1]
+    C = starts.shape[-1]
+    slot = torch.arange(C, device=starts.device)
     filled = starts >= 0
-    born = pos == 0  # a sequence start opens the first segment
-    if death_of is None:
-        keep = filled
+    born = pos == 0  # a sequence start opens the first segment (all slots are empty before it)
+    if death_of is None:  # no boundaries: no slot moves
+        dest = (slot + born).masked_fill(~filled, C)
+        new_starts = torch.where(born & (slot == 0), pos, starts)
     else:
         born = born | ((pos >= 1) if period is None else (pos >= 1) & (pos % period == 0))
         keep = filled & ((starts <= 0) | (death_of(starts) != pos))
-    # a survivor moves past the newer survivors (and the new segment); a dying slot folds into its next older survivor
-    survivors = keep.long().cumsum(-1)
-    dest = born + survivors - keep.long()
-    C = starts.shape[-1]
-    dest = torch.where(filled & (dest < born + survivors[..., -1:]), dest, C)
-    moved = torch.full(starts.shape[:-1] + (C + 1,), NONE, dtype=starts.dtype, device=starts.device)
-    moved = moved.scatter(-1, torch.where(keep, dest, C), starts)
-    slot = torch.arange(C, device=starts.device)
-    new_starts = torch.where(born & (slot == 0), pos, moved[..., :C])
+        # a survivor moves past the newer survivors (and the new segment); a dying slot folds into its next
+        # older survivor
+        survivors = keep.long().cumsum(-1)
+        dest = born + survivors - keep.long()
+        dest = torch.where(filled & (dest < born + survivors[..., -1:]), dest, C)
+        moved = torch.full(starts.shape[:-1] + (C + 1,), NONE, dtype=starts.dtype, device=starts.device)
+        moved = moved.scatter(-1, torch.where(keep, dest, C), starts)
+        new_starts = torch.where(born & (slot == 0), pos, moved[..., :C])
     segments = SegmentState(new_starts, torch.zeros(new_starts.shape, device=starts.device), position + 1)
     return _finish(dest, segments, label_rule, slot)
 
