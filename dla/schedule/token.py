@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from dla.schedule.dynamic import STATE_SCORES, contribution_norms, state_score
+from dla.schedule.policies import DEFAULT_THRESHOLD
 from dla.schedule.schedule import NONE, SegmentState, bit_length
 from dla.schedule.scores import novelty_scores
 
@@ -70,6 +71,8 @@ def plan_token(policy: str, initial_state, *, threshold: torch.Tensor | float | 
         return _closed_form_token(seg, label_rule, lambda p: p + (C - 1) * period, period)
     if backend is None:
         backend = "triton" if seg.starts.is_cuda else "torch"
+    if threshold is None:
+        threshold = DEFAULT_THRESHOLD[score]
     if score == "novelty" and scores is None:
         scores = novelty_scores(k, None, getattr(initial_state, "prev_key", None))
     return _dynamic_token(seg, threshold, score, merge, open_state, k, v, g, beta, scores, max_segment_len,
