@@ -19,8 +19,8 @@ def rel_err(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def make_layer(base, policy):
-    p = PolicyConfig(max_position_embeddings=1024, **POLICIES[policy])
+def make_layer(base, policy, policies=POLICIES):
+    p = PolicyConfig(max_position_embeddings=1024, **policies[policy])
     if base == "mamba2":
         return DLAMamba2(128, head_dim=32, state_size=32, policy=p)
     if base == "gated_deltanet":
@@ -52,6 +52,44 @@ def test_layer_on_gpu(base, policy):
         y32 = bf16(xs[0])
         y16 = bf16.bfloat16()(xs[0].bfloat16())
         assert y16.dtype == torch.bfloat16 and rel_err(y16, y32) < 3e-2
+
+
+def cache_tensors(cache: MixerCache) -> dict:
+    seg = cache.state.segments
+    tensors = dict(states=cache.state.states, prev_key=cache.state.prev_key, router_key=cache.router_key,
+                   starts=seg.starts, info=seg.info, position=seg.position, open_state=seg.open_state,
+                   open_norm=seg.open_norm)
+    return {**tensors, **{f"conv.{name}": c for name, c in cache.conv.items()}}
+
+
+# a small capacity that overflows, with level labels
+ONE_TOKEN_POLICIES = {**POLICIES,
+                      "dynamic-level": dict(policy="dynamic", capacity=4, threshold=0.5, label_rule="level")}
+
+
+@pytest.mark.parametrize("policy", list(ONE_TOKEN_POLICIES))
+@pytest.mark.parametrize("base", ["mamba2", "gated_deltanet"])
+def test_one_token_steps_on_gpu_equal_the_general_path(base, policy):
+    """On CUDA the unchecked one-token step (its plan in PyTorch, the decode kernel) gives the outputs
+    and cache tensors of the checked general step (the Triton walk, the dense schedule, the decode
+    kernel) bit for bit, for sequences at different positions and past the capacity."""
+    layer = make_layer(base, policy, ONE_TOKEN_POLICIES).cuda().eval()
+    lengths, steps = (130, 77), 60
+    xs = torch.randn(2, max(lengths) + steps, 128, device="cuda")
+    cu = torch.tensor([0, lengths[0], sum(lengths)], device="cuda")
+    caches = [MixerCache(), MixerCache()]
+    with torch.no_grad():
+        for cache in caches:
+            layer(torch.cat([xs[b:b + 1, :n] for b, n in enumerate(lengths)], 1), cu_seqlens=cu, cache=cache)
+        for i in range(steps):
+            x = torch.stack([xs[b, n + i] for b, n in enumerate(lengths)])[:, None]
+            general, fast = (layer(x, cache=cache, validate=validate) for cache, validate in zip(caches, (True, False)))
+            assert torch.equal(general, fast), f"step {i}"
+            ours, theirs = cache_tensors(caches[1]), cache_tensors(caches[0])
+            for name, a in theirs.items():
+                b = ours[name]
+                assert (a is None) == (b is None), name
+                assert a is None or (a.dtype == b.dtype and torch.equal(a, b)), f"{name}, step {i}"
 
 
 def test_attention_on_gpu():

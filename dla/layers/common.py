@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dla.ops import DLAState, chunk_dla, recurrent_dla
+from dla.ops import DLAState, chunk_dla, recurrent_dla, recurrent_step
 from dla.schedule import (
     DEFAULT_CAPACITY,
     DEFAULT_THRESHOLD,
@@ -36,6 +36,7 @@ from dla.schedule import (
     score_range,
 )
 from dla.schedule.soft_gate import differentiable_scores, gate_factor, opened_segments
+from dla.schedule.token import plan_token
 from dla.varlen import pack, seq_lengths, unpack
 
 
@@ -267,15 +268,15 @@ class ShortConvolution(nn.Conv1d):
         W = self.kernel_size[0]
         rows = x if cu_seqlens is None else unpack(x, cu_seqlens)
         N = rows.shape[0]
-        lengths = (torch.full((N,), T, dtype=torch.long, device=x.device) if cu_seqlens is None
-                   else seq_lengths(cu_seqlens))
         past = rows.new_zeros(N, D, W - 1) if state is None else state.to(rows.dtype)
         full = torch.cat([past, rows.transpose(1, 2)], -1)  # [N, D, W - 1 + T_max]
         y = F.silu(F.conv1d(full, self.weight, self.bias, groups=D)).transpose(1, 2)
+        if cu_seqlens is None:  # a copy: the state must not keep the whole window alive
+            return y, full[..., T:].contiguous()
         # the last W - 1 inputs of each sequence end where its tokens end, not at the padded row end
-        window = lengths[:, None] + torch.arange(W - 1, device=x.device)
+        window = seq_lengths(cu_seqlens)[:, None] + torch.arange(W - 1, device=x.device)
         new_state = full.gather(-1, window[:, None, :].expand(N, D, W - 1))
-        return (y if cu_seqlens is None else pack(y, cu_seqlens)), new_state
+        return pack(y, cu_seqlens), new_state
 
 
 class GatedRMSNorm(nn.Module):
@@ -424,12 +425,16 @@ class DLAMixer(nn.Module):
         A single token per sequence continuing a cache runs the recurrent step, anything else the
         chunked path. Returns ``o [B, T, H, V]`` and leaves the final state in ``cache``.
         ``validate=False``: the planner and the recurrent step skip the checks that read tensor
-        values on the host (the chunked path always checks)."""
+        values on the host (the chunked path always checks); a single token per sequence then
+        runs :meth:`step`, which gives the same numbers with far fewer operations."""
         p = self.policy
         B, T, H = q.shape[:3]
         state = None if cache is None else cache.state
         u = self.information_scores(x, cu_seqlens, cache, scores)
         gated = p.dynamic and p.soft_gate and self.training and torch.is_grad_enabled()
+        if state is not None and cu_seqlens is None and T == 1 and not validate and not gated \
+                and not self.record_schedule:
+            return self.step(x, q, k, v, g, beta, scale, cache, u)
         try:
             schedule = plan_schedule(p.policy, batch=B, heads=H, length=T, capacity=p.capacity,
                                      threshold=self.threshold.detach() if p.dynamic else p.threshold, score=p.score,
@@ -459,6 +464,21 @@ class DLAMixer(nn.Module):
             o, final = chunk_dla(q, k, v, g, lam, schedule, chunk_size=self.chunk_size, **kwargs)
         if cache is not None:
             cache.state = final
+        return o
+
+    def step(self, x, q, k, v, g, beta, scale, cache: MixerCache, scores=None):
+        """One token per sequence continuing ``cache``, unchecked (a decoding step): the schedule
+        planned straight from the cache's segmentation (:func:`dla.schedule.token.plan_token`) and
+        the op's one-token step (:func:`dla.ops.recurrent_step`), with the numbers, final state and
+        segmentation of the general path. ``scores``: the layer's given scores ``[B, 1, H]``."""
+        p = self.policy
+        state = cache.state
+        plan = plan_token(p.policy, state, threshold=self.threshold.detach() if p.dynamic else p.threshold,
+                          score=p.score, merge=p.merge, open_state=p.open_state, k=k, v=v, g=g, beta=beta,
+                          scores=scores, period=p.period, max_segment_len=p.max_segment_len, label_rule=p.label_rule)
+        lam = None if self.lam_proj is None else self.lam_proj(x)
+        o, cache.state = recurrent_step(q, k, v, g, plan.slot_lambda(lam), plan.dest, state, plan.segments,
+                                        beta=beta, scale=scale)
         return o
 
 

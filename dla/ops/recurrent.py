@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from dla.ops import chunk
 from dla.ops.common import DLAState, check_backend, prepare
-from dla.schedule.schedule import NONE, bit_length
+from dla.schedule.schedule import NONE, SegmentState, bit_length
 
 
 def route_step(slot_pos, slot_death, start_death_t, t: int):
@@ -108,6 +108,33 @@ def recurrent_dla(q, k, v, g, lam, schedule, beta=None, scale=None, initial_stat
         starts = torch.where(slot_death != NONE, slot_pos + ds.position[:, None, None], NONE)
         state = x.final_state(S, starts, schedule)
     return x.output(o), state
+
+
+def recurrent_step(q, k, v, g, lam, dest, initial_state: DLAState, segments: SegmentState, beta=None,
+                   scale: float | None = None, backend: str | None = None):
+    """One token per sequence (``q, k [N, 1, H, K]``, ``v [N, 1, H, V]``, ``g, beta [N, 1, H]``)
+    continuing ``initial_state``, its slots already routed by the schedule: ``dest [N, H, C]`` (the
+    new slot of every old slot, ``C``: dropped) and ``lam [N, H, C]`` (λ of every new slot, 0 for
+    empty ones), with ``segments`` the segmentation after the token. Returns ``(o [N, 1, H, V],
+    state)``: the numbers of :func:`recurrent_dla` on that one-token window, without its checks or
+    its dense schedule (nothing read on the host). ``backend``: as :func:`recurrent_dla`'s."""
+    check_backend(backend, q.device)
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if backend is None:
+        backend = "triton" if q.is_cuda and not torch.is_grad_enabled() else "torch"
+    if backend == "triton":
+        from dla.ops.triton.decode import decode_step as step
+    else:
+        step = _torch_step
+    q_t = q[:, 0].to(cdt)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if scale != 1:  # a product with 1 changes no number
+        q_t = q_t * scale
+    k_t = k[:, 0].to(cdt)
+    S, o = step(initial_state.states.to(cdt), dest, q_t, k_t, v[:, 0].to(cdt), g[:, 0].to(cdt),
+                None if beta is None else beta[:, 0].to(cdt), lam.to(cdt))
+    prev_key = k_t.detach().contiguous()
+    return o[:, None].to(v.dtype), DLAState(states=S, segments=segments, prev_key=prev_key)
 
 
 def _torch_step(S, dest, q, k, v, g, beta, lam):

@@ -80,9 +80,10 @@ def carried_products(kq, vq, wq, G_prev, open_state):
     return G_prev.exp() * wq * ((kq @ open_state) * vq).sum(-1)
 
 
-def contribution_norms(k, v, w):
-    """``‖s_t‖² = w_t² ‖k_t‖² ‖v_t‖²``."""
-    return (w * w) * (k * k).sum(-1) * (v * v).sum(-1)
+def contribution_norms(k, v, w=None):
+    """``‖s_t‖² = w_t² ‖k_t‖² ‖v_t‖²`` (``w=None``: ``w = 1``, the same numbers without the products by 1)."""
+    k_norm = (k * k).sum(-1)
+    return (k_norm if w is None else (w * w) * k_norm) * (v * v).sum(-1)
 
 
 def to_chunks(x: torch.Tensor, L: int) -> torch.Tensor:

@@ -1,0 +1,200 @@
+"""One token per sequence, planned straight from the segmentation (decoding).
+
+:func:`plan_token` is :func:`dla.plan_schedule` for a window of one token per sequence that
+continues a :class:`SegmentState`, without the window machinery: no chunk terms (for one token
+the pairwise products vanish and the decays are ``exp(0) = 1``), no walker, no dense schedule and
+no routing scan. It returns what the op's step needs -- where every old slot goes (``dest``) and
+the label of every new slot -- and the segmentation after the token. The scores, sums, densities
+and the open state are computed by the same float operations, in the same order, as the walk of
+:mod:`dla.schedule.dynamic` (through its helpers), so the plan equals the general planner's bit
+for bit; the tests compare the two token by token. It checks nothing and reads nothing on the
+host: it is for the unchecked decoding steps (``validate=False``) and can be captured in a CUDA
+graph.
+
+Slots are newest first (slot 0: the open segment). A token that opens a segment shifts every slot
+one place older; the slots whose start boundaries die at this token fold into their next older
+survivor (``fixed`` and ``fenwick``: closed forms of the starts; ``dynamic``: on overflow, the
+adjacent closed pair chosen by the merge rule).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dla.schedule.dynamic import STATE_SCORES, contribution_norms, state_score
+from dla.schedule.policies import DEFAULT_THRESHOLD
+from dla.schedule.schedule import NONE, SegmentState, bit_length
+from dla.schedule.scores import novelty_scores
+
+__all__ = ["TokenPlan", "plan_token"]
+
+
+@dataclass
+class TokenPlan:
+    """The schedule of one token per sequence: ``dest [N, H, C]`` (the new slot of every old slot;
+    ``C``: an empty slot, dropped), ``label [N, H, C]`` (the λ label of every new slot, 0 where
+    empty), ``filled [N, H, C]`` (the new slot holds a segment), ``segments`` (the segmentation
+    after the token) and ``scores [N, H]`` (the ``dynamic`` policy's information scores, else
+    ``None``)."""
+
+    dest: torch.Tensor
+    label: torch.Tensor
+    filled: torch.Tensor
+    segments: SegmentState
+    scores: torch.Tensor | None = None
+
+    def slot_lambda(self, lam: torch.Tensor | None) -> torch.Tensor:
+        """λ of every new slot, ``[N, H, C]``, from the token's ``lam [N, 1, H, n_labels]`` (``None``: λ ≡ 1),
+        0 for empty slots."""
+        return self.filled.float() if lam is None else lam[:, 0].gather(-1, self.label) * self.filled
+
+
+def plan_token(policy: str, initial_state, *, threshold: torch.Tensor | float | None = None, score: str = "state",
+               merge: str = "density", open_state: str = "decayed", k: torch.Tensor | None = None,
+               v: torch.Tensor | None = None, g: torch.Tensor | None = None, beta: torch.Tensor | None = None,
+               scores: torch.Tensor | None = None, period: int | None = None, max_segment_len: int | None = None,
+               label_rule: str = "recency", backend: str | None = None) -> TokenPlan:
+    """Plan one token for every sequence continuing ``initial_state`` (a :class:`SegmentState` or
+    :class:`dla.DLAState`). The arguments are :func:`dla.plan_schedule`'s, for ``[N, 1, H, ...]``
+    inputs (``threshold``: a number or ``[heads]``); the capacity is the state's. ``backend``: the
+    ``dynamic`` walk that the general planner would run (``"triton"``, the default on CUDA, walks
+    in float32), whose numbers the plan repeats. Nothing is checked: the inputs must be valid."""
+    seg = getattr(initial_state, "segments", initial_state)
+    N, H, C = seg.starts.shape
+    if C == 1 or policy == "single":
+        return _closed_form_token(seg, label_rule, None)
+    if policy == "fenwick":
+        return _closed_form_token(seg, label_rule, lambda p: p + (p & -p))
+    if policy == "fixed":
+        return _closed_form_token(seg, label_rule, lambda p: p + (C - 1) * period, period)
+    if backend is None:
+        backend = "triton" if seg.starts.is_cuda else "torch"
+    if threshold is None:
+        threshold = DEFAULT_THRESHOLD[score]
+    if score == "novelty" and scores is None:
+        scores = novelty_scores(k, None, getattr(initial_state, "prev_key", None))
+    return _dynamic_token(seg, threshold, score, merge, open_state, k, v, g, beta, scores, max_segment_len,
+                          label_rule, backend)
+
+
+def _closed_form_token(seg: SegmentState, label_rule: str, death_of, period: int | None = None) -> TokenPlan:
+    """``single`` (``death_of=None``: no boundaries), ``fenwick`` (every token a boundary) and
+    ``fixed`` (every ``period``-th): a boundary born at ``p`` dies at ``death_of(p)``."""
+    starts, position = seg.starts, seg.position.long()
+    pos = position[:, None, None]  # [N, 1, 1]
+    C = starts.shape[-1]
+    slot = torch.arange(C, device=starts.device)
+    filled = starts >= 0
+    born = pos == 0  # a sequence start opens the first segment (all slots are empty before it)
+    if death_of is None:  # no boundaries: no slot moves
+        dest = (slot + born).masked_fill(~filled, C)
+        new_starts = torch.where(born & (slot == 0), pos, starts)
+    else:
+        born = born | ((pos >= 1) if period is None else (pos >= 1) & (pos % period == 0))
+        keep = filled & ((starts <= 0) | (death_of(starts) != pos))
+        # a survivor moves past the newer survivors (and the new segment); a dying slot folds into its next
+        # older survivor
+        survivors = keep.long().cumsum(-1)
+        dest = born + survivors - keep.long()
+        dest = torch.where(filled & (dest < born + survivors[..., -1:]), dest, C)
+        moved = torch.full(starts.shape[:-1] + (C + 1,), NONE, dtype=starts.dtype, device=starts.device)
+        moved = moved.scatter(-1, torch.where(keep, dest, C), starts)
+        new_starts = torch.where(born & (slot == 0), pos, moved[..., :C])
+    segments = SegmentState(new_starts, torch.zeros(new_starts.shape, device=starts.device), position + 1)
+    return _finish(dest, segments, label_rule, slot)
+
+
+def _finish(dest, segments: SegmentState, label_rule: str, slot, scores=None) -> TokenPlan:
+    """The labels of the new slots ``slot`` (:func:`dla.ops.recurrent.slot_labels`' rule, from absolute starts)."""
+    starts = segments.starts
+    filled = starts >= 0
+    if label_rule == "recency":
+        label = slot * filled
+    else:
+        newer_start = torch.cat([segments.position[:, None, None].expand_as(starts[..., :1]), starts[..., :-1]], -1)
+        size = (newer_start - starts).clamp(min=1)  # the open segment's own size is never read
+        label = torch.where((slot == 0) | ~filled, 0, bit_length(size))
+    return TokenPlan(dest, label, filled, segments, scores)
+
+
+def _dynamic_token(seg: SegmentState, threshold, score, merge, open_state, k, v, g, beta, scores, max_segment_len,
+                   label_rule, backend) -> TokenPlan:
+    """The ``dynamic`` policy's step of :class:`dla.schedule.dynamic.TorchWalker` (and of the state
+    score's chunk terms, for a chunk of one token) for one token. Products by an exact 1 (Mamba-2's
+    ``w``, the decays ``exp(0)`` of a one-token chunk) and sums with an exact 0 (its pairwise
+    products) are left out: they change no number."""
+    starts, position = seg.starts, seg.position.long()
+    N, H, C = starts.shape
+    pos = position[:, None]  # [N, 1]
+    state = score in STATE_SCORES
+    if state:
+        dtype = torch.float64 if k.dtype == torch.float64 and backend == "torch" else torch.float32
+    else:
+        dtype = torch.float32 if backend == "triton" else scores.dtype
+    info = seg.info.to(dtype)
+    # slots are compact, newest first: the first slot is empty before the first token, the last once full
+    first = starts[..., 0] < 0
+    full = starts[..., -1] >= 0
+    open_norm = open_state_new = norm = extended = None
+    if state:
+        R, K, V = N * H, k.shape[-1], v.shape[-1]
+        kr = k.detach().to(dtype).transpose(1, 2).reshape(R, 1, K)
+        vr = v.detach().to(dtype).transpose(1, 2).reshape(R, 1, V)
+        w = None if beta is None else beta.detach().to(dtype).transpose(1, 2).reshape(R, 1)
+        gamma = (torch.ones(N, H, dtype=dtype, device=kr.device) if open_state == "plain"
+                 else g.detach().to(dtype).transpose(1, 2).reshape(N, H).exp())
+        O = (torch.zeros(R, K, V, dtype=dtype, device=kr.device) if seg.open_state is None
+             else seg.open_state.reshape(R, K, V).to(dtype))
+        open_norm = (torch.zeros(N, H, dtype=dtype, device=kr.device) if seg.open_norm is None
+                     else seg.open_norm.to(dtype))
+        # ⟨s_t, O⟩: the chunk's carried product (its scale exp(G_{t-1}) w_t is w_t at the chunk's first token)
+        x = ((kr @ O) * vr).sum(-1)
+        x = (x if w is None else w * x).view(N, H)
+        norm = contribution_norms(kr, vr, w).view(N, H)
+        token_score, extended = state_score(x, norm, open_norm, gamma, score == "state_drift")
+        token_score = token_score.masked_fill(first, 0.0)
+    else:
+        token_score = scores[:, 0].to(dtype)
+    wants = token_score >= torch.as_tensor(threshold, device=starts.device).float().to(dtype)
+    if max_segment_len is not None:
+        wants = wants | (pos - starts[..., 0] >= max_segment_len)
+    new = first | wants  # [N, H]: the token opens a segment
+    over = new & full
+    slot = torch.arange(C, device=starts.device)
+    # the merge: closed pairs (i, i + 1) of the old slots, i in 0..C-2, i.e. (i + 1, i + 2) once shifted; its
+    # choice is only used where the slots overflow, and there every slot holds a segment (a positive span)
+    pair_info = info[..., :C - 1] + info[..., 1:]
+    if merge == "oldest":  # every pair costs the same, so the tie rule picks the oldest
+        newer = torch.full_like(starts[..., 0], C - 2)
+    else:
+        if merge == "density":
+            newer_start = torch.cat([pos[..., None].expand(N, H, 1), starts[..., :C - 2]], -1)
+            span = newer_start - starts[..., 1:]  # the pair's tokens: from start i + 1 to the start before i
+            cost = pair_info / span.clamp(min=1)
+        else:
+            cost = pair_info
+        newer = C - 2 - cost.flip(-1).argmin(-1)  # ties go to the older pair
+    if merge == "least_info":  # the earlier variant: a segment's information is its maximum
+        pair_info = torch.maximum(info[..., :C - 1], info[..., 1:])
+    merged = pair_info.gather(-1, newer[..., None])
+    dying = newer.masked_fill(~over, C)[..., None]  # old slot of the boundary that dies (C: none)
+    dest = (slot + (new[..., None] & (slot <= dying))).masked_fill(starts < 0, C)
+    source = slot + (slot > dying)  # new slot <- this slot of [token, old slots]
+    opened_starts = torch.cat([pos[..., None].expand(N, H, 1), starts], -1).gather(-1, source)
+    opened_info = torch.cat([token_score[..., None], info], -1).gather(-1, source)
+    opened_info = torch.where(slot == dying + 1, merged, opened_info)
+    grown = (torch.maximum(info[..., :1], token_score[..., None]) if merge == "least_info"
+             else info[..., :1] + token_score[..., None])
+    newc = new[..., None]
+    new_starts = torch.where(newc, opened_starts, starts)
+    new_info = torch.where(newc, opened_info, torch.cat([grown, info[..., 1:]], -1))
+    if state:
+        # a new segment restarts the open state at the token's contribution: O = exp(g) O + w k vᵀ otherwise
+        kept = gamma.masked_fill(new, 0.0).view(R)
+        write = (kr if w is None else kr * w[..., None]).transpose(1, 2) @ vr
+        open_state_new = (kept[:, None, None] * O + write).view(N, H, K, V)
+        open_norm = torch.where(new, norm, extended)
+    segments = SegmentState(new_starts, new_info, position + 1, open_state=open_state_new, open_norm=open_norm)
+    return _finish(dest, segments, label_rule, slot, token_score)

@@ -1,0 +1,190 @@
+"""The one-token decoding step (``dla.schedule.token.plan_token`` + ``dla.ops.recurrent_step``, run by
+``DLAMixer.step`` for unchecked steps) against the general path (``plan_schedule`` -> ``Schedule`` ->
+``recurrent_dla``), token by token: the same routing, labels, scores and segmentation, and through
+whole models the same logits and cache tensors, bit for bit."""
+
+import pytest
+import torch
+from mixer_helpers import random_inputs
+from test_generation import DLA_CASES, left_padded, tiny_model
+
+import dla
+from dla import generation
+from dla.layers import common
+from dla.ops.recurrent import route_step, slot_labels
+from dla.schedule.schedule import NONE
+from dla.schedule.token import plan_token
+
+STEPS = 100
+PLANS = {
+    "single": dict(policy="single"),
+    "capacity-1": dict(policy="dynamic", capacity=1),
+    "fixed": dict(policy="fixed", capacity=4, period=5),
+    "fixed-2-level": dict(policy="fixed", capacity=2, period=3, label_rule="level"),
+    "fenwick": dict(policy="fenwick", capacity=9),
+    "dynamic": dict(policy="dynamic", capacity=4, threshold=1.0),
+    "dynamic-2": dict(policy="dynamic", capacity=2, threshold=1.0),
+    "dynamic-30": dict(policy="dynamic", capacity=30, threshold=0.1),
+    "dynamic-drift-plain": dict(policy="dynamic", capacity=4, score="state_drift", open_state="plain",
+                                max_segment_len=6, threshold=1.0),
+    "dynamic-least-info-level": dict(policy="dynamic", capacity=5, merge="least_info", threshold=1.0,
+                                     label_rule="level"),
+    "dynamic-oldest": dict(policy="dynamic", capacity=3, merge="oldest", threshold=1.0),
+    "dynamic-novelty": dict(policy="dynamic", capacity=4, score="novelty", merge="least_info", threshold=0.3),
+    "dynamic-external": dict(policy="dynamic", capacity=4, score="external", threshold=0.5, max_segment_len=5),
+}
+OPTIONS = ("score", "merge", "open_state", "period", "max_segment_len", "label_rule", "threshold")
+
+
+def sequences(lengths, H, dtype, seed):
+    """Contributions of sequences of ``lengths`` tokens, ``[N, T, H, ...]`` each: piecewise stable, so
+    that the state scores both open segments and extend them."""
+    T = max(lengths)
+    rows = [random_inputs(seed + n, T, H=H, K=4, V=3, stable=True, dtype=dtype) for n in range(len(lengths))]
+    return [torch.cat(x) for x in zip(*rows)]
+
+
+def general_token(policy, kw, state, k, v, g, beta, scores, backend):
+    """The general planner on a one-token window, and the op's routing of it: ``(schedule, dest, label, starts)``."""
+    N, _, H = k.shape[:3]
+    schedule = dla.plan_schedule(policy, batch=N, heads=H, length=1, k=k, v=v, g=g, beta=beta, scores=scores,
+                                 initial_state=state, backend=backend, validate=False,
+                                 **{name: kw[name] for name in OPTIONS if name in kw})
+    dense = schedule.dense()
+    dest, slot_pos, slot_death = route_step(dense.carried_pos, dense.carried_death, dense.start_death[:, :, 0], 0)
+    label = slot_labels(slot_pos, slot_death, 0, dense.label_rule)
+    starts = torch.where(slot_death != NONE, slot_pos + dense.position[:, None, None], NONE)
+    return schedule, dest, label, starts
+
+
+@pytest.mark.parametrize("delta", [False, True], ids=["mamba2", "gated_deltanet"])
+@pytest.mark.parametrize("name", PLANS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_a_planned_token_equals_the_general_planner(name, delta, dtype):
+    """Sequences at different positions (a packed prompt of 7, 1 and 12 tokens), then 100 tokens
+    each: every step's routing, labels, scores and segmentation equal the general planner's."""
+    kw = PLANS[name]
+    policy, H = kw["policy"], 2
+    lengths = (7, 1, 12)
+    k, v, g, beta_all = sequences([n + STEPS for n in lengths], H, dtype, seed=10 * len(name) + delta)
+    beta = beta_all if delta else None
+    # given scores in quarters: equal densities, so the merge's tie rule decides
+    external = torch.randint(0, 5, k.shape[:3], generator=torch.Generator().manual_seed(1)).to(dtype) / 4
+    scores = external if kw.get("score") == "external" else None
+    cu = torch.tensor([0, 7, 8, 20])
+    prompt = [torch.cat([x[n, :m] for n, m in enumerate(lengths)])[None] for x in (k, v, g, external, beta_all)]
+    first = dla.plan_schedule(policy, batch=1, heads=H, length=20, k=prompt[0], v=prompt[1], g=prompt[2],
+                              beta=None if beta is None else prompt[4],
+                              scores=prompt[3] if scores is not None else None, cu_seqlens=cu,
+                              capacity=kw.get("capacity"), backend="torch",
+                              **{name: kw[name] for name in OPTIONS if name in kw})
+    state = dla.DLAState(states=torch.zeros(0), segments=first.final,
+                         prev_key=torch.stack([k[n, m - 1] for n, m in enumerate(lengths)]).to(dtype))
+    merges = births = 0
+    for step in range(STEPS):
+        at = torch.tensor(lengths) + step
+        token = [x[torch.arange(3), at][:, None] for x in (k, v, g)]
+        b = None if beta is None else beta[torch.arange(3), at][:, None]
+        s = None if scores is None else external[torch.arange(3), at][:, None]
+        schedule, dest, label, starts = general_token(policy, kw, state, *token, b, s, "torch")
+        plan = plan_token(policy, state, threshold=kw.get("threshold"), score=kw.get("score", "state"),
+                          merge=kw.get("merge", "density"), open_state=kw.get("open_state", "decayed"),
+                          k=token[0], v=token[1], g=token[2], beta=b, scores=s, period=kw.get("period"),
+                          max_segment_len=kw.get("max_segment_len"), label_rule=schedule.label_rule)
+        assert torch.equal(plan.dest, dest), f"step {step}"
+        assert torch.equal(plan.label, label), f"step {step}"
+        assert torch.equal(plan.filled, starts >= 0)
+        assert torch.equal(plan.segments.starts, starts)
+        final = schedule.final
+        for field in ("info", "position", "open_state", "open_norm"):
+            ours, theirs = getattr(plan.segments, field), getattr(final, field)
+            assert (ours is None) == (theirs is None), field
+            assert ours is None or (ours.dtype == theirs.dtype and torch.equal(ours, theirs)), f"{field}, step {step}"
+        if schedule.scores is None:
+            assert plan.scores is None
+        else:
+            assert torch.equal(plan.scores, schedule.scores[:, :, 0])
+        merges += int((dest[..., 1:] == dest[..., :-1]).logical_and(dest[..., 1:] < dest.shape[-1]).sum())
+        births += int((starts[..., 0] == at[:, None]).sum())
+        state = dla.DLAState(states=state.states, segments=plan.segments, prev_key=token[0][:, 0])
+    single = policy == "single" or kw.get("capacity") == 1
+    assert births == 0 if single else births > 0
+    if not single:
+        assert merges > 0  # overflow happened
+        assert births < STEPS * 3 * H or policy == "fenwick"  # and so did tokens that extend the open segment
+
+
+@pytest.mark.parametrize("name", ["dynamic", "dynamic-2", "dynamic-drift-plain", "dynamic-least-info-level"])
+def test_a_planned_token_repeats_the_float32_walk_of_the_gpu(name):
+    """``backend="triton"`` (the default on CUDA) walks in float32: a float64 model's plan then
+    repeats the Triton walker's numbers (run here by Triton's interpreter)."""
+    kw = PLANS[name]
+    H = 2
+    k, v, g, beta = sequences([9 + 12] * 2, H, torch.float64, seed=3)
+    first = dla.plan_schedule("dynamic", batch=2, heads=H, length=9, k=k[:, :9], v=v[:, :9], g=g[:, :9],
+                              beta=beta[:, :9], capacity=kw["capacity"], backend="triton",
+                              **{name: kw[name] for name in OPTIONS if name in kw})
+    state = first.final
+    for step in range(12):
+        token = [x[:, 9 + step:10 + step] for x in (k, v, g, beta)]
+        # the Triton walker writes its open norms into the initial state's tensor: plan from a copy
+        copy = dla.SegmentState(*(None if x is None else x.clone() for x in (
+            state.starts, state.info, state.position, state.open_state, state.open_norm)))
+        schedule, dest, label, starts = general_token("dynamic", kw, copy, *token, None, "triton")
+        plan = plan_token("dynamic", state, threshold=kw["threshold"], score=kw.get("score", "state"),
+                          merge=kw.get("merge", "density"), open_state=kw.get("open_state", "decayed"),
+                          k=token[0], v=token[1], g=token[2], beta=token[3],
+                          max_segment_len=kw.get("max_segment_len"), label_rule=schedule.label_rule,
+                          backend="triton")
+        assert torch.equal(plan.dest, dest) and torch.equal(plan.label, label)
+        assert torch.equal(plan.segments.starts, starts)
+        for field in ("info", "open_state", "open_norm"):
+            assert torch.equal(getattr(plan.segments, field), getattr(schedule.final, field)), field
+        assert torch.equal(plan.scores, schedule.scores[:, :, 0])
+        state = plan.segments
+
+
+MODEL_CASES = DLA_CASES + [
+    ("mamba2", "dynamic", dict(capacity=1)),
+    ("gated_deltanet", "dynamic", dict(capacity=2, threshold=0.2)),
+    ("mamba2", "dynamic", dict(capacity=30, threshold=0.1)),
+    ("gated_deltanet", "fixed", dict(capacity=2, period=2)),
+]
+
+
+@pytest.mark.parametrize("case", MODEL_CASES, ids=lambda c: "-".join(str(x) for x in (c[:2] if len(c) == 2 else
+                                                                                      c[:2] + tuple(c[2].values()))))
+def test_the_decoding_step_equals_the_general_path_for_100_tokens(case, monkeypatch):
+    """Random models, a batch of three left-padded prompts (sequences at different positions), then
+    100 tokens: unchecked steps (the one-token path) give the logits and every cache tensor of
+    checked ones (the general path) exactly."""
+    mixer, policy, overrides = (*case, {})[:3]
+    model = tiny_model(mixer, policy, **overrides)
+    planned = []
+    monkeypatch.setattr(common, "plan_token", lambda *a, **kw: planned.append(1) or plan_token(*a, **kw))
+    ids, mask = left_padded((9, 4, 7))
+    caches = [dla.DLACache(model.config) for _ in range(2)]
+    with torch.no_grad():
+        for cache in caches:
+            token = model(ids, attention_mask=mask, cache=cache, use_cache=True).logits[:, -1].argmax(-1)
+        assert not planned
+        overflows = 0
+        for step in range(STEPS):
+            full = [layer.state.segments.starts.min(-1).values >= 0 for layer in caches[1].layers]
+            position = caches[1].layers[0].state.segments.position[:, None]
+            general, fast = (model(token[:, None], cache=cache, validate=validate).logits
+                             for cache, validate in zip(caches, (True, False)))
+            overflows += sum(int((was & (layer.state.segments.starts[..., 0] == position)).sum())
+                             for was, layer in zip(full, caches[1].layers))
+            assert torch.equal(general, fast), f"step {step}"
+            held = [[(key, v) for _, key, v in generation.cache_entries(c) if isinstance(v, torch.Tensor)]
+                    for c in caches]
+            assert len(held[0]) == len(held[1])
+            for (key, a), (_, b) in zip(*held):
+                assert a.dtype == b.dtype and torch.equal(a, b), f"{key}, step {step}"
+            # sample, so that the tokens (and the segments) vary
+            sampler = torch.Generator().manual_seed(step)
+            token = torch.multinomial(general[:, -1].softmax(-1), 1, generator=sampler)[:, 0]
+    assert len(planned) == STEPS * model.config.num_hidden_layers
+    # fenwick's capacity holds every position (its merges are the carries, tested above)
+    assert overflows > 0 or policy in ("single", "fenwick") or overrides.get("capacity") == 1
