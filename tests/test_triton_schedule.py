@@ -185,3 +185,18 @@ def test_triton_state_walk_continues_with_a_length_cap(capacity, merge):
         out, ref = both(length=T - split, k=k[:, split:], v=v[:, split:], g=g[:, split:], beta=beta[:, split:],
                         initial_state=head.final, keep_trace=True, **kw)
         assert_same(out, ref)
+
+
+def test_triton_walk_leaves_the_initial_state_unchanged():
+    """Continuing from a segmentation plans into new tensors: the caller's state (its open-state norms
+    included, which the kernel updates as it walks) is the same afterwards."""
+    k, v, g, beta = random_inputs(3, 40, H=2, K=4, V=3, dtype=torch.float32)
+    kw = dict(batch=1, heads=2, capacity=4, threshold=0.3)
+    head = dla.plan_schedule("dynamic", length=20, k=k[:, :20], v=v[:, :20], g=g[:, :20], beta=beta[:, :20], **kw)
+    seg = head.final.to(DEVICE)
+    before = {name: getattr(seg, name).clone() for name in ("starts", "info", "open_norm", "open_state")}
+    dev = [x[:, 20:].to(DEVICE) for x in (k, v, g, beta)]
+    dla.plan_schedule("dynamic", length=20, k=dev[0], v=dev[1], g=dev[2], beta=dev[3], initial_state=seg,
+                      backend="triton", **kw)
+    for name, value in before.items():
+        assert torch.equal(getattr(seg, name), value), name

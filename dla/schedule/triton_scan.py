@@ -217,8 +217,9 @@ class TritonWalker:
         self.info = torch.where(used, seg.info.reshape(R, C).float().gather(1, slot), 0.0).contiguous()
         self.origin = torch.where(used, -(slot + 1), -(C + 1)).to(torch.int32).contiguous()
         self.count = count.view(R).to(torch.int32).contiguous()
+        # a copy: the kernel writes the walk's norms here, and a float32 state's would be the caller's own
         self.open_norm = (torch.zeros(R, device=dev) if seg.open_norm is None
-                          else seg.open_norm.reshape(R).float().contiguous())
+                          else seg.open_norm.reshape(R).float().clone())
         self.carried = torch.full((R, C), NEVER, dtype=torch.long, device=dev)
 
     def start(self, Tm: int, trace: Trace):
