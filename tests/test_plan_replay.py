@@ -78,13 +78,19 @@ def batch(packed: bool, seed=0):
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("soft_gate", [True, False])
 @pytest.mark.parametrize("mixer", BASES)
-def test_replayed_walks_give_the_loss_and_gradients_of_planning_again(mixer, soft_gate, packed, walkers):
+def test_replayed_walks_give_the_loss_and_gradients_of_planning_again(mixer, soft_gate, packed, walkers,
+                                                                      monkeypatch):
     ids, cu = batch(packed)
     steps = {}
+    term_windows = []  # the walk's chunk terms (pairwise products): computed only where a walk decides
+    pair_products = dynamic.pair_products
+    monkeypatch.setattr(dynamic, "pair_products", lambda *a: term_windows.append(1) or pair_products(*a))
     for how, walks in (("off", LAYERS), ("replay", LAYERS), ("again", 2 * LAYERS)):
         walkers.clear()
+        term_windows.clear()
         steps[how] = step(model_with(mixer, how, soft_gate=soft_gate), [(ids, cu)])
         assert len(walkers) == walks, how  # with replay, each layer walks once per step
+        assert len(term_windows) == walks, how
         if how == "off":
             for w in walkers:  # schedules with births, merges and tokens that open nothing
                 born = w.death >= 0

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dla.schedule.replay import planning_walker
+from dla.schedule.replay import ReplayingWalker, planning_walker
 from dla.schedule.schedule import NEVER, NONE, SegmentState
 
 SCORES = ("state", "state_drift", "novelty", "router", "external")
@@ -100,18 +100,22 @@ class WindowTerms:
     ``prefix [R, NC, L, L]``, ``norm`` and ``gamma`` (:class:`ChunkTerms`), the factors
     ``exp(G_{t-1}) w_t`` of the carried products and ``exp(G_end - G_u) w_u`` of the chunk's writes
     into the open state, ``[R, NC, L]``, and the chunk's decay ``exp(G_end)``, ``[R, NC]``. What is
-    left per chunk, after the walk, is two small products with the open state."""
+    left per chunk, after the walk, is two small products with the open state. ``walk=False``: only
+    what the open state needs (a replayed walk reads no terms, :mod:`dla.schedule.replay`)."""
 
-    def __init__(self, c: Contributions, L: int):
+    def __init__(self, c: Contributions, L: int, walk: bool = True):
         R, Tm = c.w.shape
         NC = -(-Tm // L)
         k, v, w, g = (to_chunks(x, L) for x in (c.k, c.v, c.w, c.g))
-        pair, G, G_prev = pair_products(k, v, w, k, v, w, g)
         self.L, self.NC, self.Tm = L, NC, Tm
-        self.prefix = pair.flip(-1).cumsum(-1).flip(-1).view(R, NC, L, L)  # prefix[t, b] = Σ_{u >= b} pair[t, u]
-        self.norm = contribution_norms(k, v, w).view(R, NC, L)
-        self.gamma = g.exp().view(R, NC, L)
-        self.carry_scale = (G_prev.exp() * w).view(R, NC, L)
+        if walk:
+            pair, G, G_prev = pair_products(k, v, w, k, v, w, g)
+            self.prefix = pair.flip(-1).cumsum(-1).flip(-1).view(R, NC, L, L)  # prefix[t, b] = Σ_{u >= b} pair[t, u]
+            self.norm = contribution_norms(k, v, w).view(R, NC, L)
+            self.gamma = g.exp().view(R, NC, L)
+            self.carry_scale = (G_prev.exp() * w).view(R, NC, L)
+        else:
+            G = g.cumsum(-1)  # pair_products' G, the same sum
         G_end = G[:, -1:]
         self.write_scale = ((G_end - G).exp() * w).view(R, NC, L)
         self.chunk_decay = G_end.exp().view(R, NC)
@@ -326,12 +330,14 @@ def plan_dynamic(seg: SegmentState, lengths, threshold: torch.Tensor, max_segmen
                       else seg.open_state.reshape(R, K, V).to(dtype))
         starts = []
         if Tm:
-            window = WindowTerms(c, min(PLAN_CHUNK, Tm))
+            decides = not isinstance(walker, ReplayingWalker)  # a replayed walk reads no terms
+            window = WindowTerms(c, min(PLAN_CHUNK, Tm), walk=decides)
             for i in range(window.NC):
                 a = i * window.L
                 if keep_trace:
                     starts.append(open_state)
-                walker.walk(a, min(a + window.L, Tm), terms=window.chunk(i, open_state), drift=score == "state_drift")
+                walker.walk(a, min(a + window.L, Tm), terms=window.chunk(i, open_state) if decides else None,
+                            drift=score == "state_drift")
                 open_state = window.advance(i, open_state, walker.open_start())
         if keep_trace:
             trace.open_states = torch.stack(starts, 1) if starts else c.k.new_zeros(R, 0, K, V)
