@@ -8,8 +8,12 @@ mode=${1:-all}; shift || true
 RESULTS_DIR=${RESULTS_DIR:-benchmarks/results}
 mkdir -p "$RESULTS_DIR"
 if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site
+  # one wheel at a time: a wheel built for another Python would make pip refuse the whole set
+  for wheel in .whl/*.whl; do
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$wheel" \
+      || echo "gpu_check: $wheel does not install here, skipped" >&2
+  done
+  export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 python3 - <<'PY' | tee "$RESULTS_DIR/gpu_env.txt"
