@@ -149,3 +149,19 @@ def test_recurrent_continues_from_its_final_state(policy, base):
     s2 = dla.plan_schedule(policy, length=T - T1, scores=tail_scores, initial_state=state, **kw)
     o2, _ = dla.recurrent_dla(**tail, schedule=s2, initial_state=state)
     assert rel_err(torch.cat([o1, o2], 1), o_full) <= 1e-12
+
+
+@pytest.mark.parametrize("base", BASES)
+@pytest.mark.parametrize("policy", ["fenwick", "dynamic"])
+def test_recurrent_gradients_equal_the_chunked_ones(policy, base):
+    """The recurrence is differentiable: its gradients in every input, through the outputs and the
+    final states, equal those of the chunked form (an independent computation) in float64."""
+    inputs, schedule = make_case(policy, base, B=2, T=37, H=2, K=4, V=3, capacity=3, requires_grad=True)
+    leaves = [x for x in inputs.values() if x is not None]
+    grads = []
+    for op, kw in ((dla.recurrent_dla, {}), (dla.chunk_dla, {"chunk_size": 16})):
+        o, final = op(**inputs, schedule=schedule, output_final_state=True, **kw)
+        weights = torch.linspace(-1, 1, o.numel(), dtype=o.dtype).view_as(o)
+        grads.append(torch.autograd.grad((o * weights).sum() + final.states.square().sum(), leaves))
+    for a, b in zip(*grads):
+        assert rel_err(a, b) <= 1e-10

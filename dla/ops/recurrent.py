@@ -155,5 +155,5 @@ def _torch_step(S, dest, q, k, v, g, beta, lam):
         kS = torch.einsum("nhk,nhckv->nhcv", k, S)
         S = decay * (S - w[..., None, None, None] * k[:, :, None, :, None] * kS[:, :, :, None, :])
     write = w[..., None, None] * k[..., :, None] * v[..., None, :]
-    S = torch.cat([S[:, :, :1] + write[:, :, None], S[:, :, 1:]], 2)
+    S[:, :, 0] += write  # in place: S is this step's own tensor, which no backward keeps
     return S, torch.einsum("nhk,nhckv,nhc->nhv", q, S, lam)
