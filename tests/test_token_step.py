@@ -11,8 +11,8 @@ from test_generation import DLA_CASES, left_padded, tiny_model
 import dla
 from dla import generation
 from dla.layers import common
-from dla.ops.recurrent import route_step, slot_labels
-from dla.schedule.schedule import NONE
+from dla.ops.recurrent import route_step
+from dla.schedule.schedule import NONE, slot_labels
 from dla.schedule.token import plan_token
 
 STEPS = 100
@@ -52,7 +52,7 @@ def general_token(policy, kw, state, k, v, g, beta, scores, backend):
                                  **{name: kw[name] for name in OPTIONS if name in kw})
     dense = schedule.dense()
     dest, slot_pos, slot_death = route_step(dense.carried_pos, dense.carried_death, dense.start_death[:, :, 0], 0)
-    label = slot_labels(slot_pos, slot_death, 0, dense.label_rule)
+    label = slot_labels(slot_pos, slot_death != NONE, 1, dense.label_rule)
     starts = torch.where(slot_death != NONE, slot_pos + dense.position[:, None, None], NONE)
     return schedule, dest, label, starts
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from dla.ops import chunk
 from dla.ops.common import DLAState, check_backend, prepare
-from dla.schedule.schedule import NONE, SegmentState, bit_length
+from dla.schedule.schedule import NONE, SegmentState, slot_labels
 
 
 def route_step(slot_pos, slot_death, start_death_t, t: int):
@@ -51,17 +51,6 @@ def route_step(slot_pos, slot_death, start_death_t, t: int):
     return dest, new_pos, new_death
 
 
-def slot_labels(slot_pos: torch.Tensor, slot_death: torch.Tensor, t: int, label_rule: str) -> torch.Tensor:
-    """Label of every slot at time ``t`` (0 for empty slots)."""
-    filled = slot_death != NONE
-    j = torch.arange(slot_pos.shape[-1], device=slot_pos.device).expand_as(slot_pos)
-    if label_rule == "recency":
-        return torch.where(filled, j, 0)
-    newer_start = torch.cat([torch.full_like(slot_pos[..., :1], t + 1), slot_pos[..., :-1]], -1)
-    size = (newer_start - slot_pos).clamp(min=1)
-    return torch.where((j == 0) | ~filled, 0, bit_length(size))
-
-
 def recurrent_dla(q, k, v, g, lam, schedule, beta=None, scale=None, initial_state: DLAState | None = None,
                   output_final_state: bool = False, cu_seqlens=None, backend: str | None = None,
                   validate: bool = True):
@@ -83,12 +72,7 @@ def recurrent_dla(q, k, v, g, lam, schedule, beta=None, scale=None, initial_stat
     N, H, Tm, K = x.q.shape
     V = x.v.shape[-1]
     C = ds.capacity
-    if backend is None:
-        backend = "triton" if x.q.is_cuda and Tm == 1 and not torch.is_grad_enabled() else "torch"
-    if backend == "triton":
-        from dla.ops.triton.decode import decode_step as step
-    else:
-        step = _torch_step
+    step = _step_function(backend, x.q.is_cuda and Tm == 1)
     S = x.q.new_zeros(N, H, C, K, V) if x.initial is None else x.initial
     slot_pos, slot_death = ds.carried_pos, ds.carried_death  # window coordinates
     outs = []
@@ -98,7 +82,7 @@ def recurrent_dla(q, k, v, g, lam, schedule, beta=None, scale=None, initial_stat
     betas = [None] * Tm if x.beta is None else x.beta.unbind(2)
     for t, (q_t, k_t, v_t, g_t, lam_all), beta_t in zip(range(Tm), zip(*per_step), betas):
         dest, slot_pos, slot_death = route_step(slot_pos, slot_death, ds.start_death[:, :, t], t)
-        label = slot_labels(slot_pos, slot_death, t, ds.label_rule)
+        label = slot_labels(slot_pos, slot_death != NONE, t + 1, ds.label_rule)
         lam_t = lam_all.gather(-1, label) * (slot_death != NONE)
         S, o_t = step(S, dest, q_t, k_t, v_t, g_t, beta_t, lam_t)
         outs.append(o_t)
@@ -120,12 +104,7 @@ def recurrent_step(q, k, v, g, lam, dest, initial_state: DLAState, segments: Seg
     its dense schedule (nothing read on the host). ``backend``: as :func:`recurrent_dla`'s."""
     check_backend(backend, q.device)
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
-    if backend is None:
-        backend = "triton" if q.is_cuda and not torch.is_grad_enabled() else "torch"
-    if backend == "triton":
-        from dla.ops.triton.decode import decode_step as step
-    else:
-        step = _torch_step
+    step = _step_function(backend, q.is_cuda)
     q_t = q[:, 0].to(cdt)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if scale != 1:  # a product with 1 changes no number
@@ -135,6 +114,18 @@ def recurrent_step(q, k, v, g, lam, dest, initial_state: DLAState, segments: Seg
                 None if beta is None else beta[:, 0].to(cdt), lam.to(cdt))
     prev_key = k_t.detach().contiguous()
     return o[:, None].to(v.dtype), DLAState(states=S, segments=segments, prev_key=prev_key)
+
+
+def _step_function(backend: str | None, one_token_on_cuda: bool):
+    """The one-token step of ``backend``: the fused Triton kernel (no autograd; by default for one-token
+    windows on CUDA without gradients, i.e. decoding) or the differentiable PyTorch step."""
+    if backend is None:
+        backend = "triton" if one_token_on_cuda and not torch.is_grad_enabled() else "torch"
+    if backend == "triton":
+        from dla.ops.triton.decode import decode_step
+
+        return decode_step
+    return _torch_step
 
 
 def _torch_step(S, dest, q, k, v, g, beta, lam):

@@ -33,6 +33,19 @@ def bit_length(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > 0, exponent.long(), torch.zeros_like(x))
 
 
+
+def slot_labels(starts: torch.Tensor, filled: torch.Tensor, end, label_rule: str) -> torch.Tensor:
+    """The λ label of every slot (newest first, ``[..., C]``; 0 for empty ones): its recency rank,
+    or for level labels 0 for the open segment and ``bit_length(size)`` for a closed one. ``end``:
+    the position after the newest token, in the coordinates of ``starts`` (an int, or a tensor that
+    broadcasts against ``starts[..., :1]``)."""
+    j = torch.arange(starts.shape[-1], device=starts.device)
+    if label_rule == "recency":
+        return torch.where(filled, j, 0)
+    end = torch.full_like(starts[..., :1], end) if isinstance(end, int) else end.expand_as(starts[..., :1])
+    size = (torch.cat([end, starts[..., :-1]], -1) - starts).clamp(min=1)  # to the next newer start
+    return torch.where((j == 0) | ~filled, 0, bit_length(size))
+
 @dataclass
 class SegmentState:
     """The segmentation after a window: what a policy needs to continue, and what an op's

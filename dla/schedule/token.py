@@ -25,7 +25,7 @@ import torch
 
 from dla.schedule.dynamic import STATE_SCORES, contribution_norms, state_score
 from dla.schedule.policies import DEFAULT_THRESHOLD
-from dla.schedule.schedule import NONE, SegmentState, bit_length
+from dla.schedule.schedule import NONE, SegmentState, slot_labels
 from dla.schedule.scores import novelty_scores
 
 __all__ = ["TokenPlan", "plan_token"]
@@ -103,19 +103,12 @@ def _closed_form_token(seg: SegmentState, label_rule: str, death_of, period: int
         moved = moved.scatter(-1, torch.where(keep, dest, C), starts)
         new_starts = torch.where(born & (slot == 0), pos, moved[..., :C])
     segments = SegmentState(new_starts, torch.zeros(new_starts.shape, device=starts.device), position + 1)
-    return _finish(dest, segments, label_rule, slot)
+    return _finish(dest, segments, label_rule)
 
 
-def _finish(dest, segments: SegmentState, label_rule: str, slot, scores=None) -> TokenPlan:
-    """The labels of the new slots ``slot`` (:func:`dla.ops.recurrent.slot_labels`' rule, from absolute starts)."""
-    starts = segments.starts
-    filled = starts >= 0
-    if label_rule == "recency":
-        label = slot * filled
-    else:
-        newer_start = torch.cat([segments.position[:, None, None].expand_as(starts[..., :1]), starts[..., :-1]], -1)
-        size = (newer_start - starts).clamp(min=1)  # the open segment's own size is never read
-        label = torch.where((slot == 0) | ~filled, 0, bit_length(size))
+def _finish(dest, segments: SegmentState, label_rule: str, scores=None) -> TokenPlan:
+    filled = segments.starts >= 0
+    label = slot_labels(segments.starts, filled, segments.position[:, None, None], label_rule)
     return TokenPlan(dest, label, filled, segments, scores)
 
 
@@ -197,4 +190,4 @@ def _dynamic_token(seg: SegmentState, threshold, score, merge, open_state, k, v,
         open_state_new = (kept[:, None, None] * O + write).view(N, H, K, V)
         open_norm = torch.where(new, norm, extended)
     segments = SegmentState(new_starts, new_info, position + 1, open_state=open_state_new, open_norm=open_norm)
-    return _finish(dest, segments, label_rule, slot, token_score)
+    return _finish(dest, segments, label_rule, token_score)
