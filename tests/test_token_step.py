@@ -114,34 +114,61 @@ def test_a_planned_token_equals_the_general_planner(name, delta, dtype):
         assert births < STEPS * 3 * H or policy == "fenwick"  # and so did tokens that extend the open segment
 
 
-@pytest.mark.parametrize("name", ["dynamic", "dynamic-2", "dynamic-drift-plain", "dynamic-least-info-level"])
-def test_a_planned_token_repeats_the_float32_walk_of_the_gpu(name):
-    """``backend="triton"`` (the default on CUDA) walks in float32: a float64 model's plan then
-    repeats the Triton walker's numbers (run here by Triton's interpreter)."""
+STATE_PLANS = [name for name, kw in PLANS.items() if kw["policy"] == "dynamic" and kw.get("capacity", 2) > 1
+               and kw.get("score", "state").startswith("state")]
+
+
+@pytest.mark.parametrize("delta", [False, True], ids=["mamba2", "gated_deltanet"])
+@pytest.mark.parametrize("name", STATE_PLANS)
+def test_the_fused_token_plan_repeats_the_float32_walk_of_the_gpu(name, delta, monkeypatch):
+    """``backend="triton"`` (the default on CUDA) plans a state-scored token with one Triton program
+    per sequence-head (:mod:`dla.schedule.triton_token`; Triton's interpreter on CPU): from the first
+    token of two sequences on, every plan equals the general planner's Triton walk bit for bit, with
+    births and, at small capacities, merges. On a GPU the inputs are bfloat16, as in a model."""
+    pytest.importorskip("triton", reason="triton is not installed")
+    from dla.schedule import triton_token
+
+    fused = []
+    monkeypatch.setattr(triton_token, "_token_plan_kernel", counted(triton_token._token_plan_kernel, fused))
     kw = PLANS[name]
-    H = 2
-    k, v, g, beta = sequences([9 + 12] * 2, H, torch.float64, seed=3)
-    first = dla.plan_schedule("dynamic", batch=2, heads=H, length=9, k=k[:, :9], v=v[:, :9], g=g[:, :9],
-                              beta=beta[:, :9], capacity=kw["capacity"], backend="triton",
-                              **{name: kw[name] for name in OPTIONS if name in kw})
-    state = first.final
-    for step in range(12):
-        token = [x[:, 9 + step:10 + step] for x in (k, v, g, beta)]
-        # the Triton walker writes its open norms into the initial state's tensor: plan from a copy
-        copy = dla.SegmentState(*(None if x is None else x.clone() for x in (
-            state.starts, state.info, state.position, state.open_state, state.open_norm)))
-        schedule, dest, label, starts = general_token("dynamic", kw, copy, *token, None, "triton")
+    H, steps = 2, 30
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float64
+    rows = [random_inputs(3 + delta + n, steps, H=H, K=4, V=3) for n in range(2)]  # scores on both sides of τ
+    k, v, g, beta = (torch.cat(x).to(device, dtype) for x in zip(*rows))
+    beta = beta if delta else None
+    state = dla.SegmentState.empty(2, H, kw["capacity"], device=device)
+    births = merges = 0
+    for step in range(steps):
+        token = [x[:, step:step + 1] for x in (k, v, g)]
+        b = None if beta is None else beta[:, step:step + 1]
+        schedule, dest, label, starts = general_token("dynamic", kw, state, *token, b, None, "triton")
         plan = plan_token("dynamic", state, threshold=kw["threshold"], score=kw.get("score", "state"),
                           merge=kw.get("merge", "density"), open_state=kw.get("open_state", "decayed"),
-                          k=token[0], v=token[1], g=token[2], beta=token[3],
+                          k=token[0], v=token[1], g=token[2], beta=b,
                           max_segment_len=kw.get("max_segment_len"), label_rule=schedule.label_rule,
                           backend="triton")
-        assert torch.equal(plan.dest, dest) and torch.equal(plan.label, label)
-        assert torch.equal(plan.segments.starts, starts)
+        assert torch.equal(plan.dest, dest) and torch.equal(plan.label, label), f"step {step}"
+        assert torch.equal(plan.segments.starts, starts), f"step {step}"
+        assert torch.equal(plan.segments.position, schedule.final.position.long())
         for field in ("info", "open_state", "open_norm"):
-            assert torch.equal(getattr(plan.segments, field), getattr(schedule.final, field)), field
-        assert torch.equal(plan.scores, schedule.scores[:, :, 0])
+            assert torch.equal(getattr(plan.segments, field), getattr(schedule.final, field)), f"{field}, step {step}"
+        assert torch.equal(plan.scores, schedule.scores[:, :, 0]), f"step {step}"
+        births += int((starts[..., 0] == step).sum())
+        merges += int((dest[..., 1:] == dest[..., :-1]).logical_and(dest[..., 1:] < dest.shape[-1]).sum())
         state = plan.segments
+    assert len(fused) == steps
+    assert births > 2 * H and (births < steps * 2 * H or kw["threshold"] < 0.5)  # tokens open and extend segments
+    assert merges > 0 or kw["capacity"] > 8
+
+
+def counted(kernel, calls: list):
+    """``kernel`` with its launches (``kernel[grid](...)``) recorded in ``calls``."""
+    class Counted:
+        def __getitem__(self, grid):
+            calls.append(grid)
+            return kernel[grid]
+    return Counted()
 
 
 MODEL_CASES = DLA_CASES + [

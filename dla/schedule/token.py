@@ -146,6 +146,10 @@ def _dynamic_token(seg: SegmentState, threshold, score, merge, open_state, k, v,
         x = ((kr @ O) * vr).sum(-1)
         x = (x if w is None else w * x).view(N, H)
         norm = contribution_norms(kr, vr, w).view(N, H)
+        if backend == "triton":
+            return _fused_state_token(starts, info, position, None if seg.open_state is None else O, open_norm,
+                                      x, norm, gamma, k, v, beta, threshold, score, merge, max_segment_len,
+                                      label_rule)
         token_score, extended = state_score(x, norm, open_norm, gamma, score == "state_drift")
         token_score = token_score.masked_fill(first, 0.0)
     else:
@@ -191,3 +195,20 @@ def _dynamic_token(seg: SegmentState, threshold, score, merge, open_state, k, v,
         open_norm = torch.where(new, norm, extended)
     segments = SegmentState(new_starts, new_info, position + 1, open_state=open_state_new, open_norm=open_norm)
     return _finish(dest, segments, label_rule, token_score)
+
+
+def _fused_state_token(starts, info, position, open_state, open_norm, x, norm, gamma, k, v, beta, threshold, score,
+                       merge, max_segment_len, label_rule) -> TokenPlan:
+    """The rest of :func:`_dynamic_token` for a state score, after its products with the open state, as
+    one Triton program per sequence-head (:mod:`dla.schedule.triton_token`): the same numbers."""
+    from dla.schedule.triton_token import plan_state_token
+
+    N, H, C = starts.shape
+    threshold = torch.as_tensor(threshold, device=starts.device).float().expand(H)
+    K, V = k.shape[-1], v.shape[-1]
+    dest, label, new_starts, new_info, token_score, open_norm, open_state = plan_state_token(
+        starts, info, position, None if open_state is None else open_state.view(N, H, K, V), open_norm,
+        x, norm, gamma, k[:, 0], v[:, 0], None if beta is None else beta[:, 0], threshold,
+        drift=score == "state_drift", merge=merge, max_segment_len=max_segment_len, level=label_rule == "level")
+    segments = SegmentState(new_starts, new_info, position + 1, open_state=open_state, open_norm=open_norm)
+    return TokenPlan(dest, label, new_starts >= 0, segments, token_score)

@@ -28,7 +28,7 @@ from dla.schedule.dynamic import ChunkTerms, Trace
 from dla.schedule.schedule import NEVER, NONE, SegmentState
 
 _NEVER = tl.constexpr(NEVER)
-_MERGE_CODES = {"density": 0, "least_info": 1, "oldest": 2}
+MERGE_CODES = {"density": 0, "least_info": 1, "oldest": 2}
 SCORE_BLOCK = 64  # given scores are read in blocks of this many tokens, the next block a block ahead
 
 
@@ -253,7 +253,7 @@ class TritonWalker:
             dummy if tr.open_norm is None else tr.open_norm,
             a, b, self.Tm, self.H, L, prefix.stride(0), prefix.stride(1) if prefix.dim() > 2 else 0,
             carry.stride(0), norm.stride(0), gamma.stride(0), int(self.max_segment_len or 0),
-            C=self.C, CP=self.CP, BL=BL, SCORE=score_code, MERGE=_MERGE_CODES[self.merge],
+            C=self.C, CP=self.CP, BL=BL, SCORE=score_code, MERGE=MERGE_CODES[self.merge],
             HAS_MAX=self.max_segment_len is not None, TRACE_OPEN=tr.open_start is not None,
             num_warps=1, enable_fp_fusion=False)
 
