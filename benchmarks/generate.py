@@ -137,6 +137,11 @@ def parameter_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
+def save_report(report: dict, path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1))
+
+
 def run(args) -> dict:
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -197,6 +202,7 @@ def run(args) -> dict:
                                    error="out of memory")
                         print(f"{name:24s} {batch:5d} {context:7d} {path:15s} out of memory", flush=True)
                     rows.append(row)
+                    save_report({"meta": meta, "rows": rows}, args.out)  # a run cut short keeps its rows
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
                 del prompt
@@ -246,8 +252,6 @@ def main(argv=None):
     if min(args.batches) < 1 or min(args.contexts) < 1:
         ap.error("--batches and --contexts must be positive")
     report = run(args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1))
     png = plot(report, args.out.with_suffix(".png"))
     print(f"wrote {args.out}" + (f" and {png}" if png else ""), file=sys.stderr)
 

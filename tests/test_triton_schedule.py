@@ -195,3 +195,38 @@ def test_triton_walk_leaves_the_initial_state_unchanged():
                       backend="triton", **kw)
     for name, value in before.items():
         assert torch.equal(getattr(seg, name), value), name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("score, merge, capacity, max_len", [
+    ("state", "density", 4, None), ("state", "density", 30, None), ("state_drift", "least_info", 5, 7)])
+def test_a_graphed_plan_equals_the_launched_plan(score, merge, capacity, max_len, monkeypatch):
+    """A state-scored plan on CUDA replays one CUDA graph per shape (dla.schedule.graphed): over new
+    inputs through the same graph, packed sequences and a continued window with its open state, it
+    plans what the chunk-by-chunk launches plan, bit for bit."""
+    from dla.schedule import graphed
+
+    graphed._GRAPHS.clear()
+    cu = torch.tensor([0, 100, 333, 400], device="cuda")
+    kw = dict(batch=1, heads=3, capacity=capacity, score=score, merge=merge, max_segment_len=max_len, threshold=1.0,
+              cu_seqlens=cu, device="cuda")
+    for seed in range(3):
+        gen = torch.Generator().manual_seed(seed)
+        k, v = (torch.randn(1, 400, 3, d, generator=gen).cuda().bfloat16() for d in (32, 16))
+        g = -torch.rand(1, 400, 3, generator=gen).cuda() * 0.3
+        beta = torch.rand(1, 400, 3, generator=gen).cuda()
+        plans = []
+        for graphs in ("0", "1"):
+            monkeypatch.setenv("DLA_PLAN_CUDA_GRAPHS", graphs)
+            first = dla.plan_schedule("dynamic", length=400, k=k, v=v, g=g, beta=beta, **kw)
+            state = first.final
+            # a continued window: three more tokens of each sequence
+            more = dla.plan_schedule("dynamic", length=9, k=k[:, :9], v=v[:, :9], g=g[:, :9], beta=beta[:, :9],
+                                     initial_state=state, **{**kw, "cu_seqlens": torch.tensor([0, 3, 6, 9]).cuda()})
+            plans.append((first, more))
+        for launched, replayed in zip(*plans):
+            assert torch.equal(replayed.death, launched.death) and torch.equal(replayed.scores, launched.scores)
+            for field in ("starts", "info", "position", "open_state", "open_norm"):
+                assert torch.equal(getattr(replayed.final, field), getattr(launched.final, field)), field
+        assert (launched.death > 0).sum() > 10  # segments opened (and died)
+    assert len(graphed._GRAPHS) == 2  # one per shape: the windows of 400 and of 9 tokens

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from dla.schedule.dynamic import MERGE_RULES, OPEN_STATES, SCORES, STATE_SCORES, Contributions, plan_dynamic
+from dla.schedule.graphed import graphs_enabled, plan_dynamic_graphed
 from dla.schedule.schedule import LABEL_RULES, NEVER, NONE, Schedule, SegmentState
 from dla.schedule.scores import novelty_scores
 from dla.varlen import check_cu_seqlens, seq_lengths, unpack
@@ -192,9 +193,13 @@ def plan_schedule(policy: str, *, batch: int, heads: int, length: int, capacity:
             rows_scores = rows(scores)
         if backend is None:
             backend = "triton" if torch.device(device).type == "cuda" else "torch"
-        death, carried, final, trace = plan_dynamic(
-            seg, lengths, threshold.to(device), max_segment_len, merge, score, backend,
-            scores=rows_scores, contributions=contributions, keep_trace=keep_trace)
+        if backend == "triton" and contributions is not None and not keep_trace and graphs_enabled(seg):
+            death, carried, final, trace = plan_dynamic_graphed(seg, lengths, threshold.to(device), max_segment_len,
+                                                                merge, score, contributions)
+        else:
+            death, carried, final, trace = plan_dynamic(
+                seg, lengths, threshold.to(device), max_segment_len, merge, score, backend,
+                scores=rows_scores, contributions=contributions, keep_trace=keep_trace)
         used = _to_public(trace.scores.view(num_seqs, heads, max_len), lengths, cu_seqlens, length, fill=0)
         if not keep_trace:
             trace = None

@@ -163,10 +163,15 @@ def walk_replay_contexts() -> tuple[RecordWalks, ReplayWalks]:
     return RecordWalks(walks), ReplayWalks(walks)
 
 
+def active_memo() -> WalkMemo | None:
+    """The checkpointing context the planner runs in (recording or replaying walks), if any."""
+    return _ACTIVE.get()
+
+
 def planning_walker(Walker, *args):
     """The walker :func:`dla.schedule.dynamic.plan_dynamic` uses: ``Walker(*args)``, recorded in a
     checkpointed forward, or the recorded walk in its recomputation."""
-    memo = _ACTIVE.get()
+    memo = active_memo()
     return Walker(*args) if memo is None else memo.walker(Walker, *args)
 
 

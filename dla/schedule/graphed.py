@@ -1,0 +1,111 @@
+"""The state-scored plan of a window replayed as one CUDA graph (GPU).
+
+:func:`dla.schedule.dynamic.plan_dynamic` walks a window chunk by chunk: per 64-token chunk one
+Triton walk and some twenty small PyTorch operations (the chunk's products with the open state, the
+open state's update). Their GPU work is short, so the GPU waits on the host that launches them. The
+first plan of a shape is captured into a CUDA graph, and every plan of that shape replays it: the
+same kernels on the same inputs, so the same schedule bit for bit, from one launch.
+
+Graphs are kept per input shapes, dtypes and options, the ``MAX_GRAPHS`` most recently used: a
+graph keeps its plan's intermediate tensors (the chunk terms, ~``R * T * 64 * 4`` bytes for ``R``
+sequence-heads of ``T`` tokens) allocated, and a model whose layers plan the same shapes shares one.
+Under activation checkpointing the graph records the walk for the recomputation
+(:mod:`dla.schedule.replay`), which replays it without a graph. ``DLA_PLAN_CUDA_GRAPHS=0`` turns the graphs off.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+
+import torch
+
+from dla.schedule.dynamic import Contributions, Trace, plan_dynamic
+from dla.schedule.replay import RecordWalks, WalkRecord, active_memo
+from dla.schedule.schedule import SegmentState
+
+MAX_GRAPHS = 2
+_GRAPHS: OrderedDict[tuple, WindowGraph] = OrderedDict()
+
+
+def graphs_enabled(seg: SegmentState) -> bool:
+    """Whether a plan continuing ``seg`` runs as a graph: on CUDA, unless turned off, not inside
+    another capture, and not while a checkpointed forward is recomputed (it replays a recorded walk)."""
+    memo = active_memo()
+    return (seg.starts.is_cuda and os.environ.get("DLA_PLAN_CUDA_GRAPHS", "1") != "0"
+            and not torch.cuda.is_current_stream_capturing() and (memo is None or isinstance(memo, RecordWalks)))
+
+
+def plan_dynamic_graphed(seg: SegmentState, lengths, threshold, max_segment_len, merge: str, score: str,
+                         contributions: Contributions):
+    """:func:`dla.schedule.dynamic.plan_dynamic` with the Triton walker and a state score, without
+    the trace's extras (no soft gating), as a graph replay: the same ``(death, carried, final, trace)``."""
+    inputs = dict(starts=seg.starts, info=seg.info, position=seg.position, open_state=seg.open_state,
+                  open_norm=seg.open_norm, lengths=lengths, threshold=threshold, k=contributions.k,
+                  v=contributions.v, w=contributions.w, g=contributions.g)
+    if not all(x is None or x.is_cuda for x in inputs.values()):
+        return plan_dynamic(seg, lengths, threshold, max_segment_len, merge, score, "triton",
+                            contributions=contributions)
+    options = (max_segment_len, merge, score, torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
+    key = (*((None if x is None else (tuple(x.shape), x.dtype, x.device)) for x in inputs.values()), *options)
+    graph = _GRAPHS.get(key)
+    if graph is None:
+        graph = _GRAPHS[key] = WindowGraph(inputs, max_segment_len, merge, score)
+        if len(_GRAPHS) > MAX_GRAPHS:
+            _GRAPHS.popitem(last=False)
+    _GRAPHS.move_to_end(key)
+    out = graph.replay(inputs)
+    memo = active_memo()
+    if memo is not None:  # a checkpointed forward: keep the walk for the recomputation
+        N, H, C = seg.starts.shape
+        finish = tuple(out[name].clone() for name in ("death", "carried", "starts", "info"))
+        memo.walks.append(WalkRecord(finish, out["open_norm"].reshape(N * H).clone(),
+                                     list(out["open_starts"].unbind(0)), out["scores"].clone(), None, None))
+    final = SegmentState(out["starts"], out["info"], out["position"], open_state=out["open_state"],
+                         open_norm=out["open_norm"])
+    return out["death"], out["carried"], final, Trace(scores=out["scores"])
+
+
+class WindowGraph:
+    """One captured plan: static copies of its inputs, and the outputs that a replay overwrites."""
+
+    def __init__(self, inputs: dict, max_segment_len, merge: str, score: str):
+        self.options = (max_segment_len, merge, score)
+        self.inputs = {name: None if x is None else x.clone() for name, x in inputs.items()}
+        device = inputs["starts"].device
+        with torch.cuda.device(device), torch.no_grad():
+            # a first run compiles the kernels and initialises the libraries outside the capture
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self._plan()
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+                self.outputs = self._plan()
+
+    def _plan(self) -> dict:
+        x = self.inputs
+        seg = SegmentState(x["starts"], x["info"], x["position"], open_state=x["open_state"],
+                           open_norm=x["open_norm"])
+        walks = []
+        with RecordWalks(walks):  # the open segment's start after each chunk, for a checkpointed forward
+            death, carried, final, trace = plan_dynamic(
+                seg, x["lengths"], x["threshold"], *self.options, "triton",
+                contributions=Contributions(x["k"], x["v"], x["w"], x["g"]))
+        starts = walks[0].open_starts
+        N, H = x["starts"].shape[:2]
+        open_starts = torch.stack(starts) if starts else torch.zeros(0, N * H, dtype=torch.long, device=death.device)
+        return dict(death=death, carried=carried, starts=final.starts, info=final.info, position=final.position,
+                    open_state=final.open_state, open_norm=final.open_norm, scores=trace.scores,
+                    open_starts=open_starts)
+
+    def replay(self, inputs: dict) -> dict:
+        """The plan of ``inputs``: copied into the static inputs, the graph replayed, the outputs copied
+        out (the next replay overwrites them)."""
+        with torch.no_grad():
+            for name, x in inputs.items():
+                if x is not None:
+                    self.inputs[name].copy_(x)
+            self.graph.replay()
+            return {name: None if y is None else y.clone() for name, y in self.outputs.items()}
