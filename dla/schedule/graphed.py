@@ -9,8 +9,8 @@ same kernels on the same inputs, so the same schedule bit for bit, from one laun
 Graphs are kept per input shapes, dtypes and options, the ``MAX_GRAPHS`` most recently used: a
 graph keeps its plan's intermediate tensors (the chunk terms, ~``R * T * 64 * 4`` bytes for ``R``
 sequence-heads of ``T`` tokens) allocated, and a model whose layers plan the same shapes shares one.
-Under activation checkpointing the graph records the walk for the recomputation
-(:mod:`dla.schedule.replay`), which replays it without a graph. ``DLA_PLAN_CUDA_GRAPHS=0`` turns the graphs off.
+Under activation checkpointing (:mod:`dla.schedule.replay`) the forward's graph records the walk,
+and the recomputation replays the record in a graph of its own. ``DLA_PLAN_CUDA_GRAPHS=0`` turns the graphs off.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from collections import OrderedDict
 import torch
 
 from dla.schedule.dynamic import Contributions, Trace, plan_dynamic
-from dla.schedule.replay import RecordWalks, WalkRecord, active_memo
+from dla.schedule.replay import RecordWalks, ReplayWalks, WalkRecord, active_memo
 from dla.schedule.schedule import SegmentState
 
 MAX_GRAPHS = 2
@@ -29,11 +29,10 @@ _GRAPHS: OrderedDict[tuple, WindowGraph] = OrderedDict()
 
 
 def graphs_enabled(seg: SegmentState) -> bool:
-    """Whether a plan continuing ``seg`` runs as a graph: on CUDA, unless turned off, not inside
-    another capture, and not while a checkpointed forward is recomputed (it replays a recorded walk)."""
-    memo = active_memo()
+    """Whether a plan continuing ``seg`` runs as a graph: on CUDA, unless turned off, and not inside
+    another capture."""
     return (seg.starts.is_cuda and os.environ.get("DLA_PLAN_CUDA_GRAPHS", "1") != "0"
-            and not torch.cuda.is_current_stream_capturing() and (memo is None or isinstance(memo, RecordWalks)))
+            and not torch.cuda.is_current_stream_capturing())
 
 
 def plan_dynamic_graphed(seg: SegmentState, lengths, threshold, max_segment_len, merge: str, score: str,
@@ -46,8 +45,15 @@ def plan_dynamic_graphed(seg: SegmentState, lengths, threshold, max_segment_len,
     if not all(x is None or x.is_cuda for x in inputs.values()):
         return plan_dynamic(seg, lengths, threshold, max_segment_len, merge, score, "triton",
                             contributions=contributions)
+    memo = active_memo()
+    if isinstance(memo, ReplayWalks):  # a checkpointed forward's recomputation: the walk is the recorded one
+        r = memo.next_record()
+        inputs.update(record_death=r.finish[0], record_carried=r.finish[1], record_starts=r.finish[2],
+                      record_info=r.finish[3], record_open_norm=r.open_norm, record_scores=r.scores,
+                      record_open_starts=torch.stack(r.open_starts) if r.open_starts else None)
     options = (max_segment_len, merge, score, torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
-    key = (*((None if x is None else (tuple(x.shape), x.dtype, x.device)) for x in inputs.values()), *options)
+    key = (*((name, None if x is None else (tuple(x.shape), x.dtype, x.device)) for name, x in inputs.items()),
+           *options)
     graph = _GRAPHS.get(key)
     if graph is None:
         graph = _GRAPHS[key] = WindowGraph(inputs, max_segment_len, merge, score)
@@ -55,8 +61,7 @@ def plan_dynamic_graphed(seg: SegmentState, lengths, threshold, max_segment_len,
             _GRAPHS.popitem(last=False)
     _GRAPHS.move_to_end(key)
     out = graph.replay(inputs)
-    memo = active_memo()
-    if memo is not None:  # a checkpointed forward: keep the walk for the recomputation
+    if isinstance(memo, RecordWalks):  # a checkpointed forward: keep the walk for its recomputation
         N, H, C = seg.starts.shape
         finish = tuple(out[name].clone() for name in ("death", "carried", "starts", "info"))
         memo.walks.append(WalkRecord(finish, out["open_norm"].reshape(N * H).clone(),
@@ -89,12 +94,20 @@ class WindowGraph:
         seg = SegmentState(x["starts"], x["info"], x["position"], open_state=x["open_state"],
                            open_norm=x["open_norm"])
         walks = []
-        with RecordWalks(walks):  # the open segment's start after each chunk, for a checkpointed forward
+        if "record_death" in x:  # replay the recorded walk
+            open_starts = x["record_open_starts"]
+            walks.append(WalkRecord(tuple(x[f"record_{name}"] for name in ("death", "carried", "starts", "info")),
+                                    x["record_open_norm"], [] if open_starts is None else list(open_starts.unbind(0)),
+                                    x["record_scores"], None, None))
+            memo = ReplayWalks(walks)
+        else:  # walk, and keep the open segment's start after each chunk for a checkpointed forward
+            memo = RecordWalks(walks)
+        with memo:
             death, carried, final, trace = plan_dynamic(
                 seg, x["lengths"], x["threshold"], *self.options, "triton",
                 contributions=Contributions(x["k"], x["v"], x["w"], x["g"]))
-        starts = walks[0].open_starts
         N, H = x["starts"].shape[:2]
+        starts = walks[0].open_starts
         open_starts = torch.stack(starts) if starts else torch.zeros(0, N * H, dtype=torch.long, device=death.device)
         return dict(death=death, carried=carried, starts=final.starts, info=final.info, position=final.position,
                     open_state=final.open_state, open_norm=final.open_norm, scores=trace.scores,

@@ -147,13 +147,17 @@ class ReplayWalks(WalkMemo):
         return super().__enter__()
 
     def walker(self, Walker, *args):
+        return ReplayingWalker(self.next_record())
+
+    def next_record(self) -> WalkRecord:
+        """The record of the next walk the recomputation plans."""
         if self.replayed == len(self.walks):
             raise RuntimeError(f"activation checkpointing: the recomputed forward plans more walks than its first "
                                f"pass ({len(self.walks)}); a checkpointed forward must plan the same walks in the "
                                "same order")
         record = self.walks[self.replayed]
         self.replayed += 1
-        return ReplayingWalker(record)
+        return record
 
 
 def walk_replay_contexts() -> tuple[RecordWalks, ReplayWalks]:
