@@ -172,3 +172,46 @@ def test_checkpointed_training_replays_the_triton_walks(mixer, monkeypatch):
             assert torch.equal(getattr(first.trace, name), getattr(replayed.trace, name)), name
     for name, want in grads[0].items():
         assert (grads[1][name] - want).norm() <= 1e-5 * want.norm(), name
+
+
+@pytest.mark.parametrize("mixer", ["mamba2", "gated_deltanet"])
+def test_checkpointed_training_replays_graphed_plans(mixer, monkeypatch):
+    """Without soft gates a state-scored plan runs as a CUDA graph (dla.schedule.graphed): under
+    activation checkpointing the forward's graph records each walk and the recomputation replays it
+    in a graph of its own; the schedules and the gradients are those of training without
+    checkpointing, and of training without graphs (up to the order of the kernels' sums)."""
+    pytest.importorskip("transformers")
+    from dla.layers import common
+    from dla.schedule import graphed
+    from dla.train.distributed import enable_activation_checkpointing
+
+    schedules = []
+    plan = common.plan_schedule
+    monkeypatch.setattr(common, "plan_schedule", lambda *a, **kw: schedules.append(plan(*a, **kw)) or schedules[-1])
+    config = dla.DLAConfig(mixer=mixer, vocab_size=256, hidden_size=128, num_hidden_layers=2, head_dim=32,
+                           state_size=32, max_position_embeddings=1024, capacity=8, soft_gate=False, pad_token_id=0,
+                           eos_token_id=None)
+    ids = torch.randint(1, 256, (1, 300), device="cuda")
+    cu = torch.tensor([0, 211, 300], device="cuda")
+    runs = []
+    for graphs, checkpointing in (("0", False), ("1", False), ("1", True)):
+        monkeypatch.setenv("DLA_PLAN_CUDA_GRAPHS", graphs)
+        graphed._GRAPHS.clear()
+        torch.manual_seed(0)
+        model = dla.DLAForCausalLM(config).cuda().train()
+        if checkpointing:
+            enable_activation_checkpointing(model)
+        schedules.clear()
+        model(ids, cu_seqlens=cu, labels=ids).loss.backward()
+        runs.append(({name: p.grad for name, p in model.named_parameters()}, list(schedules)))
+        # the layers share one graph; the recomputation's replay of the records has another
+        assert len(graphed._GRAPHS) == (0 if graphs == "0" else 1 + checkpointing)
+    (want, plain), (got, graphed_plans), (checkpointed, replayed) = runs
+    assert len(replayed) == 4  # the forward's two layers, then their recomputation in reverse order
+    for a, b, c, d in zip(plain, graphed_plans, replayed[:2], replayed[:1:-1]):
+        for s in (b, c, d):
+            assert torch.equal(s.death, a.death) and torch.equal(s.scores, a.scores)
+            assert torch.equal(s.final.open_state, a.final.open_state)
+    for name, g in want.items():  # the backward kernels may accumulate in any order
+        assert (got[name] - g).norm() <= 1e-5 * g.norm(), name
+        assert (checkpointed[name] - g).norm() <= 1e-5 * g.norm(), name
