@@ -126,6 +126,7 @@ def test_the_fused_token_plan_repeats_the_float32_walk_of_the_gpu(name, delta, m
     token of two sequences on, every plan equals the general planner's Triton walk bit for bit, with
     births and, at small capacities, merges. On a GPU the inputs are bfloat16, as in a model."""
     pytest.importorskip("triton", reason="triton is not installed")
+    from dla.ops.triton.utils import source_ranges
     from dla.schedule import triton_token
 
     fused = []
@@ -149,6 +150,7 @@ def test_the_fused_token_plan_repeats_the_float32_walk_of_the_gpu(name, delta, m
                           max_segment_len=kw.get("max_segment_len"), label_rule=schedule.label_rule,
                           backend="triton")
         assert torch.equal(plan.dest, dest) and torch.equal(plan.label, label), f"step {step}"
+        assert all(torch.equal(a, b) for a, b in zip(plan.ranges, source_ranges(dest))), f"step {step}"
         assert torch.equal(plan.segments.starts, starts), f"step {step}"
         assert torch.equal(plan.segments.position, schedule.final.position.long())
         for field in ("info", "open_state", "open_norm"):
@@ -215,3 +217,29 @@ def test_the_decoding_step_equals_the_general_path_for_100_tokens(case, monkeypa
     assert len(planned) == STEPS * model.config.num_hidden_layers
     # fenwick's capacity holds every position (its merges are the carries, tested above)
     assert overflows > 0 or policy in ("single", "fenwick") or overrides.get("capacity") == 1
+
+
+@pytest.mark.parametrize("mixer", ["mamba2", "gated_deltanet"])
+def test_the_decode_kernel_reads_a_steps_raw_inputs_as_the_general_path_reads_prepared_ones(mixer, monkeypatch):
+    """With the decode kernel (Triton's interpreter on CPU) on both paths, the one-token step hands it
+    the token's q, k, v, g, β and λ as they are (read as float32, q scaled as it is read) where the
+    general path converts and scales them first: bfloat16 logits and caches equal for 20 tokens."""
+    pytest.importorskip("triton", reason="triton is not installed")
+    from dla.ops import recurrent
+    from dla.ops.triton.decode import decode_step
+
+    monkeypatch.setattr(recurrent, "_step_function", lambda backend, one_token_on_cuda: decode_step)
+    model = tiny_model(mixer, "dynamic").to(torch.bfloat16)
+    ids, mask = left_padded((9, 4, 7))
+    caches = [dla.DLACache(model.config) for _ in range(2)]
+    with torch.no_grad():
+        for cache in caches:
+            token = model(ids, attention_mask=mask, cache=cache, use_cache=True).logits[:, -1].argmax(-1)
+        for step in range(20):
+            general, fast = (model(token[:, None], cache=cache, validate=validate).logits
+                             for cache, validate in zip(caches, (True, False)))
+            assert general.dtype == torch.bfloat16 and torch.equal(general, fast), f"step {step}"
+            for (key, a), (_, b) in zip(*[[(key, v) for _, key, v in generation.cache_entries(c)
+                                           if isinstance(v, torch.Tensor)] for c in caches]):
+                assert a.dtype == b.dtype and torch.equal(a, b), f"{key}, step {step}"
+            token = general[:, -1].argmax(-1)

@@ -478,7 +478,7 @@ class DLAMixer(nn.Module):
                           scores=scores, period=p.period, max_segment_len=p.max_segment_len, label_rule=p.label_rule)
         lam = None if self.lam_proj is None else self.lam_proj(x)
         o, cache.state = recurrent_step(q, k, v, g, plan.slot_lambda(lam), plan.dest, state, plan.segments,
-                                        beta=beta, scale=scale)
+                                        beta=beta, scale=scale, ranges=plan.ranges)
         return o
 
 

@@ -95,23 +95,29 @@ def recurrent_dla(q, k, v, g, lam, schedule, beta=None, scale=None, initial_stat
 
 
 def recurrent_step(q, k, v, g, lam, dest, initial_state: DLAState, segments: SegmentState, beta=None,
-                   scale: float | None = None, backend: str | None = None):
+                   scale: float | None = None, backend: str | None = None, ranges=None):
     """One token per sequence (``q, k [N, 1, H, K]``, ``v [N, 1, H, V]``, ``g, beta [N, 1, H]``)
     continuing ``initial_state``, its slots already routed by the schedule: ``dest [N, H, C]`` (the
     new slot of every old slot, ``C``: dropped) and ``lam [N, H, C]`` (λ of every new slot, 0 for
     empty ones), with ``segments`` the segmentation after the token. Returns ``(o [N, 1, H, V],
     state)``: the numbers of :func:`recurrent_dla` on that one-token window, without its checks or
-    its dense schedule (nothing read on the host). ``backend``: as :func:`recurrent_dla`'s."""
+    its dense schedule (nothing read on the host). ``backend``: as :func:`recurrent_dla`'s. ``ranges``:
+    the routing as the decode kernel reads it (:func:`dla.ops.triton.utils.source_ranges` of ``dest``),
+    when the planner has it."""
     check_backend(backend, q.device)
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
     step = _step_function(backend, q.is_cuda)
-    q_t = q[:, 0].to(cdt)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if scale != 1:  # a product with 1 changes no number
-        q_t = q_t * scale
     k_t = k[:, 0].to(cdt)
-    S, o = step(initial_state.states.to(cdt), dest, q_t, k_t, v[:, 0].to(cdt), g[:, 0].to(cdt),
-                None if beta is None else beta[:, 0].to(cdt), lam.to(cdt))
+    if step is not _torch_step:  # the kernel reads every input as float32 and scales q as it reads it
+        S, o = step(initial_state.states.to(cdt), dest, q[:, 0], k[:, 0], v[:, 0], g[:, 0],
+                    None if beta is None else beta[:, 0], lam, scale=scale, ranges=ranges)
+    else:
+        q_t = q[:, 0].to(cdt)
+        if scale != 1:  # a product with 1 changes no number
+            q_t = q_t * scale
+        S, o = step(initial_state.states.to(cdt), dest, q_t, k_t, v[:, 0].to(cdt), g[:, 0].to(cdt),
+                    None if beta is None else beta[:, 0].to(cdt), lam.to(cdt))
     prev_key = k_t.detach().contiguous()
     return o[:, None].to(v.dtype), DLAState(states=S, segments=segments, prev_key=prev_key)
 

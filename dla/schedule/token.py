@@ -36,14 +36,15 @@ class TokenPlan:
     """The schedule of one token per sequence: ``dest [N, H, C]`` (the new slot of every old slot;
     ``C``: an empty slot, dropped), ``label [N, H, C]`` (the λ label of every new slot, 0 where
     empty), ``filled [N, H, C]`` (the new slot holds a segment), ``segments`` (the segmentation
-    after the token) and ``scores [N, H]`` (the ``dynamic`` policy's information scores, else
-    ``None``)."""
+    after the token), ``scores [N, H]`` (the ``dynamic`` policy's information scores, else
+    ``None``) and ``ranges`` (``dest`` as the decode kernel reads it, where the Triton plan wrote it)."""
 
     dest: torch.Tensor
     label: torch.Tensor
     filled: torch.Tensor
     segments: SegmentState
     scores: torch.Tensor | None = None
+    ranges: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def slot_lambda(self, lam: torch.Tensor | None) -> torch.Tensor:
         """λ of every new slot, ``[N, H, C]``, from the token's ``lam [N, 1, H, n_labels]`` (``None``: λ ≡ 1),
@@ -206,9 +207,9 @@ def _fused_state_token(starts, info, position, open_state, open_norm, x, norm, g
     N, H, C = starts.shape
     threshold = torch.as_tensor(threshold, device=starts.device).float().expand(H)
     K, V = k.shape[-1], v.shape[-1]
-    dest, label, new_starts, new_info, token_score, open_norm, open_state = plan_state_token(
+    dest, ranges, label, new_starts, new_info, token_score, open_norm, open_state = plan_state_token(
         starts, info, position, None if open_state is None else open_state.view(N, H, K, V), open_norm,
         x, norm, gamma, k[:, 0], v[:, 0], None if beta is None else beta[:, 0], threshold,
         drift=score == "state_drift", merge=merge, max_segment_len=max_segment_len, level=label_rule == "level")
     segments = SegmentState(new_starts, new_info, position + 1, open_state=open_state, open_norm=open_norm)
-    return TokenPlan(dest, label, new_starts >= 0, segments, token_score)
+    return TokenPlan(dest, label, new_starts >= 0, segments, token_score, ranges)

@@ -36,8 +36,8 @@ def _new_starts(p_start, o_c, new, dying, pos, C: tl.constexpr):
 
 @triton.jit
 def _token_plan_kernel(x_ptr, norm_ptr, gamma_ptr, threshold_ptr, position_ptr, start_ptr, info_ptr, open_norm_ptr,
-                       open_ptr, k_ptr, v_ptr, w_ptr,
-                       dest_ptr, label_ptr, new_start_ptr, new_info_ptr, score_ptr, new_open_norm_ptr, new_open_ptr,
+                       open_ptr, k_ptr, v_ptr, w_ptr, dest_ptr, lo_ptr, hi_ptr, label_ptr,
+                       new_start_ptr, new_info_ptr, score_ptr, new_open_norm_ptr, new_open_ptr,
                        H, max_segment_len,
                        C: tl.constexpr, CP: tl.constexpr, K: tl.constexpr, V: tl.constexpr, KP: tl.constexpr,
                        BV: tl.constexpr, DRIFT: tl.constexpr, MERGE: tl.constexpr, HAS_MAX: tl.constexpr,
@@ -118,6 +118,12 @@ def _token_plan_kernel(x_ptr, norm_ptr, gamma_ptr, threshold_ptr, position_ptr, 
     else:
         label = tl.where(filled, o_c, 0)
     tl.store(dest_ptr + i_r * C + o_c, dest.to(tl.int64), mask=m_c)
+    # the same routing as the decode kernel reads it: the old slots lo..hi fold into new slot j
+    # (dla.ops.triton.utils.source_ranges of dest); old j - 1 moves to j, old j stays at j
+    moved = new & (o_c - 1 <= dying) & (o_c >= 1) & (b_start_newer >= 0)
+    stays = (~new | (o_c > dying)) & (b_start >= 0)
+    tl.store(lo_ptr + i_r * C + o_c, tl.where(moved, o_c - 1, tl.where(stays, o_c, C)).to(tl.int32), mask=m_c)
+    tl.store(hi_ptr + i_r * C + o_c, tl.where(stays, o_c, tl.where(moved, o_c - 1, -1)).to(tl.int32), mask=m_c)
     tl.store(label_ptr + i_r * C + o_c, label.to(tl.int64), mask=m_c)
     tl.store(new_start_ptr + i_r * C + o_c, b_new_start, mask=m_c)
     tl.store(new_info_ptr + i_r * C + o_c, b_new_info, mask=m_c)
@@ -149,13 +155,15 @@ def plan_state_token(starts, info, position, open_state, open_norm, x, norm, gam
     """The one-token plan of :mod:`dla.schedule.token` for the state scores, float32: ``starts, info
     [N, H, C]`` (newest first), ``position [N]``, ``open_state [N, H, K, V]`` (or ``None``: zero),
     ``open_norm, x, norm, gamma [N, H]``, ``k [N, H, K]``, ``v [N, H, V]``, ``w [N, H]`` (or
-    ``None``: 1), ``threshold [H]``. Returns ``(dest, label, new_starts, new_info, score,
-    new_open_norm, new_open_state)``."""
+    ``None``: 1), ``threshold [H]``. Returns ``(dest, (lo, hi), label, new_starts, new_info, score,
+    new_open_norm, new_open_state)``, with ``(lo, hi)`` the routing as the decode kernel reads it."""
     N, H, C = starts.shape
     K, V = k.shape[-1], v.shape[-1]
     dev = starts.device
     f32 = dict(dtype=torch.float32, device=dev)
     dest = torch.empty(N, H, C, dtype=torch.long, device=dev)
+    lo = torch.empty(N, H, C, dtype=torch.int32, device=dev)
+    hi = torch.empty_like(lo)
     label = torch.empty_like(dest)
     new_starts = torch.empty_like(dest)
     new_info = torch.empty(N, H, C, **f32)
@@ -169,9 +177,9 @@ def plan_state_token(starts, info, position, open_state, open_norm, x, norm, gam
         starts.contiguous(), info.contiguous(), open_norm.contiguous(),
         new_open if open_state is None else open_state.contiguous(), k.contiguous(), v.contiguous(),
         gamma if w is None else w.contiguous(),
-        dest, label, new_starts, new_info, score, new_open_norm, new_open,
+        dest, lo, hi, label, new_starts, new_info, score, new_open_norm, new_open,
         H, int(max_segment_len or 0),
         C=C, CP=triton.next_power_of_2(C), K=K, V=V, KP=KP, BV=BV, DRIFT=drift, MERGE=MERGE_CODES[merge],
         HAS_MAX=max_segment_len is not None, LEVEL=level, HAS_OPEN=open_state is not None, HAS_W=w is not None,
         enable_fp_fusion=False)
-    return dest, label, new_starts, new_info, score, new_open_norm, new_open
+    return dest, (lo, hi), label, new_starts, new_info, score, new_open_norm, new_open

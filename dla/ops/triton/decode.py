@@ -17,18 +17,18 @@ from dla.ops.triton.utils import source_ranges
 
 @triton.jit
 def decode_dla_step_kernel(S_ptr, S_new_ptr, lo_ptr, hi_ptr, q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, lam_ptr, o_ptr,
-                           C: tl.constexpr, K: tl.constexpr, V: tl.constexpr, KP: tl.constexpr, BV: tl.constexpr,
+                           scale, C: tl.constexpr, K: tl.constexpr, V: tl.constexpr, KP: tl.constexpr, BV: tl.constexpr,
                            DELTA: tl.constexpr):
     """One token for one row (sequence-head) and value columns ``vv``: new slot ``n`` = the old
     slots ``lo[n]..hi[n]`` summed, times ``A_t`` (``exp(g_t)``, and ``I - β_t k_t k_tᵀ`` when
     ``DELTA``, Gated DeltaNet), plus the write ``w_t k_t v_tᵀ`` in slot 0; ``o = Σ_n λ_n S_nᵀ q``.
-    ``KP`` is ``K`` rounded up to a power of two (masked)."""
+    ``KP`` is ``K`` rounded up to a power of two (masked); ``q`` is read times ``scale``, in float32."""
     r = tl.program_id(0).to(tl.int64)
     vv = tl.program_id(1) * BV + tl.arange(0, BV)
     kk = tl.arange(0, KP)
     mask = (kk[:, None] < K) & (vv[None, :] < V)
     tile = kk[:, None] * V + vv[None, :]
-    q = tl.load(q_ptr + r * K + kk, mask=kk < K, other=0.0).to(tl.float32)
+    q = tl.load(q_ptr + r * K + kk, mask=kk < K, other=0.0).to(tl.float32) * scale
     k = tl.load(k_ptr + r * K + kk, mask=kk < K, other=0.0).to(tl.float32)
     v = tl.load(v_ptr + r * V + vv, mask=vv < V, other=0.0).to(tl.float32)
     decay = tl.exp(tl.load(g_ptr + r).to(tl.float32))
@@ -61,17 +61,21 @@ def launch_shape(K: int, V: int, delta: bool) -> tuple[int, int]:
     return BV, 8 if delta and KP * BV >= 8192 else 4
 
 
-def decode_step(S, dest, q, k, v, g, beta, lam):
-    """Same contract as ``dla.ops.recurrent._torch_step``: returns ``(S_new, o)``."""
+def decode_step(S, dest, q, k, v, g, beta, lam, scale: float = 1.0, ranges=None):
+    """The contract of ``dla.ops.recurrent._torch_step``: returns ``(S_new, o)``, the states in ``S``'s
+    dtype (computed in float32) and the output in ``q``'s. The inputs may be in any float dtype (read
+    as float32); ``q`` is multiplied by ``scale`` as it is read. ``ranges``: :func:`source_ranges` of
+    ``dest``, when the planner has them."""
     N, H, C, K, V = S.shape
-    lo, hi = source_ranges(dest)
+    lo, hi = source_ranges(dest) if ranges is None else ranges
+    dtype = S.dtype
     S = S.float().contiguous()
     S_new = torch.empty_like(S)
     o = torch.empty(N, H, V, dtype=torch.float32, device=S.device)
     BV, num_warps = launch_shape(K, V, beta is not None)
     grid = (N * H, triton.cdiv(V, BV))
     decode_dla_step_kernel[grid](S, S_new, lo, hi, q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(),
-                                 g if beta is None else beta.contiguous(), lam.contiguous(), o,
+                                 g if beta is None else beta.contiguous(), lam.contiguous(), o, scale,
                                  C=C, K=K, V=V, KP=triton.next_power_of_2(K), BV=BV, DELTA=beta is not None,
                                  num_warps=num_warps)
-    return S_new.to(q.dtype), o.to(q.dtype)
+    return S_new.to(dtype), o.to(q.dtype)
