@@ -226,6 +226,7 @@ def plot(report: dict, path: Path) -> Path | None:
                 if points:
                     ax.plot(*zip(*points), style, marker="o", color=colours[name], label=f"{name} ({route})")
         ax.set_xscale("log", base=2)
+        ax.set_yscale("log")  # model.generate's host time is 10-30x the captured steps
         ax.set(title=f"batch {batch}", xlabel="context (tokens)", ylabel="ms per generated token step")
         ax.grid(True, alpha=0.3)
     axes[0][0].legend(fontsize=7)

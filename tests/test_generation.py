@@ -372,9 +372,9 @@ def test_dla_step_on_cuda_runs_the_decode_kernel_and_never_waits(mixer, policy, 
 
     launches = []
 
-    def counted(*args):
+    def counted(*args, **kwargs):
         launches.append(args[0].shape)
-        return original(*args)
+        return original(*args, **kwargs)
 
     original = decode.decode_step
     monkeypatch.setattr(decode, "decode_step", counted)
