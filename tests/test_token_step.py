@@ -124,7 +124,8 @@ def test_the_fused_token_plan_repeats_the_float32_walk_of_the_gpu(name, delta, m
     """``backend="triton"`` (the default on CUDA) plans a state-scored token with one Triton program
     per sequence-head (:mod:`dla.schedule.triton_token`; Triton's interpreter on CPU): from the first
     token of two sequences on, every plan equals the general planner's Triton walk bit for bit, with
-    births and, at small capacities, merges. On a GPU the inputs are bfloat16, as in a model."""
+    births and, at small capacities, merges, its open state written over the old one. On a GPU the
+    inputs are bfloat16, as in a model."""
     pytest.importorskip("triton", reason="triton is not installed")
     from dla.ops.triton.utils import source_ranges
     from dla.schedule import triton_token
@@ -148,7 +149,9 @@ def test_the_fused_token_plan_repeats_the_float32_walk_of_the_gpu(name, delta, m
                           merge=kw.get("merge", "density"), open_state=kw.get("open_state", "decayed"),
                           k=token[0], v=token[1], g=token[2], beta=b,
                           max_segment_len=kw.get("max_segment_len"), label_rule=schedule.label_rule,
-                          backend="triton")
+                          backend="triton", inplace=True)
+        if state.open_state is not None:  # the new open state overwrote the old
+            assert plan.segments.open_state.data_ptr() == state.open_state.data_ptr()
         assert torch.equal(plan.dest, dest) and torch.equal(plan.label, label), f"step {step}"
         assert all(torch.equal(a, b) for a, b in zip(plan.ranges, source_ranges(dest))), f"step {step}"
         assert torch.equal(plan.segments.starts, starts), f"step {step}"
@@ -224,8 +227,9 @@ def test_the_decoding_step_equals_the_general_path_for_100_tokens(case, monkeypa
 @pytest.mark.parametrize("mixer", ["mamba2", "gated_deltanet"])
 def test_the_decode_kernel_reads_a_steps_raw_inputs_as_the_general_path_reads_prepared_ones(mixer, monkeypatch):
     """With the decode kernel (Triton's interpreter on CPU) on both paths, the one-token step hands it
-    the token's q, k, v, g, β and λ as they are (read as float32, q scaled as it is read) where the
-    general path converts and scales them first: bfloat16 logits and caches equal for 20 tokens."""
+    the token's q, k, v, g, β and λ as they are (read as float32, q scaled as it is read) and has it
+    update the cache's states in place, where the general path converts and scales them first and
+    writes new states: bfloat16 logits and caches equal for 20 tokens."""
     pytest.importorskip("triton", reason="triton is not installed")
     from dla.ops import recurrent
     from dla.ops.triton.decode import decode_step
@@ -237,9 +241,12 @@ def test_the_decode_kernel_reads_a_steps_raw_inputs_as_the_general_path_reads_pr
     with torch.no_grad():
         for cache in caches:
             token = model(ids, attention_mask=mask, cache=cache, use_cache=True).logits[:, -1].argmax(-1)
+        owned = [layer.state.states.data_ptr() for layer in caches[1].layers]
         for step in range(20):
             general, fast = (model(token[:, None], cache=cache, validate=validate).logits
                              for cache, validate in zip(caches, (True, False)))
+            # the kernel wrote the new states over the cache's own
+            assert [layer.state.states.data_ptr() for layer in caches[1].layers] == owned
             assert general.dtype == torch.bfloat16 and torch.equal(general, fast), f"step {step}"
             for (key, a), (_, b) in zip(*[[(key, v) for _, key, v in generation.cache_entries(c)
                                            if isinstance(v, torch.Tensor)] for c in caches]):

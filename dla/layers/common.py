@@ -470,15 +470,18 @@ class DLAMixer(nn.Module):
         """One token per sequence continuing ``cache``, unchecked (a decoding step): the schedule
         planned straight from the cache's segmentation (:func:`dla.schedule.token.plan_token`) and
         the op's one-token step (:func:`dla.ops.recurrent_step`), with the numbers, final state and
-        segmentation of the general path. ``scores``: the layer's given scores ``[B, 1, H]``."""
+        segmentation of the general path. On CUDA the kernels update the cache's states and open
+        state in place (the cache owns them), so a captured step allocates and copies no state.
+        ``scores``: the layer's given scores ``[B, 1, H]``."""
         p = self.policy
         state = cache.state
         plan = plan_token(p.policy, state, threshold=self.threshold.detach() if p.dynamic else p.threshold,
                           score=p.score, merge=p.merge, open_state=p.open_state, k=k, v=v, g=g, beta=beta,
-                          scores=scores, period=p.period, max_segment_len=p.max_segment_len, label_rule=p.label_rule)
+                          scores=scores, period=p.period, max_segment_len=p.max_segment_len, label_rule=p.label_rule,
+                          inplace=True)
         lam = None if self.lam_proj is None else self.lam_proj(x)
         o, cache.state = recurrent_step(q, k, v, g, plan.slot_lambda(lam), plan.dest, state, plan.segments,
-                                        beta=beta, scale=scale, ranges=plan.ranges)
+                                        beta=beta, scale=scale, ranges=plan.ranges, inplace=True)
         return o
 
 

@@ -95,7 +95,7 @@ def recurrent_dla(q, k, v, g, lam, schedule, beta=None, scale=None, initial_stat
 
 
 def recurrent_step(q, k, v, g, lam, dest, initial_state: DLAState, segments: SegmentState, beta=None,
-                   scale: float | None = None, backend: str | None = None, ranges=None):
+                   scale: float | None = None, backend: str | None = None, ranges=None, inplace: bool = False):
     """One token per sequence (``q, k [N, 1, H, K]``, ``v [N, 1, H, V]``, ``g, beta [N, 1, H]``)
     continuing ``initial_state``, its slots already routed by the schedule: ``dest [N, H, C]`` (the
     new slot of every old slot, ``C``: dropped) and ``lam [N, H, C]`` (λ of every new slot, 0 for
@@ -103,7 +103,8 @@ def recurrent_step(q, k, v, g, lam, dest, initial_state: DLAState, segments: Seg
     state)``: the numbers of :func:`recurrent_dla` on that one-token window, without its checks or
     its dense schedule (nothing read on the host). ``backend``: as :func:`recurrent_dla`'s. ``ranges``:
     the routing as the decode kernel reads it (:func:`dla.ops.triton.utils.source_ranges` of ``dest``),
-    when the planner has it."""
+    when the planner has it. ``inplace``: the decode kernel writes the new states over
+    ``initial_state.states`` (a decoding cache's own; the PyTorch step never does)."""
     check_backend(backend, q.device)
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
     step = _step_function(backend, q.is_cuda)
@@ -111,7 +112,7 @@ def recurrent_step(q, k, v, g, lam, dest, initial_state: DLAState, segments: Seg
     k_t = k[:, 0].to(cdt)
     if step is not _torch_step:  # the kernel reads every input as float32 and scales q as it reads it
         S, o = step(initial_state.states.to(cdt), dest, q[:, 0], k[:, 0], v[:, 0], g[:, 0],
-                    None if beta is None else beta[:, 0], lam, scale=scale, ranges=ranges)
+                    None if beta is None else beta[:, 0], lam, scale=scale, ranges=ranges, inplace=inplace)
     else:
         q_t = q[:, 0].to(cdt)
         if scale != 1:  # a product with 1 changes no number

@@ -56,12 +56,14 @@ def plan_token(policy: str, initial_state, *, threshold: torch.Tensor | float | 
                merge: str = "density", open_state: str = "decayed", k: torch.Tensor | None = None,
                v: torch.Tensor | None = None, g: torch.Tensor | None = None, beta: torch.Tensor | None = None,
                scores: torch.Tensor | None = None, period: int | None = None, max_segment_len: int | None = None,
-               label_rule: str = "recency", backend: str | None = None) -> TokenPlan:
+               label_rule: str = "recency", backend: str | None = None, inplace: bool = False) -> TokenPlan:
     """Plan one token for every sequence continuing ``initial_state`` (a :class:`SegmentState` or
     :class:`dla.DLAState`). The arguments are :func:`dla.plan_schedule`'s, for ``[N, 1, H, ...]``
     inputs (``threshold``: a number or ``[heads]``); the capacity is the state's. ``backend``: the
     ``dynamic`` walk that the general planner would run (``"triton"``, the default on CUDA, walks
-    in float32), whose numbers the plan repeats. Nothing is checked: the inputs must be valid."""
+    in float32), whose numbers the plan repeats. Nothing is checked: the inputs must be valid.
+    ``inplace``: the Triton plan of a state score writes the new open state over the old one (a
+    decoding cache's own)."""
     seg = getattr(initial_state, "segments", initial_state)
     N, H, C = seg.starts.shape
     if C == 1 or policy == "single":
@@ -77,7 +79,7 @@ def plan_token(policy: str, initial_state, *, threshold: torch.Tensor | float | 
     if score == "novelty" and scores is None:
         scores = novelty_scores(k, None, getattr(initial_state, "prev_key", None))
     return _dynamic_token(seg, threshold, score, merge, open_state, k, v, g, beta, scores, max_segment_len,
-                          label_rule, backend)
+                          label_rule, backend, inplace)
 
 
 def _closed_form_token(seg: SegmentState, label_rule: str, death_of, period: int | None = None) -> TokenPlan:
@@ -114,7 +116,7 @@ def _finish(dest, segments: SegmentState, label_rule: str, scores=None) -> Token
 
 
 def _dynamic_token(seg: SegmentState, threshold, score, merge, open_state, k, v, g, beta, scores, max_segment_len,
-                   label_rule, backend) -> TokenPlan:
+                   label_rule, backend, inplace: bool = False) -> TokenPlan:
     """The ``dynamic`` policy's step of :class:`dla.schedule.dynamic.TorchWalker` (and of the state
     score's chunk terms, for a chunk of one token) for one token. Products by an exact 1 (Mamba-2's
     ``w``, the decays ``exp(0)`` of a one-token chunk) and sums with an exact 0 (its pairwise
@@ -150,7 +152,7 @@ def _dynamic_token(seg: SegmentState, threshold, score, merge, open_state, k, v,
         if backend == "triton":
             return _fused_state_token(starts, info, position, None if seg.open_state is None else O, open_norm,
                                       x, norm, gamma, k, v, beta, threshold, score, merge, max_segment_len,
-                                      label_rule)
+                                      label_rule, inplace)
         token_score, extended = state_score(x, norm, open_norm, gamma, score == "state_drift")
         token_score = token_score.masked_fill(first, 0.0)
     else:
@@ -199,7 +201,7 @@ def _dynamic_token(seg: SegmentState, threshold, score, merge, open_state, k, v,
 
 
 def _fused_state_token(starts, info, position, open_state, open_norm, x, norm, gamma, k, v, beta, threshold, score,
-                       merge, max_segment_len, label_rule) -> TokenPlan:
+                       merge, max_segment_len, label_rule, inplace: bool) -> TokenPlan:
     """The rest of :func:`_dynamic_token` for a state score, after its products with the open state, as
     one Triton program per sequence-head (:mod:`dla.schedule.triton_token`): the same numbers."""
     from dla.schedule.triton_token import plan_state_token
@@ -210,6 +212,7 @@ def _fused_state_token(starts, info, position, open_state, open_norm, x, norm, g
     dest, ranges, label, new_starts, new_info, token_score, open_norm, open_state = plan_state_token(
         starts, info, position, None if open_state is None else open_state.view(N, H, K, V), open_norm,
         x, norm, gamma, k[:, 0], v[:, 0], None if beta is None else beta[:, 0], threshold,
-        drift=score == "state_drift", merge=merge, max_segment_len=max_segment_len, level=label_rule == "level")
+        drift=score == "state_drift", merge=merge, max_segment_len=max_segment_len, level=label_rule == "level",
+        inplace=inplace)
     segments = SegmentState(new_starts, new_info, position + 1, open_state=open_state, open_norm=open_norm)
     return TokenPlan(dest, label, new_starts >= 0, segments, token_score, ranges)

@@ -151,12 +151,13 @@ def _token_plan_kernel(x_ptr, norm_ptr, gamma_ptr, threshold_ptr, position_ptr, 
 
 
 def plan_state_token(starts, info, position, open_state, open_norm, x, norm, gamma, k, v, w, threshold, *,
-                     drift: bool, merge: str, max_segment_len: int | None, level: bool):
+                     drift: bool, merge: str, max_segment_len: int | None, level: bool, inplace: bool = False):
     """The one-token plan of :mod:`dla.schedule.token` for the state scores, float32: ``starts, info
     [N, H, C]`` (newest first), ``position [N]``, ``open_state [N, H, K, V]`` (or ``None``: zero),
     ``open_norm, x, norm, gamma [N, H]``, ``k [N, H, K]``, ``v [N, H, V]``, ``w [N, H]`` (or
     ``None``: 1), ``threshold [H]``. Returns ``(dest, (lo, hi), label, new_starts, new_info, score,
-    new_open_norm, new_open_state)``, with ``(lo, hi)`` the routing as the decode kernel reads it."""
+    new_open_norm, new_open_state)``, with ``(lo, hi)`` the routing as the decode kernel reads it.
+    ``inplace``: the new open state overwrites ``open_state`` (when it is float32 and contiguous)."""
     N, H, C = starts.shape
     K, V = k.shape[-1], v.shape[-1]
     dev = starts.device
@@ -169,7 +170,9 @@ def plan_state_token(starts, info, position, open_state, open_norm, x, norm, gam
     new_info = torch.empty(N, H, C, **f32)
     score = torch.empty(N, H, **f32)
     new_open_norm = torch.empty(N, H, **f32)
-    new_open = torch.empty(N, H, K, V, **f32)
+    overwrite = inplace and open_state is not None and open_state.dtype == torch.float32 \
+        and open_state.is_contiguous()
+    new_open = open_state if overwrite else torch.empty(N, H, K, V, **f32)
     KP = triton.next_power_of_2(K)
     BV = min(triton.next_power_of_2(V), max(16, 8192 // KP))
     _token_plan_kernel[(N * H,)](

@@ -22,7 +22,12 @@ def decode_dla_step_kernel(S_ptr, S_new_ptr, lo_ptr, hi_ptr, q_ptr, k_ptr, v_ptr
     """One token for one row (sequence-head) and value columns ``vv``: new slot ``n`` = the old
     slots ``lo[n]..hi[n]`` summed, times ``A_t`` (``exp(g_t)``, and ``I - β_t k_t k_tᵀ`` when
     ``DELTA``, Gated DeltaNet), plus the write ``w_t k_t v_tᵀ`` in slot 0; ``o = Σ_n λ_n S_nᵀ q``.
-    ``KP`` is ``K`` rounded up to a power of two (masked); ``q`` is read times ``scale``, in float32."""
+    ``KP`` is ``K`` rounded up to a power of two (masked); ``q`` is read times ``scale``, in float32.
+
+    New slots are made oldest first: new slot ``n`` reads old slots ``<= n`` only (a birth shifts
+    every slot one place older, a merge folds a slot into the next older one), so ``S_new`` may be
+    ``S`` itself, updated in place; a barrier between an iteration's reads and its write keeps the
+    warps from writing a slot another warp has still to read."""
     r = tl.program_id(0).to(tl.int64)
     vv = tl.program_id(1) * BV + tl.arange(0, BV)
     kk = tl.arange(0, KP)
@@ -34,7 +39,8 @@ def decode_dla_step_kernel(S_ptr, S_new_ptr, lo_ptr, hi_ptr, q_ptr, k_ptr, v_ptr
     decay = tl.exp(tl.load(g_ptr + r).to(tl.float32))
     w = tl.load(beta_ptr + r).to(tl.float32) if DELTA else 1.0
     o = tl.zeros((BV,), dtype=tl.float32)
-    for n in range(C):
+    for i in range(C):
+        n = C - 1 - i
         lo = tl.load(lo_ptr + r * C + n)
         hi = tl.load(hi_ptr + r * C + n)
         acc = tl.zeros((KP, BV), dtype=tl.float32)
@@ -47,6 +53,7 @@ def decode_dla_step_kernel(S_ptr, S_new_ptr, lo_ptr, hi_ptr, q_ptr, k_ptr, v_ptr
             acc = decay * acc
         if n == 0:
             acc += w * k[:, None] * v[None, :]
+        tl.debug_barrier()
         tl.store(S_new_ptr + (r * C + n) * K * V + tile, acc, mask=mask)
         o += tl.load(lam_ptr + r * C + n).to(tl.float32) * tl.sum(q[:, None] * acc, axis=0)
     tl.store(o_ptr + r * V + vv, o, mask=vv < V)
@@ -61,16 +68,17 @@ def launch_shape(K: int, V: int, delta: bool) -> tuple[int, int]:
     return BV, 8 if delta and KP * BV >= 8192 else 4
 
 
-def decode_step(S, dest, q, k, v, g, beta, lam, scale: float = 1.0, ranges=None):
+def decode_step(S, dest, q, k, v, g, beta, lam, scale: float = 1.0, ranges=None, inplace: bool = False):
     """The contract of ``dla.ops.recurrent._torch_step``: returns ``(S_new, o)``, the states in ``S``'s
     dtype (computed in float32) and the output in ``q``'s. The inputs may be in any float dtype (read
     as float32); ``q`` is multiplied by ``scale`` as it is read. ``ranges``: :func:`source_ranges` of
-    ``dest``, when the planner has them."""
+    ``dest``, when the planner has them. ``inplace``: the new states overwrite ``S`` (when it is
+    float32 and contiguous; a decoding cache that owns its states), so that a step allocates none."""
     N, H, C, K, V = S.shape
     lo, hi = source_ranges(dest) if ranges is None else ranges
     dtype = S.dtype
     S = S.float().contiguous()
-    S_new = torch.empty_like(S)
+    S_new = S if inplace else torch.empty_like(S)
     o = torch.empty(N, H, V, dtype=torch.float32, device=S.device)
     BV, num_warps = launch_shape(K, V, beta is not None)
     grid = (N * H, triton.cdiv(V, BV))
