@@ -470,8 +470,9 @@ class DLAMixer(nn.Module):
         """One token per sequence continuing ``cache``, unchecked (a decoding step): the schedule
         planned straight from the cache's segmentation (:func:`dla.schedule.token.plan_token`) and
         the op's one-token step (:func:`dla.ops.recurrent_step`), with the numbers, final state and
-        segmentation of the general path. On CUDA the kernels update the cache's states and open
-        state in place (the cache owns them), so a captured step allocates and copies no state.
+        segmentation of the general path. On CUDA the kernels update the cache's states (but
+        fenwick's) and open state in place (the cache owns them), so a captured step allocates and
+        copies no state.
         ``scores``: the layer's given scores ``[B, 1, H]``."""
         p = self.policy
         state = cache.state
@@ -480,8 +481,10 @@ class DLAMixer(nn.Module):
                           scores=scores, period=p.period, max_segment_len=p.max_segment_len, label_rule=p.label_rule,
                           inplace=True)
         lam = None if self.lam_proj is None else self.lam_proj(x)
+        # in place where every new slot reads only older slots; fenwick's carries fold a run of slots into
+        # an older one at a token, which the decode kernel's order cannot do in place
         o, cache.state = recurrent_step(q, k, v, g, plan.slot_lambda(lam), plan.dest, state, plan.segments,
-                                        beta=beta, scale=scale, ranges=plan.ranges, inplace=True)
+                                        beta=beta, scale=scale, ranges=plan.ranges, inplace=p.policy != "fenwick")
         return o
 
 

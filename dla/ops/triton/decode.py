@@ -24,10 +24,11 @@ def decode_dla_step_kernel(S_ptr, S_new_ptr, lo_ptr, hi_ptr, q_ptr, k_ptr, v_ptr
     ``DELTA``, Gated DeltaNet), plus the write ``w_t k_t v_tᵀ`` in slot 0; ``o = Σ_n λ_n S_nᵀ q``.
     ``KP`` is ``K`` rounded up to a power of two (masked); ``q`` is read times ``scale``, in float32.
 
-    New slots are made oldest first: new slot ``n`` reads old slots ``<= n`` only (a birth shifts
-    every slot one place older, a merge folds a slot into the next older one), so ``S_new`` may be
-    ``S`` itself, updated in place; a barrier between an iteration's reads and its write keeps the
-    warps from writing a slot another warp has still to read."""
+    New slots are made oldest first. Where every new slot ``n`` reads old slots ``<= n`` only (a
+    birth shifts every slot one place older, and at most one merge folds a slot into the next older
+    one: every policy but fenwick, whose carries fold a run of slots into an older one), ``S_new``
+    may be ``S`` itself, updated in place; a barrier between an iteration's reads and its write
+    keeps the warps from writing a slot another warp has still to read."""
     r = tl.program_id(0).to(tl.int64)
     vv = tl.program_id(1) * BV + tl.arange(0, BV)
     kk = tl.arange(0, KP)
@@ -73,7 +74,8 @@ def decode_step(S, dest, q, k, v, g, beta, lam, scale: float = 1.0, ranges=None,
     dtype (computed in float32) and the output in ``q``'s. The inputs may be in any float dtype (read
     as float32); ``q`` is multiplied by ``scale`` as it is read. ``ranges``: :func:`source_ranges` of
     ``dest``, when the planner has them. ``inplace``: the new states overwrite ``S`` (when it is
-    float32 and contiguous; a decoding cache that owns its states), so that a step allocates none."""
+    float32 and contiguous; a decoding cache that owns its states), so that a step allocates none;
+    only for routings where every new slot reads older slots only (see the kernel)."""
     N, H, C, K, V = S.shape
     lo, hi = source_ranges(dest) if ranges is None else ranges
     dtype = S.dtype
