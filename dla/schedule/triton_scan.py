@@ -40,6 +40,23 @@ def _cheaper_pair(cost_a, j_a, origin_a, cost_b, j_b, origin_b):
 
 
 @triton.jit
+def triton_state_score(x, norm, gamma, open_norm, DRIFT: tl.constexpr):
+    """:func:`dla.schedule.dynamic.state_score`, operation for operation: the score ``I`` and
+    ``‖γO + s_t‖²`` (not yet clamped at 0) from ``x = ⟨s_t, O⟩``, ``‖s_t‖²``, ``γ`` and ``‖O‖²``."""
+    extended = gamma * gamma * open_norm + 2 * gamma * x + norm
+    if DRIFT:
+        num = gamma * open_norm + x
+        den = extended * open_norm
+    else:
+        num = x
+        den = norm * open_norm
+    ok = den > 0
+    cos = tl.div_rn(num, tl.sqrt_rn(tl.where(ok, den, 1.0)))
+    d = tl.minimum(tl.maximum(1 - cos, 0.0), 2.0)
+    return tl.where(ok, tl.sqrt_rn(d + d), 0.0), extended
+
+
+@triton.jit
 def _open_product(b_row, b_carry, b_first, o_u, s0):
     """``⟨s_u, O_{u-1}⟩`` of chunk token ``o_u`` (``[1]``) from its row of ``prefix`` (``[BL]``) when
     the open segment starts at chunk time ``s0``: the carried product plus the whole row's sum if
@@ -120,18 +137,7 @@ def _walk_kernel(score_ptr, prefix_ptr, carry_ptr, norm_ptr, gamma_ptr,
                                       mask=o_l < tl.where(i + 3 < L, L, 0), other=0.0)
                 norm = tl.gather(b_norm, o_i, 0)
                 gamma = tl.gather(b_gamma, o_i, 0)
-                # dla.schedule.dynamic.state_score, operation for operation
-                extended = gamma * gamma * open_norm + 2 * gamma * x + norm
-                if SCORE == 2:
-                    num = gamma * open_norm + x
-                    den = extended * open_norm
-                else:
-                    num = x
-                    den = norm * open_norm
-                ok = den > 0
-                cos = tl.div_rn(num, tl.sqrt_rn(tl.where(ok, den, 1.0)))
-                d = tl.minimum(tl.maximum(1 - cos, 0.0), 2.0)
-                score = tl.where(ok, tl.sqrt_rn(d + d), 0.0)
+                score, extended = triton_state_score(x, norm, gamma, open_norm, SCORE == 2)
                 score = tl.where(first, 0.0, score)
                 if TRACE_OPEN:
                     tl.store(trace_start_ptr + i_r * Tm + t + o_1, s0 + a)

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dla.schedule.triton_scan import MERGE_CODES
+from dla.schedule.triton_scan import MERGE_CODES, triton_state_score
 
 __all__ = ["plan_state_token"]
 
@@ -59,22 +59,9 @@ def _token_plan_kernel(x_ptr, norm_ptr, gamma_ptr, threshold_ptr, position_ptr, 
     open_start = tl.load(p_start)
     first = open_start < 0  # slots are compact: the first slot is empty before the first token, the last once full
     full = tl.load(p_start + C - 1) >= 0
-    # dla.schedule.dynamic.state_score, operation for operation
-    x = tl.load(x_ptr + i_r)
     norm = tl.load(norm_ptr + i_r)
     gamma = tl.load(gamma_ptr + i_r)
-    open_norm = tl.load(open_norm_ptr + i_r)
-    extended = gamma * gamma * open_norm + 2 * gamma * x + norm
-    if DRIFT:
-        num = gamma * open_norm + x
-        den = extended * open_norm
-    else:
-        num = x
-        den = norm * open_norm
-    ok = den > 0
-    cos = tl.div_rn(num, tl.sqrt_rn(tl.where(ok, den, 1.0)))
-    d = tl.minimum(tl.maximum(1 - cos, 0.0), 2.0)
-    score = tl.where(ok, tl.sqrt_rn(d + d), 0.0)
+    score, extended = triton_state_score(tl.load(x_ptr + i_r), norm, gamma, tl.load(open_norm_ptr + i_r), DRIFT)
     score = tl.where(first, 0.0, score)
     wants = score >= tl.load(threshold_ptr + i_r % H)
     if HAS_MAX:
