@@ -15,9 +15,11 @@ no padding, no end-of-sequence token), then decodes ``--new-tokens`` tokens gree
 decoding steps are timed (CUDA events between consecutive steps, the first ``--skip`` steps
 dropped, median). Reported per row: ``ms_per_step``, ``tokens_per_s`` (batch / step time),
 ``cache_bytes`` after the prefill, and ``floor_ms``: the weights and the cache read once per
-step at the bandwidth of a large device-to-device copy (measured here). A row that runs out of
-memory is recorded with ``"error": "out of memory"``. Writes ``--out`` (JSON) and a PNG of ms per
-step against the context next to it (one panel per batch, a line per model and path).
+step at the bandwidth of a large device-to-device copy (measured here), and on CUDA
+``peak_bytes`` (the most allocated during the row). A row that runs out of memory is recorded with
+``"error": "out of memory"``, its peak and ``where``: the innermost ``dla`` lines of the failure.
+Writes ``--out`` (JSON) and a PNG of ms per step against the context next to it (one panel per
+batch, a line per model and path).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import json
 import statistics
 import sys
 import time
+import traceback
 import warnings
 from importlib import metadata
 from pathlib import Path
@@ -132,6 +135,11 @@ def through_dla_generate(model, prompt, new_tokens: int, skip: int, device) -> t
     return clock.step_ms(skip), size, decoding.graph
 
 
+def peak_bytes(device) -> int | None:
+    """The most memory allocated since the row began (CUDA), else ``None``."""
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
 def parameter_bytes(model) -> int:
     """Bytes of the weights a step reads: every parameter once (tied embeddings counted once)."""
     return sum(p.numel() * p.element_size() for p in model.parameters())
@@ -177,6 +185,8 @@ def run(args) -> dict:
                 prompt = torch.randint(1, config.vocab_size, (batch, context), device=device)
                 for path in PATHS:
                     row = {"model": name, "batch": batch, "context": context, "path": path, "weight_bytes": weights}
+                    if device.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats(device)
                     try:
                         if path == "model.generate":
                             steps, cache_bytes = through_model_generate(model, prompt, args.new_tokens, args.skip,
@@ -192,15 +202,20 @@ def run(args) -> dict:
                         ms = statistics.median(steps)
                         floor_ms = (weights + cache_bytes) / bandwidth * 1e3
                         row.update(ms_per_step=ms, tokens_per_s=batch / (ms * 1e-3), cache_bytes=cache_bytes,
-                                   floor_ms=floor_ms, ms_per_step_min=min(steps), ms_per_step_max=max(steps))
+                                   floor_ms=floor_ms, ms_per_step_min=min(steps), ms_per_step_max=max(steps),
+                                   peak_bytes=peak_bytes(device))
                         print(f"{name:24s} {batch:5d} {context:7d} {path:15s} {ms:9.3f} {row['tokens_per_s']:10.0f} "
                               f"{cache_bytes / 2**20:10.1f} {floor_ms:9.3f}"
                               + ("  (eager)" if path == "dla.generate" and not row["cuda_graph"]
                                  and device.type == "cuda" else ""), flush=True)
-                    except torch.OutOfMemoryError:
+                    except torch.OutOfMemoryError as error:
+                        where = [f"{f.filename.split('/dla/')[-1]}:{f.lineno} {f.name}"
+                                 for f in traceback.extract_tb(error.__traceback__) if "/dla/" in f.filename]
                         row.update(ms_per_step=None, tokens_per_s=None, cache_bytes=None, floor_ms=None,
-                                   error="out of memory")
-                        print(f"{name:24s} {batch:5d} {context:7d} {path:15s} out of memory", flush=True)
+                                   error="out of memory", peak_bytes=peak_bytes(device), where=where[-3:])
+                        print(f"{name:24s} {batch:5d} {context:7d} {path:15s} out of memory at "
+                              f"{' < '.join(reversed(where[-3:]))} (peak {row['peak_bytes'] / 2**30:.1f} GiB)",
+                              flush=True)
                     rows.append(row)
                     save_report({"meta": meta, "rows": rows}, args.out)  # a run cut short keeps its rows
                     if device.type == "cuda":
