@@ -180,3 +180,21 @@ def test_deterministic_mode_picks_the_torch_walks():
         assert default_backend(is_cuda=True) == "torch"
     finally:
         torch.use_deterministic_algorithms(False)
+
+
+def test_lambda_labels_are_kept_in_one_byte_with_the_gradients_of_gather():
+    """The chunked op keeps the λ labels of every unit at every query for its backward in one byte
+    (dla.ops.chunk.gather_labels) and gives the gradients of ``gather`` with its int64 index."""
+    from dla.ops.chunk import gather_labels
+
+    gen = torch.Generator().manual_seed(0)
+    lam = torch.rand(2, 3, 5, 7, generator=gen, dtype=torch.float64, requires_grad=True)
+    label = torch.randint(0, 7, (2, 3, 5, 11), generator=gen)
+    grad = torch.randn(2, 3, 5, 11, generator=gen, dtype=torch.float64)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = gather_labels(lam, label)
+    assert [t.dtype for t in saved] == [torch.uint8]
+    (ours,) = torch.autograd.grad(out, lam, grad)
+    (theirs,) = torch.autograd.grad(lam.gather(-1, label), lam, grad)
+    assert torch.equal(out, lam.gather(-1, label)) and torch.equal(ours, theirs)

@@ -106,7 +106,7 @@ def chunk_dla(q, k, v, g, lam, schedule, beta=None, scale=None, initial_state: D
     exists = torch.cat([(in_death.flip(-1) != NONE)[..., None, :].expand(N, H, NC, L, C),
                         (tq[..., None, :] <= t_i).expand(N, H, NC, L, L)], -1)
     st = segment_structure(live, unit_pos, exists, tq.expand(N, H, NC, L), ds.label_rule)
-    Lam = lam_c.gather(-1, st["label"]) * exists
+    Lam = gather_labels(lam_c, st["label"]) * exists
     lam_inter, lam_intra = Lam[..., :C].flip(-1), Lam[..., C:]  # inter in slot order
     rank_end = torch.where(exists[..., -1, :], st["rank"][..., -1, :], C)  # C: routed nowhere
     dest, tok_rank = rank_end[..., :C].flip(-1), rank_end[..., C:]  # old slot -> new slot; token -> slot
@@ -152,6 +152,29 @@ def chunk_dla(q, k, v, g, lam, schedule, beta=None, scale=None, initial_state: D
         # cache holding the view would keep alive (every layer's, for as long as it decodes)
         state = x.final_state(S_final.to(x.q.dtype, copy=True), starts, schedule)
     return x.output(o), state
+
+
+class _GatherLabels(torch.autograd.Function):
+    """``lam.gather(-1, label)`` whose backward keeps ``label`` in the narrowest integer type that
+    holds it (one byte for up to 256 labels, against eight for ``gather``'s own int64 index: the
+    labels of every unit at every query are ``[N, H, NC, L, C + L]``)."""
+
+    @staticmethod
+    def forward(ctx, lam, label):
+        ctx.n_labels = lam.shape[-1]
+        ctx.lam_shape = lam.shape
+        ctx.save_for_backward(label.to(torch.uint8 if ctx.n_labels <= 256 else torch.int32))
+        return lam.gather(-1, label)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (label,) = ctx.saved_tensors
+        return grad.new_zeros(ctx.lam_shape).scatter_add_(-1, label.long(), grad), None
+
+
+def gather_labels(lam: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """λ of every unit at every query, ``lam [..., n_labels]`` gathered by ``label [..., M]``."""
+    return _GatherLabels.apply(lam, label) if torch.is_grad_enabled() and lam.requires_grad else lam.gather(-1, label)
 
 
 # above this capacity the PyTorch state walk routes states by scatter instead of a [C, C] matrix per
