@@ -481,8 +481,8 @@ class DLAMixer(nn.Module):
                           scores=scores, period=p.period, max_segment_len=p.max_segment_len, label_rule=p.label_rule,
                           inplace=True)
         lam = None if self.lam_proj is None else self.lam_proj(x)
-        # in place where every new slot reads only older slots; fenwick's carries fold a run of slots into
-        # an older one at a token, which the decode kernel's order cannot do in place
+        # in place where no new slot reads an old slot older than itself; fenwick's carries fold a run of
+        # slots into an older one at a token, which the decode kernel's order cannot do in place
         o, cache.state = recurrent_step(q, k, v, g, plan.slot_lambda(lam), plan.dest, state, plan.segments,
                                         beta=beta, scale=scale, ranges=plan.ranges, inplace=p.policy != "fenwick")
         return o

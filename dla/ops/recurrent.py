@@ -105,7 +105,7 @@ def recurrent_step(q, k, v, g, lam, dest, initial_state: DLAState, segments: Seg
     the routing as the decode kernel reads it (:func:`dla.ops.triton.utils.source_ranges` of ``dest``),
     when the planner has it. ``inplace``: the decode kernel writes the new states over
     ``initial_state.states`` (a decoding cache's own; the PyTorch step never does), for routings in
-    which every new slot reads only older slots (every policy's but fenwick's)."""
+    which no new slot reads an old slot older than itself (every policy's but fenwick's)."""
     check_backend(backend, q.device)
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
     step = _step_function(backend, q.is_cuda)

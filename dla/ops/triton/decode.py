@@ -75,7 +75,7 @@ def decode_step(S, dest, q, k, v, g, beta, lam, scale: float = 1.0, ranges=None,
     as float32); ``q`` is multiplied by ``scale`` as it is read. ``ranges``: :func:`source_ranges` of
     ``dest``, when the planner has them. ``inplace``: the new states overwrite ``S`` (when it is
     float32 and contiguous; a decoding cache that owns its states), so that a step allocates none;
-    only for routings where every new slot reads older slots only (see the kernel)."""
+    only for routings where no new slot reads an old slot older than itself (see the kernel)."""
     N, H, C, K, V = S.shape
     lo, hi = source_ranges(dest) if ranges is None else ranges
     dtype = S.dtype
