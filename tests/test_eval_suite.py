@@ -68,6 +68,6 @@ def test_suite_runs_one_task_per_category_on_stand_ins_and_skips_the_rest(checkp
         assert "skipped" not in rows[task] and rows[task]["metric"] == metric and 0 <= rows[task]["value"] <= 1
     for task in ("arc_easy", "based_drop", "niah_single_1"):
         assert rows[task]["skipped"] and rows[task]["value"] is None
-    assert "allenai/ai2_arc" in rows["arc_easy"]["skipped"]
+    assert "allenai/ai2_arc" in rows["arc_easy"]["skipped"] and "--suite-data" in rows["arc_easy"]["skipped"]
     table = (out / "suite.md").read_text()
     assert table == markdown_table(summary["rows"]) and "| recall-intensive retrieval | swde | contains |" in table

@@ -86,7 +86,8 @@ for task, path, name in json.loads(sys.argv[1]):
     try:
         datasets.load_dataset_builder(path, name)
     except Exception as e:
-        missing[task] = f"{path}" + (f" ({name})" if name else "") + f": {type(e).__name__}"
+        missing[task] = (f"{path}" + (f" ({name})" if name else "")
+                         + f" is neither in the datasets cache nor a stand-in under --suite-data ({type(e).__name__})")
 print(json.dumps(missing))
 """
 
