@@ -470,8 +470,8 @@ class DLAMixer(nn.Module):
         """One token per sequence continuing ``cache``, unchecked (a decoding step): the schedule
         planned straight from the cache's segmentation (:func:`dla.schedule.token.plan_token`) and
         the op's one-token step (:func:`dla.ops.recurrent_step`), with the numbers, final state and
-        segmentation of the general path. On CUDA the kernels update the cache's states (but
-        fenwick's) and open state in place (the cache owns them), so a captured step allocates and
+        segmentation of the general path. On CUDA the kernels update the cache's states (unless
+        the plan folds runs of slots) and open state in place (the cache owns them), so a captured step allocates and
         copies no state.
         ``scores``: the layer's given scores ``[B, 1, H]``."""
         p = self.policy
@@ -481,10 +481,8 @@ class DLAMixer(nn.Module):
                           scores=scores, period=p.period, max_segment_len=p.max_segment_len, label_rule=p.label_rule,
                           inplace=True)
         lam = None if self.lam_proj is None else self.lam_proj(x)
-        # in place where no new slot reads an old slot older than itself; fenwick's carries fold a run of
-        # slots into an older one at a token, which the decode kernel's order cannot do in place
         o, cache.state = recurrent_step(q, k, v, g, plan.slot_lambda(lam), plan.dest, state, plan.segments,
-                                        beta=beta, scale=scale, ranges=plan.ranges, inplace=p.policy != "fenwick")
+                                        beta=beta, scale=scale, ranges=plan.ranges, inplace=not plan.folds_runs)
         return o
 
 

@@ -161,9 +161,8 @@ class _GatherLabels(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, lam, label):
-        ctx.n_labels = lam.shape[-1]
         ctx.lam_shape = lam.shape
-        ctx.save_for_backward(label.to(torch.uint8 if ctx.n_labels <= 256 else torch.int32))
+        ctx.save_for_backward(label.to(torch.uint8 if lam.shape[-1] <= 256 else torch.int32))
         return lam.gather(-1, label)
 
     @staticmethod

@@ -42,9 +42,6 @@ def plan_dynamic_graphed(seg: SegmentState, lengths, threshold, max_segment_len,
     inputs = dict(starts=seg.starts, info=seg.info, position=seg.position, open_state=seg.open_state,
                   open_norm=seg.open_norm, lengths=lengths, threshold=threshold, k=contributions.k,
                   v=contributions.v, w=contributions.w, g=contributions.g)
-    if not all(x is None or x.is_cuda for x in inputs.values()):
-        return plan_dynamic(seg, lengths, threshold, max_segment_len, merge, score, "triton",
-                            contributions=contributions)
     memo = active_memo()
     if isinstance(memo, ReplayWalks):  # a checkpointed forward's recomputation: the walk is the recorded one
         r = memo.next_record()

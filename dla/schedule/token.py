@@ -37,7 +37,9 @@ class TokenPlan:
     ``C``: an empty slot, dropped), ``label [N, H, C]`` (the λ label of every new slot, 0 where
     empty), ``filled [N, H, C]`` (the new slot holds a segment), ``segments`` (the segmentation
     after the token), ``scores [N, H]`` (the ``dynamic`` policy's information scores, else
-    ``None``) and ``ranges`` (``dest`` as the decode kernel reads it, where the Triton plan wrote it)."""
+    ``None``), ``ranges`` (``dest`` as the decode kernel reads it, where the Triton plan wrote it)
+    and ``folds_runs``: a token may fold a run of slots into an older one (fenwick's carries), so a
+    new slot may read old slots older than itself, which the decode kernel cannot route in place."""
 
     dest: torch.Tensor
     label: torch.Tensor
@@ -45,6 +47,7 @@ class TokenPlan:
     segments: SegmentState
     scores: torch.Tensor | None = None
     ranges: tuple[torch.Tensor, torch.Tensor] | None = None
+    folds_runs: bool = False
 
     def slot_lambda(self, lam: torch.Tensor | None) -> torch.Tensor:
         """λ of every new slot, ``[N, H, C]``, from the token's ``lam [N, 1, H, n_labels]`` (``None``: λ ≡ 1),
@@ -69,7 +72,7 @@ def plan_token(policy: str, initial_state, *, threshold: torch.Tensor | float | 
     if C == 1 or policy == "single":
         return _closed_form_token(seg, label_rule, None)
     if policy == "fenwick":
-        return _closed_form_token(seg, label_rule, lambda p: p + (p & -p))
+        return _closed_form_token(seg, label_rule, lambda p: p + (p & -p), folds_runs=True)
     if policy == "fixed":
         return _closed_form_token(seg, label_rule, lambda p: p + (C - 1) * period, period)
     if backend is None:
@@ -82,7 +85,8 @@ def plan_token(policy: str, initial_state, *, threshold: torch.Tensor | float | 
                           label_rule, backend, inplace)
 
 
-def _closed_form_token(seg: SegmentState, label_rule: str, death_of, period: int | None = None) -> TokenPlan:
+def _closed_form_token(seg: SegmentState, label_rule: str, death_of, period: int | None = None,
+                       folds_runs: bool = False) -> TokenPlan:
     """``single`` (``death_of=None``: no boundaries), ``fenwick`` (every token a boundary) and
     ``fixed`` (every ``period``-th): a boundary born at ``p`` dies at ``death_of(p)``."""
     starts, position = seg.starts, seg.position.long()
@@ -106,7 +110,9 @@ def _closed_form_token(seg: SegmentState, label_rule: str, death_of, period: int
         moved = moved.scatter(-1, torch.where(keep, dest, C), starts)
         new_starts = torch.where(born & (slot == 0), pos, moved[..., :C])
     segments = SegmentState(new_starts, torch.zeros(new_starts.shape, device=starts.device), position + 1)
-    return _finish(dest, segments, label_rule)
+    plan = _finish(dest, segments, label_rule)
+    plan.folds_runs = folds_runs
+    return plan
 
 
 def _finish(dest, segments: SegmentState, label_rule: str, scores=None) -> TokenPlan:
@@ -130,9 +136,6 @@ def _dynamic_token(seg: SegmentState, threshold, score, merge, open_state, k, v,
     else:
         dtype = torch.float32 if backend == "triton" else scores.dtype
     info = seg.info.to(dtype)
-    # slots are compact, newest first: the first slot is empty before the first token, the last once full
-    first = starts[..., 0] < 0
-    full = starts[..., -1] >= 0
     open_norm = open_state_new = norm = extended = None
     if state:
         R, K, V = N * H, k.shape[-1], v.shape[-1]
@@ -153,6 +156,10 @@ def _dynamic_token(seg: SegmentState, threshold, score, merge, open_state, k, v,
             return _fused_state_token(starts, info, position, None if seg.open_state is None else O, open_norm,
                                       x, norm, gamma, k, v, beta, threshold, score, merge, max_segment_len,
                                       label_rule, inplace)
+    # slots are compact, newest first: the first slot is empty before the first token, the last once full
+    first = starts[..., 0] < 0
+    full = starts[..., -1] >= 0
+    if state:
         token_score, extended = state_score(x, norm, open_norm, gamma, score == "state_drift")
         token_score = token_score.masked_fill(first, 0.0)
     else:
