@@ -35,8 +35,8 @@ def _gated_deltanet_walk(request, monkeypatch):
     from dla.ops.triton import chunk_inter
 
     monkeypatch.setattr(dla.ops.chunk, "FUSED_GATED_DELTANET", params["fused"])
-    calls, fused_inter = [], chunk_inter.fused_inter
-    monkeypatch.setattr(chunk_inter, "fused_inter", lambda *a, **kw: calls.append(1) or fused_inter(*a, **kw))
+    calls, walk_forward = [], chunk_inter.walk_forward
+    monkeypatch.setattr(chunk_inter, "walk_forward", lambda *a, **kw: calls.append(1) or walk_forward(*a, **kw))
     yield
     assert bool(calls) == (params["base"] == "mamba2" or params["fused"]), "the fused walk ran iff it should"
 

@@ -26,6 +26,7 @@ benchmarks/kernel_resources.py).
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -278,40 +279,102 @@ def checkpoint_group(NC: int, group: int | None = None) -> int:
     return min(group, triton.next_power_of_2(NC))
 
 
+@dataclass(frozen=True)
+class WalkRows:
+    """The fused walk's inputs in the kernels' layout: float32, contiguous, one row per
+    sequence-head ``[R, ...]``, K and V zero-padded to power-of-two tiles (:func:`walk_rows`)."""
+
+    qe: torch.Tensor  # [R, NC, L, Kp]
+    lam: torch.Tensor  # [R, NC, L, C]
+    x: torch.Tensor  # [R, NC, L, Kp]
+    v: torch.Tensor  # [R, NC, L, Vp]
+    M: torch.Tensor  # [R, NC] or [R, NC, Kp, Kp]
+    rank: torch.Tensor  # int32 [R, NC, L]
+    lo: torch.Tensor  # int32 [R, NC, C]
+    hi: torch.Tensor  # int32 [R, NC, C]
+    dest: torch.Tensor  # int32 [R, NC, C]
+
+
+def padded_rows(t: torch.Tensor, pad=()) -> torch.Tensor:
+    """``t [N, H, ...]`` as float32 contiguous rows ``[N·H, ...]``, zero-padded by ``pad`` (F.pad's order)."""
+    t = t.to(torch.float32)
+    if any(pad):
+        t = torch.nn.functional.pad(t, pad)
+    return t.reshape(-1, *t.shape[2:]).contiguous()
+
+
+def walk_rows(q_eff, lam_inter, x, v, tok_rank, M, dest) -> WalkRows:
+    """:func:`fused_inter`'s inputs (its shapes) in the kernels' layout."""
+    N, H, NC, L, K = q_eff.shape
+    C = dest.shape[-1]
+    Kp, Vp = padded_size(K), padded_size(v.shape[-1])
+    lo, hi = source_ranges(dest)
+    R = N * H
+    return WalkRows(qe=padded_rows(q_eff, (0, Kp - K)), lam=padded_rows(lam_inter), x=padded_rows(x, (0, Kp - K)),
+                    v=padded_rows(v, (0, Vp - v.shape[-1])),
+                    M=padded_rows(M, (0, Kp - K, 0, Kp - K)) if M.dim() == 5 else padded_rows(M),
+                    rank=tok_rank.to(torch.int32).reshape(R, NC, L).contiguous(), lo=lo.reshape(R, NC, C),
+                    hi=hi.reshape(R, NC, C), dest=dest.to(torch.int32).reshape(R, NC, C).contiguous())
+
+
+def walk_forward(w: WalkRows, S0: torch.Tensor, prec: str, group: int):
+    """The forward walk: ``(o [R, NC, L, Vp], S)``, ``S [R, NC / group + 1, C, Kp, Vp]`` the states
+    at every ``group``-th chunk boundary and the last (the final states), kept for :func:`walk_backward`.
+    ``S0 [R, C, Kp, Vp]``."""
+    R, NC, L, K = w.qe.shape
+    C, Vd = S0.shape[1], w.v.shape[-1]
+    S = new_output((R, -(-NC // group) + 1, C, K, Vd), w.qe)  # the checkpoints: boundaries 0, G, 2G, ..., NC
+    ring = new_output((R, 2 if group > 1 else 0, C, K, Vd), w.qe)  # the boundaries between them, in turn
+    o = new_output((R, NC, L, Vd), w.qe)
+    grid = lambda meta: (R, Vd // meta["BV"])  # noqa: E731
+    chunk_dla_inter_fwd_kernel[grid](w.qe, w.lam, w.x, w.v, w.rank, w.M, w.lo, w.hi, S0, S, ring, o, NC, group, L=L,
+                                     C=C, K=K, V=Vd, BK=key_block(K, matrix=w.M.dim() == 4), PREC=prec,
+                                     MATRIX=w.M.dim() == 4)
+    return o, S
+
+
+def walk_backward(w: WalkRows, S: torch.Tensor, do: torch.Tensor, dS_final: torch.Tensor | None, prec: str,
+                  group: int):
+    """The reverse walk over the states ``S`` that :func:`walk_forward` kept: the gradients of
+    ``qe, lam, x, v, M`` (``WalkRows``' layout) and of the initial states, from those of ``o`` and
+    of the final states (None: zero)."""
+    R, NC, L, K = w.qe.shape
+    C, Vd = S.shape[2], w.v.shape[-1]
+    G = torch.zeros((R, 2, C, K, Vd), dtype=torch.float32, device=w.qe.device)
+    if dS_final is not None:
+        G[:, 0] = dS_final
+    scratch = new_output((R, group - 1, C, K, Vd), w.qe)  # one group's boundaries between checkpoints
+    dqe, dlam, dx, dM = (torch.zeros_like(t) for t in (w.qe, w.lam, w.x, w.M))
+    dv = new_output(w.v.shape, w.v)
+    BV = min(32, Vd)
+    chunk_dla_inter_bwd_kernel[(R, Vd // BV)](w.qe, w.lam, w.x, w.v, w.rank, w.M, w.lo, w.hi, w.dest, S, scratch,
+                                              do.float().contiguous(), G, dqe, dlam, dx, dv, dM, NC, group,
+                                              L=L, C=C, K=K, V=Vd, BV=BV, BK=key_block(K, matrix=w.M.dim() == 4),
+                                              PREC=prec, MATRIX=w.M.dim() == 4, num_warps=8,
+                                              num_stages=1)  # the default (3) spills at K = 256
+    return dqe, dlam, dx, dv, dM, G[:, NC % 2]
+
+
 class _FusedInter(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qe, lam, x, v, M, S0, rank, lo, hi, dest, prec, group):
-        R, NC, L, K = qe.shape
-        C, Vd = S0.shape[1], v.shape[-1]
-        S = new_output((R, -(-NC // group) + 1, C, K, Vd), qe)  # the checkpoints: boundaries 0, G, 2G, ..., NC
-        ring = new_output((R, 2 if group > 1 else 0, C, K, Vd), qe)  # the boundaries between them, in turn
-        o = new_output((R, NC, L, Vd), qe)
-        block = key_block(K, matrix=M.dim() == 4)
-        grid = lambda meta: (R, Vd // meta["BV"])  # noqa: E731
-        chunk_dla_inter_fwd_kernel[grid](qe, lam, x, v, rank, M, lo, hi, S0, S, ring, o, NC, group, L=L, C=C, K=K,
-                                         V=Vd, BK=block, PREC=prec, MATRIX=M.dim() == 4)
+        w = WalkRows(qe, lam, x, v, M, rank, lo, hi, dest)
+        o, S = walk_forward(w, S0, prec, group)
         ctx.save_for_backward(qe, lam, x, v, M, rank, lo, hi, dest, S)
-        ctx.prec, ctx.key_block, ctx.group = prec, block, group  # the backward walks the same blocks
+        ctx.prec, ctx.group = prec, group
         return o, S[:, -1]
 
     @staticmethod
     def backward(ctx, do, dS_final):
-        qe, lam, x, v, M, rank, lo, hi, dest, S = ctx.saved_tensors
-        R, NC, L, K = qe.shape
-        C, Vd = S.shape[2], v.shape[-1]
-        G = torch.zeros((R, 2, C, K, Vd), dtype=torch.float32, device=qe.device)
-        if dS_final is not None:
-            G[:, 0] = dS_final
-        scratch = new_output((R, ctx.group - 1, C, K, Vd), qe)  # one group's boundaries between checkpoints
-        dqe, dlam, dx, dM = (torch.zeros_like(t) for t in (qe, lam, x, M))
-        dv = new_output(v.shape, v)
-        BV = min(32, Vd)
-        chunk_dla_inter_bwd_kernel[(R, Vd // BV)](qe, lam, x, v, rank, M, lo, hi, dest, S, scratch,
-                                                  do.float().contiguous(), G, dqe, dlam, dx, dv, dM, NC, ctx.group,
-                                                  L=L, C=C, K=K, V=Vd, BV=BV, BK=ctx.key_block, PREC=ctx.prec,
-                                                  MATRIX=M.dim() == 4, num_warps=8,
-                                                  num_stages=1)  # the default (3) spills at K = 256
-        return dqe, dlam, dx, dv, dM, G[:, NC % 2], None, None, None, None, None, None
+        *inputs, S = ctx.saved_tensors
+        grads = walk_backward(WalkRows(*inputs), S, do, dS_final, ctx.prec, ctx.group)
+        return *grads, None, None, None, None, None, None
+
+
+def walk_group(NC: int, needs_grad: bool, group: int | None = None) -> int:
+    """Chunks per checkpoint: :func:`checkpoint_group` when a backward is to come; otherwise (inference,
+    a prefill) one group for the whole walk, which keeps the first and last boundaries only."""
+    return checkpoint_group(NC, group) if needs_grad else triton.next_power_of_2(NC)
 
 
 def fused_inter(q_eff, lam_inter, x, v, tok_rank, M, dest, S0, input_dtype=torch.float32, group=None):
@@ -332,24 +395,8 @@ def fused_inter(q_eff, lam_inter, x, v, tok_rank, M, dest, S0, input_dtype=torch
     N, H, NC, L, K = q_eff.shape
     C, Vd = dest.shape[-1], v.shape[-1]
     Kp, Vp = padded_size(K), padded_size(Vd)
-    lo, hi = source_ranges(dest)
-    R = N * H
-    f32 = torch.float32
-
-    def rows(t, pad=()):  # float32, contiguous, [R, ...], K / V zero-padded to power-of-two tiles
-        t = t.to(f32)
-        if any(pad):
-            t = torch.nn.functional.pad(t, pad)
-        return t.reshape(R, *t.shape[2:]).contiguous()
-
-    transition = rows(M, (0, Kp - K, 0, Kp - K)) if M.dim() == 5 else rows(M)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q_eff, lam_inter, x, v, M, S0)):
-        group = checkpoint_group(NC, group)
-    else:  # no backward to come (inference, a prefill): the first and last boundaries only
-        group = triton.next_power_of_2(NC)
-    o, S = _FusedInter.apply(rows(q_eff, (0, Kp - K)), rows(lam_inter), rows(x, (0, Kp - K)),
-                             rows(v, (0, Vp - Vd)), transition, rows(S0, (0, Vp - Vd, 0, Kp - K)),
-                             tok_rank.to(torch.int32).reshape(R, NC, L).contiguous(), lo.reshape(R, NC, C),
-                             hi.reshape(R, NC, C), dest.to(torch.int32).reshape(R, NC, C).contiguous(),
-                             input_precision(input_dtype), group)
+    w = walk_rows(q_eff, lam_inter, x, v, tok_rank, M, dest)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q_eff, lam_inter, x, v, M, S0))
+    o, S = _FusedInter.apply(w.qe, w.lam, w.x, w.v, w.M, padded_rows(S0, (0, Vp - Vd, 0, Kp - K)), w.rank, w.lo,
+                             w.hi, w.dest, input_precision(input_dtype), walk_group(NC, needs_grad, group))
     return o.reshape(N, H, NC, L, Vp)[..., :Vd], S.reshape(N, H, C, Kp, Vp)[..., :K, :Vd]
