@@ -16,13 +16,15 @@ Ranks and labels come from :func:`dla.schedule.schedule.segment_structure` on ``
 (the carried segments, oldest first, then the chunk's tokens), so a chunk costs O(L (C + L)) of
 bookkeeping and nothing is ever T x T.
 
-Memory kept for backward (autograd): per chunk the states carried in (``C K V`` per chunk, i.e.
-``T K V C / L`` in total) and ``O(L (C + L) + L K)`` per chunk of coefficients, labels and
-effective queries; the unfused inter part (:func:`_inter`) also keeps the weighted queries
-(``T C K``) and the token writes (``T / L · C K V``), in blocks of value columns recomputed in the
-backward when the states would exceed ``INTER_BLOCK_BYTES``. On CUDA the inter part of both bases
-is one fused Triton walk (:mod:`dla.ops.triton.chunk_inter`) that keeps only the carried states;
-the sequential walks come from a :class:`Walks` backend (PyTorch loops or Triton kernels).
+Memory kept for backward: step 3 (the coefficients inside every chunk and ``O_intra``) keeps only
+its inputs, the chunks' q, k, v, g, β, λ and one-byte labels, and reruns in the backward
+(its intermediates are ``O(L² + L K)`` floats per chunk). On CUDA the inter part of both bases is
+one fused Triton walk (:mod:`dla.ops.triton.chunk_inter`) that keeps the carried states at every
+``G``-th chunk boundary; step 3's outputs, which it reads, are recomputed too. The unfused inter
+part (:func:`_inter`, the PyTorch walks) keeps the states carried into every chunk (``T K V C / L``
+in total), the weighted queries (``T C K``) and the token writes (``T / L · C K V``), in blocks of
+value columns recomputed in the backward when the states would exceed ``INTER_BLOCK_BYTES``. The
+sequential walks come from a :class:`Walks` backend (PyTorch loops or Triton kernels).
 """
 
 from __future__ import annotations
@@ -106,44 +108,35 @@ def chunk_dla(q, k, v, g, lam, schedule, beta=None, scale=None, initial_state: D
     exists = torch.cat([(in_death.flip(-1) != NONE)[..., None, :].expand(N, H, NC, L, C),
                         (tq[..., None, :] <= t_i).expand(N, H, NC, L, L)], -1)
     st = segment_structure(live, unit_pos, exists, tq.expand(N, H, NC, L), ds.label_rule)
-    Lam = gather_labels(lam_c, st["label"]) * exists
-    lam_inter, lam_intra = Lam[..., :C].flip(-1), Lam[..., C:]  # inter in slot order
+    label = narrow_labels(st["label"], lam_c.shape[-1])
+    # in slot order, zero for empty slots (the mask [N, H, NC, 1, C] is what the product keeps)
+    lam_inter = gather_labels(lam_c, label[..., :C]).flip(-1) * (in_death != NONE)[..., None, :]
     rank_end = torch.where(exists[..., -1, :], st["rank"][..., -1, :], C)  # C: routed nowhere
     dest, tok_rank = rank_end[..., :C].flip(-1), rank_end[..., C:]  # old slot -> new slot; token -> slot
 
-    # 3. the base model's coefficients inside every chunk (parallel over chunks)
-    gc = g_c.cumsum(-1)
-    causal = torch.ones(L, L, dtype=torch.bool, device=dev).tril()
-    D = torch.where(causal, gc[..., :, None] - gc[..., None, :], -torch.inf).exp()
-    gamma = gc.exp()
-    QKD = (q_c @ k_c.transpose(-1, -2)) * D
-    k_end = k_c * D[..., -1, :, None]  # A_{end} ... A_{s+1} applied to k_s (Mamba-2 part)
-    if x.beta is None:
-        P = QKD
-        q_eff = q_c * gamma[..., None]
-        X = k_end.transpose(-1, -2)
-        M = gamma[..., -1]  # the chunk's transition A_end ... A_start: its total decay
-    else:
-        b_c = chunks(x.beta)
-        A = (b_c[..., :, None] * D * (k_c @ k_c.transpose(-1, -2))).tril(-1)
-        eye = torch.eye(L, dtype=A.dtype, device=dev)
-        T_ut = torch.linalg.solve_triangular(A + eye, torch.diag_embed(b_c), upper=False, unitriangular=True)
-        W_k = T_ut @ (k_c * gamma[..., None])
-        P = QKD @ T_ut
-        q_eff = q_c * gamma[..., None] - QKD @ W_k
-        X = k_end.transpose(-1, -2) @ T_ut
-        M = gamma[..., -1, None, None] * torch.eye(K, dtype=A.dtype, device=dev) - k_end.transpose(-1, -2) @ W_k
-    o_intra = (P * lam_intra) @ v_c
-
+    # 3. the base model's coefficients inside every chunk and what the queries read there (parallel
+    # over chunks; recomputed in the backward from the chunks' inputs)
     # 4. the carried states, chunk by chunk, and what the queries read from them
+    b_c = None if x.beta is None else chunks(x.beta)
     S0 = x.q.new_zeros(N, H, C, K, V) if x.initial is None else x.initial
+    chunk_inputs = (q_c, k_c, v_c, g_c, b_c, lam_c, label[..., C:])
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                 for t in (*chunk_inputs[:6], lam_inter, S0))
     if backend == "triton" and (x.beta is None or FUSED_GATED_DELTANET):  # one fused Triton walk
         from dla.ops.triton.chunk_inter import fused_inter
 
-        o_inter, S_final = fused_inter(q_eff, lam_inter, X.transpose(-1, -2), v_c, tok_rank, M, dest, S0, x.out_dtype)
+        if needs_grad:
+            o, S_final = _RecomputedIntraFusedWalk.apply(*chunk_inputs, lam_inter, tok_rank, dest, S0, x.out_dtype)
+        else:
+            o_intra, q_eff, X, M = intra_chunk(*chunk_inputs)
+            o_inter, S_final = fused_inter(q_eff, lam_inter, X.transpose(-1, -2), v_c, tok_rank, M, dest, S0,
+                                           x.out_dtype)
+            o = o_intra + o_inter
     else:
+        o_intra, q_eff, X, M = (_RecomputedIntraChunk.apply if needs_grad else intra_chunk)(*chunk_inputs)
         o_inter, S_final = _inter_blocked(walks, q_eff, lam_inter, X, v_c, tok_rank, M, dest, S0)
-    o = (o_intra + o_inter).reshape(N, H, NC * L, V)[:, :, :Tm]
+        o = o_intra + o_inter
+    o = o.reshape(N, H, NC * L, V)[:, :, :Tm]
     state = None
     if output_final_state:
         final_pos, final_death = slots_pos[:, :, NC], slots_death[:, :, NC]
@@ -162,8 +155,8 @@ class _GatherLabels(torch.autograd.Function):
     @staticmethod
     def forward(ctx, lam, label):
         ctx.lam_shape = lam.shape
-        ctx.save_for_backward(label.to(torch.uint8 if lam.shape[-1] <= 256 else torch.int32))
-        return lam.gather(-1, label)
+        ctx.save_for_backward(narrow_labels(label, lam.shape[-1]))
+        return lam.gather(-1, label.long())
 
     @staticmethod
     def backward(ctx, grad):
@@ -172,8 +165,122 @@ class _GatherLabels(torch.autograd.Function):
 
 
 def gather_labels(lam: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-    """λ of every unit at every query, ``lam [..., n_labels]`` gathered by ``label [..., M]``."""
-    return _GatherLabels.apply(lam, label) if torch.is_grad_enabled() and lam.requires_grad else lam.gather(-1, label)
+    """λ of every unit at every query, ``lam [..., n_labels]`` gathered by ``label [..., M]`` (any
+    integer type)."""
+    if torch.is_grad_enabled() and lam.requires_grad:
+        return _GatherLabels.apply(lam, label)
+    return lam.gather(-1, label.long())
+
+
+def narrow_labels(label: torch.Tensor, n_labels: int) -> torch.Tensor:
+    """``label`` in the narrowest integer type that holds ``n_labels`` labels (one byte up to 256)."""
+    return label.to(torch.uint8 if n_labels <= 256 else torch.int32)
+
+
+def intra_chunk(q_c, k_c, v_c, g_c, b_c, lam_c, label_intra):
+    """Step 3 of :func:`chunk_dla` for every chunk at once: the intra-chunk output ``(Λ ⊙ P) V`` and
+    the coefficients the inter part needs, ``(o_intra, q_eff, X, M)`` (module docstring). Inputs
+    ``[N, H, NC, L, ...]``; ``b_c`` is β (Gated DeltaNet) or None (Mamba-2); ``label_intra
+    [N, H, NC, L, L]`` the label of token ``s`` at query ``t`` (any label where ``s > t``, where
+    ``P`` is zero)."""
+    K, L, dev = q_c.shape[-1], q_c.shape[-2], q_c.device
+    gc = g_c.cumsum(-1)
+    causal = torch.ones(L, L, dtype=torch.bool, device=dev).tril()
+    D = torch.where(causal, gc[..., :, None] - gc[..., None, :], -torch.inf).exp()
+    gamma = gc.exp()
+    QKD = (q_c @ k_c.transpose(-1, -2)) * D
+    k_end = k_c * D[..., -1, :, None]  # A_{end} ... A_{s+1} applied to k_s (Mamba-2 part)
+    if b_c is None:
+        P = QKD
+        q_eff = q_c * gamma[..., None]
+        X = k_end.transpose(-1, -2)
+        M = gamma[..., -1]  # the chunk's transition A_end ... A_start: its total decay
+    else:
+        A = (b_c[..., :, None] * D * (k_c @ k_c.transpose(-1, -2))).tril(-1)
+        eye = torch.eye(L, dtype=A.dtype, device=dev)
+        T_ut = torch.linalg.solve_triangular(A + eye, torch.diag_embed(b_c), upper=False, unitriangular=True)
+        W_k = T_ut @ (k_c * gamma[..., None])
+        P = QKD @ T_ut
+        q_eff = q_c * gamma[..., None] - QKD @ W_k
+        X = k_end.transpose(-1, -2) @ T_ut
+        M = gamma[..., -1, None, None] * torch.eye(K, dtype=A.dtype, device=dev) - k_end.transpose(-1, -2) @ W_k
+    return (P * lam_c.gather(-1, label_intra.long())) @ v_c, q_eff, X, M
+
+
+class _RecomputedIntraChunk(torch.autograd.Function):
+    """:func:`intra_chunk` keeping only its inputs for the backward, which runs it again (the
+    PyTorch walks'; the fused walk's is :class:`_RecomputedIntraFusedWalk`). Its
+    intermediates (the decays ``D``, ``Q K^T ⊙ D``, the decayed keys, the UT transform, ``Λ ⊙ P``)
+    are ``O(L² + L K)`` floats per chunk, ~3.7 KB per token and head at L = 64, K = 128, against
+    the ~0.5 KB of labels, decays and λ it adds to the inputs the op keeps anyway; rerunning it
+    costs one more of its batched products per chunk."""
+
+    @staticmethod
+    def forward(ctx, q_c, k_c, v_c, g_c, b_c, lam_c, label_intra):
+        ctx.save_for_backward(q_c, k_c, v_c, g_c, b_c, lam_c, label_intra)
+        return intra_chunk(q_c, k_c, v_c, g_c, b_c, lam_c, label_intra)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        inputs = [None if t is None else t.detach().requires_grad_(needs)
+                  for t, needs in zip(ctx.saved_tensors, ctx.needs_input_grad)]
+        wanted = [t for t, needs in zip(inputs, ctx.needs_input_grad) if needs]
+        with torch.enable_grad():
+            outputs = intra_chunk(*inputs)
+        found = iter(torch.autograd.grad(outputs, wanted, grads, allow_unused=True))
+        return tuple(next(found) if needs else None for needs in ctx.needs_input_grad)
+
+
+class _RecomputedIntraFusedWalk(torch.autograd.Function):
+    """Steps 3 and 4 on the fused Triton walk, ``(o, final states)``, keeping for the backward only
+    step 3's inputs (it reruns step 3), ``lam_inter`` and the walk's state checkpoints: the
+    effective queries, the decayed keys and the kernels' copies of them and of the values (~1.3 KB
+    per token and head in float32 at K = 128, V = 64) are never kept."""
+
+    @staticmethod
+    def forward(ctx, q_c, k_c, v_c, g_c, b_c, lam_c, label_intra, lam_inter, tok_rank, dest, S0, input_dtype):
+        from dla.ops.triton.chunk_inter import input_precision, padded_rows, walk_forward, walk_group, walk_rows
+
+        N, H, NC, L, K = q_c.shape
+        C, V = dest.shape[-1], v_c.shape[-1]
+        o_intra, q_eff, X, M = intra_chunk(q_c, k_c, v_c, g_c, b_c, lam_c, label_intra)
+        w = walk_rows(q_eff, lam_inter, X.transpose(-1, -2), v_c, tok_rank, M, dest)
+        Kp, Vp = w.qe.shape[-1], w.v.shape[-1]
+        ctx.prec, ctx.group = input_precision(input_dtype), walk_group(NC, needs_grad=True)
+        o_inter, S = walk_forward(w, padded_rows(S0, (0, Vp - V, 0, Kp - K)), ctx.prec, ctx.group)
+        ctx.save_for_backward(q_c, k_c, v_c, g_c, b_c, lam_c, label_intra, lam_inter, tok_rank, dest, S)
+        o = o_intra + o_inter.reshape(N, H, NC, L, Vp)[..., :V].to(o_intra.dtype)
+        return o, S[:, -1].reshape(N, H, C, Kp, Vp)[..., :K, :V].to(S0.dtype)
+
+    @staticmethod
+    def backward(ctx, do, dS_final):
+        from dla.ops.triton.chunk_inter import walk_backward, walk_rows
+
+        *step3, lam_inter, tok_rank, dest, S = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:6]
+        inputs = [None if t is None else t.detach().requires_grad_(n) for t, n in zip(step3, needs)]
+        with torch.enable_grad():
+            o_intra, q_eff, X, M = intra_chunk(*inputs, step3[6])
+        w = walk_rows(q_eff.detach(), lam_inter, X.detach().transpose(-1, -2), step3[2], tok_rank, M.detach(), dest)
+        N, H, NC, L, K = q_eff.shape
+        C, V = dest.shape[-1], do.shape[-1]
+        Kp, Vp = w.qe.shape[-1], w.v.shape[-1]
+        dqe, dlam, dx, dv, dM, dS0 = walk_backward(
+            w, S, F.pad(do, (0, Vp - V)).reshape(N * H, NC, L, Vp),
+            F.pad(dS_final, (0, Vp - V, 0, Kp - K)).reshape(N * H, C, Kp, Vp), ctx.prec, ctx.group)
+        dq_eff = dqe.reshape(N, H, NC, L, Kp)[..., :K]
+        dX = dx.reshape(N, H, NC, L, Kp)[..., :K].transpose(-1, -2)
+        dM = dM.reshape(M.shape) if M.dim() == 3 else dM.reshape(N, H, NC, Kp, Kp)[..., :K, :K]
+        wanted = [t for t, n in zip(inputs, needs) if n]
+        outputs, grads = (o_intra, q_eff, X, M), (do, dq_eff, dX, dM)
+        found = iter(torch.autograd.grad(outputs, wanted, [g.to(t.dtype) for t, g in zip(outputs, grads)],
+                                         allow_unused=True))
+        d = [next(found) if n else None for n in needs]
+        if needs[2]:  # the values are read inside the chunk and written into the states
+            d[2] = d[2] + dv.reshape(N, H, NC, L, Vp)[..., :V].to(d[2].dtype)
+        dlam_inter = dlam.reshape(lam_inter.shape).to(lam_inter.dtype)
+        dS0 = dS0.reshape(N, H, C, Kp, Vp)[..., :K, :V].to(dS_final.dtype)
+        return *d, None, dlam_inter, None, None, dS0, None
 
 
 # above this capacity the PyTorch state walk routes states by scatter instead of a [C, C] matrix per

@@ -89,11 +89,14 @@ def _check_tensor(name, x, dims, dtype=None, device=None):
 
 def _check_values(finite: dict, g: torch.Tensor, beta: torch.Tensor | None = None) -> None:
     """NaN/Inf in any of ``finite``, a positive log-decay or a ``beta`` outside [0, 1]: one host sync
-    for all the checks (each would stall a GPU's queue), and an error naming the first bad argument."""
-    checks = [~torch.isfinite(x).all() for x in finite.values()] + [(g > 0).any()]
-    if beta is not None:
-        checks.append(((beta < 0) | (beta > 1)).any())
-    bad = torch.stack(checks)
+    for all the checks (each would stall a GPU's queue), and an error naming the first bad argument.
+    Without gradients: ``isfinite`` is composed of differentiable ops, which would keep the inputs
+    for a backward that never comes."""
+    with torch.no_grad():
+        checks = [~torch.isfinite(x).all() for x in finite.values()] + [(g > 0).any()]
+        if beta is not None:
+            checks.append(((beta < 0) | (beta > 1)).any())
+        bad = torch.stack(checks)
     if bool(bad.any()):
         flags = bad.tolist()
         for name, flag in zip(finite, flags):
