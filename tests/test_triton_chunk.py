@@ -142,6 +142,50 @@ def test_triton_chunk_matches_naive_directly():
     assert rel_err(o, o_ref) <= TOL
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("base", BASES)
+def test_bfloat16_inputs_get_the_gradients_of_their_values(base, backend):
+    """The op keeps q, k and v in bfloat16 for its backward and converts them again there: output
+    and every gradient those of the same values in float64, to bfloat16's rounding."""
+    inputs, schedule = make_case("dynamic", base, B=2, T=70, H=2, K=16, V=16, capacity=4, dtype=torch.bfloat16,
+                                 requires_grad=True, device=DEVICE)
+    ref = {n: None if x is None else x.detach().double().requires_grad_() for n, x in inputs.items()}
+    kw = dict(schedule=schedule, chunk_size=16, output_final_state=True)
+    o_ref, s_ref = dla.chunk_dla(**ref, backend="torch", **kw)
+    o, s = dla.chunk_dla(**inputs, backend=backend, **kw)
+    assert o.dtype == torch.bfloat16 and rel_err(o, o_ref) <= 1e-2 and rel_err(s.states, s_ref.states) <= 1e-5
+    g_ref, g = grads(o_ref.float() + s_ref.states.sum(), ref), grads(o.float() + s.states.sum(), inputs)
+    for name in g_ref:
+        assert g[name].dtype == inputs[name].dtype and rel_err(g[name], g_ref[name]) <= 1e-2, f"d{name}"
+
+
+@pytest.mark.parametrize("base", BASES)
+def test_the_fused_walk_keeps_step_3s_inputs_labels_and_state_checkpoints(base):
+    """What the chunked op on the fused walk keeps for its backward, storage by storage: q, k and v
+    as given (bfloat16), g, β and λ, one-byte labels, the λ of the carried slots, the routing and
+    the states at every 8th chunk boundary; none of step 3's O(L²) or O(L K) per-chunk tensors."""
+    N, T, H, K, V, C, L = 1, 256, 2, 32, 16, 4, 16
+    inputs, schedule = make_case("dynamic", base, B=N, T=T, H=H, K=K, V=V, capacity=C, dtype=torch.bfloat16,
+                                 requires_grad=True, device=DEVICE)
+    for name in ("g", "beta", "lam"):
+        if inputs[name] is not None:
+            inputs[name] = inputs[name].detach().float().requires_grad_()
+    kept = {}
+    with torch.autograd.graph.saved_tensors_hooks(
+            lambda t: kept.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) and t,
+            lambda t: t):
+        dla.chunk_dla(**inputs, schedule=schedule, chunk_size=L, backend="triton")
+    NC, n_labels = T // L, inputs["lam"].shape[-1]
+    expected = (2 * T * H * K * 2 + T * H * V * 2  # q, k, v
+                + T * H * 4 * (1 + (base == "gated_deltanet") + n_labels)  # g, β, λ
+                + N * H * NC * L * (C + L)  # the label of every unit at every query, one byte each
+                + N * H * NC * L * C * 4  # λ of the carried slots
+                + N * H * NC * C  # which carried slots exist
+                + N * H * NC * (L + C) * 8 + N * H * NC * C * 8  # the slots of the tokens and the carried slots
+                + N * H * (NC // 8 + 1) * C * K * V * 4)  # the state checkpoints
+    assert sum(kept.values()) == expected
+
+
 @pytest.mark.parametrize("decay", [FAST_DECAY, SLOW_DECAY], ids=["fast", "slow"])
 @pytest.mark.parametrize("base", BASES)
 @pytest.mark.parametrize("policy", ["fixed", "fenwick", "dynamic"])

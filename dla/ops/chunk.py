@@ -74,7 +74,7 @@ def chunk_dla(q, k, v, g, lam, schedule, beta=None, scale=None, initial_state: D
         raise ValueError(f"chunk_size must be one of {CHUNK_SIZES}, got {chunk_size}")
     if backend not in (None, "torch", "triton"):
         raise ValueError(f"backend must be None, 'torch' or 'triton', got {backend!r}")
-    x = prepare(q, k, v, g, lam, schedule, beta, scale, cu_seqlens, initial_state)
+    x = prepare(q, k, v, g, lam, schedule, beta, scale, cu_seqlens, initial_state, upcast_qkv=False)
     check_backend(backend, x.q.device)
     if backend is None:
         backend = default_backend(x.q.is_cuda)
@@ -118,23 +118,24 @@ def chunk_dla(q, k, v, g, lam, schedule, beta=None, scale=None, initial_state: D
     # over chunks; recomputed in the backward from the chunks' inputs)
     # 4. the carried states, chunk by chunk, and what the queries read from them
     b_c = None if x.beta is None else chunks(x.beta)
-    S0 = x.q.new_zeros(N, H, C, K, V) if x.initial is None else x.initial
-    chunk_inputs = (q_c, k_c, v_c, g_c, b_c, lam_c, label[..., C:])
+    S0 = x.g.new_zeros(N, H, C, K, V) if x.initial is None else x.initial
+    step3 = (g_c, b_c, lam_c, label[..., C:])
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                                 for t in (*chunk_inputs[:6], lam_inter, S0))
-    if backend == "triton" and (x.beta is None or FUSED_GATED_DELTANET):  # one fused Triton walk
-        from dla.ops.triton.chunk_inter import fused_inter
-
-        if needs_grad:
-            o, S_final = _RecomputedIntraFusedWalk.apply(*chunk_inputs, lam_inter, tok_rank, dest, S0, x.out_dtype)
-        else:
-            o_intra, q_eff, X, M = intra_chunk(*chunk_inputs)
-            o_inter, S_final = fused_inter(q_eff, lam_inter, X.transpose(-1, -2), v_c, tok_rank, M, dest, S0,
-                                           x.out_dtype)
-            o = o_intra + o_inter
+                                                 for t in (q_c, k_c, v_c, g_c, b_c, lam_c, lam_inter, S0))
+    fused = backend == "triton" and (x.beta is None or FUSED_GATED_DELTANET)  # one fused Triton walk
+    if fused and needs_grad:
+        o, S_final = _RecomputedIntraFusedWalk.apply(q_c, k_c, v_c, *step3, lam_inter, tok_rank, dest, S0, x.scale,
+                                                     x.out_dtype)
     else:
-        o_intra, q_eff, X, M = (_RecomputedIntraChunk.apply if needs_grad else intra_chunk)(*chunk_inputs)
-        o_inter, S_final = _inter_blocked(walks, q_eff, lam_inter, X, v_c, tok_rank, M, dest, S0)
+        q, k, v = compute_qkv(q_c, k_c, v_c, x.scale, x.compute_dtype)
+        o_intra, q_eff, X, M = (_RecomputedIntraChunk.apply if needs_grad else intra_chunk)(q, k, v, *step3)
+        if fused:
+            from dla.ops.triton.chunk_inter import fused_inter
+
+            o_inter, S_final = fused_inter(q_eff, lam_inter, X.transpose(-1, -2), v, tok_rank, M, dest, S0,
+                                           x.out_dtype)
+        else:
+            o_inter, S_final = _inter_blocked(walks, q_eff, lam_inter, X, v, tok_rank, M, dest, S0)
         o = o_intra + o_inter
     o = o.reshape(N, H, NC * L, V)[:, :, :Tm]
     state = None
@@ -143,7 +144,7 @@ def chunk_dla(q, k, v, g, lam, schedule, beta=None, scale=None, initial_state: D
         starts = torch.where(final_death != NONE, final_pos + ds.position[:, None, None], NONE)
         # a copy: the walks' final states are views of their states at every chunk boundary, which a
         # cache holding the view would keep alive (every layer's, for as long as it decodes)
-        state = x.final_state(S_final.to(x.q.dtype, copy=True), starts, schedule)
+        state = x.final_state(S_final.to(x.compute_dtype, copy=True), starts, schedule)
     return x.output(o), state
 
 
@@ -231,22 +232,30 @@ class _RecomputedIntraChunk(torch.autograd.Function):
         return tuple(next(found) if needs else None for needs in ctx.needs_input_grad)
 
 
+def compute_qkv(q_c, k_c, v_c, scale: float, dtype: torch.dtype):
+    """q, k and v in the compute dtype, q multiplied by ``scale`` (``prepare(..., upcast_qkv=False)``
+    leaves this to the op)."""
+    return q_c.to(dtype) * scale, k_c.to(dtype), v_c.to(dtype)
+
+
 class _RecomputedIntraFusedWalk(torch.autograd.Function):
-    """Steps 3 and 4 on the fused Triton walk, ``(o, final states)``, keeping for the backward only
-    step 3's inputs (it reruns step 3), ``lam_inter`` and the walk's state checkpoints: the
-    effective queries, the decayed keys and the kernels' copies of them and of the values (~1.3 KB
-    per token and head in float32 at K = 128, V = 64) are never kept."""
+    """Steps 3 and 4 on the fused Triton walk, ``(o, final states)``, from q, k and v in the input
+    dtype (q unscaled), keeping for the backward only step 3's inputs as given (it reruns step 3),
+    ``lam_inter`` and the walk's state checkpoints: float32 copies of q, k and v, the effective
+    queries, the decayed keys and the kernels' copies of them (~2 KB per token and head at K = 128,
+    V = 64 for bfloat16 inputs) are never kept."""
 
     @staticmethod
-    def forward(ctx, q_c, k_c, v_c, g_c, b_c, lam_c, label_intra, lam_inter, tok_rank, dest, S0, input_dtype):
+    def forward(ctx, q_c, k_c, v_c, g_c, b_c, lam_c, label_intra, lam_inter, tok_rank, dest, S0, scale, input_dtype):
         from dla.ops.triton.chunk_inter import input_precision, padded_rows, walk_forward, walk_group, walk_rows
 
         N, H, NC, L, K = q_c.shape
         C, V = dest.shape[-1], v_c.shape[-1]
-        o_intra, q_eff, X, M = intra_chunk(q_c, k_c, v_c, g_c, b_c, lam_c, label_intra)
-        w = walk_rows(q_eff, lam_inter, X.transpose(-1, -2), v_c, tok_rank, M, dest)
+        q, k, v = compute_qkv(q_c, k_c, v_c, scale, g_c.dtype)
+        o_intra, q_eff, X, M = intra_chunk(q, k, v, g_c, b_c, lam_c, label_intra)
+        w = walk_rows(q_eff, lam_inter, X.transpose(-1, -2), v, tok_rank, M, dest)
         Kp, Vp = w.qe.shape[-1], w.v.shape[-1]
-        ctx.prec, ctx.group = input_precision(input_dtype), walk_group(NC, needs_grad=True)
+        ctx.prec, ctx.group, ctx.scale = input_precision(input_dtype), walk_group(NC, needs_grad=True), scale
         o_inter, S = walk_forward(w, padded_rows(S0, (0, Vp - V, 0, Kp - K)), ctx.prec, ctx.group)
         ctx.save_for_backward(q_c, k_c, v_c, g_c, b_c, lam_c, label_intra, lam_inter, tok_rank, dest, S)
         o = o_intra + o_inter.reshape(N, H, NC, L, Vp)[..., :V].to(o_intra.dtype)
@@ -256,12 +265,16 @@ class _RecomputedIntraFusedWalk(torch.autograd.Function):
     def backward(ctx, do, dS_final):
         from dla.ops.triton.chunk_inter import walk_backward, walk_rows
 
-        *step3, lam_inter, tok_rank, dest, S = ctx.saved_tensors
+        q_c, k_c, v_c, g_c, b_c, lam_c, label_intra, lam_inter, tok_rank, dest, S = ctx.saved_tensors
         needs = ctx.needs_input_grad[:6]
-        inputs = [None if t is None else t.detach().requires_grad_(n) for t, n in zip(step3, needs)]
+        # step 3 again, differentiable in q, k and v in the compute dtype (the values' gradients from
+        # inside the chunk and from the walk are summed there, before any rounding to the input dtype)
+        inputs = [None if t is None else t.detach().requires_grad_(n)
+                  for t, n in zip((*compute_qkv(q_c, k_c, v_c, ctx.scale, g_c.dtype), g_c, b_c, lam_c), needs)]
         with torch.enable_grad():
-            o_intra, q_eff, X, M = intra_chunk(*inputs, step3[6])
-        w = walk_rows(q_eff.detach(), lam_inter, X.detach().transpose(-1, -2), step3[2], tok_rank, M.detach(), dest)
+            o_intra, q_eff, X, M = intra_chunk(*inputs, label_intra)
+        w = walk_rows(q_eff.detach(), lam_inter, X.detach().transpose(-1, -2), inputs[2].detach(), tok_rank,
+                      M.detach(), dest)
         N, H, NC, L, K = q_eff.shape
         C, V = dest.shape[-1], do.shape[-1]
         Kp, Vp = w.qe.shape[-1], w.v.shape[-1]
@@ -278,9 +291,12 @@ class _RecomputedIntraFusedWalk(torch.autograd.Function):
         d = [next(found) if n else None for n in needs]
         if needs[2]:  # the values are read inside the chunk and written into the states
             d[2] = d[2] + dv.reshape(N, H, NC, L, Vp)[..., :V].to(d[2].dtype)
+        if needs[0]:
+            d[0] = d[0] * ctx.scale
+        d[:3] = [None if g is None else g.to(t.dtype) for g, t in zip(d[:3], (q_c, k_c, v_c))]
         dlam_inter = dlam.reshape(lam_inter.shape).to(lam_inter.dtype)
         dS0 = dS0.reshape(N, H, C, Kp, Vp)[..., :K, :V].to(dS_final.dtype)
-        return *d, None, dlam_inter, None, None, dS0, None
+        return *d, None, dlam_inter, None, None, dS0, None, None
 
 
 # above this capacity the PyTorch state walk routes states by scatter instead of a [C, C] matrix per

@@ -40,11 +40,15 @@ class DLAState:
 
 @dataclass
 class Prepared:
-    """Checked inputs as dense head-major rows."""
+    """Checked inputs as dense head-major rows, in the compute dtype (float64 for float64 inputs,
+    else float32); with ``prepare(..., upcast_qkv=False)``, q, k and v in the input dtype and q
+    not yet multiplied by ``scale``."""
 
-    q: torch.Tensor  # [N, H, Tm, K], already multiplied by scale
+    q: torch.Tensor  # [N, H, Tm, K], multiplied by scale (unless upcast_qkv=False)
     k: torch.Tensor  # [N, H, Tm, K]
     v: torch.Tensor  # [N, H, Tm, V]
+    scale: float
+    compute_dtype: torch.dtype
     g: torch.Tensor  # [N, H, Tm]
     beta: torch.Tensor | None  # [N, H, Tm]
     lam: torch.Tensor  # [N, H, Tm, n_labels]
@@ -66,7 +70,7 @@ class Prepared:
         lengths = self.schedule.lengths
         last = (lengths - 1).clamp(min=0)
         rows = torch.arange(lengths.numel(), device=lengths.device)
-        prev_key = self.k[rows, :, last].detach() if self.k.shape[2] else None
+        prev_key = self.k[rows, :, last].detach().to(self.compute_dtype) if self.k.shape[2] else None
         if self.initial_prev_key is not None:
             keep = (lengths > 0)[:, None, None]
             prev_key = self.initial_prev_key if prev_key is None else torch.where(keep, prev_key, self.initial_prev_key)
@@ -118,14 +122,16 @@ def check_backend(backend: str | None, device: torch.device) -> None:
 
 
 def prepare(q, k, v, g, lam, schedule, beta=None, scale=None, cu_seqlens=None, initial_state=None,
-            validate: bool = True) -> Prepared:
+            validate: bool = True, upcast_qkv: bool = True) -> Prepared:
     """Validate the op inputs (``ValueError``/``TypeError`` naming the argument) and unpack them.
 
     ``validate=False`` skips the checks that read tensor values on the host (NaN/Inf, signs and
     ranges, the schedule's level labels against ``lam``, ``initial_state`` against the schedule):
     on a GPU each one waits for the device, and none can be in a CUDA graph. Types, shapes and
     devices are still checked. For inputs that were checked once before a run of calls, as the
-    decoding steps of :func:`dla.generate` after its prompt."""
+    decoding steps of :func:`dla.generate` after its prompt. ``upcast_qkv=False`` leaves q, k and v
+    in the input dtype and q unscaled, for a caller that converts them where it needs them and
+    would otherwise keep float32 copies for its backward (:func:`dla.chunk_dla`)."""
     _check_tensor("q", q, "BTHK")
     dt, dev = q.dtype, q.device
     B, T, H, K = q.shape
@@ -197,13 +203,15 @@ def prepare(q, k, v, g, lam, schedule, beta=None, scale=None, cu_seqlens=None, i
 
     cdt = torch.float64 if dt == torch.float64 else torch.float32
 
-    def rows(x):
-        x = x.to(cdt)
+    def rows(x, upcast=True):
+        x = x.to(cdt) if upcast else x
         if cu_seqlens is not None:
             x = unpack(x, cu_seqlens, dense.max_len)
         return x.transpose(1, 2)
 
-    p = Prepared(q=rows(q) * scale, k=rows(k), v=rows(v), g=rows(g), beta=None if beta is None else rows(beta),
+    q_rows = rows(q) * scale if upcast_qkv else rows(q, upcast=False)
+    p = Prepared(q=q_rows, k=rows(k, upcast_qkv), v=rows(v, upcast_qkv), scale=scale, compute_dtype=cdt, g=rows(g),
+                 beta=None if beta is None else rows(beta),
                  lam=rows(lam), schedule=dense, cu_seqlens=cu_seqlens, out_dtype=v.dtype,
                  initial=None if initial is None else initial.to(cdt), initial_prev_key=prev_key0)
     return p
