@@ -188,6 +188,10 @@ class GraphStep:
         self.logits = self.next = None
 
     def capture(self, graph: bool = True) -> None:
+        if graph:
+            # the prompt's pass leaves its freed blocks cached for the default stream; the trial steps
+            # run on a side stream and the graph allocates from a pool of its own, which cannot use them
+            torch.cuda.empty_cache()
         for layer in self.cache.layers:
             if isinstance(layer, KVCache):
                 layer.make_static()
@@ -284,9 +288,14 @@ class GraphStep:
 
     def _save(self):
         """What a trial step changes: the cache's tensors (not the attention keys and values: a step
-        only writes the slot at the cursor, which the real step rewrites) and its host counters."""
-        keep = [None if isinstance(holder, KVCache) and key in ("keys", "values") else buffer.clone()
-                for (holder, key), buffer in zip(self.slots, self.buffers)]
+        only writes the slot at the cursor, which the real step rewrites) and its host counters. The
+        copies stay on the device where it has room for them (:func:`trial_copy_device`)."""
+        kept = [not (isinstance(holder, KVCache) and key in ("keys", "values")) for holder, key in self.slots]
+        device = self.buffers[0].device if self.buffers else torch.device("cpu")
+        nbytes = sum(b.numel() * b.element_size() for b, keep in zip(self.buffers, kept) if keep)
+        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+        where = trial_copy_device(device, nbytes, free)
+        keep = [buffer.to(where, copy=True) if keep else None for buffer, keep in zip(self.buffers, kept)]
         return keep, self.cache.seen_tokens, [getattr(layer, "size", 0) for layer in self.cache.layers]
 
     def _restore(self, saved) -> None:
@@ -300,6 +309,15 @@ class GraphStep:
         for layer, size in zip(self.cache.layers, sizes):
             if isinstance(layer, KVCache):
                 layer.size = size
+
+
+def trial_copy_device(device: torch.device, nbytes: int, free_bytes: int | None) -> torch.device:
+    """Where :class:`GraphStep` keeps the copy of the cache it restores after each trial step: on
+    the device when ``free_bytes`` (None: unlimited, as on a CPU) holds it twice over (the copy, and
+    room for a step that writes new states), else in host memory, slower to restore but never the
+    reason a large batch runs out of device memory (at batch 64, a 12-layer DLA-Mamba-2 cache of
+    30 slots is 18 GB)."""
+    return device if free_bytes is None or 2 * nbytes <= free_bytes else torch.device("cpu")
 
 
 def cache_entries(cache: DLACache) -> list[tuple[object, object, object]]:

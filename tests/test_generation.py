@@ -363,6 +363,27 @@ def test_cuda_graph_generate_of_dla_policies_gives_the_same_tokens(mixer, policy
     assert torch.equal(got, want)
 
 
+def test_the_trial_copy_of_the_cache_stays_on_the_device_only_where_it_fits_twice():
+    gpu = torch.device("cuda", 0)
+    assert generation.trial_copy_device(gpu, 10 * 2**30, 20 * 2**30) == gpu
+    assert generation.trial_copy_device(gpu, 10 * 2**30, 20 * 2**30 - 1) == torch.device("cpu")
+    assert generation.trial_copy_device(torch.device("cpu"), 10 * 2**30, None) == torch.device("cpu")
+
+
+@cuda
+def test_cuda_graph_generate_with_the_trial_copy_in_host_memory(monkeypatch):
+    """A cache too large to copy on the device is copied to the host for the trial steps: the
+    restored cache decodes the tokens of ``model.generate()``."""
+    places = []
+    monkeypatch.setattr(generation, "trial_copy_device", lambda *a: places.append(1) or torch.device("cpu"))
+    model = tiny_model("mamba2", "dynamic", device="cuda")
+    ids, mask = left_padded((9, 4, 7), device="cuda")
+    want = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+    decoding = generation.start_decoding(model, ids, 12, attention_mask=mask, use_cuda_graph=True)
+    assert places and decoding.graph
+    assert torch.equal(dla.generate(model, ids, 12, attention_mask=mask, use_cuda_graph=True), want)
+
+
 @cuda
 @pytest.mark.parametrize("mixer, policy", DLA_CASES)
 def test_dla_step_on_cuda_runs_the_decode_kernel_and_never_waits(mixer, policy, monkeypatch):
