@@ -142,6 +142,28 @@ def test_triton_chunk_matches_naive_directly():
     assert rel_err(o, o_ref) <= TOL
 
 
+@pytest.mark.parametrize("base, fused", WALKS[0::2], ids=WALK_IDS[0::2])
+def test_the_backward_reruns_step_3_in_groups_of_chunks(base, fused, monkeypatch):
+    """Step 3 rerun one chunk at a time in the backward (the fused walk's groups made as small as
+    they go) gives the gradients of the reference."""
+    from dla.ops import chunk
+
+    monkeypatch.setattr(chunk, "RECOMPUTE_MIN_CHUNKS", 1)
+    monkeypatch.setattr(chunk, "RECOMPUTE_GROUPS", 1000)
+    assert chunk.recompute_groups(3) == [slice(0, 1), slice(1, 2), slice(2, 3)]
+    inputs, schedule = make_case("dynamic", base, B=2, T=45, H=2, K=16, V=16, capacity=4, dtype=torch.float32,
+                                 requires_grad=True, device=DEVICE)
+    check(inputs, schedule)
+
+
+def test_recompute_groups():
+    from dla.ops.chunk import recompute_groups
+
+    assert recompute_groups(5) == [slice(0, 5)]
+    assert recompute_groups(64) == [slice(0, 16), slice(16, 32), slice(32, 48), slice(48, 64)]
+    assert recompute_groups(130) == [slice(0, 33), slice(33, 66), slice(66, 99), slice(99, 130)]
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("base", BASES)
 def test_bfloat16_inputs_get_the_gradients_of_their_values(base, backend):

@@ -267,36 +267,68 @@ class _RecomputedIntraFusedWalk(torch.autograd.Function):
 
         q_c, k_c, v_c, g_c, b_c, lam_c, label_intra, lam_inter, tok_rank, dest, S = ctx.saved_tensors
         needs = ctx.needs_input_grad[:6]
-        # step 3 again, differentiable in q, k and v in the compute dtype (the values' gradients from
-        # inside the chunk and from the walk are summed there, before any rounding to the input dtype)
-        inputs = [None if t is None else t.detach().requires_grad_(n)
-                  for t, n in zip((*compute_qkv(q_c, k_c, v_c, ctx.scale, g_c.dtype), g_c, b_c, lam_c), needs)]
-        with torch.enable_grad():
-            o_intra, q_eff, X, M = intra_chunk(*inputs, label_intra)
-        w = walk_rows(q_eff.detach(), lam_inter, X.detach().transpose(-1, -2), inputs[2].detach(), tok_rank,
-                      M.detach(), dest)
-        N, H, NC, L, K = q_eff.shape
-        C, V = dest.shape[-1], do.shape[-1]
+        N, H, NC, L, K = q_c.shape
+        C, V, cdt = dest.shape[-1], do.shape[-1], g_c.dtype
+        groups = recompute_groups(NC)
+
+        def step3_inputs(sl):  # step 3's inputs for the chunks sl, q, k and v in the compute dtype
+            qkv = compute_qkv(q_c[:, :, sl], k_c[:, :, sl], v_c[:, :, sl], ctx.scale, cdt)
+            return (*qkv, g_c[:, :, sl], None if b_c is None else b_c[:, :, sl], lam_c[:, :, sl])
+
+        # 1. the walk's inputs, step 3 again without gradients, a group of chunks at a time
+        q_eff, x = (q_c.new_empty((N, H, NC, L, K), dtype=cdt) for _ in range(2))
+        M = q_c.new_empty((N, H, NC) if b_c is None else (N, H, NC, K, K), dtype=cdt)
+        with torch.no_grad():
+            for sl in groups:
+                _, q_eff_sl, X_sl, M_sl = intra_chunk(*step3_inputs(sl), label_intra[:, :, sl])
+                q_eff[:, :, sl], x[:, :, sl], M[:, :, sl] = q_eff_sl, X_sl.transpose(-1, -2), M_sl
+        w = walk_rows(q_eff, lam_inter, x, v_c.to(cdt), tok_rank, M, dest)
+        del q_eff, x
+        # 2. the reverse walk
         Kp, Vp = w.qe.shape[-1], w.v.shape[-1]
         dqe, dlam, dx, dv, dM, dS0 = walk_backward(
             w, S, F.pad(do, (0, Vp - V)).reshape(N * H, NC, L, Vp),
             F.pad(dS_final, (0, Vp - V, 0, Kp - K)).reshape(N * H, C, Kp, Vp), ctx.prec, ctx.group)
+        del w
         dq_eff = dqe.reshape(N, H, NC, L, Kp)[..., :K]
         dX = dx.reshape(N, H, NC, L, Kp)[..., :K].transpose(-1, -2)
         dM = dM.reshape(M.shape) if M.dim() == 3 else dM.reshape(N, H, NC, Kp, Kp)[..., :K, :K]
-        wanted = [t for t, n in zip(inputs, needs) if n]
-        outputs, grads = (o_intra, q_eff, X, M), (do, dq_eff, dX, dM)
-        found = iter(torch.autograd.grad(outputs, wanted, [g.to(t.dtype) for t, g in zip(outputs, grads)],
-                                         allow_unused=True))
-        d = [next(found) if n else None for n in needs]
-        if needs[2]:  # the values are read inside the chunk and written into the states
-            d[2] = d[2] + dv.reshape(N, H, NC, L, Vp)[..., :V].to(d[2].dtype)
-        if needs[0]:
-            d[0] = d[0] * ctx.scale
-        d[:3] = [None if g is None else g.to(t.dtype) for g, t in zip(d[:3], (q_c, k_c, v_c))]
+        dv = dv.reshape(N, H, NC, L, Vp)[..., :V]
+        # 3. step 3 once more with gradients, a group of chunks at a time: the gradients of q, k and v
+        # are summed in the compute dtype (the values' from inside the chunk and from the walk) and
+        # rounded to the input dtype last
+        d = [None if not n else torch.empty_like(t) for t, n in zip((q_c, k_c, v_c, g_c, b_c, lam_c), needs)]
+        for sl in groups:
+            leaves = [None if t is None else t.detach().requires_grad_(n) for t, n in zip(step3_inputs(sl), needs)]
+            with torch.enable_grad():
+                outputs = intra_chunk(*leaves, label_intra[:, :, sl])
+            upstream = (do[:, :, sl], dq_eff[:, :, sl], dX[:, :, sl], dM[:, :, sl])
+            found = iter(torch.autograd.grad(outputs, [t for t, n in zip(leaves, needs) if n],
+                                             [g.to(o.dtype) for o, g in zip(outputs, upstream)], allow_unused=True))
+            for i, n in enumerate(needs):
+                if n:
+                    grad = next(found)
+                    grad = torch.zeros_like(leaves[i]) if grad is None else grad
+                    if i == 0:
+                        grad = grad * ctx.scale
+                    elif i == 2:  # the values are read inside the chunk and written into the states
+                        grad = grad + dv[:, :, sl].to(grad.dtype)
+                    d[i][:, :, sl] = grad
         dlam_inter = dlam.reshape(lam_inter.shape).to(lam_inter.dtype)
         dS0 = dS0.reshape(N, H, C, Kp, Vp)[..., :K, :V].to(dS_final.dtype)
         return *d, None, dlam_inter, None, None, dS0, None, None
+
+
+# The backward reruns step 3 in at most RECOMPUTE_GROUPS groups of at least RECOMPUTE_MIN_CHUNKS
+# chunks: its intermediates (~4 KB per token and head at L = 64, K = 128) then exist for a quarter
+# of the sequence at a time, at four times the launches (few enough that none of them dominates).
+RECOMPUTE_GROUPS, RECOMPUTE_MIN_CHUNKS = 4, 16
+
+
+def recompute_groups(NC: int) -> list[slice]:
+    """The groups of chunks in which the fused path's backward reruns step 3."""
+    size = max(RECOMPUTE_MIN_CHUNKS, -(-NC // RECOMPUTE_GROUPS))
+    return [slice(a, min(a + size, NC)) for a in range(0, NC, size)]
 
 
 # above this capacity the PyTorch state walk routes states by scatter instead of a [C, C] matrix per
