@@ -2,6 +2,8 @@
 backward) against the PyTorch path and the O(T^2) reference. On CPU they run in Triton's
 interpreter (tiny shapes); on a GPU the same tests check the compiled kernels."""
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import BASES, FAST_DECAY, SLOW_DECAY, WALK_RESULTS, grads, make_case, rel_err, walk_case, walk_results
@@ -142,6 +144,47 @@ def test_triton_chunk_matches_naive_directly():
     assert rel_err(o, o_ref) <= TOL
 
 
+@pytest.mark.parametrize("chunk_size", [16, 64])
+@pytest.mark.parametrize("policy, label_rule, extra_labels", [
+    ("dynamic", "recency", 1), ("dynamic", "level", 1), ("fenwick", "level", 1), ("fixed", "recency", 300),
+    ("single", "recency", 1)])
+def test_the_unit_labels_kernel_gives_the_torch_bookkeeping(policy, label_rule, extra_labels, chunk_size,
+                                                            monkeypatch):
+    """Ranks, labels and routing of every chunk's units from the Triton kernel equal, integer for
+    integer, those of the PyTorch bookkeeping (segment_structure), for fresh and continued windows,
+    padded sequences, a capacity that is no power of two and more than 256 labels (int32 labels)."""
+    from dla.ops import chunk
+    from dla.ops.triton import chunk_state
+
+    compared = []
+
+    def both(*args):
+        ours, reference = chunk_state.unit_labels(*args), chunk._torch_unit_labels(*args)
+        for a, b in zip(ours, reference):
+            assert a.dtype == b.dtype and torch.equal(a, b)
+        compared.append(ours[0].dtype)
+        return ours
+
+    monkeypatch.setattr(chunk, "backend_walks", lambda name: dataclasses.replace(chunk.TORCH_WALKS, unit_labels=both))
+    T, T1 = 150, 70
+    inputs, _ = make_case(policy, "mamba2", label_rule, B=3, T=T, H=2, K=8, V=8, capacity=5, period=4,
+                          extra_labels=extra_labels, device=DEVICE)
+    kw = dict(batch=3, heads=2, capacity=9 if policy == "fenwick" else 5, label_rule=label_rule, period=4)
+    head = {n: None if x is None else x[:, :T1] for n, x in inputs.items()}
+    tail = {n: None if x is None else x[:, T1:] for n, x in inputs.items()}
+    dynamic = policy == "dynamic"
+    s1 = dla.plan_schedule(policy, length=T1, scores=dla.novelty_scores(head["k"]) if dynamic else None, **kw)
+    _, state = dla.chunk_dla(**head, schedule=s1, chunk_size=chunk_size, output_final_state=True)
+    s2 = dla.plan_schedule(policy, length=T - T1, initial_state=state, **kw,
+                           scores=dla.novelty_scores(tail["k"], prev_key=state.prev_key) if dynamic else None)
+    dla.chunk_dla(**tail, schedule=s2, initial_state=state, chunk_size=chunk_size)  # carried segments
+    cu = torch.tensor([0, 40, 41, 150])
+    packed, s3 = make_case(policy, "mamba2", label_rule, B=1, T=T, H=2, K=8, V=8, capacity=5, period=4,
+                           extra_labels=extra_labels, cu_seqlens=cu, device=DEVICE)
+    dla.chunk_dla(**packed, schedule=s3, cu_seqlens=cu.to(DEVICE), chunk_size=chunk_size)
+    assert compared == [torch.int32 if extra_labels > 256 else torch.uint8] * 3
+
+
 @pytest.mark.parametrize("base, fused", WALKS[0::2], ids=WALK_IDS[0::2])
 def test_the_backward_reruns_step_3_in_groups_of_chunks(base, fused, monkeypatch):
     """Step 3 rerun one chunk at a time in the backward (the fused walk's groups made as small as
@@ -203,7 +246,7 @@ def test_the_fused_walk_keeps_step_3s_inputs_labels_and_state_checkpoints(base):
                 + N * H * NC * L * (C + L)  # the label of every unit at every query, one byte each
                 + N * H * NC * L * C * 4  # λ of the carried slots
                 + N * H * NC * C  # which carried slots exist
-                + N * H * NC * (L + C) * 8 + N * H * NC * C * 8  # the slots of the tokens and the carried slots
+                + N * H * NC * (L + C) * 8  # the new slots of the chunk's tokens and of the carried slots
                 + N * H * (NC // 8 + 1) * C * K * V * 4)  # the state checkpoints
     assert sum(kept.values()) == expected
 

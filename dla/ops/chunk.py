@@ -14,7 +14,8 @@ Per chunk ``[a, a + L)`` with the ``<= C`` segments alive at ``a - 1`` carried i
 
 Ranks and labels come from :func:`dla.schedule.schedule.segment_structure` on ``C + L`` units
 (the carried segments, oldest first, then the chunk's tokens), so a chunk costs O(L (C + L)) of
-bookkeeping and nothing is ever T x T.
+bookkeeping and nothing is ever T x T; the Triton backend computes the same integers in one
+kernel (:func:`dla.ops.triton.chunk_state.unit_labels`).
 
 Memory kept for backward: step 3 (the coefficients inside every chunk and ``O_intra``) keeps only
 its inputs, the chunks' q, k, v, g, β, λ and one-byte labels, and reruns in the backward
@@ -37,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from dla.ops.common import DLAState, check_backend, prepare
+from dla.ops.common import DLAState, check_backend, label_dtype, prepare
 from dla.schedule.schedule import NONE, advance_slots, segment_structure
 
 CHUNK_SIZES = (16, 32, 64, 128)
@@ -84,7 +85,6 @@ def chunk_dla(q, k, v, g, lam, schedule, beta=None, scale=None, initial_state: D
     V, C, L = x.v.shape[-1], ds.capacity, chunk_size
     NC = max(1, -(-Tm // L))
     pad = NC * L - Tm
-    dev = x.q.device
 
     def chunks(t, fill=0.0):  # [N, H, Tm, ...] -> [N, H, NC, L, ...], padded with identity steps
         if pad:  # (F.pad copies even when there is nothing to pad)
@@ -95,28 +95,18 @@ def chunk_dla(q, k, v, g, lam, schedule, beta=None, scale=None, initial_state: D
     sd = chunks(ds.start_death, NONE)
 
     # 1. the segments carried into every chunk (no gradient: the schedule is data)
-    tok = torch.arange(L, device=dev)
     slots_pos, slots_death = walks.carried_slots(sd.reshape(N, H, NC * L), ds.carried_pos, ds.carried_death, L)
-    in_pos, in_death = slots_pos[:, :, :NC], slots_death[:, :, :NC]  # [N, H, NC, C]
+    filled = slots_death[:, :, :NC] != NONE  # [N, H, NC, C]: the slots entering every chunk that hold a segment
 
-    # 2. ranks and labels of the C + L units of every chunk, at every query of the chunk
-    tq = (torch.arange(NC, device=dev)[:, None] * L + tok)  # [NC, L]
-    unit_pos = torch.cat([in_pos.flip(-1), tq.expand(N, H, NC, L)], -1)  # [N, H, NC, M]
-    unit_death = torch.cat([in_death.flip(-1), sd], -1)
-    t_i = tq[..., :, None]  # [NC, L, 1]
-    live = (unit_death[..., None, :] != NONE) & (unit_death[..., None, :] > t_i) & (unit_pos[..., None, :] <= t_i)
-    exists = torch.cat([(in_death.flip(-1) != NONE)[..., None, :].expand(N, H, NC, L, C),
-                        (tq[..., None, :] <= t_i).expand(N, H, NC, L, L)], -1)
-    st = segment_structure(live, unit_pos, exists, tq.expand(N, H, NC, L), ds.label_rule)
-    label = narrow_labels(st["label"], lam_c.shape[-1])
-    # in slot order, zero for empty slots (the mask [N, H, NC, 1, C] is what the product keeps)
-    lam_inter = gather_labels(lam_c, label[..., :C]).flip(-1) * (in_death != NONE)[..., None, :]
-    rank_end = torch.where(exists[..., -1, :], st["rank"][..., -1, :], C)  # C: routed nowhere
-    dest, tok_rank = rank_end[..., :C].flip(-1), rank_end[..., C:]  # old slot -> new slot; token -> slot
+    # 2. ranks and labels of the C + L units of every chunk, at every query of the chunk, and the
+    # routing at its end: old slot -> new slot, token -> slot
+    label, dest, tok_rank = walks.unit_labels(slots_pos, slots_death, sd, L, ds.label_rule, lam_c.shape[-1])
+    # λ in slot order, zero for empty slots (the mask [N, H, NC, 1, C] is what the product keeps)
+    lam_inter = gather_labels(lam_c, label[..., :C]).flip(-1) * filled[..., None, :]
 
     # 3. the base model's coefficients inside every chunk and what the queries read there (parallel
-    # over chunks; recomputed in the backward from the chunks' inputs)
-    # 4. the carried states, chunk by chunk, and what the queries read from them
+    # over chunks; rerun in the backward from the chunks' inputs), and 4. the carried states,
+    # chunk by chunk, and what the queries read from them
     b_c = None if x.beta is None else chunks(x.beta)
     S0 = x.g.new_zeros(N, H, C, K, V) if x.initial is None else x.initial
     step3 = (g_c, b_c, lam_c, label[..., C:])
@@ -174,8 +164,8 @@ def gather_labels(lam: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
 
 
 def narrow_labels(label: torch.Tensor, n_labels: int) -> torch.Tensor:
-    """``label`` in the narrowest integer type that holds ``n_labels`` labels (one byte up to 256)."""
-    return label.to(torch.uint8 if n_labels <= 256 else torch.int32)
+    """``label`` in the narrowest integer type that holds ``n_labels`` labels (:func:`label_dtype`)."""
+    return label.to(label_dtype(n_labels))
 
 
 def intra_chunk(q_c, k_c, v_c, g_c, b_c, lam_c, label_intra):
@@ -369,12 +359,14 @@ def _inter(walks, q_eff, lam_inter, X, v_c, tok_rank, M, dest, S0):
 
 @dataclass(frozen=True)
 class Walks:
-    """One backend of the chunked path's two sequential walks over chunks: the segments carried
-    into every chunk, and the (unfused) state recurrence. ``TORCH_WALKS`` is the reference;
+    """One backend of the chunked path's bookkeeping and sequential walks over chunks: the
+    segments carried into every chunk, the ranks and labels of every chunk's units (with the
+    routing at its end), and the (unfused) state recurrence. ``TORCH_WALKS`` is the reference;
     :func:`backend_walks` gives the one a backend name selects."""
 
     name: str
     carried_slots: Callable
+    unit_labels: Callable
     state_recurrence: Callable
 
 
@@ -389,6 +381,21 @@ def _torch_carried_slots(start_death, carried_pos, carried_death, L):
         pos.append(p)
         death.append(d)
     return torch.stack(pos, 2), torch.stack(death, 2)
+
+
+def _torch_unit_labels(slots_pos, slots_death, start_death, L, label_rule, n_labels):
+    N, H, NC, C = slots_death[:, :, :-1].shape
+    in_pos, in_death = slots_pos[:, :, :NC], slots_death[:, :, :NC]
+    tq = torch.arange(NC * L, device=start_death.device).reshape(NC, L)  # every query
+    unit_pos = torch.cat([in_pos.flip(-1), tq.expand(N, H, NC, L)], -1)  # [N, H, NC, C + L], oldest first
+    unit_death = torch.cat([in_death.flip(-1), start_death], -1)
+    t_i = tq[..., :, None]  # [NC, L, 1]
+    live = (unit_death[..., None, :] != NONE) & (unit_death[..., None, :] > t_i) & (unit_pos[..., None, :] <= t_i)
+    exists = torch.cat([(in_death.flip(-1) != NONE)[..., None, :].expand(N, H, NC, L, C),
+                        (tq[..., None, :] <= t_i).expand(N, H, NC, L, L)], -1)
+    st = segment_structure(live, unit_pos, exists, tq.expand(N, H, NC, L), label_rule)
+    rank_end = torch.where(exists[..., -1, :], st["rank"][..., -1, :], C)  # C: routed nowhere
+    return narrow_labels(st["label"], n_labels), rank_end[..., :C].flip(-1), rank_end[..., C:]
 
 
 def _torch_state_recurrence(S0, M, W, dest):
@@ -416,13 +423,13 @@ def _torch_state_recurrence(S0, M, W, dest):
 
 
 # the two walks as PyTorch loops: the reference for the Triton kernels
-TORCH_WALKS = Walks("torch", _torch_carried_slots, _torch_state_recurrence)
+TORCH_WALKS = Walks("torch", _torch_carried_slots, _torch_unit_labels, _torch_state_recurrence)
 
 
 def backend_walks(backend: str) -> Walks:
     """The walks of ``backend`` (``"torch"`` or ``"triton"``; Triton is imported only here)."""
     if backend == "triton":
-        from dla.ops.triton.chunk_state import carried_slots, state_recurrence
+        from dla.ops.triton.chunk_state import carried_slots, state_recurrence, unit_labels
 
-        return Walks("triton", carried_slots, state_recurrence)
+        return Walks("triton", carried_slots, unit_labels, state_recurrence)
     return TORCH_WALKS

@@ -78,6 +78,12 @@ class Prepared:
         return DLAState(states=states, segments=segments, prev_key=prev_key)
 
 
+def label_dtype(n_labels: int) -> torch.dtype:
+    """The narrowest integer type that holds ``n_labels`` λ labels (one byte up to 256): the chunked
+    path keeps the label of every unit at every query."""
+    return torch.uint8 if n_labels <= 256 else torch.int32
+
+
 def _check_tensor(name, x, dims, dtype=None, device=None):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")

@@ -1,10 +1,12 @@
-"""Triton kernels for the two sequential parts of the chunked path (GPU; CPU via TRITON_INTERPRET).
-
-Everything else in ``dla.ops.chunk`` is parallel over chunks (batched matrix products). What is
-left is a walk over chunks for every sequence-head:
+"""Triton kernels for the bookkeeping and the unfused walks of the chunked path (GPU; CPU via
+TRITON_INTERPRET). Everything else in ``dla.ops.chunk`` is parallel over chunks (batched matrix
+products) or the fused walk of :mod:`dla.ops.triton.chunk_inter`:
 
 - :func:`carried_slots`: the segments alive at every chunk boundary (positions and deaths), from
   the schedule alone: one program per sequence-head, slots in registers;
+- :func:`unit_labels`: from those, the rank and λ label of every chunk's ``C + L`` units at every
+  query and the routing at the chunk's end: one program per (sequence-head, chunk), ``[L, C + L]``
+  in registers, where the PyTorch bookkeeping builds several int64 tensors of that size per chunk;
 - :func:`state_recurrence` (Gated DeltaNet): ``S_{c+1}[n] = M_c Σ_{j -> n} S_c[j] + W_c[n]``
   with a hand-written backward (reverse walk). One program per (sequence-head, value block).
   ``M_c`` is the chunk's K x K transition; ``W_c[n]`` (the chunk's tokens written into slot n)
@@ -22,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from dla.ops.common import label_dtype
 from dla.ops.triton.utils import merged_slots, new_output, padded_size, source_ranges, walk_start
 from dla.schedule.schedule import NONE
 
@@ -76,6 +79,95 @@ def carried_slots(start_death: torch.Tensor, carried_pos: torch.Tensor, carried_
                                                  carried_death.contiguous(), out_pos, out_death, NC, L=L, C=C,
                                                  CP=triton.next_power_of_2(C), num_warps=1)
     return out_pos, out_death
+
+
+@triton.jit
+def chunk_units(pos_row, death_row, sd_row, m, i, c, C: tl.constexpr, L: tl.constexpr):
+    """The units ``m`` of chunk ``c`` (the ``C`` carried slots, oldest first, then the chunk's ``L``
+    tokens; past ``C + L`` none) at its queries ``i``: position, whether the unit holds tokens at
+    or before the query, and whether its first token starts a segment alive at the query. Slots
+    are stored newest first; -1 is ``NONE`` (an empty slot, a token that starts nothing)."""
+    carried = m < C
+    token = (m >= C) & (m < C + L)
+    pos = tl.where(carried, tl.load(pos_row + (C - 1 - m), mask=carried, other=-1), c * L + m - C)
+    death = tl.where(carried, tl.load(death_row + (C - 1 - m), mask=carried, other=-1),
+                     tl.load(sd_row + c * L + m - C, mask=token, other=-1))
+    t = c * L + i
+    exists = (carried & (death != -1)) | (token & (m - C <= i))
+    live = exists & (death != -1) & (death > t) & (pos <= t)
+    return pos, exists, live
+
+
+@triton.jit
+def _maximum(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _minimum(a, b):
+    return tl.minimum(a, b)
+
+
+@triton.jit
+def chunk_dla_unit_labels_kernel(pos_ptr, death_ptr, sd_ptr, label_ptr, dest_ptr, tok_rank_ptr, NC,
+                                 L: tl.constexpr, C: tl.constexpr, MP: tl.constexpr, LEVEL: tl.constexpr):
+    """Rank and λ label of the ``C + L`` units of chunk ``c`` at each of its queries (program
+    ``(r, c)``; :func:`dla.schedule.schedule.segment_structure`'s numbers, computed in registers):
+    the rank of a unit is the number of live segment starts after it; its label the rank
+    (recency) or, under ``LEVEL``, the bit length of its closed segment's size. Also the routing
+    at the chunk's last query: the new slot of every carried slot (``dest``) and of every token
+    (``tok_rank``), ``C`` for none. ``MP`` is ``C + L`` rounded up to a power of two."""
+    r = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1).to(tl.int64)
+    rc = r * NC + c
+    i = tl.arange(0, L)[:, None]
+    m = tl.arange(0, MP)[None, :]
+    pos_row = pos_ptr + (rc + r) * C  # the slots entering chunk c: rows hold NC + 1 boundaries
+    death_row = death_ptr + (rc + r) * C
+    sd_row = sd_ptr + r * NC * L
+    pos, exists, live = chunk_units(pos_row, death_row, sd_row, m, i, c, C, L)
+    n_live = live.to(tl.int32)
+    rank = tl.where(exists, tl.sum(n_live, axis=1)[:, None] - tl.cumsum(n_live, axis=1), 0)  # live starts after
+    if LEVEL:
+        # the closed segment holding a unit runs from the last live start at or before it to the first
+        # live start after it; positions grow along the units, so both are scans of the live units'
+        # positions. Every unit that exists has a live start at or before it (a merge keeps the older
+        # segment, and the oldest is never merged away) and one of rank > 0 has one after it, so
+        # neither scan leaves its identity where a label is taken.
+        start = tl.associative_scan(tl.where(live, pos, -(2 ** 62)), 1, _maximum)
+        next_pos, _, next_live = chunk_units(pos_row, death_row, sd_row, m + 1, i, c, C, L)
+        end = tl.associative_scan(tl.where(next_live, next_pos, 2 ** 62), 1, _minimum, reverse=True)
+        size = tl.maximum(end - start, 1)
+        bits = tl.zeros((L, MP), dtype=tl.int32)
+        for b in tl.static_range(53):  # bit_length, exact where the reference's (float64) is
+            bits += ((size >> b) > 0).to(tl.int32)
+        label = tl.where(exists & (rank > 0), bits, 0)
+    else:
+        label = rank
+    tl.store(label_ptr + (rc * L + i) * (C + L) + m, label, mask=(m < C + L) & (i < L))
+    last = tl.sum(tl.where(i == L - 1, tl.where(exists, rank, C), 0), axis=0)  # [MP]: ranks at the last query
+    units = tl.arange(0, MP)
+    tl.store(dest_ptr + rc * C + (C - 1 - units), last, mask=units < C)
+    tl.store(tok_rank_ptr + rc * L + (units - C), last, mask=(units >= C) & (units < C + L))
+
+
+def unit_labels(slots_pos: torch.Tensor, slots_death: torch.Tensor, start_death: torch.Tensor, L: int,
+                label_rule: str, n_labels: int):
+    """:func:`dla.ops.chunk.TORCH_WALKS`' ``unit_labels`` as one Triton program per (sequence-head,
+    chunk): ``slots_pos, slots_death [N, H, NC + 1, C]`` (:func:`carried_slots`), ``start_death
+    [N, H, NC, L]`` -> ``(label [N, H, NC, L, C + L]`` in the narrowest integer type,
+    ``dest [N, H, NC, C]``, ``tok_rank [N, H, NC, L])``."""
+    N, H, NC, _ = start_death.shape
+    C = slots_pos.shape[-1]
+    dev = start_death.device
+    label = torch.empty(N, H, NC, L, C + L, dtype=label_dtype(n_labels), device=dev)
+    dest = torch.empty(N, H, NC, C, dtype=torch.long, device=dev)
+    tok_rank = torch.empty(N, H, NC, L, dtype=torch.long, device=dev)
+    if N * H * NC:
+        chunk_dla_unit_labels_kernel[(N * H, NC)](slots_pos.contiguous(), slots_death.contiguous(),
+                                                  start_death.contiguous(), label, dest, tok_rank, NC, L=L, C=C,
+                                                  MP=triton.next_power_of_2(C + L), LEVEL=label_rule == "level")
+    return label, dest, tok_rank
 
 
 def fitting_blocks(configs, named_args, **kwargs):
