@@ -168,18 +168,18 @@ def narrow_labels(label: torch.Tensor, n_labels: int) -> torch.Tensor:
     return label.to(label_dtype(n_labels))
 
 
-def intra_chunk(q_c, k_c, v_c, g_c, b_c, lam_c, label_intra):
+def intra_chunk(q_c, k_c, v_c, g_c, b_c, lam_c, label_intra, output: bool = True):
     """Step 3 of :func:`chunk_dla` for every chunk at once: the intra-chunk output ``(Λ ⊙ P) V`` and
     the coefficients the inter part needs, ``(o_intra, q_eff, X, M)`` (module docstring). Inputs
     ``[N, H, NC, L, ...]``; ``b_c`` is β (Gated DeltaNet) or None (Mamba-2); ``label_intra
     [N, H, NC, L, L]`` the label of token ``s`` at query ``t`` (any label where ``s > t``, where
-    ``P`` is zero)."""
+    ``P`` is zero). ``output=False`` gives None for ``o_intra`` (the walk's inputs alone)."""
     K, L, dev = q_c.shape[-1], q_c.shape[-2], q_c.device
     gc = g_c.cumsum(-1)
     causal = torch.ones(L, L, dtype=torch.bool, device=dev).tril()
     D = torch.where(causal, gc[..., :, None] - gc[..., None, :], -torch.inf).exp()
     gamma = gc.exp()
-    QKD = (q_c @ k_c.transpose(-1, -2)) * D
+    QKD = (q_c @ k_c.transpose(-1, -2)) * D if output or b_c is not None else None
     k_end = k_c * D[..., -1, :, None]  # A_{end} ... A_{s+1} applied to k_s (Mamba-2 part)
     if b_c is None:
         P = QKD
@@ -195,7 +195,8 @@ def intra_chunk(q_c, k_c, v_c, g_c, b_c, lam_c, label_intra):
         q_eff = q_c * gamma[..., None] - QKD @ W_k
         X = k_end.transpose(-1, -2) @ T_ut
         M = gamma[..., -1, None, None] * torch.eye(K, dtype=A.dtype, device=dev) - k_end.transpose(-1, -2) @ W_k
-    return (P * lam_c.gather(-1, label_intra.long())) @ v_c, q_eff, X, M
+    o_intra = (P * lam_c.gather(-1, label_intra.long())) @ v_c if output else None
+    return o_intra, q_eff, X, M
 
 
 class _RecomputedIntraChunk(torch.autograd.Function):
@@ -270,7 +271,7 @@ class _RecomputedIntraFusedWalk(torch.autograd.Function):
         M = q_c.new_empty((N, H, NC) if b_c is None else (N, H, NC, K, K), dtype=cdt)
         with torch.no_grad():
             for sl in groups:
-                _, q_eff_sl, X_sl, M_sl = intra_chunk(*step3_inputs(sl), label_intra[:, :, sl])
+                _, q_eff_sl, X_sl, M_sl = intra_chunk(*step3_inputs(sl), label_intra[:, :, sl], output=False)
                 q_eff[:, :, sl], x[:, :, sl], M[:, :, sl] = q_eff_sl, X_sl.transpose(-1, -2), M_sl
         w = walk_rows(q_eff, lam_inter, x, v_c.to(cdt), tok_rank, M, dest)
         del q_eff, x
