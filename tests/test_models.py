@@ -122,6 +122,36 @@ def test_activation_checkpointing_gives_the_same_gradients(mixer, policy):
             assert max_err(other[name], grads[0][name]) < 1e-6, name
 
 
+@pytest.mark.parametrize("mixer", ["mamba2", "gated_deltanet"])
+def test_the_fused_walk_inside_checkpointed_blocks_gives_the_same_gradients(mixer, monkeypatch):
+    """The fused Triton path (Triton's interpreter on a CPU), whose backward reruns step 3 and the
+    walk's inputs, nested in per-block checkpointing, which reruns the whole op: the gradients of
+    the PyTorch path."""
+    pytest.importorskip("triton", reason="triton is not installed")
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton path needs a GPU or TRITON_INTERPRET=1")
+    from dla.ops.triton import chunk_inter
+
+    walks, walk_forward = [], chunk_inter.walk_forward
+    monkeypatch.setattr(chunk_inter, "walk_forward", lambda *a: walks.append(1) or walk_forward(*a))
+    ids = torch.randint(1, 64, (2, 40))
+    grads = []
+    for backend, checkpointed in (("torch", False), ("triton", False), ("triton", True)):
+        monkeypatch.setattr(dla.ops.chunk, "default_backend", lambda is_cuda, backend=backend: backend)
+        torch.manual_seed(0)
+        model = tiny_model(mixer, "dynamic").train()
+        if checkpointed:
+            enable_activation_checkpointing(model)
+        walks.clear()
+        model(ids, labels=ids).loss.backward()
+        # one walk per layer, and once more per layer where the blocks rerun in the backward
+        assert len(walks) == (backend == "triton") * model.config.num_hidden_layers * (1 + checkpointed)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for other in grads[1:]:
+        for name in grads[0]:
+            assert max_err(other[name], grads[0][name]) < 1e-4, name
+
+
 def test_value_blocks_inside_checkpointed_blocks_give_the_same_gradients(monkeypatch):
     """The inter part's own recomputation (value blocks) nested in per-block checkpointing."""
     ids = torch.randint(1, 64, (2, 40))
