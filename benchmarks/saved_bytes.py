@@ -1,6 +1,6 @@
 """What the chunked op keeps for its backward: bytes saved per ``dla`` call site, on any device.
 
-    python benchmarks/saved_bytes.py [--backend torch] [--length 1024] [--capacity 30]
+    python benchmarks/saved_bytes.py [--backend torch] [--length 1024] [--capacity 16 30] [--out FILE.json]
     TRITON_INTERPRET=1 python benchmarks/saved_bytes.py --backend triton --length 512   # the Triton path on a CPU
 
 One forward of :func:`dla.chunk_dla` (Mamba-2 shapes by default: K = 128, V = 64, bf16 inputs, the
@@ -13,7 +13,11 @@ from __future__ import annotations
 
 import argparse
 import collections
+import datetime
+import json
+import sys
 import traceback
+from pathlib import Path
 
 import torch
 
@@ -52,13 +56,28 @@ def main():
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--key-dim", type=int, default=128)
     parser.add_argument("--value-dim", type=int, default=64)
-    parser.add_argument("--capacity", type=int, default=30)
+    parser.add_argument("--capacity", type=int, nargs="+", default=[30])
     parser.add_argument("--top", type=int, default=20, help="call sites listed (default 20)")
+    parser.add_argument("--out", type=Path, help="write the totals and call sites as JSON")
     args = parser.parse_args()
-    total, sites = saved_bytes(args.backend, args.length, args.heads, args.key_dim, args.value_dim, args.capacity)
-    print(f"saved {total / 2**20:.1f} MiB, {total / (args.length * args.heads):.0f} bytes per token and head")
-    for (site, dtype, shape), n in sites.most_common(args.top):
-        print(f"{n / 2**20:9.2f} MiB  {site:32s} {dtype:9s} {shape}")
+    rows = []
+    for capacity in args.capacity:
+        total, sites = saved_bytes(args.backend, args.length, args.heads, args.key_dim, args.value_dim, capacity)
+        per = total / (args.length * args.heads)
+        print(f"C = {capacity}: saved {total / 2**20:.1f} MiB, {per:.0f} bytes per token and head")
+        for (site, dtype, shape), n in sites.most_common(args.top):
+            print(f"{n / 2**20:9.2f} MiB  {site:32s} {dtype:9s} {shape}")
+        rows.append({"backend": args.backend, "length": args.length, "heads": args.heads, "key_dim": args.key_dim,
+                     "value_dim": args.value_dim, "capacity": capacity, "bytes_per_token_head": per,
+                     "sites": [{"site": site, "dtype": dtype, "shape": list(shape), "bytes": n}
+                               for (site, dtype, shape), n in sites.most_common()]})
+    if args.out:
+        import triton
+
+        meta = {"device": "cpu" + (" (Triton interpreter)" if args.backend == "triton" else ""),
+                "torch": torch.__version__, "triton": triton.__version__, "date": datetime.date.today().isoformat(),
+                "dtype": "bfloat16", "command": "python benchmarks/saved_bytes.py " + " ".join(sys.argv[1:])}
+        args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
