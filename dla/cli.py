@@ -287,8 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--windows", type=positive_int, default=64, help="at most this many windows for --text")
     p.add_argument("--batch-size", type=positive_int, default=8, help="batch size for lm-eval")
     p.add_argument("--seed", type=int, default=0, help="seed of the evaluation data")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--out", metavar="DIR")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="auto (the default): CUDA when a GPU is visible, else the CPU")
+    p.add_argument("--out", metavar="DIR", help="default CHECKPOINT/eval")
     p.set_defaults(handler=cmd_eval)
 
     p = sub.add_parser("inspect", help="per layer and head: which tokens opened a state, merges, the cache over time",
@@ -306,7 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="inspect the first N tokens (the pairwise maps are N x N)")
     p.add_argument("--heads", type=non_negative_int, nargs="+", metavar="H", help="heads to show (default: all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the --synthetic example")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="auto (the default): CUDA when a GPU is visible, else the CPU")
     p.add_argument("--out", metavar="DIR", help="default CHECKPOINT/inspect")
     p.set_defaults(handler=cmd_inspect)
 
@@ -319,10 +321,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lengths", type=positive_int, nargs="+", metavar="T", help="context lengths")
     p.add_argument("--new-tokens", type=positive_int, default=32, help="tokens decoded per measurement")
     p.add_argument("--hidden-size", type=positive_int, help="model width (default 256 on CPU, 1024 on GPU)")
-    p.add_argument("--layers", type=positive_int, default=4)
-    p.add_argument("--capacity", type=positive_int, default=16, help="DLA's capacity C")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--out", default="runs/bench", metavar="DIR")
+    p.add_argument("--layers", type=positive_int, default=4, help="model depth (default 4)")
+    p.add_argument("--capacity", type=positive_int, default=16, help="DLA's capacity C (default 16)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="auto (the default): CUDA when a GPU is visible, else the CPU")
+    p.add_argument("--out", default="runs/bench", metavar="DIR", help="default runs/bench")
     p.set_defaults(handler=cmd_bench)
 
     p = sub.add_parser("demo", help="train tiny DLA-Mamba-2 models with four policies on MQAR and compare",
@@ -332,11 +335,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=positive_int, help="training steps per model (default: the device's preset)")
     p.add_argument("--policies", nargs="+", default=["dynamic", "fenwick", "fixed", "single"],
                    choices=("dynamic", "fenwick", "fixed", "single"))
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the data and the models (default 0)")
     p.add_argument("--workers", type=positive_int,
                    help="models trained at once on CPU (default: one per core, at most 4)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--out", default="runs/demo", metavar="DIR")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="auto (the default): CUDA when a GPU is visible, else the CPU")
+    p.add_argument("--out", default="runs/demo", metavar="DIR", help="default runs/demo")
     p.set_defaults(handler=cmd_demo)
     return parser
 
