@@ -65,8 +65,9 @@ def chunk_dla(q, k, v, g, lam, schedule, beta=None, scale=None, initial_state: D
     """Dynamic Linear Attention, chunked. Same contract as :func:`dla.recurrent_dla`.
 
     Returns ``(o [B, T, H, V], state)``; gradients flow to q, k, v, g, beta, lam and
-    ``initial_state.states``. ``chunk_size`` is one of 16, 32, 64, 128. ``backend``: the two
-    walks over chunks (carried segments, state recurrence) run as Triton kernels (``"triton"``,
+    ``initial_state.states``. ``chunk_size`` is one of 16, 32, 64, 128. ``backend``: the
+    bookkeeping and the walks over chunks (carried segments, the units' ranks and labels, the
+    state recurrence, fused with the read-out on Triton) run as Triton kernels (``"triton"``,
     the default on CUDA) or as PyTorch loops (``"torch"``, the default elsewhere, and on CUDA
     under ``torch.use_deterministic_algorithms(True)``: the Triton backward adds some gradients
     up with atomics, so its last bits vary from run to run).
@@ -109,7 +110,7 @@ def chunk_dla(q, k, v, g, lam, schedule, beta=None, scale=None, initial_state: D
     # chunk by chunk, and what the queries read from them
     b_c = None if x.beta is None else chunks(x.beta)
     S0 = x.g.new_zeros(N, H, C, K, V) if x.initial is None else x.initial
-    step3 = (g_c, b_c, lam_c, label[..., C:])
+    step3 = (g_c, b_c, lam_c, label[..., C:])  # step 3's inputs but q, k and v
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                                  for t in (q_c, k_c, v_c, g_c, b_c, lam_c, lam_inter, S0))
     fused = backend == "triton" and (x.beta is None or FUSED_GATED_DELTANET)  # one fused Triton walk
