@@ -17,15 +17,16 @@ Ranks and labels come from :func:`dla.schedule.schedule.segment_structure` on ``
 bookkeeping and nothing is ever T x T; the Triton backend computes the same integers in one
 kernel (:func:`dla.ops.triton.chunk_state.unit_labels`).
 
-Memory kept for backward: step 3 (the coefficients inside every chunk and ``O_intra``) keeps only
-its inputs, the chunks' q, k, v, g, β, λ and one-byte labels, and reruns in the backward
-(its intermediates are ``O(L² + L K)`` floats per chunk). On CUDA the inter part of both bases is
-one fused Triton walk (:mod:`dla.ops.triton.chunk_inter`) that keeps the carried states at every
-``G``-th chunk boundary; step 3's outputs, which it reads, are recomputed too. The unfused inter
-part (:func:`_inter`, the PyTorch walks) keeps the states carried into every chunk (``T K V C / L``
-in total), the weighted queries (``T C K``) and the token writes (``T / L · C K V``), in blocks of
-value columns recomputed in the backward when the states would exceed ``INTER_BLOCK_BYTES``. The
-sequential walks come from a :class:`Walks` backend (PyTorch loops or Triton kernels).
+Memory kept for backward: on CUDA the inter part of both bases is one fused Triton walk
+(:mod:`dla.ops.triton.chunk_inter`) that keeps the carried states at every ``G``-th chunk boundary,
+and step 3 (the coefficients inside every chunk, ``O_intra`` and what the walk reads) keeps only its
+inputs, the chunks' q, k, v (in their own dtype), g, β, λ and one-byte labels, and reruns in the
+backward (:class:`_RecomputedIntraFusedWalk`; its intermediates are ``O(L² + L K)`` floats per
+chunk). The unfused inter part (:func:`_inter`, the PyTorch walks) keeps the states carried into
+every chunk (``T K V C / L`` in total), the weighted queries (``T C K``) and the token writes
+(``T / L · C K V``), in blocks of value columns recomputed in the backward when the states would
+exceed ``INTER_BLOCK_BYTES``; beside those, step 3's intermediates are kept. The sequential walks
+come from a :class:`Walks` backend (PyTorch loops or Triton kernels).
 """
 
 from __future__ import annotations
@@ -119,7 +120,9 @@ def chunk_dla(q, k, v, g, lam, schedule, beta=None, scale=None, initial_state: D
                                                      x.out_dtype)
     else:
         q, k, v = compute_qkv(q_c, k_c, v_c, x.scale, x.compute_dtype)
-        o_intra, q_eff, X, M = (_RecomputedIntraChunk.apply if needs_grad else intra_chunk)(q, k, v, *step3)
+        # (the PyTorch walks keep every slot's state at every chunk boundary, ~20 times what step 3
+        # keeps, so there step 3 is not worth rerunning: it would cost 5-10 % more time on a CPU)
+        o_intra, q_eff, X, M = intra_chunk(q, k, v, *step3)
         if fused:
             from dla.ops.triton.chunk_inter import fused_inter
 
@@ -198,30 +201,6 @@ def intra_chunk(q_c, k_c, v_c, g_c, b_c, lam_c, label_intra, output: bool = True
         M = gamma[..., -1, None, None] * torch.eye(K, dtype=A.dtype, device=dev) - k_end.transpose(-1, -2) @ W_k
     o_intra = (P * lam_c.gather(-1, label_intra.long())) @ v_c if output else None
     return o_intra, q_eff, X, M
-
-
-class _RecomputedIntraChunk(torch.autograd.Function):
-    """:func:`intra_chunk` keeping only its inputs for the backward, which runs it again (the
-    PyTorch walks'; the fused walk's is :class:`_RecomputedIntraFusedWalk`). Its
-    intermediates (the decays ``D``, ``Q K^T ⊙ D``, the decayed keys, the UT transform, ``Λ ⊙ P``)
-    are ``O(L² + L K)`` floats per chunk, ~3.7 KB per token and head at L = 64, K = 128, against
-    the ~0.5 KB of labels, decays and λ it adds to the inputs the op keeps anyway; rerunning it
-    costs one more of its batched products per chunk."""
-
-    @staticmethod
-    def forward(ctx, q_c, k_c, v_c, g_c, b_c, lam_c, label_intra):
-        ctx.save_for_backward(q_c, k_c, v_c, g_c, b_c, lam_c, label_intra)
-        return intra_chunk(q_c, k_c, v_c, g_c, b_c, lam_c, label_intra)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        inputs = [None if t is None else t.detach().requires_grad_(needs)
-                  for t, needs in zip(ctx.saved_tensors, ctx.needs_input_grad)]
-        wanted = [t for t, needs in zip(inputs, ctx.needs_input_grad) if needs]
-        with torch.enable_grad():
-            outputs = intra_chunk(*inputs)
-        found = iter(torch.autograd.grad(outputs, wanted, grads, allow_unused=True))
-        return tuple(next(found) if needs else None for needs in ctx.needs_input_grad)
 
 
 def compute_qkv(q_c, k_c, v_c, scale: float, dtype: torch.dtype):
