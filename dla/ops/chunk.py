@@ -234,7 +234,7 @@ class _RecomputedIntraFusedWalk(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dS_final):
-        from dla.ops.triton.chunk_inter import walk_backward, walk_rows
+        from dla.ops.triton.chunk_inter import padded_rows, walk_backward, walk_rows
 
         q_c, k_c, v_c, g_c, b_c, lam_c, label_intra, lam_inter, tok_rank, dest, S = ctx.saved_tensors
         needs = ctx.needs_input_grad[:6]
@@ -258,8 +258,7 @@ class _RecomputedIntraFusedWalk(torch.autograd.Function):
         # 2. the reverse walk
         Kp, Vp = w.qe.shape[-1], w.v.shape[-1]
         dqe, dlam, dx, dv, dM, dS0 = walk_backward(
-            w, S, F.pad(do, (0, Vp - V)).reshape(N * H, NC, L, Vp),
-            F.pad(dS_final, (0, Vp - V, 0, Kp - K)).reshape(N * H, C, Kp, Vp), ctx.prec, ctx.group)
+            w, S, padded_rows(do, (0, Vp - V)), padded_rows(dS_final, (0, Vp - V, 0, Kp - K)), ctx.prec, ctx.group)
         del w
         dq_eff = dqe.reshape(N, H, NC, L, Kp)[..., :K]
         dX = dx.reshape(N, H, NC, L, Kp)[..., :K].transpose(-1, -2)
