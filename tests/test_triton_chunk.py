@@ -144,10 +144,13 @@ def test_triton_chunk_matches_naive_directly():
     assert rel_err(o, o_ref) <= TOL
 
 
-@pytest.mark.parametrize("chunk_size", [16, 64])
-@pytest.mark.parametrize("policy, label_rule, extra_labels", [
-    ("dynamic", "recency", 1), ("dynamic", "level", 1), ("fenwick", "level", 1), ("fixed", "recency", 300),
-    ("single", "recency", 1)])
+UNIT_LABEL_CASES = [("dynamic", "recency", 1), ("dynamic", "level", 1), ("fenwick", "level", 1),
+                    ("fixed", "recency", 300), ("single", "recency", 1)]
+
+
+@pytest.mark.parametrize("policy, label_rule, extra_labels, chunk_size",
+                         [case + (L,) for case in UNIT_LABEL_CASES for L in (16, 64)]
+                         + [case + (128,) for case in UNIT_LABEL_CASES[1:3]])
 def test_the_unit_labels_kernel_gives_the_torch_bookkeeping(policy, label_rule, extra_labels, chunk_size,
                                                             monkeypatch):
     """Ranks, labels and routing of every chunk's units from the Triton kernel equal, integer for

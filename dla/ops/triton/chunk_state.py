@@ -99,16 +99,6 @@ def chunk_units(pos_row, death_row, sd_row, m, i, c, C: tl.constexpr, L: tl.cons
 
 
 @triton.jit
-def _maximum(a, b):
-    return tl.maximum(a, b)
-
-
-@triton.jit
-def _minimum(a, b):
-    return tl.minimum(a, b)
-
-
-@triton.jit
 def chunk_dla_unit_labels_kernel(pos_ptr, death_ptr, sd_ptr, label_ptr, dest_ptr, tok_rank_ptr, NC,
                                  L: tl.constexpr, C: tl.constexpr, MP: tl.constexpr, LEVEL: tl.constexpr):
     """Rank and λ label of the ``C + L`` units of chunk ``c`` at each of its queries (program
@@ -129,14 +119,17 @@ def chunk_dla_unit_labels_kernel(pos_ptr, death_ptr, sd_ptr, label_ptr, dest_ptr
     n_live = live.to(tl.int32)
     rank = tl.where(exists, tl.sum(n_live, axis=1)[:, None] - tl.cumsum(n_live, axis=1), 0)  # live starts after
     if LEVEL:
-        # the closed segment holding a unit runs from the last live start at or before it to the first
-        # live start after it; positions grow along the units, so both are scans of the live units'
-        # positions. Every unit that exists has a live start at or before it (a merge keeps the older
-        # segment, and the oldest is never merged away) and one of rank > 0 has one after it, so
-        # neither scan leaves its identity where a label is taken.
-        start = tl.associative_scan(tl.where(live, pos, -(2 ** 62)), 1, _maximum)
-        next_pos, _, next_live = chunk_units(pos_row, death_row, sd_row, m + 1, i, c, C, L)
-        end = tl.associative_scan(tl.where(next_live, next_pos, 2 ** 62), 1, _minimum, reverse=True)
+        # the units of rank r are the segment of rank r: its start is the least position among them
+        # (its first unit's, which starts it), and the segment of rank r - 1 begins where it ends
+        start = tl.zeros((L, MP), dtype=tl.int64)
+        end = tl.zeros((L, MP), dtype=tl.int64)
+        newer = tl.zeros((L,), dtype=tl.int64)  # the start of the segment of rank r - 1
+        for r in range(C + 1):
+            of_r = exists & (rank == r)
+            first = tl.min(tl.where(of_r, pos, 2 ** 62), axis=1)  # [L]
+            start = tl.where(of_r, first[:, None], start)
+            end = tl.where(of_r, newer[:, None], end)
+            newer = first
         size = tl.maximum(end - start, 1)
         bits = tl.zeros((L, MP), dtype=tl.int32)
         for b in tl.static_range(53):  # bit_length, exact where the reference's (float64) is
@@ -163,10 +156,12 @@ def unit_labels(slots_pos: torch.Tensor, slots_death: torch.Tensor, start_death:
     label = torch.empty(N, H, NC, L, C + L, dtype=label_dtype(n_labels), device=dev)
     dest = torch.empty(N, H, NC, C, dtype=torch.long, device=dev)
     tok_rank = torch.empty(N, H, NC, L, dtype=torch.long, device=dev)
-    if N * H * NC:
+    MP = triton.next_power_of_2(C + L)
+    if N * H * NC:  # 8 warps for [L, MP] tiles of 8K elements or more (L = 64 and C = 30; L = 128)
         chunk_dla_unit_labels_kernel[(N * H, NC)](slots_pos.contiguous(), slots_death.contiguous(),
                                                   start_death.contiguous(), label, dest, tok_rank, NC, L=L, C=C,
-                                                  MP=triton.next_power_of_2(C + L), LEVEL=label_rule == "level")
+                                                  MP=MP, LEVEL=label_rule == "level",
+                                                  num_warps=4 if L * MP <= 4096 else 8)
     return label, dest, tok_rank
 
 
