@@ -238,10 +238,13 @@ def test_the_fused_walk_keeps_step_3s_inputs_labels_and_state_checkpoints(base):
     for name in ("g", "beta", "lam"):
         if inputs[name] is not None:
             inputs[name] = inputs[name].detach().float().requires_grad_()
-    kept = {}
-    with torch.autograd.graph.saved_tensors_hooks(
-            lambda t: kept.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) and t,
-            lambda t: t):
+    kept = {}  # storage -> bytes
+
+    def keep(t):
+        kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
         dla.chunk_dla(**inputs, schedule=schedule, chunk_size=L, backend="triton")
     NC, n_labels = T // L, inputs["lam"].shape[-1]
     expected = (2 * T * H * K * 2 + T * H * V * 2  # q, k, v
@@ -341,6 +344,25 @@ def test_fused_walk_without_gradients_keeps_the_first_and_last_boundaries(monkey
         o_inference, S_inference = chunk_inter.fused_inter(*inputs, rank, gamma, dest, S0)
     assert [s[1] for s in shapes] == [3, 2, 9, 2, 2, 9]  # per call: checkpoints, ring (boundaries), o (chunks)
     assert torch.equal(o_inference, o) and torch.equal(S_inference, S)
+
+
+@pytest.mark.parametrize("base", BASES)
+def test_the_chunked_op_without_gradients_keeps_the_first_and_last_boundaries(base, monkeypatch):
+    """chunk_dla under torch.no_grad (a prefill) runs the fused walk with one group: the states of the
+    first and last boundaries only, and the numbers of the differentiable call."""
+    from dla.ops.triton import chunk_inter
+
+    groups, walk_forward = [], chunk_inter.walk_forward
+    monkeypatch.setattr(chunk_inter, "walk_forward", lambda w, S0, prec, group: groups.append(group)
+                        or walk_forward(w, S0, prec, group))
+    inputs, schedule = make_case("dynamic", base, B=1, T=9 * 16, H=2, K=16, V=16, capacity=4, dtype=torch.float32,
+                                 requires_grad=True, device=DEVICE)
+    kw = dict(schedule=schedule, chunk_size=16, output_final_state=True, backend="triton")
+    o, s = dla.chunk_dla(**inputs, **kw)
+    with torch.no_grad():
+        o_inference, s_inference = dla.chunk_dla(**inputs, **kw)
+    assert groups == [8, 16]  # 9 chunks: checkpoints every 8, then one group for all
+    assert torch.equal(o_inference, o) and torch.equal(s_inference.states, s.states)
 
 
 def test_checkpoint_group(monkeypatch):

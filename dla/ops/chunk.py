@@ -114,22 +114,15 @@ def chunk_dla(q, k, v, g, lam, schedule, beta=None, scale=None, initial_state: D
     step3 = (g_c, b_c, lam_c, label[..., C:])  # step 3's inputs but q, k and v
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                                  for t in (q_c, k_c, v_c, g_c, b_c, lam_c, lam_inter, S0))
-    fused = backend == "triton" and (x.beta is None or FUSED_GATED_DELTANET)  # one fused Triton walk
-    if fused and needs_grad:
+    if backend == "triton" and (x.beta is None or FUSED_GATED_DELTANET):  # one fused Triton walk
         o, S_final = _RecomputedIntraFusedWalk.apply(q_c, k_c, v_c, *step3, lam_inter, tok_rank, dest, S0, x.scale,
-                                                     x.out_dtype)
+                                                     x.out_dtype, needs_grad)
     else:
         q, k, v = compute_qkv(q_c, k_c, v_c, x.scale, x.compute_dtype)
         # (the PyTorch walks keep every slot's state at every chunk boundary, ~20 times what step 3
         # keeps, so there step 3 is not worth rerunning: it would cost 5-10 % more time on a CPU)
         o_intra, q_eff, X, M = intra_chunk(q, k, v, *step3)
-        if fused:
-            from dla.ops.triton.chunk_inter import fused_inter
-
-            o_inter, S_final = fused_inter(q_eff, lam_inter, X.transpose(-1, -2), v, tok_rank, M, dest, S0,
-                                           x.out_dtype)
-        else:
-            o_inter, S_final = _inter_blocked(walks, q_eff, lam_inter, X, v, tok_rank, M, dest, S0)
+        o_inter, S_final = _inter_blocked(walks, q_eff, lam_inter, X, v, tok_rank, M, dest, S0)
         o = o_intra + o_inter
     o = o.reshape(N, H, NC * L, V)[:, :, :Tm]
     state = None
@@ -214,10 +207,12 @@ class _RecomputedIntraFusedWalk(torch.autograd.Function):
     dtype (q unscaled), keeping for the backward only step 3's inputs as given (it reruns step 3),
     ``lam_inter`` and the walk's state checkpoints: float32 copies of q, k and v, the effective
     queries, the decayed keys and the kernels' copies of them (~2 KB per token and head at K = 128,
-    V = 64 for bfloat16 inputs) are never kept."""
+    V = 64 for bfloat16 inputs) are never kept. ``needs_grad=False`` (inference, a prefill): the walk
+    keeps only its first and last boundaries."""
 
     @staticmethod
-    def forward(ctx, q_c, k_c, v_c, g_c, b_c, lam_c, label_intra, lam_inter, tok_rank, dest, S0, scale, input_dtype):
+    def forward(ctx, q_c, k_c, v_c, g_c, b_c, lam_c, label_intra, lam_inter, tok_rank, dest, S0, scale, input_dtype,
+                needs_grad):
         from dla.ops.triton.chunk_inter import input_precision, padded_rows, walk_forward, walk_group, walk_rows
 
         N, H, NC, L, K = q_c.shape
@@ -226,7 +221,7 @@ class _RecomputedIntraFusedWalk(torch.autograd.Function):
         o_intra, q_eff, X, M = intra_chunk(q, k, v, g_c, b_c, lam_c, label_intra)
         w = walk_rows(q_eff, lam_inter, X.transpose(-1, -2), v, tok_rank, M, dest)
         Kp, Vp = w.qe.shape[-1], w.v.shape[-1]
-        ctx.prec, ctx.group, ctx.scale = input_precision(input_dtype), walk_group(NC, needs_grad=True), scale
+        ctx.prec, ctx.group, ctx.scale = input_precision(input_dtype), walk_group(NC, needs_grad), scale
         o_inter, S = walk_forward(w, padded_rows(S0, (0, Vp - V, 0, Kp - K)), ctx.prec, ctx.group)
         ctx.save_for_backward(q_c, k_c, v_c, g_c, b_c, lam_c, label_intra, lam_inter, tok_rank, dest, S)
         o = o_intra + o_inter.reshape(N, H, NC, L, Vp)[..., :V].to(o_intra.dtype)
@@ -274,11 +269,10 @@ class _RecomputedIntraFusedWalk(torch.autograd.Function):
                 outputs = intra_chunk(*leaves, label_intra[:, :, sl])
             upstream = (do[:, :, sl], dq_eff[:, :, sl], dX[:, :, sl], dM[:, :, sl])
             found = iter(torch.autograd.grad(outputs, [t for t, n in zip(leaves, needs) if n],
-                                             [g.to(o.dtype) for o, g in zip(outputs, upstream)], allow_unused=True))
+                                             [g.to(o.dtype) for o, g in zip(outputs, upstream)]))
             for i, n in enumerate(needs):
                 if n:
                     grad = next(found)
-                    grad = torch.zeros_like(leaves[i]) if grad is None else grad
                     if i == 0:
                         grad = grad * ctx.scale
                     elif i == 2:  # the values are read inside the chunk and written into the states
@@ -286,7 +280,7 @@ class _RecomputedIntraFusedWalk(torch.autograd.Function):
                     d[i][:, :, sl] = grad
         dlam_inter = dlam.reshape(lam_inter.shape).to(lam_inter.dtype)
         dS0 = dS0.reshape(N, H, C, Kp, Vp)[..., :K, :V].to(dS_final.dtype)
-        return *d, None, dlam_inter, None, None, dS0, None, None
+        return *d, None, dlam_inter, None, None, dS0, None, None, None
 
 
 # The backward reruns step 3 in at most RECOMPUTE_GROUPS groups of at least RECOMPUTE_MIN_CHUNKS
@@ -402,7 +396,7 @@ def _torch_state_recurrence(S0, M, W, dest):
     return torch.stack(out, 2)
 
 
-# the two walks as PyTorch loops: the reference for the Triton kernels
+# the bookkeeping and the walks as PyTorch code: the reference for the Triton kernels
 TORCH_WALKS = Walks("torch", _torch_carried_slots, _torch_unit_labels, _torch_state_recurrence)
 
 

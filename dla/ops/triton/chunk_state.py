@@ -124,8 +124,8 @@ def chunk_dla_unit_labels_kernel(pos_ptr, death_ptr, sd_ptr, label_ptr, dest_ptr
         start = tl.zeros((L, MP), dtype=tl.int64)
         end = tl.zeros((L, MP), dtype=tl.int64)
         newer = tl.zeros((L,), dtype=tl.int64)  # the start of the segment of rank r - 1
-        for r in range(C + 1):
-            of_r = exists & (rank == r)
+        for seg in range(C + 1):  # (not r: the program's row, an int64, is named so)
+            of_r = exists & (rank == seg)
             first = tl.min(tl.where(of_r, pos, 2 ** 62), axis=1)  # [L]
             start = tl.where(of_r, first[:, None], start)
             end = tl.where(of_r, newer[:, None], end)
@@ -137,7 +137,7 @@ def chunk_dla_unit_labels_kernel(pos_ptr, death_ptr, sd_ptr, label_ptr, dest_ptr
         label = tl.where(exists & (rank > 0), bits, 0)
     else:
         label = rank
-    tl.store(label_ptr + (rc * L + i) * (C + L) + m, label, mask=(m < C + L) & (i < L))
+    tl.store(label_ptr + (rc * L + i) * (C + L) + m, label, mask=m < C + L)
     last = tl.sum(tl.where(i == L - 1, tl.where(exists, rank, C), 0), axis=0)  # [MP]: ranks at the last query
     units = tl.arange(0, MP)
     tl.store(dest_ptr + rc * C + (C - 1 - units), last, mask=units < C)
