@@ -134,12 +134,13 @@ def test_the_fused_walk_inside_checkpointed_blocks_gives_the_same_gradients(mixe
 
     walks, walk_forward = [], chunk_inter.walk_forward
     monkeypatch.setattr(chunk_inter, "walk_forward", lambda *a: walks.append(1) or walk_forward(*a))
-    ids = torch.randint(1, 64, (2, 40))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    ids = torch.randint(1, 64, (2, 40), device=device)
     grads = []
     for backend, checkpointed in (("torch", False), ("triton", False), ("triton", True)):
         monkeypatch.setattr(dla.ops.chunk, "default_backend", lambda is_cuda, backend=backend: backend)
         torch.manual_seed(0)
-        model = tiny_model(mixer, "dynamic").train()
+        model = tiny_model(mixer, "dynamic").to(device).train()
         if checkpointed:
             enable_activation_checkpointing(model)
         walks.clear()
