@@ -230,3 +230,63 @@ def test_a_graphed_plan_equals_the_launched_plan(score, merge, capacity, max_len
                 assert torch.equal(getattr(replayed.final, field), getattr(launched.final, field)), field
         assert (plans[0][0].death != dla.NONE).sum() > 100  # segments opened (and, at these capacities, died)
     assert len(graphed._GRAPHS) == 2  # one per shape: the windows of 400 and of 9 tokens
+
+
+@pytest.mark.parametrize("T, K, V", [(10, 4, 3), (150, 96, 64), (130, 128, 128)])
+def test_the_open_state_update_in_one_launch_matches_pytorch(T, K, V):
+    """The planner's step between two chunks (age the open state through the chunk, add its writes from
+    the open segment's start on, take the next chunk's products with it) as one Triton launch
+    (dla.schedule.triton_terms) and as PyTorch's operations: the same numbers up to the rounding of
+    their sums, for open segments starting before, inside and after the chunk, chunks shorter than a
+    tile (T = 10) and the last chunk (no next chunk to take products with)."""
+    from dla.schedule.dynamic import PLAN_CHUNK, Contributions, WindowTerms
+
+    R = 4
+    gen = torch.Generator().manual_seed(T)
+    c = Contributions(torch.randn(R, T, K, generator=gen), torch.randn(R, T, V, generator=gen),
+                      torch.rand(R, T, generator=gen) + 0.1, -torch.rand(R, T, generator=gen) * 0.2)
+    c = Contributions(*(x.to(DEVICE) for x in (c.k, c.v, c.w, c.g)))
+    L = min(PLAN_CHUNK, T)
+    ref, out = (WindowTerms(c, L, backend=backend) for backend in ("torch", "triton"))
+    open_state = torch.randn(R, K, V, generator=gen).to(DEVICE)
+    for i in sorted({0, ref.NC - 2, ref.NC - 1} - {-1}):
+        open_start = torch.tensor([i * L - 5, i * L, i * L + L // 2, i * L + L], device=DEVICE)
+        want, want_carried = ref.advance(i, open_state, open_start)
+        got, got_carried = out.advance(i, open_state, open_start)
+        scale = want.abs().max()
+        assert (got - want).abs().max() <= 1e-5 * scale, i
+        if i + 1 < ref.NC:
+            assert (got_carried - want_carried).abs().max() <= 1e-5 * want_carried.abs().max(), i
+            assert torch.equal(want_carried, ref.carried(i + 1, want))
+        else:
+            assert want_carried is None and got_carried is None
+        # only the tokens from the open segment's start on write; a start before the chunk keeps the decayed state
+        fresh = (open_start >= i * L).nonzero().flatten()
+        rest = ref.advance(i, torch.zeros_like(open_state), open_start)[0]
+        assert torch.equal(want[fresh], rest[fresh])
+        assert (want[3] == 0).all() and (got[3] == 0).all()  # a segment starting after the chunk: nothing yet
+
+
+@pytest.mark.parametrize("score", ["state", "state_drift"])
+def test_plans_from_the_launched_products_equal_plans_from_pytorchs(score, monkeypatch):
+    """Both walkers plan from the products of either backend; on random inputs (no score within
+    rounding of τ) the schedules are the same and the final open states agree to rounding."""
+    from dla.schedule import dynamic
+
+    k, v, g, beta = random_inputs(11, 300, H=3, K=32, V=16, dtype=torch.float32)
+    cu = torch.tensor([0, 70, 230, 300])
+    kw = dict(batch=1, heads=3, length=300, capacity=6, threshold=1.0, score=score, k=k.to(DEVICE), v=v.to(DEVICE),
+              g=g.to(DEVICE), beta=beta.to(DEVICE), cu_seqlens=cu.to(DEVICE), keep_trace=True)
+    plans = {}
+    for terms in ("torch", "triton"):
+        monkeypatch.setattr(dynamic, "terms_backend", lambda k, terms=terms: terms)
+        for walker in ("torch", "triton"):
+            plans[terms, walker] = dla.plan_schedule("dynamic", backend=walker, **kw)
+    ref = plans["torch", "torch"]
+    assert (ref.death != dla.NONE).sum() > 50
+    for key, plan in plans.items():
+        assert torch.equal(plan.death, ref.death), key
+        assert torch.equal(plan.final.starts, ref.final.starts), key
+        assert (plan.scores - ref.scores).abs().max() < 1e-4, key
+        scale = ref.final.open_state.abs().max()
+        assert (plan.final.open_state - ref.final.open_state).abs().max() <= 1e-5 * scale, key

@@ -94,6 +94,12 @@ def to_chunks(x: torch.Tensor, L: int) -> torch.Tensor:
     return x.reshape(R * NC, L, *x.shape[2:])
 
 
+def terms_backend(k: torch.Tensor) -> str:
+    """How :class:`WindowTerms` takes its products with the open state by default: Triton for float32
+    CUDA tensors, else PyTorch."""
+    return "triton" if k.is_cuda and k.dtype == torch.float32 else "torch"
+
+
 class WindowTerms:
     """Everything the state score needs that does not depend on the walk, for all chunks of a window
     at once (the window zero-padded to ``NC * L`` tokens; a padded token writes nothing): per chunk
@@ -101,13 +107,16 @@ class WindowTerms:
     ``exp(G_{t-1}) w_t`` of the carried products and ``exp(G_end - G_u) w_u`` of the chunk's writes
     into the open state, ``[R, NC, L]``, and the chunk's decay ``exp(G_end)``, ``[R, NC]``. What is
     left per chunk, after the walk, is two small products with the open state. ``walk=False``: only
-    what the open state needs (a replayed walk reads no terms, :mod:`dla.schedule.replay`)."""
+    what the open state needs (a replayed walk reads no terms, :mod:`dla.schedule.replay`).
+    ``backend``: how those two products run, ``"torch"`` or ``"triton"`` (default: Triton for float32
+    CUDA tensors)."""
 
-    def __init__(self, c: Contributions, L: int, walk: bool = True):
+    def __init__(self, c: Contributions, L: int, walk: bool = True, backend: str | None = None):
         R, Tm = c.w.shape
         NC = -(-Tm // L)
-        k, v, w, g = (to_chunks(x, L) for x in (c.k, c.v, c.w, c.g))
+        k, v, w, g = (to_chunks(x, L).contiguous() for x in (c.k, c.v, c.w, c.g))
         self.L, self.NC, self.Tm = L, NC, Tm
+        self.backend = backend or terms_backend(c.k)
         if walk:
             pair, G, G_prev = pair_products(k, v, w, k, v, w, g)
             self.prefix = pair.flip(-1).cumsum(-1).flip(-1).view(R, NC, L, L)  # prefix[t, b] = Σ_{u >= b} pair[t, u]
@@ -116,26 +125,40 @@ class WindowTerms:
             self.carry_scale = (G_prev.exp() * w).view(R, NC, L)
         else:
             G = g.cumsum(-1)  # pair_products' G, the same sum
+            self.carry_scale = None
         G_end = G[:, -1:]
         self.write_scale = ((G_end - G).exp() * w).view(R, NC, L)
         self.chunk_decay = G_end.exp().view(R, NC)
         self.k, self.v = k.view(R, NC, L, -1), v.view(R, NC, L, -1)
 
-    def chunk(self, i: int, open_state) -> ChunkTerms:
-        """The terms of chunk ``i`` for the walk, given the open state before it."""
-        n = min(self.L, self.Tm - i * self.L)
-        carry = self.carry_scale[:, i] * ((self.k[:, i] @ open_state) * self.v[:, i]).sum(-1)
-        return ChunkTerms(self.prefix[:, i, :n, :n], carry[:, :n], self.norm[:, i, :n], self.gamma[:, i, :n])
+    def carried(self, i: int, open_state) -> torch.Tensor:
+        """The products ``⟨s_t, decay(a-1 -> t-1) O_{a-1}⟩`` of chunk ``i``'s tokens with the open state
+        before it, ``[R, L]``."""
+        return self.carry_scale[:, i] * ((self.k[:, i] @ open_state) * self.v[:, i]).sum(-1)
 
-    def advance(self, i: int, open_state, open_start):
+    def chunk(self, i: int, carried) -> ChunkTerms:
+        """The terms of chunk ``i`` for the walk, given its products with the open state (:meth:`carried`)."""
+        n = min(self.L, self.Tm - i * self.L)
+        return ChunkTerms(self.prefix[:, i, :n, :n], carried[:, :n], self.norm[:, i, :n], self.gamma[:, i, :n])
+
+    def advance(self, i: int, open_state, open_start, carry: bool = True):
         """The open state after chunk ``i``, given where the open segment starts (window time, ``[R]``):
         the carried state aged through the chunk if it started before the chunk, plus the decayed writes
-        of the chunk's tokens from its start on."""
+        of the chunk's tokens from its start on; and with ``carry`` (and a chunk after ``i``) that
+        chunk's :meth:`carried`, else ``None``. On CUDA one Triton launch
+        (:mod:`dla.schedule.triton_terms`) does both."""
+        carry = carry and i + 1 < self.NC
+        if self.backend == "triton":
+            from dla.schedule.triton_terms import advance
+
+            return advance(self.k, self.v, self.write_scale, self.chunk_decay, self.carry_scale, i, open_state,
+                           open_start, carry)
         a = i * self.L
         t = torch.arange(a, a + self.L, device=open_state.device)
         coef = torch.where(t >= open_start[:, None], self.write_scale[:, i], 0.0)
         kept = torch.where(open_start < a, self.chunk_decay[:, i], 0.0)
-        return kept[:, None, None] * open_state + (self.k[:, i] * coef[..., None]).transpose(1, 2) @ self.v[:, i]
+        open_state = kept[:, None, None] * open_state + (self.k[:, i] * coef[..., None]).transpose(1, 2) @ self.v[:, i]
+        return open_state, self.carried(i + 1, open_state) if carry else None
 
 
 def state_score(x, norm, open_norm, gamma, drift: bool, eps: float = 0.0):
@@ -332,13 +355,14 @@ def plan_dynamic(seg: SegmentState, lengths, threshold: torch.Tensor, max_segmen
         if Tm:
             decides = not isinstance(walker, ReplayingWalker)  # a replayed walk reads no terms
             window = WindowTerms(c, min(PLAN_CHUNK, Tm), walk=decides)
+            carried = window.carried(0, open_state) if decides else None
             for i in range(window.NC):
                 a = i * window.L
                 if keep_trace:
                     starts.append(open_state)
-                walker.walk(a, min(a + window.L, Tm), terms=window.chunk(i, open_state) if decides else None,
+                walker.walk(a, min(a + window.L, Tm), terms=window.chunk(i, carried) if decides else None,
                             drift=score == "state_drift")
-                open_state = window.advance(i, open_state, walker.open_start())
+                open_state, carried = window.advance(i, open_state, walker.open_start(), carry=decides)
         if keep_trace:
             trace.open_states = torch.stack(starts, 1) if starts else c.k.new_zeros(R, 0, K, V)
             trace.chunk = window.L if Tm else PLAN_CHUNK

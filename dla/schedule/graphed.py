@@ -1,8 +1,9 @@
 """The state-scored plan of a window replayed as one CUDA graph (GPU).
 
 :func:`dla.schedule.dynamic.plan_dynamic` walks a window chunk by chunk: per 64-token chunk one
-Triton walk and some twenty small PyTorch operations (the chunk's products with the open state, the
-open state's update). Their GPU work is short, so the GPU waits on the host that launches them. The
+Triton walk and one launch of the open state's update and the next chunk's products with it
+(:mod:`dla.schedule.triton_terms`). Their GPU work is short, so the GPU waits on the host that
+launches them. The
 first plan of a shape is captured into a CUDA graph, and every plan of that shape replays it: the
 same kernels on the same inputs, so the same schedule bit for bit, from one launch.
 

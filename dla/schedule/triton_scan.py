@@ -69,7 +69,7 @@ def _open_product(b_row, b_carry, b_first, o_u, s0):
 def _walk_kernel(score_ptr, prefix_ptr, carry_ptr, norm_ptr, gamma_ptr,
                  lengths_ptr, position_ptr, threshold_ptr,
                  start_ptr, info_ptr, origin_ptr, count_ptr, open_norm_ptr,
-                 death_ptr, carried_ptr, trace_score_ptr, trace_start_ptr, trace_norm_ptr,
+                 death_ptr, carried_ptr, trace_score_ptr, trace_start_ptr, trace_norm_ptr, open_start_out_ptr,
                  a, b, Tm, H, L, stride_prefix_r, stride_prefix_t, stride_carry, stride_norm, stride_gamma,
                  max_segment_len,
                  C: tl.constexpr, CP: tl.constexpr, BL: tl.constexpr, SCORE: tl.constexpr, MERGE: tl.constexpr,
@@ -194,6 +194,7 @@ def _walk_kernel(score_ptr, prefix_ptr, carry_ptr, norm_ptr, gamma_ptr,
     tl.store(origin_ptr + i_r * CP + o_c, b_origin)
     tl.store(count_ptr + i_r + o_1, count)
     tl.store(open_norm_ptr + i_r + o_1, open_norm)
+    tl.store(open_start_out_ptr + i_r + o_1, open_start - pos0)  # window time (an empty row's -1 included)
 
 
 def _unit_stride(x: torch.Tensor) -> torch.Tensor:
@@ -231,11 +232,12 @@ class TritonWalker:
     def start(self, Tm: int, trace: Trace):
         self.Tm, self.trace = Tm, trace
         self.death = torch.full((self.slot_start.shape[0], Tm), NONE, dtype=torch.long, device=self.slot_start.device)
+        self._open_start = self.slot_start.max(1).values - self.position.repeat_interleave(self.H)  # NONE: -1 - pos
 
     def open_start(self) -> torch.Tensor:
-        newest = self.slot_start.max(1).values
-        position = self.position.repeat_interleave(self.H)
-        return torch.where(newest >= 0, newest - position, NONE - position)
+        """Where the open segment starts, window time ``[R]``: written by the last walk (a new tensor
+        per walk, so that a recorded walk keeps each)."""
+        return self._open_start
 
     def walk(self, a: int, b: int, scores=None, terms: ChunkTerms | None = None, drift: bool = False):
         R = self.slot_start.shape[0]
@@ -251,12 +253,13 @@ class TritonWalker:
             L, scores = b - a, dummy
             BL = triton.next_power_of_2(L)
         tr = self.trace
+        self._open_start = torch.empty_like(self._open_start)
         _walk_kernel[(R,)](
             scores, prefix, carry, norm, gamma, self.lengths, self.position, self.threshold,
             self.slot_start, self.info, self.origin, self.count, self.open_norm,
             self.death, self.carried,
             tr.scores, self.death if tr.open_start is None else tr.open_start,
-            dummy if tr.open_norm is None else tr.open_norm,
+            dummy if tr.open_norm is None else tr.open_norm, self._open_start,
             a, b, self.Tm, self.H, L, prefix.stride(0), prefix.stride(1) if prefix.dim() > 2 else 0,
             carry.stride(0), norm.stride(0), gamma.stride(0), int(self.max_segment_len or 0),
             C=self.C, CP=self.CP, BL=BL, SCORE=score_code, MERGE=MERGE_CODES[self.merge],

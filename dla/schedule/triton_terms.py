@@ -1,0 +1,82 @@
+"""The state score's per-chunk products with the open state, one Triton launch per planning chunk.
+
+Between the walks of two planning chunks the planner ages the open state through the chunk just
+walked and adds the chunk's writes from the open segment's start on
+(:meth:`dla.schedule.dynamic.WindowTerms.advance`), then takes the next chunk's products with it
+(``⟨s_t, decay O⟩``, :meth:`~dla.schedule.dynamic.WindowTerms.carried`). In PyTorch that is about a
+dozen small operations per chunk, and a 32K-token window has 512 chunks; here it is one program per
+row (sequence-head) that keeps a ``[K, BV]`` tile of the open state in registers for both steps.
+The walkers read whatever terms the window gives them, so both plan identical schedules from these
+products as from PyTorch's; the two sets of products differ in the rounding of their sums only.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _advance_kernel(open_ptr, out_ptr, k_ptr, v_ptr, write_scale_ptr, chunk_decay_ptr, open_start_ptr,
+                    carry_scale_ptr, carried_ptr, i, NC, L,
+                    K: tl.constexpr, V: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                    CARRY: tl.constexpr):
+    """Row ``i_r``: ``out = kept * open + Σ_u coef_u k_u v_uᵀ`` over chunk ``i`` (``coef``: the write
+    scale from the open segment's start on, ``kept``: the chunk's decay if the segment started before
+    it), and with ``CARRY`` the products of chunk ``i + 1``'s tokens with ``out``:
+    ``carried[t] = carry_scale_t Σ_v (k_t out)_v v_{t,v}``. Chunks are ``[R, NC, L, ...]``, contiguous."""
+    i_r = tl.program_id(0).to(tl.int64)
+    o_l = tl.arange(0, BL)
+    o_k = tl.arange(0, BK)
+    o_v = tl.arange(0, BV)
+    m_l, m_k = o_l < L, o_k < K
+    a = i * L  # the chunk's first token, window time
+    start = tl.load(open_start_ptr + i_r)
+    b_ws = tl.load(write_scale_ptr + (i_r * NC + i) * L + o_l, mask=m_l, other=0.0)
+    b_coef = tl.where(a + o_l >= start, b_ws, 0.0)  # [BL]
+    kept = tl.where(start < a, tl.load(chunk_decay_ptr + i_r * NC + i), 0.0)
+    o_lk = o_l[:, None] * K + o_k[None, :]
+    m_lk = m_l[:, None] & m_k[None, :]
+    p_chunk = (i_r * NC + i) * L
+    b_kc = tl.load(k_ptr + p_chunk * K + o_lk, mask=m_lk, other=0.0) * b_coef[:, None]  # [BL, BK]
+    if CARRY:
+        b_kn = tl.load(k_ptr + (p_chunk + L) * K + o_lk, mask=m_lk, other=0.0)  # [BL, BK], chunk i + 1
+        b_acc = tl.zeros([BL], dtype=tl.float32)
+    p_open = open_ptr + i_r * K * V
+    p_out = out_ptr + i_r * K * V
+    for v0 in range(0, V, BV):
+        m_v = v0 + o_v < V
+        o_lv = o_l[:, None] * V + v0 + o_v[None, :]
+        m_lv = m_l[:, None] & m_v[None, :]
+        o_kv = o_k[:, None] * V + v0 + o_v[None, :]
+        m_kv = m_k[:, None] & m_v[None, :]
+        b_v = tl.load(v_ptr + p_chunk * V + o_lv, mask=m_lv, other=0.0)  # [BL, BV]
+        b_open = tl.load(p_open + o_kv, mask=m_kv, other=0.0)  # [BK, BV]
+        b_open = kept * b_open + tl.dot(tl.trans(b_kc), b_v, input_precision="ieee")
+        tl.store(p_out + o_kv, b_open, mask=m_kv)
+        if CARRY:
+            b_vn = tl.load(v_ptr + (p_chunk + L) * V + o_lv, mask=m_lv, other=0.0)  # [BL, BV]
+            b_acc += tl.sum(tl.dot(b_kn, b_open, input_precision="ieee") * b_vn, 1)
+    if CARRY:
+        b_cs = tl.load(carry_scale_ptr + (p_chunk + L) + o_l, mask=m_l, other=0.0)
+        tl.store(carried_ptr + i_r * L + o_l, b_cs * b_acc, mask=m_l)
+
+
+def advance(k, v, write_scale, chunk_decay, carry_scale, i: int, open_state, open_start, carry: bool):
+    """:meth:`dla.schedule.dynamic.WindowTerms.advance` and, with ``carry``, the next chunk's
+    :meth:`~dla.schedule.dynamic.WindowTerms.carried`, in one launch: ``(open_state [R, K, V],
+    carried [R, L] or None)``. ``k [R, NC, L, K]``, ``v [R, NC, L, V]`` and the scales ``[R, NC(, L)]``
+    float32 and contiguous, ``open_start [R]`` (window time)."""
+    R, NC, L, K = k.shape
+    V = v.shape[-1]
+    out = torch.empty_like(open_state)
+    carried = torch.empty(R, L, dtype=torch.float32, device=k.device) if carry else out
+    if R:
+        BK = max(16, triton.next_power_of_2(K))  # tl.dot's least tile is 16 wide
+        BV = min(64, max(16, triton.next_power_of_2(V)))
+        _advance_kernel[(R,)](open_state.contiguous(), out, k, v, write_scale, chunk_decay, open_start.contiguous(),
+                              carry_scale if carry else write_scale, carried, i, NC, L,
+                              K=K, V=V, BL=max(16, triton.next_power_of_2(L)), BK=BK, BV=BV, CARRY=carry,
+                              num_warps=4 if BK * BV <= 4096 else 8)
+    return out, carried if carry else None
