@@ -53,7 +53,9 @@ def _advance_kernel(open_ptr, out_ptr, k_ptr, v_ptr, write_scale_ptr, chunk_deca
         m_kv = m_k[:, None] & m_v[None, :]
         b_v = tl.load(v_ptr + p_chunk * V + o_lv, mask=m_lv, other=0.0)  # [BL, BV]
         b_open = tl.load(p_open + o_kv, mask=m_kv, other=0.0)  # [BK, BV]
-        b_open = kept * b_open + tl.dot(tl.trans(b_kc), b_v, input_precision="ieee")
+        # the where keeps Triton from folding the sum into the dot's accumulator, which would round
+        # once where PyTorch (and the one-token plan, dla.schedule.token) rounds the product and the sum
+        b_open = kept * b_open + tl.where(m_kv, tl.dot(tl.trans(b_kc), b_v, input_precision="ieee"), 0.0)
         tl.store(p_out + o_kv, b_open, mask=m_kv)
         if CARRY:
             b_vn = tl.load(v_ptr + (p_chunk + L) * V + o_lv, mask=m_lv, other=0.0)  # [BL, BV]
@@ -78,5 +80,5 @@ def advance(k, v, write_scale, chunk_decay, carry_scale, i: int, open_state, ope
         _advance_kernel[(R,)](open_state.contiguous(), out, k, v, write_scale, chunk_decay, open_start.contiguous(),
                               carry_scale if carry else write_scale, carried, i, NC, L,
                               K=K, V=V, BL=max(16, triton.next_power_of_2(L)), BK=BK, BV=BV, CARRY=carry,
-                              num_warps=4 if BK * BV <= 4096 else 8)
+                              num_warps=4 if BK * BV <= 4096 else 8, enable_fp_fusion=False)
     return out, carried if carry else None
