@@ -172,7 +172,8 @@ def test_the_unit_labels_kernel_gives_the_torch_bookkeeping(policy, label_rule, 
     T, T1 = 150, 70
     inputs, _ = make_case(policy, "mamba2", label_rule, B=3, T=T, H=2, K=8, V=8, capacity=5, period=4,
                           extra_labels=extra_labels, device=DEVICE)
-    kw = dict(batch=3, heads=2, capacity=9 if policy == "fenwick" else 5, label_rule=label_rule, period=4)
+    kw = dict(batch=3, heads=2, capacity=9 if policy == "fenwick" else 5, label_rule=label_rule, period=4,
+              device=DEVICE)
     head = {n: None if x is None else x[:, :T1] for n, x in inputs.items()}
     tail = {n: None if x is None else x[:, T1:] for n, x in inputs.items()}
     dynamic = policy == "dynamic"
@@ -221,7 +222,9 @@ def test_bfloat16_inputs_get_the_gradients_of_their_values(base, backend):
     kw = dict(schedule=schedule, chunk_size=16, output_final_state=True)
     o_ref, s_ref = dla.chunk_dla(**ref, backend="torch", **kw)
     o, s = dla.chunk_dla(**inputs, backend=backend, **kw)
-    assert o.dtype == torch.bfloat16 and rel_err(o, o_ref) <= 1e-2 and rel_err(s.states, s_ref.states) <= 1e-5
+    # the fused walk's products of bfloat16 inputs run in TF32 on a GPU (chunk_inter.input_precision)
+    state_tol = 1e-5 if backend == "torch" or DEVICE == "cpu" else 2e-3
+    assert o.dtype == torch.bfloat16 and rel_err(o, o_ref) <= 1e-2 and rel_err(s.states, s_ref.states) <= state_tol
     g_ref, g = grads(o_ref.float() + s_ref.states.sum(), ref), grads(o.float() + s.states.sum(), inputs)
     for name in g_ref:
         assert g[name].dtype == inputs[name].dtype and rel_err(g[name], g_ref[name]) <= 1e-2, f"d{name}"
