@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU correctness suite and op benchmarks. Writes logs and JSON under $RESULTS_DIR (default
-# benchmarks/results). Usage: scripts/gpu_check.sh [tests|causality|profile|decode|bench|all] [pytest args for tests,
-# or extra args for ops.py]
+# benchmarks/results). Usage: scripts/gpu_check.sh [tests|decoding|causality|profile|decode|bench|all] [pytest args
+# for tests and decoding, or extra args for ops.py]
 # Installs optional wheels from .whl/ (flash-linear-attention, pytest, hypothesis) when present (offline machines).
 set -uo pipefail
 mode=${1:-all}; shift || true
@@ -20,15 +20,26 @@ python3 - <<'PY' | tee "$RESULTS_DIR/gpu_env.txt"
 import torch, triton
 print("device", torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__)
 PY
-if [[ $mode == tests || $mode == all ]]; then
-  # the whole suite takes ~8 minutes on an H100; `tests ARGS` passes ARGS to pytest instead of the
-  # default files, to split it over two jobs (e.g. `tests tests/test_gpu.py`, then the other three)
-  tests=(tests/test_gpu.py tests/test_gpu_models.py tests/test_triton_chunk.py tests/test_triton_schedule.py)
-  [[ $mode == tests && $# -gt 0 ]] && tests=("$@")
-  # with pytest-xdist (installed from .whl/), 8 processes share the GPU: most of the suite's time is
-  # Triton compiling on the CPU, and the machine has 16 cores
-  workers=(); python3 -c "import xdist" 2>/dev/null && workers=(-n 8)
-  python3 -m pytest -q -x -p no:cacheprovider --durations=10 "${workers[@]}" "${tests[@]}" 2>&1 | tee "$RESULTS_DIR/gpu_tests.log" | tail -25
+# the kernels' suite and the decoding suite each take a few minutes on an H100 with 8 workers, together
+# more than some job limits allow: `tests` and `decoding` run one each; ARGS after the mode replace
+# its default files (e.g. `tests tests/test_gpu.py`)
+if [[ $mode == tests || $mode == decoding || $mode == all ]]; then
+  suites=()
+  [[ $mode != decoding ]] && suites+=(tests)
+  [[ $mode != tests ]] && suites+=(decoding)
+  for suite in "${suites[@]}"; do
+    if [[ $suite == tests ]]; then
+      files=(tests/test_gpu.py tests/test_gpu_models.py tests/test_triton_chunk.py tests/test_triton_schedule.py)
+    else
+      files=(tests/test_generation.py tests/test_token_step.py tests/test_models.py)
+    fi
+    [[ $mode != all && $# -gt 0 ]] && files=("$@")
+    # with pytest-xdist (installed from .whl/), 8 processes share the GPU: most of the suite's time is
+    # Triton compiling on the CPU, and the machine has 16 cores
+    workers=(); python3 -c "import xdist" 2>/dev/null && workers=(-n 8)
+    python3 -m pytest -q -p no:cacheprovider -rfE --durations=10 "${workers[@]}" "${files[@]}" 2>&1 \
+      | tee "$RESULTS_DIR/gpu_${suite}.log" | tail -25
+  done
 fi
 if [[ $mode == causality || $mode == all ]]; then
   python3 scripts/causality_check.py --out "$RESULTS_DIR/causality.json" 2>&1 | tee "$RESULTS_DIR/causality.log"
