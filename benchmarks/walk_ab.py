@@ -5,8 +5,10 @@
 
 Both versions run in the same process on the same inputs (the op benchmark's shapes, bf16, 32K
 tokens per batch, a dynamic schedule): forward and forward+backward median times of ``chunk_dla``
-and the relative error of the other version's output and gradients against this tree's. Only
-``fused_inter`` is swapped; everything around it is this tree's. Needs a GPU.
+and the relative error of the other version's output and gradients against this tree's. Only the
+walk's forward and backward (``walk_forward``, ``walk_backward``, which ``chunk_dla``'s fused path
+looks up at call time) are swapped; everything around them is this tree's, so the other file must
+have both. Needs a GPU.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.ops import TOKENS, make_inputs, timed  # noqa: E402
+
+WALK_FUNCTIONS = ("walk_forward", "walk_backward")
 
 
 def load_module(path: Path):
@@ -45,7 +49,11 @@ def main(argv=None) -> int:
     import dla
     from dla.ops.triton import chunk_inter
 
-    versions = {"this tree": chunk_inter.fused_inter, str(args.other): load_module(args.other).fused_inter}
+    other = load_module(args.other)
+    if not all(hasattr(other, name) for name in WALK_FUNCTIONS):
+        p.error(f"{args.other} has no {' and '.join(WALK_FUNCTIONS)} to swap in")
+    versions = {name: {f: getattr(module, f) for f in WALK_FUNCTIONS}
+                for name, module in (("this tree", chunk_inter), (str(args.other), other))}
     rows = []
     for base in args.bases:
         for T in args.lengths:
@@ -59,7 +67,8 @@ def main(argv=None) -> int:
             do = torch.randn(B, T, H, x["v"].shape[-1], device="cuda", dtype=torch.bfloat16)
             results = {}
             for name, walk in versions.items():
-                chunk_inter.fused_inter = walk  # dla.ops.chunk imports it at call time
+                for f, fn in walk.items():
+                    setattr(chunk_inter, f, fn)
 
                 def forward():
                     return dla.chunk_dla(x["q"], x["k"], x["v"], x["g"], lam, sched, beta=x["beta"],
@@ -75,7 +84,8 @@ def main(argv=None) -> int:
                 rows.append(row)
                 print(f"{base:15s} T={T:<6d} C={args.capacity:<3d} fwd {fwd:8.2f} ms  fwd+bwd {both:8.2f} ms  "
                       f"peak {peak:7.0f} MiB  max rel err {row['rel_err_vs_this_tree']:.1e}  {name}", flush=True)
-            chunk_inter.fused_inter = versions["this tree"]
+            for f, fn in versions["this tree"].items():
+                setattr(chunk_inter, f, fn)
             x = leaves = lam = do = results = None
             torch.cuda.empty_cache()
     if args.out:

@@ -230,6 +230,12 @@ def _int_at_least(text: str, low: int) -> int:
     return value
 
 
+def add_device_argument(p: argparse.ArgumentParser) -> None:
+    """``--device``, the same for every command that runs a model."""
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="auto (the default): CUDA when a GPU is visible, else the CPU")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="dla", description="Dynamic Linear Attention: train, evaluate, inspect, "
                                      "benchmark. 'dla COMMAND --help' describes each command.")
@@ -287,8 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--windows", type=positive_int, default=64, help="at most this many windows for --text")
     p.add_argument("--batch-size", type=positive_int, default=8, help="batch size for lm-eval")
     p.add_argument("--seed", type=int, default=0, help="seed of the evaluation data")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                   help="auto (the default): CUDA when a GPU is visible, else the CPU")
+    add_device_argument(p)
     p.add_argument("--out", metavar="DIR", help="default CHECKPOINT/eval")
     p.set_defaults(handler=cmd_eval)
 
@@ -307,8 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="inspect the first N tokens (the pairwise maps are N x N)")
     p.add_argument("--heads", type=non_negative_int, nargs="+", metavar="H", help="heads to show (default: all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the --synthetic example")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                   help="auto (the default): CUDA when a GPU is visible, else the CPU")
+    add_device_argument(p)
     p.add_argument("--out", metavar="DIR", help="default CHECKPOINT/inspect")
     p.set_defaults(handler=cmd_inspect)
 
@@ -323,8 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hidden-size", type=positive_int, help="model width (default 256 on CPU, 1024 on GPU)")
     p.add_argument("--layers", type=positive_int, default=4, help="model depth (default 4)")
     p.add_argument("--capacity", type=positive_int, default=16, help="DLA's capacity C (default 16)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                   help="auto (the default): CUDA when a GPU is visible, else the CPU")
+    add_device_argument(p)
     p.add_argument("--out", default="runs/bench", metavar="DIR", help="default runs/bench")
     p.set_defaults(handler=cmd_bench)
 
@@ -338,8 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the data and the models (default 0)")
     p.add_argument("--workers", type=positive_int,
                    help="models trained at once on CPU (default: one per core, at most 4)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                   help="auto (the default): CUDA when a GPU is visible, else the CPU")
+    add_device_argument(p)
     p.add_argument("--out", default="runs/demo", metavar="DIR", help="default runs/demo")
     p.set_defaults(handler=cmd_demo)
     return parser

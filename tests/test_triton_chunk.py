@@ -255,7 +255,7 @@ def test_the_fused_walk_keeps_step_3s_inputs_labels_and_state_checkpoints(base):
                 + N * H * NC * L * (C + L)  # the label of every unit at every query, one byte each
                 + N * H * NC * L * C * 4  # λ of the carried slots
                 + N * H * NC * C  # which carried slots exist
-                + N * H * NC * (L + C) * 8  # the new slots of the chunk's tokens and of the carried slots
+                + N * H * NC * (L + 3 * C) * 4  # the routing, int32: tokens' slots, slots' sources and new slots
                 + N * H * (NC // 8 + 1) * C * K * V * 4)  # the state checkpoints
     assert sum(kept.values()) == expected
 

@@ -257,7 +257,6 @@ def test_the_open_state_update_in_one_launch_matches_pytorch(T, K, V):
         assert (got - want).abs().max() <= 1e-5 * scale, i
         if i + 1 < ref.NC:
             assert (got_carried - want_carried).abs().max() <= 1e-5 * want_carried.abs().max(), i
-            assert torch.equal(want_carried, ref.carried(i + 1, want))
         else:
             assert want_carried is None and got_carried is None
         # only the tokens from the open segment's start on write; a start before the chunk keeps the decayed state

@@ -470,9 +470,9 @@ class DLAMixer(nn.Module):
         """One token per sequence continuing ``cache``, unchecked (a decoding step): the schedule
         planned straight from the cache's segmentation (:func:`dla.schedule.token.plan_token`) and
         the op's one-token step (:func:`dla.ops.recurrent_step`), with the numbers, final state and
-        segmentation of the general path. On CUDA the kernels update the cache's states (unless
-        the plan folds runs of slots) and open state in place (the cache owns them), so a captured step allocates and
-        copies no state.
+        segmentation of the general path. On CUDA the kernels update the cache's states (unless the
+        plan folds runs of slots) and open state in place (the cache owns them), so a captured step
+        allocates and copies no state.
         ``scores``: the layer's given scores ``[B, 1, H]``."""
         p = self.policy
         state = cache.state

@@ -205,7 +205,7 @@ def compute_qkv(q_c, k_c, v_c, scale: float, dtype: torch.dtype):
 class _RecomputedIntraFusedWalk(torch.autograd.Function):
     """Steps 3 and 4 on the fused Triton walk, ``(o, final states)``, from q, k and v in the input
     dtype (q unscaled), keeping for the backward only step 3's inputs as given (it reruns step 3),
-    ``lam_inter`` and the walk's state checkpoints: float32 copies of q, k and v, the effective
+    ``lam_inter``, the routing (int32) and the walk's state checkpoints: float32 copies of q, k and v, the effective
     queries, the decayed keys and the kernels' copies of them (~2 KB per token and head at K = 128,
     V = 64 for bfloat16 inputs) are never kept. ``needs_grad=False`` (inference, a prefill): the walk
     keeps only its first and last boundaries."""
@@ -213,17 +213,25 @@ class _RecomputedIntraFusedWalk(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q_c, k_c, v_c, g_c, b_c, lam_c, label_intra, lam_inter, tok_rank, dest, S0, scale, input_dtype,
                 needs_grad):
-        from dla.ops.triton.chunk_inter import input_precision, padded_rows, walk_forward, walk_group, walk_rows
+        from dla.ops.triton.chunk_inter import (
+            input_precision,
+            padded_rows,
+            routing_rows,
+            walk_forward,
+            walk_group,
+            walk_rows,
+        )
 
         N, H, NC, L, K = q_c.shape
         C, V = dest.shape[-1], v_c.shape[-1]
         q, k, v = compute_qkv(q_c, k_c, v_c, scale, g_c.dtype)
         o_intra, q_eff, X, M = intra_chunk(q, k, v, g_c, b_c, lam_c, label_intra)
-        w = walk_rows(q_eff, lam_inter, X.transpose(-1, -2), v, tok_rank, M, dest)
+        routing = routing_rows(tok_rank, dest)  # kept for the backward: int32, in the kernels' layout
+        w = walk_rows(q_eff, lam_inter, X.transpose(-1, -2), v, M, routing)
         Kp, Vp = w.qe.shape[-1], w.v.shape[-1]
         ctx.prec, ctx.group, ctx.scale = input_precision(input_dtype), walk_group(NC, needs_grad), scale
         o_inter, S = walk_forward(w, padded_rows(S0, (0, Vp - V, 0, Kp - K)), ctx.prec, ctx.group)
-        ctx.save_for_backward(q_c, k_c, v_c, g_c, b_c, lam_c, label_intra, lam_inter, tok_rank, dest, S)
+        ctx.save_for_backward(q_c, k_c, v_c, g_c, b_c, lam_c, label_intra, lam_inter, *routing, S)
         o = o_intra + o_inter.reshape(N, H, NC, L, Vp)[..., :V].to(o_intra.dtype)
         return o, S[:, -1].reshape(N, H, C, Kp, Vp)[..., :K, :V].to(S0.dtype)
 
@@ -231,10 +239,10 @@ class _RecomputedIntraFusedWalk(torch.autograd.Function):
     def backward(ctx, do, dS_final):
         from dla.ops.triton.chunk_inter import padded_rows, walk_backward, walk_rows
 
-        q_c, k_c, v_c, g_c, b_c, lam_c, label_intra, lam_inter, tok_rank, dest, S = ctx.saved_tensors
+        q_c, k_c, v_c, g_c, b_c, lam_c, label_intra, lam_inter, *routing, S = ctx.saved_tensors
         needs = ctx.needs_input_grad[:6]
         N, H, NC, L, K = q_c.shape
-        C, V, cdt = dest.shape[-1], do.shape[-1], g_c.dtype
+        C, V, cdt = routing[-1].shape[-1], do.shape[-1], g_c.dtype
         groups = recompute_groups(NC)
 
         def step3_inputs(sl):  # step 3's inputs for the chunks sl, q, k and v in the compute dtype
@@ -248,7 +256,7 @@ class _RecomputedIntraFusedWalk(torch.autograd.Function):
             for sl in groups:
                 _, q_eff_sl, X_sl, M_sl = intra_chunk(*step3_inputs(sl), label_intra[:, :, sl], output=False)
                 q_eff[:, :, sl], x[:, :, sl], M[:, :, sl] = q_eff_sl, X_sl.transpose(-1, -2), M_sl
-        w = walk_rows(q_eff, lam_inter, x, v_c.to(cdt), tok_rank, M, dest)
+        w = walk_rows(q_eff, lam_inter, x, v_c.to(cdt), M, routing)
         del q_eff, x
         # 2. the reverse walk
         Kp, Vp = w.qe.shape[-1], w.v.shape[-1]

@@ -110,15 +110,13 @@ def _closed_form_token(seg: SegmentState, label_rule: str, death_of, period: int
         moved = moved.scatter(-1, torch.where(keep, dest, C), starts)
         new_starts = torch.where(born & (slot == 0), pos, moved[..., :C])
     segments = SegmentState(new_starts, torch.zeros(new_starts.shape, device=starts.device), position + 1)
-    plan = _finish(dest, segments, label_rule)
-    plan.folds_runs = folds_runs
-    return plan
+    return _finish(dest, segments, label_rule, folds_runs=folds_runs)
 
 
-def _finish(dest, segments: SegmentState, label_rule: str, scores=None) -> TokenPlan:
+def _finish(dest, segments: SegmentState, label_rule: str, scores=None, folds_runs: bool = False) -> TokenPlan:
     filled = segments.starts >= 0
     label = slot_labels(segments.starts, filled, segments.position[:, None, None], label_rule)
-    return TokenPlan(dest, label, filled, segments, scores)
+    return TokenPlan(dest, label, filled, segments, scores, folds_runs=folds_runs)
 
 
 def _dynamic_token(seg: SegmentState, threshold, score, merge, open_state, k, v, g, beta, scores, max_segment_len,

@@ -303,18 +303,22 @@ def padded_rows(t: torch.Tensor, pad=()) -> torch.Tensor:
     return t.reshape(-1, *t.shape[2:]).contiguous()
 
 
-def walk_rows(q_eff, lam_inter, x, v, tok_rank, M, dest) -> WalkRows:
-    """:func:`fused_inter`'s inputs (its shapes) in the kernels' layout."""
-    N, H, NC, L, K = q_eff.shape
-    C = dest.shape[-1]
-    Kp, Vp = padded_size(K), padded_size(v.shape[-1])
+def routing_rows(tok_rank, dest) -> tuple[torch.Tensor, ...]:
+    """The routing in the kernels' layout, int32 ``[R, NC, ...]``: ``(rank, lo, hi, dest)`` (the
+    token's slot, the first and last old slot merging into every new slot, the new slot of every old one)."""
+    N, H, NC, C = dest.shape
     lo, hi = source_ranges(dest)
-    R = N * H
-    return WalkRows(qe=padded_rows(q_eff, (0, Kp - K)), lam=padded_rows(lam_inter), x=padded_rows(x, (0, Kp - K)),
-                    v=padded_rows(v, (0, Vp - v.shape[-1])),
-                    M=padded_rows(M, (0, Kp - K, 0, Kp - K)) if M.dim() == 5 else padded_rows(M),
-                    rank=tok_rank.to(torch.int32).reshape(R, NC, L).contiguous(), lo=lo.reshape(R, NC, C),
-                    hi=hi.reshape(R, NC, C), dest=dest.to(torch.int32).reshape(R, NC, C).contiguous())
+    return (tok_rank.to(torch.int32).reshape(N * H, NC, -1).contiguous(), lo.reshape(N * H, NC, C),
+            hi.reshape(N * H, NC, C), dest.to(torch.int32).reshape(N * H, NC, C).contiguous())
+
+
+def walk_rows(q_eff, lam_inter, x, v, M, routing) -> WalkRows:
+    """:func:`fused_inter`'s inputs (its shapes) in the kernels' layout; ``routing``: :func:`routing_rows`."""
+    K = q_eff.shape[-1]
+    Kp, Vp = padded_size(K), padded_size(v.shape[-1])
+    return WalkRows(padded_rows(q_eff, (0, Kp - K)), padded_rows(lam_inter), padded_rows(x, (0, Kp - K)),
+                    padded_rows(v, (0, Vp - v.shape[-1])),
+                    padded_rows(M, (0, Kp - K, 0, Kp - K)) if M.dim() == 5 else padded_rows(M), *routing)
 
 
 def walk_forward(w: WalkRows, S0: torch.Tensor, prec: str, group: int):
@@ -395,7 +399,7 @@ def fused_inter(q_eff, lam_inter, x, v, tok_rank, M, dest, S0, input_dtype=torch
     N, H, NC, L, K = q_eff.shape
     C, Vd = dest.shape[-1], v.shape[-1]
     Kp, Vp = padded_size(K), padded_size(Vd)
-    w = walk_rows(q_eff, lam_inter, x, v, tok_rank, M, dest)
+    w = walk_rows(q_eff, lam_inter, x, v, M, routing_rows(tok_rank, dest))
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q_eff, lam_inter, x, v, M, S0))
     o, S = _FusedInter.apply(w.qe, w.lam, w.x, w.v, w.M, padded_rows(S0, (0, Vp - Vd, 0, Kp - K)), w.rank, w.lo,
                              w.hi, w.dest, input_precision(input_dtype), walk_group(NC, needs_grad, group))
