@@ -8,11 +8,15 @@ mode=${1:-all}; shift || true
 RESULTS_DIR=${RESULTS_DIR:-benchmarks/results}
 mkdir -p "$RESULTS_DIR"
 if ls .whl/*.whl >/dev/null 2>&1; then
-  # one wheel at a time: a wheel built for another Python would make pip refuse the whole set
-  for wheel in .whl/*.whl; do
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$wheel" \
-      || echo "gpu_check: $wheel does not install here, skipped" >&2
-  done
+  # one pip call: flash-linear-attention and fla-core both install into fla/, and a second --target
+  # install would replace the first's folder; one wheel at a time only if the set is refused (a wheel
+  # built for another Python)
+  pip_target=(python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site)
+  if ! "${pip_target[@]}" .whl/*.whl; then
+    for wheel in .whl/*.whl; do
+      "${pip_target[@]}" "$wheel" || echo "gpu_check: $wheel does not install here, skipped" >&2
+    done
+  fi
   export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
