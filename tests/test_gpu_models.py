@@ -148,6 +148,8 @@ def test_checkpointed_training_replays_the_triton_walks(mixer, monkeypatch):
         return schedules[-1]
 
     plan = common.plan_schedule
+    # the walks launched one by one (a graphed plan walks once per shape, tested below)
+    monkeypatch.setenv("DLA_PLAN_CUDA_GRAPHS", "0")
     monkeypatch.setattr(triton_scan, "TritonWalker", CountingWalker)
     monkeypatch.setattr(common, "plan_schedule", recording_plan)
     config = dla.DLAConfig(mixer=mixer, vocab_size=256, hidden_size=128, num_hidden_layers=2, head_dim=32,
@@ -174,12 +176,13 @@ def test_checkpointed_training_replays_the_triton_walks(mixer, monkeypatch):
         assert (grads[1][name] - want).norm() <= 1e-5 * want.norm(), name
 
 
-@pytest.mark.parametrize("mixer", ["mamba2", "gated_deltanet"])
-def test_checkpointed_training_replays_graphed_plans(mixer, monkeypatch):
-    """Without soft gates a state-scored plan runs as a CUDA graph (dla.schedule.graphed): under
-    activation checkpointing the forward's graph records each walk and the recomputation replays it
-    in a graph of its own; the schedules and the gradients are those of training without
-    checkpointing, and of training without graphs (up to the order of the kernels' sums)."""
+@pytest.mark.parametrize("mixer, soft_gate", [("mamba2", False), ("gated_deltanet", False), ("mamba2", True),
+                                               ("gated_deltanet", True)])
+def test_checkpointed_training_replays_graphed_plans(mixer, soft_gate, monkeypatch):
+    """A state-scored plan runs as a CUDA graph (dla.schedule.graphed), with the soft gates' trace
+    where they train: under activation checkpointing the forward's graph records each walk and the
+    recomputation replays it in a graph of its own; the schedules, traces and gradients are those of
+    training without checkpointing, and of training without graphs (up to the order of the kernels' sums)."""
     pytest.importorskip("transformers")
     from dla.layers import common
     from dla.schedule import graphed
@@ -189,7 +192,7 @@ def test_checkpointed_training_replays_graphed_plans(mixer, monkeypatch):
     plan = common.plan_schedule
     monkeypatch.setattr(common, "plan_schedule", lambda *a, **kw: schedules.append(plan(*a, **kw)) or schedules[-1])
     config = dla.DLAConfig(mixer=mixer, vocab_size=256, hidden_size=128, num_hidden_layers=2, head_dim=32,
-                           state_size=32, max_position_embeddings=1024, capacity=8, soft_gate=False, pad_token_id=0,
+                           state_size=32, max_position_embeddings=1024, capacity=8, soft_gate=soft_gate, pad_token_id=0,
                            eos_token_id=None)
     ids = torch.randint(1, 256, (1, 300), device="cuda")
     cu = torch.tensor([0, 211, 300], device="cuda")
@@ -212,6 +215,9 @@ def test_checkpointed_training_replays_graphed_plans(mixer, monkeypatch):
         for s in (b, c, d):
             assert torch.equal(s.death, a.death) and torch.equal(s.scores, a.scores)
             assert torch.equal(s.final.open_state, a.final.open_state)
+            assert (s.trace is None) == (a.trace is None) == (not soft_gate)
+            for name in ("open_start", "open_norm", "open_states") if soft_gate else ():
+                assert torch.equal(getattr(s.trace, name), getattr(a.trace, name)), name
     for name, g in want.items():  # the backward kernels may accumulate in any order
         assert (got[name] - g).norm() <= 1e-5 * g.norm(), name
         assert (checkpointed[name] - g).norm() <= 1e-5 * g.norm(), name

@@ -198,18 +198,19 @@ def test_triton_walk_leaves_the_initial_state_unchanged():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("score, merge, capacity, max_len", [
-    ("state", "density", 4, None), ("state", "density", 30, None), ("state_drift", "least_info", 5, 7)])
-def test_a_graphed_plan_equals_the_launched_plan(score, merge, capacity, max_len, monkeypatch):
+@pytest.mark.parametrize("score, merge, capacity, max_len, keep_trace", [
+    ("state", "density", 4, None, False), ("state", "density", 30, None, True),
+    ("state_drift", "least_info", 5, 7, False), ("state_drift", "density", 5, None, True)])
+def test_a_graphed_plan_equals_the_launched_plan(score, merge, capacity, max_len, keep_trace, monkeypatch):
     """A state-scored plan on CUDA replays one CUDA graph per shape (dla.schedule.graphed): over new
     inputs through the same graph, packed sequences and a continued window with its open state, it
-    plans what the chunk-by-chunk launches plan, bit for bit."""
+    plans what the chunk-by-chunk launches plan, bit for bit, and keeps the same trace for the soft gates."""
     from dla.schedule import graphed
 
     graphed._GRAPHS.clear()
     cu = torch.tensor([0, 100, 333, 400], device="cuda")
     kw = dict(batch=1, heads=3, capacity=capacity, score=score, merge=merge, max_segment_len=max_len, threshold=1.0,
-              cu_seqlens=cu, device="cuda")
+              cu_seqlens=cu, device="cuda", keep_trace=keep_trace)
     for seed in range(3):
         gen = torch.Generator().manual_seed(seed)
         k, v = (torch.randn(1, 400, 3, d, generator=gen).cuda().bfloat16() for d in (32, 16))
@@ -228,6 +229,10 @@ def test_a_graphed_plan_equals_the_launched_plan(score, merge, capacity, max_len
             assert torch.equal(replayed.death, launched.death) and torch.equal(replayed.scores, launched.scores)
             for field in ("starts", "info", "position", "open_state", "open_norm"):
                 assert torch.equal(getattr(replayed.final, field), getattr(launched.final, field)), field
+            assert (replayed.trace is None) == (launched.trace is None) == (not keep_trace)
+            for field in ("open_start", "open_norm", "open_states", "chunk") if keep_trace else ():
+                want, got = getattr(launched.trace, field), getattr(replayed.trace, field)
+                assert torch.equal(got, want) if torch.is_tensor(want) else got == want, field
         assert (plans[0][0].death != dla.NONE).sum() > 100  # segments opened (and, at these capacities, died)
     assert len(graphed._GRAPHS) == 2  # one per shape: the windows of 400 and of 9 tokens
 

@@ -5,7 +5,9 @@ Triton walk and one launch of the open state's update and the next chunk's produ
 (:mod:`dla.schedule.triton_terms`). Their GPU work is short, so the GPU waits on the host that
 launches them. The
 first plan of a shape is captured into a CUDA graph, and every plan of that shape replays it: the
-same kernels on the same inputs, so the same schedule bit for bit, from one launch.
+same kernels on the same inputs, so the same schedule bit for bit, from one launch. With
+``keep_trace`` (the soft gates in training) the graph also returns the trace the soft gates read:
+the open segment's start and ``‖O‖²`` before every token and the open state at every chunk start.
 
 Graphs are kept per input shapes, dtypes and options, the ``MAX_GRAPHS`` most recently used: a
 graph keeps its plan's intermediate tensors (the chunk terms, ~``R * T * 64 * 4`` bytes for ``R``
@@ -37,9 +39,9 @@ def graphs_enabled(seg: SegmentState) -> bool:
 
 
 def plan_dynamic_graphed(seg: SegmentState, lengths, threshold, max_segment_len, merge: str, score: str,
-                         contributions: Contributions):
-    """:func:`dla.schedule.dynamic.plan_dynamic` with the Triton walker and a state score, without
-    the trace's extras (no soft gating), as a graph replay: the same ``(death, carried, final, trace)``."""
+                         contributions: Contributions, keep_trace: bool = False):
+    """:func:`dla.schedule.dynamic.plan_dynamic` with the Triton walker and a state score, as a graph
+    replay: the same ``(death, carried, final, trace)``, the trace with its extras under ``keep_trace``."""
     inputs = dict(starts=seg.starts, info=seg.info, position=seg.position, open_state=seg.open_state,
                   open_norm=seg.open_norm, lengths=lengths, threshold=threshold, k=contributions.k,
                   v=contributions.v, w=contributions.w, g=contributions.g)
@@ -48,13 +50,15 @@ def plan_dynamic_graphed(seg: SegmentState, lengths, threshold, max_segment_len,
         r = memo.next_record()
         inputs.update(record_death=r.finish[0], record_carried=r.finish[1], record_starts=r.finish[2],
                       record_info=r.finish[3], record_open_norm=r.open_norm, record_scores=r.scores,
-                      record_open_starts=torch.stack(r.open_starts) if r.open_starts else None)
-    options = (max_segment_len, merge, score, torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
+                      record_open_starts=torch.stack(r.open_starts) if r.open_starts else None,
+                      record_trace_open_start=r.trace_open_start, record_trace_open_norm=r.trace_open_norm)
+    options = (max_segment_len, merge, score, keep_trace, torch.is_autocast_enabled("cuda"),
+               torch.get_autocast_dtype("cuda"))
     key = (*((name, None if x is None else (tuple(x.shape), x.dtype, x.device)) for name, x in inputs.items()),
            *options)
     graph = _GRAPHS.get(key)
     if graph is None:
-        graph = _GRAPHS[key] = WindowGraph(inputs, max_segment_len, merge, score)
+        graph = _GRAPHS[key] = WindowGraph(inputs, max_segment_len, merge, score, keep_trace)
         if len(_GRAPHS) > MAX_GRAPHS:
             _GRAPHS.popitem(last=False)
     _GRAPHS.move_to_end(key)
@@ -63,17 +67,22 @@ def plan_dynamic_graphed(seg: SegmentState, lengths, threshold, max_segment_len,
         N, H, C = seg.starts.shape
         finish = tuple(out[name].clone() for name in ("death", "carried", "starts", "info"))
         memo.walks.append(WalkRecord(finish, out["open_norm"].reshape(N * H).clone(),
-                                     list(out["open_starts"].unbind(0)), out["scores"].clone(), None, None))
+                                     list(out["open_starts"].unbind(0)), out["scores"].clone(),
+                                     *(None if x is None else x.clone()
+                                       for x in (out["trace_open_start"], out["trace_open_norm"]))))
     final = SegmentState(out["starts"], out["info"], out["position"], open_state=out["open_state"],
                          open_norm=out["open_norm"])
-    return out["death"], out["carried"], final, Trace(scores=out["scores"])
+    trace = Trace(scores=out["scores"], open_start=out["trace_open_start"], open_norm=out["trace_open_norm"],
+                  open_states=out["open_states"], chunk=graph.chunk)
+    return out["death"], out["carried"], final, trace
 
 
 class WindowGraph:
     """One captured plan: static copies of its inputs, and the outputs that a replay overwrites."""
 
-    def __init__(self, inputs: dict, max_segment_len, merge: str, score: str):
+    def __init__(self, inputs: dict, max_segment_len, merge: str, score: str, keep_trace: bool):
         self.options = (max_segment_len, merge, score)
+        self.keep_trace = keep_trace
         self.inputs = {name: None if x is None else x.clone() for name, x in inputs.items()}
         device = inputs["starts"].device
         with torch.cuda.device(device), torch.no_grad():
@@ -96,20 +105,22 @@ class WindowGraph:
             open_starts = x["record_open_starts"]
             walks.append(WalkRecord(tuple(x[f"record_{name}"] for name in ("death", "carried", "starts", "info")),
                                     x["record_open_norm"], [] if open_starts is None else list(open_starts.unbind(0)),
-                                    x["record_scores"], None, None))
+                                    x["record_scores"], x["record_trace_open_start"], x["record_trace_open_norm"]))
             memo = ReplayWalks(walks)
         else:  # walk, and keep the open segment's start after each chunk for a checkpointed forward
             memo = RecordWalks(walks)
         with memo:
             death, carried, final, trace = plan_dynamic(
                 seg, x["lengths"], x["threshold"], *self.options, "triton",
-                contributions=Contributions(x["k"], x["v"], x["w"], x["g"]))
+                contributions=Contributions(x["k"], x["v"], x["w"], x["g"]), keep_trace=self.keep_trace)
         N, H = x["starts"].shape[:2]
         starts = walks[0].open_starts
         open_starts = torch.stack(starts) if starts else torch.zeros(0, N * H, dtype=torch.long, device=death.device)
+        self.chunk = trace.chunk
         return dict(death=death, carried=carried, starts=final.starts, info=final.info, position=final.position,
                     open_state=final.open_state, open_norm=final.open_norm, scores=trace.scores,
-                    open_starts=open_starts)
+                    open_starts=open_starts, trace_open_start=trace.open_start, trace_open_norm=trace.open_norm,
+                    open_states=trace.open_states)
 
     def replay(self, inputs: dict) -> dict:
         """The plan of ``inputs``: copied into the static inputs, the graph replayed, the outputs copied

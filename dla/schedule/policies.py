@@ -193,9 +193,9 @@ def plan_schedule(policy: str, *, batch: int, heads: int, length: int, capacity:
             rows_scores = rows(scores)
         if backend is None:
             backend = "triton" if torch.device(device).type == "cuda" else "torch"
-        if backend == "triton" and contributions is not None and not keep_trace and graphs_enabled(seg):
+        if backend == "triton" and contributions is not None and graphs_enabled(seg):
             death, carried, final, trace = plan_dynamic_graphed(seg, lengths, threshold.to(device), max_segment_len,
-                                                                merge, score, contributions)
+                                                                merge, score, contributions, keep_trace)
         else:
             death, carried, final, trace = plan_dynamic(
                 seg, lengths, threshold.to(device), max_segment_len, merge, score, backend,
