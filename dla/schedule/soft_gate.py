@@ -9,49 +9,113 @@ exactly 1, so outputs equal the hard model's -- where ``p_t = σ((I_t - τ) / κ
 For the state scores, ``I_t`` is recomputed here with gradients through the token's own
 contribution ``s_t`` while the open state ``O_{t-1}`` is held constant: the planner's trace gives,
 for every token, where the open segment started and ``‖O_{t-1}‖²``, and the open state at every
-planning-chunk start; within a chunk ``⟨s_t, O_{t-1}⟩`` is the sum of the pairwise products over
-the open segment's tokens plus the product with the carried state, as the planner computes it.
+planning-chunk start; within a chunk ``⟨s_t, O_{t-1}⟩`` is the sum of the decayed products with the
+open segment's tokens plus the product with the carried state, the planner's terms regrouped as the open
+state read by the token's key (:class:`QueryProducts`).
 """
 
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
-from dla.schedule.dynamic import (
-    STATE_SCORES,
-    Trace,
-    carried_products,
-    contribution_norms,
-    pair_products,
-    state_score,
-    to_chunks,
-)
+from dla.schedule.dynamic import STATE_SCORES, Trace, state_score, to_chunks
 from dla.schedule.schedule import NONE, Schedule
 from dla.schedule.scores import novelty_scores
 from dla.varlen import pack, unpack
 
 
+def as_chunks(x: torch.Tensor, L: int) -> torch.Tensor:
+    """:func:`~dla.schedule.dynamic.to_chunks` (``[R, Tm, ...]`` -> ``[R * NC, L, ...]``), a view when ``Tm``
+    is a whole number of chunks (no zero padding to copy in)."""
+    return x.reshape(-1, L, *x.shape[2:]) if x.shape[1] % L == 0 else to_chunks(x, L)
+
+
+def open_decay(g, open_start):
+    """``decay [R * NC, L, L]``: ``exp(G_{t-1} - G_u)`` for the open segment's tokens ``u`` before ``t``
+    in the chunk (``open_start <= u < t``), else 0 -- the decays of
+    :func:`~dla.schedule.dynamic.pair_products`, the same sums -- and ``G_{t-1}`` ``[R * NC, L]``.
+    ``g [R * NC, L]``: the chunk's log-decays; ``open_start``: where the open segment before ``t``
+    starts, relative to the chunk's first token (negative: before the chunk)."""
+    L = g.shape[-1]
+    G = g.cumsum(-1)
+    G_prev = torch.nn.functional.pad(G[:, :-1], (1, 0))  # G_{t-1}, exactly the previous sum
+    u = torch.arange(L, device=g.device)
+    outside = (u < open_start[..., None]) | (u >= u[:, None])
+    decay = (G_prev[..., None] - G[:, None, :]).masked_fill_(outside, float("-inf")).exp_()
+    return decay, G_prev
+
+
+def weighted(v, w):
+    """``w_u v_u`` ``[R * NC, L, V]`` (``w=None``: ``v``)."""
+    return v if w is None else v * w[..., None]
+
+
+class QueryProducts(torch.autograd.Function):
+    """``⟨s_t, O_{t-1}⟩`` and ``‖s_t‖²``, ``[R * NC, L]`` each, of chunked tokens, differentiable in the
+    query side ``k [R * NC, L, K]``, ``v [R * NC, L, V]``, ``w [R * NC, L]`` only. Constants: the key
+    side (the open segment's tokens ``key_k, key_v, key_w`` and the log-decays ``g``), ``open_start``
+    (:func:`open_decay`) and the open state at the chunk start, ``open_state [R * NC, K, V]``. ``w`` or
+    ``key_w`` ``None``: 1 (Mamba-2's writes), the same numbers without the products by 1.
+
+    ``⟨s_t, O_{t-1}⟩ = w_t ⟨O_{t-1}ᵀ k_t, v_t⟩``, and the open state read by the key, ``O_{t-1}ᵀ k_t =
+    Σ_u decay[t, u] ⟨k_t, key_k_u⟩ key_w_u key_v_u + exp(G_{t-1}) open_stateᵀ k_t`` (the carried term only
+    where the open segment started before the chunk), is two batched products: no pairwise ``[L, L]``
+    terms to mask and sum. Kept for the backward: the inputs, the read (the size of ``v``) and ``[R * NC, L]``
+    scalars; the decays are rebuilt, so no ``[L, L]`` tensor outlives the forward."""
+
+    @staticmethod
+    def forward(ctx, k, v, w, key_k, key_v, key_w, g, open_start, open_state):
+        decay, G_prev = open_decay(g, open_start)
+        carry_scale = torch.where(open_start < 0, G_prev.exp(), 0.0)
+        pairs = torch.bmm(k, key_k.mT).mul_(decay)  # decay[t, u] ⟨k_t, key_k_u⟩
+        read = torch.baddbmm(carry_scale[..., None] * (k @ open_state), pairs, weighted(key_v, key_w))
+        kov = (read * v).sum(-1)  # k_tᵀ O_{t-1} v_t
+        k_norm, v_norm = (k * k).sum(-1), (v * v).sum(-1)
+        ctx.save_for_backward(k, v, w, key_k, key_v, key_w, g, open_start, open_state, carry_scale, read, kov,
+                              k_norm, v_norm)
+        if w is None:
+            return kov, k_norm * v_norm
+        return w * kov, (w * w) * k_norm * v_norm  # the norm as contribution_norms computes it
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_x, grad_norm):
+        k, v, w, key_k, key_v, key_w, g, open_start, open_state, carry_scale, read, kov, k_norm, v_norm = \
+            ctx.saved_tensors
+        decay, _ = open_decay(g, open_start)
+        # ⟨s_t, O⟩ = w_t kov_t and ‖s_t‖² = w_t² ‖k_t‖² ‖v_t‖²; the 2 of d‖k‖²/dk = 2k (and of dw²/dw) taken here
+        if w is None:
+            grad_kov, grad_norm_kv = grad_x, 2 * grad_norm
+        else:
+            grad_kov, grad_norm_w = grad_x * w, 2 * grad_norm * w
+            grad_norm_kv = grad_norm_w * w
+        grad_read = grad_kov[..., None] * v
+        grad_pairs = torch.bmm(grad_read, weighted(key_v, key_w).mT).mul_(decay)
+        grad_k = carry_scale[..., None] * (grad_read @ open_state.mT)
+        grad_k = grad_k.addcmul_((grad_norm_kv * v_norm)[..., None], k).baddbmm_(grad_pairs, key_k)
+        grad_v = torch.addcmul((grad_norm_kv * k_norm)[..., None] * v, grad_kov[..., None], read)
+        grad_w = torch.addcmul(grad_x * kov, grad_norm_w, k_norm * v_norm) if ctx.needs_input_grad[2] else None
+        return grad_k, grad_v, grad_w, None, None, None, None, None, None
+
+
 def scores_from_trace(trace: Trace, k, v, w, key_k, key_v, key_w, key_g, position, drift: bool = False):
     """``I_t`` ``[R, Tm]`` from dense rows (``k [R, Tm, K]``, ...): the query side ``k, v, w`` carries
-    gradients, the key side (the open state's tokens) and the trace are constants."""
-    R, Tm = w.shape
+    gradients, the key side (the open state's tokens) and the trace are constants. ``w``/``key_w``
+    ``None``: 1."""
+    R, Tm = key_g.shape
     if Tm == 0:
-        return w.new_zeros(R, 0)
+        return key_g.new_zeros(R, 0)
     L = trace.chunk
     NC = -(-Tm // L)
-    kq, vq, wq = to_chunks(k, L), to_chunks(v, L), to_chunks(w, L)  # every chunk at once: [R * NC, L, ...]
-    g = to_chunks(key_g, L)
-    pair, _, G_prev = pair_products(kq, vq, wq, to_chunks(key_k, L), to_chunks(key_v, L), to_chunks(key_w, L), g)
-    start = to_chunks(trace.open_start, L)  # the open segment's start before t, window time
-    chunk_start = (torch.arange(NC, device=w.device) * L).repeat(R)[:, None]  # [R * NC, 1]
-    u = chunk_start + torch.arange(L, device=w.device)
-    x = (pair * (u[:, None, :] >= start[..., None])).sum(-1)
-    carried = carried_products(kq, vq, wq, G_prev, trace.open_states.reshape(R * NC, *trace.open_states.shape[2:]))
-    x = x + torch.where(start < chunk_start, carried, 0.0)
-    open_norm = to_chunks(trace.open_norm, L)
-    score, _ = state_score(x, contribution_norms(kq, vq, wq), open_norm, g.exp(), drift, eps=1e-12)
-    scores = score.reshape(R, NC * L)[:, :Tm]
-    first = (position[:, None] + torch.arange(Tm, device=w.device)) == 0  # a sequence start scores 0
+    chunk_start = torch.arange(0, NC * L, L, device=key_g.device)[:, None]
+    open_start = (as_chunks(trace.open_start, L).view(R, NC, L) - chunk_start).view(R * NC, L)
+    k, v, w, key_k, key_v, key_w, g = (None if x is None else as_chunks(x, L)
+                                       for x in (k, v, w, key_k, key_v, key_w, key_g))
+    x, norm = QueryProducts.apply(k, v, w, key_k, key_v, key_w, g, open_start, trace.open_states.flatten(0, 1))
+    score, _ = state_score(x, norm, as_chunks(trace.open_norm, L), g.exp(), drift, eps=1e-12)
+    scores = score.view(R, NC * L)[:, :Tm]
+    first = (position[:, None] + torch.arange(Tm, device=key_g.device)) == 0  # a sequence start scores 0
     return torch.where(first, 0.0, scores)
 
 
@@ -79,18 +143,18 @@ def differentiable_scores(schedule: Schedule, score: str, k, v, g, beta, open_st
     N, H, Tm = dense.start_death.shape
     R = N * H
 
-    def rows(x):  # [B, T, H, ...] -> [R, Tm, ...]
+    def rows(x):  # [B, T, H, ...] -> [R, Tm, ...], contiguous: its chunks are views both sides share
         x = x if cu_seqlens is None else unpack(x, cu_seqlens, Tm)
         x = x.transpose(1, 2)
-        return x.reshape(R, Tm, *x.shape[3:])
+        return x.reshape(R, Tm, *x.shape[3:]).contiguous()
 
-    in_seq = (torch.arange(Tm, device=k.device) < dense.lengths[:, None]).repeat_interleave(H, 0)
+    # unpack zero-pads every row past its length: a padded token writes nothing (k = v = 0) and ages
+    # nothing (g = 0), so no mask is needed
     cdt = trace.open_norm.dtype
     kr, vr = rows(k.to(cdt)), rows(v.to(cdt))
-    w = torch.ones_like(in_seq, dtype=cdt) if beta is None else rows(beta.to(cdt))
-    w = torch.where(in_seq, w, 0.0)
-    gr = torch.zeros_like(w) if open_state == "plain" else torch.where(in_seq, rows(g.detach().to(cdt)), 0.0)
-    scores = scores_from_trace(trace, kr, vr, w, kr.detach(), vr.detach(), w.detach(), gr,
+    w = None if beta is None else rows(beta.to(cdt))
+    gr = kr.new_zeros(R, Tm) if open_state == "plain" else rows(g.detach().to(cdt))
+    scores = scores_from_trace(trace, kr, vr, w, kr.detach(), vr.detach(), None if w is None else w.detach(), gr,
                                dense.position.repeat_interleave(H), drift=score == "state_drift")
     scores = scores.view(N, H, Tm).transpose(1, 2)  # [N, Tm, H]
     return scores if cu_seqlens is None else pack(scores, cu_seqlens)
