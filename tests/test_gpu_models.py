@@ -199,7 +199,7 @@ def test_checkpointed_training_replays_graphed_plans(mixer, soft_gate, monkeypat
     runs = []
     for graphs, checkpointing in (("0", False), ("1", False), ("1", True)):
         monkeypatch.setenv("DLA_PLAN_CUDA_GRAPHS", graphs)
-        graphed._GRAPHS.clear()
+        graphed.clear_graphs()
         torch.manual_seed(0)
         model = dla.DLAForCausalLM(config).cuda().train()
         if checkpointing:

@@ -12,6 +12,10 @@ the open segment's start and ``‖O‖²`` before every token and the open state
 Graphs are kept per input shapes, dtypes and options, the ``MAX_GRAPHS`` most recently used: a
 graph keeps its plan's intermediate tensors (the chunk terms, ~``R * T * 64 * 4`` bytes for ``R``
 sequence-heads of ``T`` tokens) allocated, and a model whose layers plan the same shapes shares one.
+A shape is captured the second time it is planned (the first plan is launched chunk by chunk):
+capturing costs about two launched plans, which only a shape that comes back repays. Batches of
+fixed shape (unpacked rows, or packed rows whose documents keep their lengths) replay from their
+second plan on; packed rows whose document lengths change every step keep planning launched.
 Under activation checkpointing (:mod:`dla.schedule.replay`) the forward's graph records the walk,
 and the recomputation replays the record in a graph of its own. ``DLA_PLAN_CUDA_GRAPHS=0`` turns the graphs off.
 """
@@ -29,6 +33,14 @@ from dla.schedule.schedule import SegmentState
 
 MAX_GRAPHS = 2
 _GRAPHS: OrderedDict[tuple, WindowGraph] = OrderedDict()
+MAX_SEEN = 64
+_SEEN: OrderedDict[tuple, None] = OrderedDict()  # shapes planned once, not (yet) captured
+
+
+def clear_graphs() -> None:
+    """Forget every captured graph and every shape planned once (their memory is freed with them)."""
+    _GRAPHS.clear()
+    _SEEN.clear()
 
 
 def graphs_enabled(seg: SegmentState) -> bool:
@@ -47,7 +59,7 @@ def plan_dynamic_graphed(seg: SegmentState, lengths, threshold, max_segment_len,
                   v=contributions.v, w=contributions.w, g=contributions.g)
     memo = active_memo()
     if isinstance(memo, ReplayWalks):  # a checkpointed forward's recomputation: the walk is the recorded one
-        r = memo.next_record()
+        r = memo.peek_record()
         inputs.update(record_death=r.finish[0], record_carried=r.finish[1], record_starts=r.finish[2],
                       record_info=r.finish[3], record_open_norm=r.open_norm, record_scores=r.scores,
                       record_open_starts=torch.stack(r.open_starts) if r.open_starts else None,
@@ -57,7 +69,16 @@ def plan_dynamic_graphed(seg: SegmentState, lengths, threshold, max_segment_len,
     key = (*((name, None if x is None else (tuple(x.shape), x.dtype, x.device)) for name, x in inputs.items()),
            *options)
     graph = _GRAPHS.get(key)
+    if graph is None and key not in _SEEN:  # a first sighting: planned launched
+        _SEEN[key] = None
+        if len(_SEEN) > MAX_SEEN:
+            _SEEN.popitem(last=False)
+        return plan_dynamic(seg, lengths, threshold, max_segment_len, merge, score, "triton",
+                            contributions=contributions, keep_trace=keep_trace)
+    if isinstance(memo, ReplayWalks):
+        memo.next_record()  # the graph replays the record peeked above
     if graph is None:
+        del _SEEN[key]
         graph = _GRAPHS[key] = WindowGraph(inputs, max_segment_len, merge, score, keep_trace)
         if len(_GRAPHS) > MAX_GRAPHS:
             _GRAPHS.popitem(last=False)

@@ -151,13 +151,17 @@ class ReplayWalks(WalkMemo):
 
     def next_record(self) -> WalkRecord:
         """The record of the next walk the recomputation plans."""
+        record = self.peek_record()
+        self.replayed += 1
+        return record
+
+    def peek_record(self) -> WalkRecord:
+        """The record :meth:`next_record` returns next, left for it."""
         if self.replayed == len(self.walks):
             raise RuntimeError(f"activation checkpointing: the recomputed forward plans more walks than its first "
                                f"pass ({len(self.walks)}); a checkpointed forward must plan the same walks in the "
                                "same order")
-        record = self.walks[self.replayed]
-        self.replayed += 1
-        return record
+        return self.walks[self.replayed]
 
 
 def walk_replay_contexts() -> tuple[RecordWalks, ReplayWalks]:
