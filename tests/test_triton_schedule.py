@@ -296,3 +296,40 @@ def test_plans_from_the_launched_products_equal_plans_from_pytorchs(score, monke
         assert (plan.scores - ref.scores).abs().max() < 1e-4, key
         scale = ref.final.open_state.abs().max()
         assert (plan.final.open_state - ref.final.open_state).abs().max() <= 1e-5 * scale, key
+
+
+@pytest.mark.parametrize("score, merge, capacity, max_len, keep_trace, T, K, V", [
+    ("state", "density", 4, None, True, 150, 16, 8), ("state_drift", "least_info", 6, 5, False, 200, 32, 16),
+    ("state", "oldest", 3, None, True, 70, 8, 4), ("state", "density", 30, None, False, 300, 128, 64)])
+def test_a_window_walked_in_one_launch_plans_what_the_chunk_launches_plan(score, merge, capacity, max_len, keep_trace,
+                                                                           T, K, V, monkeypatch):
+    """The planner's window in one launch (TritonWalker.walk_window: every chunk's walk and the open
+    state's updates between them) against a launch per chunk and per update (the products of the
+    launched update, dla.schedule.triton_terms): the same deaths, scores, slots, open states and
+    trace bit for bit, over packed sequences, a window continuing another's open state, and the open
+    segment's start after every chunk that a checkpointed forward records."""
+    from dla.schedule import dynamic, triton_scan
+    from dla.schedule.replay import RecordWalks
+
+    monkeypatch.setattr(dynamic, "terms_backend", lambda k: "triton")
+    k, v, g, beta = (x.to(DEVICE) for x in random_inputs(T, T, H=3, K=K, V=V, dtype=torch.float32))
+    cu = torch.tensor([0, 40, T - 20, T], device=DEVICE)
+    kw = dict(batch=1, heads=3, capacity=capacity, threshold=1.0, score=score, merge=merge, max_segment_len=max_len,
+              keep_trace=keep_trace, backend="triton")
+    plans = []
+    for one_launch in (False, True):
+        monkeypatch.setattr(triton_scan.TritonWalker, "walks_windows", one_launch)
+        walks = []
+        with RecordWalks(walks):
+            first = dla.plan_schedule("dynamic", length=T, k=k, v=v, g=g, beta=beta, cu_seqlens=cu, **kw)
+            more = dla.plan_schedule("dynamic", length=9, k=k[:, :9], v=v[:, :9], g=g[:, :9], beta=beta[:, :9],
+                                     cu_seqlens=torch.tensor([0, 3, 6, 9], device=DEVICE), initial_state=first.final,
+                                     **kw)
+        plans.append((first, more, walks))
+    for launched, one in zip(plans[0][:2], plans[1][:2]):
+        assert_same(one, _cpu(launched))
+        assert torch.equal(one.final.open_state, launched.final.open_state)
+    assert (plans[0][0].death != dla.NONE).sum() > 30  # segments opened (and at these capacities died)
+    for launched, one in zip(plans[0][2], plans[1][2]):
+        assert len(one.open_starts) == len(launched.open_starts) > 0
+        assert all(torch.equal(a, b) for a, b in zip(one.open_starts, launched.open_starts))

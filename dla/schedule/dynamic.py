@@ -351,20 +351,25 @@ def plan_dynamic(seg: SegmentState, lengths, threshold: torch.Tensor, max_segmen
         K, V = c.k.shape[-1], c.v.shape[-1]
         open_state = (torch.zeros(R, K, V, dtype=dtype, device=dev) if seg.open_state is None
                       else seg.open_state.reshape(R, K, V).to(dtype))
-        starts = []
+        starts, open_states = [], None
         if Tm:
             decides = not isinstance(walker, ReplayingWalker)  # a replayed walk reads no terms
             window = WindowTerms(c, min(PLAN_CHUNK, Tm), walk=decides)
-            carried = window.carried(0, open_state) if decides else None
-            for i in range(window.NC):
-                a = i * window.L
-                if keep_trace:
-                    starts.append(open_state)
-                walker.walk(a, min(a + window.L, Tm), terms=window.chunk(i, carried) if decides else None,
-                            drift=score == "state_drift")
-                open_state, carried = window.advance(i, open_state, walker.open_start(), carry=decides)
+            if decides and window.backend == "triton" and getattr(walker, "walks_windows", False):
+                open_state, open_states, _ = walker.walk_window(window, open_state, score == "state_drift", keep_trace)
+            else:
+                carried = window.carried(0, open_state) if decides else None
+                for i in range(window.NC):
+                    a = i * window.L
+                    if keep_trace:
+                        starts.append(open_state)
+                    walker.walk(a, min(a + window.L, Tm), terms=window.chunk(i, carried) if decides else None,
+                                drift=score == "state_drift")
+                    open_state, carried = window.advance(i, open_state, walker.open_start(), carry=decides)
         if keep_trace:
-            trace.open_states = torch.stack(starts, 1) if starts else c.k.new_zeros(R, 0, K, V)
+            if open_states is None:
+                open_states = torch.stack(starts, 1) if starts else c.k.new_zeros(R, 0, K, V)
+            trace.open_states = open_states
             trace.chunk = window.L if Tm else PLAN_CHUNK
     death, carried, final_starts, final_info = walker.finish(N, H)
     final = SegmentState(final_starts, final_info, seg.position.long() + lengths,

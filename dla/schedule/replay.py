@@ -73,6 +73,15 @@ class RecordingWalker:
         self.open_starts.append(start)
         return start
 
+    @property
+    def walks_windows(self) -> bool:
+        return getattr(self.walker, "walks_windows", False)
+
+    def walk_window(self, *args):
+        open_state, states, open_starts = self.walker.walk_window(*args)
+        self.open_starts.extend(open_starts.unbind(0))
+        return open_state, states, open_starts
+
     def finish(self, N: int, H: int):
         out = self.walker.finish(N, H)
         t = self.trace

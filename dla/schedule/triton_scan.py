@@ -20,16 +20,20 @@ between launches (one launch per chunk for the state scores, one for a window of
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
-from dla.schedule.dynamic import ChunkTerms, Trace
+from dla.schedule.dynamic import ChunkTerms, Trace, WindowTerms
 from dla.schedule.schedule import NEVER, NONE, SegmentState
+from dla.schedule.triton_terms import advance_blocks, advance_open_state
 
 _NEVER = tl.constexpr(NEVER)
 MERGE_CODES = {"density": 0, "least_info": 1, "oldest": 2}
 SCORE_BLOCK = 64  # given scores are read in blocks of this many tokens, the next block a block ahead
+WINDOW_WARPS = 4  # a window's walk also runs the open state's [K, V] products between chunks
 
 
 @triton.jit
@@ -70,10 +74,12 @@ def _walk_kernel(score_ptr, prefix_ptr, carry_ptr, norm_ptr, gamma_ptr,
                  lengths_ptr, position_ptr, threshold_ptr,
                  start_ptr, info_ptr, origin_ptr, count_ptr, open_norm_ptr,
                  death_ptr, carried_ptr, trace_score_ptr, trace_start_ptr, trace_norm_ptr, open_start_out_ptr,
-                 a, b, Tm, H, L, stride_prefix_r, stride_prefix_t, stride_carry, stride_norm, stride_gamma,
-                 max_segment_len,
+                 k_ptr, v_ptr, write_scale_ptr, chunk_decay_ptr, carry_scale_ptr, state_ptr, final_ptr,
+                 a, b, Tm, R, H, L, NC, stride_prefix_r, stride_prefix_t, stride_carry, stride_norm, stride_gamma,
+                 stride_state_r, stride_state_c, SLOTS, max_segment_len,
                  C: tl.constexpr, CP: tl.constexpr, BL: tl.constexpr, SCORE: tl.constexpr, MERGE: tl.constexpr,
-                 HAS_MAX: tl.constexpr, TRACE_OPEN: tl.constexpr):
+                 HAS_MAX: tl.constexpr, TRACE_OPEN: tl.constexpr, WINDOW: tl.constexpr, K: tl.constexpr,
+                 V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
     """Walk tokens ``[a, b)`` of row ``i_r`` (one sequence-head). ``SCORE``: 0 given scores
     (``score_ptr [R, Tm]``, read ``BL`` tokens at a time), 1 the state score, 2 its drift reading
     (chunk terms ``[R, L(, L)]`` of the chunk starting at ``a``, ``L <= BL``). ``MERGE``: 0 density,
@@ -83,7 +89,15 @@ def _walk_kernel(score_ptr, prefix_ptr, carry_ptr, norm_ptr, gamma_ptr,
     so that a token's terms are read out of the chunk's ``[BL]`` blocks by a gather (one shuffle)
     instead of a reduction. The state score's product with the open state is prepared a token
     ahead for both outcomes of the current token (it opens a segment, or not), and the rows of
-    ``prefix`` it needs are loaded two tokens ahead: the score's chain is only its arithmetic."""
+    ``prefix`` it needs are loaded two tokens ahead: the score's chain is only its arithmetic.
+
+    ``WINDOW`` (state scores): walk every chunk of the window ``[a, b)`` (terms ``[R, NC, L(, L)]``,
+    ``carry`` the first chunk's) and between two chunks advance the open state and take the next chunk's
+    products with it (:func:`dla.schedule.triton_terms.advance_open_state`): the open state at chunk
+    ``i``'s start is ``state_ptr + (i % SLOTS) * stride_state_c`` (``SLOTS = NC``: every chunk's kept,
+    ``2``: two tiles in turn), the one after the last chunk ``final_ptr``; where the open segment starts
+    after each chunk goes to ``open_start_out [NC, R]``. Otherwise one chunk per launch, and the open
+    segment's start after it to ``open_start_out [R]``."""
     i_r = tl.program_id(0).to(tl.int64)
     i_n = i_r // H
     length = tl.load(lengths_ptr + i_n)
@@ -102,31 +116,39 @@ def _walk_kernel(score_ptr, prefix_ptr, carry_ptr, norm_ptr, gamma_ptr,
     open_start = tl.max(b_start, axis=0) + o_1.to(tl.int64)  # [1], -1 before the first segment
     o_l = tl.arange(0, BL)
     if SCORE != 0:
-        m_l = o_l < L
-        p_prefix = prefix_ptr + i_r * stride_prefix_r
-        b_carry = tl.load(carry_ptr + i_r * stride_carry + o_l, mask=m_l, other=0.0)  # [BL]
-        b_norm = tl.load(norm_ptr + i_r * stride_norm + o_l, mask=m_l, other=0.0)
-        b_gamma = tl.load(gamma_ptr + i_r * stride_gamma + o_l, mask=m_l, other=0.0)
-        b_first = tl.load(p_prefix + o_l * stride_prefix_t, mask=m_l, other=0.0)  # prefix[u, 0]
-        b_diag = tl.load(p_prefix + o_l * stride_prefix_t + o_l - 1, mask=m_l & (o_l > 0), other=0.0)  # [u, u-1]
-        b_row = tl.load(p_prefix + o_l, mask=m_l, other=0.0)  # prefix[0, :]
-        x = _open_product(b_row, b_carry, b_first, o_1, open_start - pos0 - a)  # [1]
-        b_row_next = tl.load(p_prefix + stride_prefix_t + o_l, mask=o_l < tl.where(1 < L, L, 0), other=0.0)
-        b_row_next2 = tl.load(p_prefix + 2 * stride_prefix_t + o_l, mask=o_l < tl.where(2 < L, L, 0), other=0.0)
+        b_carry = tl.load(carry_ptr + i_r * stride_carry + o_l, mask=o_l < L, other=0.0)  # [BL], the first chunk's
+        if WINDOW:
+            hi, step = b, L
+        else:
+            hi, step = tl.minimum(end, a + 1), BL  # one chunk (none past the row's end)
     else:
         b_score_next = tl.load(score_ptr + i_r * Tm + a + o_l, mask=a + o_l < end, other=0.0)
-    for a0 in range(a, end, BL):  # the state scores: one block, the chunk
+        hi, step = end, BL
+    for a0 in range(a, hi, step):  # blocks of given scores, or chunks of state-scored tokens
         if SCORE == 0:
             b_score = b_score_next
             b_score_next = tl.load(score_ptr + i_r * Tm + a0 + BL + o_l, mask=a0 + BL + o_l < end, other=0.0)
-        for t in range(a0, tl.minimum(a0 + BL, end)):
+        else:  # the chunk's terms
+            i_c = (a0 - a) // L
+            n = tl.minimum(L, b - a0)  # the chunk's tokens
+            m_l = o_l < n
+            p_prefix = prefix_ptr + i_r * stride_prefix_r + i_c * L * L
+            b_norm = tl.load(norm_ptr + i_r * stride_norm + i_c * L + o_l, mask=m_l, other=0.0)
+            b_gamma = tl.load(gamma_ptr + i_r * stride_gamma + i_c * L + o_l, mask=m_l, other=0.0)
+            b_first = tl.load(p_prefix + o_l * stride_prefix_t, mask=m_l, other=0.0)  # prefix[u, 0]
+            b_diag = tl.load(p_prefix + o_l * stride_prefix_t + o_l - 1, mask=m_l & (o_l > 0), other=0.0)  # [u, u-1]
+            b_row = tl.load(p_prefix + o_l, mask=m_l, other=0.0)  # prefix[0, :]
+            x = _open_product(b_row, b_carry, b_first, o_1, open_start - pos0 - a0)  # [1]
+            b_row_next = tl.load(p_prefix + stride_prefix_t + o_l, mask=o_l < tl.where(1 < n, n, 0), other=0.0)
+            b_row_next2 = tl.load(p_prefix + 2 * stride_prefix_t + o_l, mask=o_l < tl.where(2 < n, n, 0), other=0.0)
+        for t in range(a0, tl.minimum(a0 + step, end)):
             pos = pos0 + t
             first = count == 0
             i = t - a0
             if SCORE == 0:
                 score = tl.gather(b_score, i + o_1, 0)
             else:
-                s0 = open_start - pos0 - a  # the open segment's start, chunk time
+                s0 = open_start - pos0 - a0  # the open segment's start, chunk time
                 o_i = i + o_1
                 # the next token's product with the open state: if this token opens a segment, or not
                 o_u = tl.minimum(i + 1, BL - 1) + o_1
@@ -134,13 +156,13 @@ def _walk_kernel(score_ptr, prefix_ptr, carry_ptr, norm_ptr, gamma_ptr,
                 x_kept = _open_product(b_row_next, b_carry, b_first, o_u, s0)
                 b_row_next = b_row_next2
                 b_row_next2 = tl.load(p_prefix + (i + 3) * stride_prefix_t + o_l,
-                                      mask=o_l < tl.where(i + 3 < L, L, 0), other=0.0)
+                                      mask=o_l < tl.where(i + 3 < n, n, 0), other=0.0)
                 norm = tl.gather(b_norm, o_i, 0)
                 gamma = tl.gather(b_gamma, o_i, 0)
                 score, extended = triton_state_score(x, norm, gamma, open_norm, SCORE == 2)
                 score = tl.where(first, 0.0, score)
                 if TRACE_OPEN:
-                    tl.store(trace_start_ptr + i_r * Tm + t + o_1, s0 + a)
+                    tl.store(trace_start_ptr + i_r * Tm + t + o_1, s0 + a0)
                     tl.store(trace_norm_ptr + i_r * Tm + t + o_1, open_norm)
             tl.store(trace_score_ptr + i_r * Tm + t + o_1, score)
             # the merge a birth with all C slots in use would need (lanes 0..C-1 in use, the
@@ -189,12 +211,24 @@ def _walk_kernel(score_ptr, prefix_ptr, carry_ptr, norm_ptr, gamma_ptr,
             b_info = tl.where(at_birth, score, tl.where(at_open, grown, b_info))
             b_origin = tl.where(at_birth, t, b_origin)
             count = tl.minimum(count + new.to(tl.int32), C)
+        if WINDOW:  # the chunk walked: the open segment's start, the open state after it, the next chunk's products
+            i_w = a0 // L
+            tl.store(open_start_out_ptr + i_w * R + i_r + o_1, open_start - pos0)
+            p_state = state_ptr + i_r * stride_state_r
+            p_out = p_state + ((i_w + 1) % SLOTS) * stride_state_c
+            if i_w + 1 == NC:
+                p_out = final_ptr + i_r * K * V
+            tl.debug_barrier()  # the open state the last chunk stored, every thread's part of it
+            b_carry = advance_open_state(p_state + (i_w % SLOTS) * stride_state_c, p_out, k_ptr, v_ptr,
+                                         write_scale_ptr, chunk_decay_ptr, carry_scale_ptr, i_r, i_w, NC, L,
+                                         tl.sum(open_start, 0) - pos0, K, V, BL, BK, BV, True)
     tl.store(start_ptr + i_r * CP + o_c, b_start)
     tl.store(info_ptr + i_r * CP + o_c, b_info)
     tl.store(origin_ptr + i_r * CP + o_c, b_origin)
     tl.store(count_ptr + i_r + o_1, count)
     tl.store(open_norm_ptr + i_r + o_1, open_norm)
-    tl.store(open_start_out_ptr + i_r + o_1, open_start - pos0)  # window time (an empty row's -1 included)
+    if not WINDOW:
+        tl.store(open_start_out_ptr + i_r + o_1, open_start - pos0)  # window time (an empty row's -1 included)
 
 
 def _unit_stride(x: torch.Tensor) -> torch.Tensor:
@@ -204,7 +238,11 @@ def _unit_stride(x: torch.Tensor) -> torch.Tensor:
 
 
 class TritonWalker:
-    """The walker interface of :class:`dla.schedule.dynamic.TorchWalker`, one Triton launch per walk."""
+    """The walker interface of :class:`dla.schedule.dynamic.TorchWalker`, one Triton launch per walk;
+    with ``walks_windows`` (``DLA_PLAN_WINDOW_WALK=1``) the planner walks a state-scored window in one
+    launch (:meth:`walk_window`) instead of a launch per chunk and one per update of the open state."""
+
+    walks_windows = os.environ.get("DLA_PLAN_WINDOW_WALK", "0") == "1"
 
     def __init__(self, seg: SegmentState, lengths, threshold, max_segment_len, merge, dtype):
         N, H, C = seg.starts.shape
@@ -252,19 +290,49 @@ class TritonWalker:
             prefix, carry, norm, gamma = (_unit_stride(x) for x in (terms.prefix, terms.carry, terms.norm, terms.gamma))
             L, scores = b - a, dummy
             BL = triton.next_power_of_2(L)
-        tr = self.trace
         self._open_start = torch.empty_like(self._open_start)
-        _walk_kernel[(R,)](
+        self._launch(scores, prefix, carry, norm, gamma, self._open_start, a, b, L, score_code, BL)
+
+    def walk_window(self, window: WindowTerms, open_state, drift: bool = False, keep_states: bool = False):
+        """Every chunk of ``window`` in one launch, with the open state's updates between them (the
+        products of :meth:`WindowTerms.advance`, the same numbers): ``(open_state [R, K, V] after the
+        window, the open state at every chunk start [R, NC, K, V] if keep_states else None, where the open
+        segment starts after each chunk [NC, R])``."""
+        R, NC, L, K = window.k.shape
+        V = window.v.shape[-1]
+        final = torch.empty_like(open_state)
+        open_starts = torch.empty(NC, R, dtype=torch.long, device=open_state.device)
+        self._open_start = open_starts[-1] if NC else self._open_start
+        if R == 0 or NC == 0:
+            return open_state.clone(), open_state.new_empty(R, NC, K, V) if keep_states else None, open_starts
+        states = open_state.new_empty(R, NC if keep_states else 2, K, V)
+        states[:, 0] = open_state
+        blocks = advance_blocks(K, V, L)
+        self._launch(self.info, window.prefix, window.carried(0, open_state), window.norm, window.gamma, open_starts,
+                     0, self.Tm, L, 2 if drift else 1, blocks["BL"], window=window, states=states, final=final,
+                     blocks=blocks)
+        return final, states if keep_states else None, open_starts
+
+    def _launch(self, scores, prefix, carry, norm, gamma, open_start_out, a, b, L, score_code, BL, window=None,
+                states=None, final=None, blocks=None):
+        tr, dummy = self.trace, self.info
+        w = window
+        K, V = (1, 1) if w is None else (w.k.shape[-1], w.v.shape[-1])
+        _walk_kernel[(self.slot_start.shape[0],)](
             scores, prefix, carry, norm, gamma, self.lengths, self.position, self.threshold,
             self.slot_start, self.info, self.origin, self.count, self.open_norm,
             self.death, self.carried,
             tr.scores, self.death if tr.open_start is None else tr.open_start,
-            dummy if tr.open_norm is None else tr.open_norm, self._open_start,
-            a, b, self.Tm, self.H, L, prefix.stride(0), prefix.stride(1) if prefix.dim() > 2 else 0,
-            carry.stride(0), norm.stride(0), gamma.stride(0), int(self.max_segment_len or 0),
+            dummy if tr.open_norm is None else tr.open_norm, open_start_out,
+            *((dummy,) * 7 if w is None else (w.k, w.v, w.write_scale, w.chunk_decay, w.carry_scale, states, final)),
+            a, b, self.Tm, self.slot_start.shape[0], self.H, L, 1 if w is None else w.NC,
+            prefix.stride(0), prefix.stride(-2) if prefix.dim() > 2 else 0, carry.stride(0), norm.stride(0),
+            gamma.stride(0), 0 if w is None else states.stride(0), 0 if w is None else states.stride(1),
+            1 if w is None else states.shape[1], int(self.max_segment_len or 0),
             C=self.C, CP=self.CP, BL=BL, SCORE=score_code, MERGE=MERGE_CODES[self.merge],
-            HAS_MAX=self.max_segment_len is not None, TRACE_OPEN=tr.open_start is not None,
-            num_warps=1, enable_fp_fusion=False)
+            HAS_MAX=self.max_segment_len is not None, TRACE_OPEN=tr.open_start is not None, WINDOW=w is not None,
+            K=K, V=V, BK=16 if w is None else blocks["BK"], BV=16 if w is None else blocks["BV"],
+            num_warps=WINDOW_WARPS if w is not None else 1, enable_fp_fusion=False)
 
     def finish(self, N: int, H: int):
         C = self.C

@@ -18,21 +18,20 @@ import triton.language as tl
 
 
 @triton.jit
-def _advance_kernel(open_ptr, out_ptr, k_ptr, v_ptr, write_scale_ptr, chunk_decay_ptr, open_start_ptr,
-                    carry_scale_ptr, carried_ptr, i, NC, L,
-                    K: tl.constexpr, V: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                    CARRY: tl.constexpr):
+def advance_open_state(open_ptr, out_ptr, k_ptr, v_ptr, write_scale_ptr, chunk_decay_ptr, carry_scale_ptr, i_r, i, NC,
+                       L, start, K: tl.constexpr, V: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr,
+                       BV: tl.constexpr, CARRY: tl.constexpr):
     """Row ``i_r``: ``out = kept * open + Σ_u coef_u k_u v_uᵀ`` over chunk ``i`` (``coef``: the write
-    scale from the open segment's start on, ``kept``: the chunk's decay if the segment started before
-    it), and with ``CARRY`` the products of chunk ``i + 1``'s tokens with ``out``:
+    scale from the open segment's start ``start`` (window time) on, ``kept``: the chunk's decay if the
+    segment started before it), ``open`` and ``out`` ``[K, V]`` tiles (the same one: in place), and
+    with ``CARRY`` the products of chunk ``i + 1``'s tokens with ``out``, returned as ``[BL]`` (zeros after
+    the last chunk):
     ``carried[t] = carry_scale_t Σ_v (k_t out)_v v_{t,v}``. Chunks are ``[R, NC, L, ...]``, contiguous."""
-    i_r = tl.program_id(0).to(tl.int64)
     o_l = tl.arange(0, BL)
     o_k = tl.arange(0, BK)
     o_v = tl.arange(0, BV)
     m_l, m_k = o_l < L, o_k < K
     a = i * L  # the chunk's first token, window time
-    start = tl.load(open_start_ptr + i_r)
     b_ws = tl.load(write_scale_ptr + (i_r * NC + i) * L + o_l, mask=m_l, other=0.0)
     b_coef = tl.where(a + o_l >= start, b_ws, 0.0)  # [BL]
     kept = tl.where(start < a, tl.load(chunk_decay_ptr + i_r * NC + i), 0.0)
@@ -40,11 +39,10 @@ def _advance_kernel(open_ptr, out_ptr, k_ptr, v_ptr, write_scale_ptr, chunk_deca
     m_lk = m_l[:, None] & m_k[None, :]
     p_chunk = (i_r * NC + i) * L
     b_kc = tl.load(k_ptr + p_chunk * K + o_lk, mask=m_lk, other=0.0) * b_coef[:, None]  # [BL, BK]
+    b_acc = tl.zeros([BL], dtype=tl.float32)
+    m_n = m_l & (o_l < (NC - 1 - i) * L)  # chunk i + 1's tokens (none after the last chunk)
     if CARRY:
-        b_kn = tl.load(k_ptr + (p_chunk + L) * K + o_lk, mask=m_lk, other=0.0)  # [BL, BK], chunk i + 1
-        b_acc = tl.zeros([BL], dtype=tl.float32)
-    p_open = open_ptr + i_r * K * V
-    p_out = out_ptr + i_r * K * V
+        b_kn = tl.load(k_ptr + (p_chunk + L) * K + o_lk, mask=m_n[:, None] & m_k[None, :], other=0.0)  # [BL, BK]
     for v0 in range(0, V, BV):
         m_v = v0 + o_v < V
         o_lv = o_l[:, None] * V + v0 + o_v[None, :]
@@ -52,17 +50,40 @@ def _advance_kernel(open_ptr, out_ptr, k_ptr, v_ptr, write_scale_ptr, chunk_deca
         o_kv = o_k[:, None] * V + v0 + o_v[None, :]
         m_kv = m_k[:, None] & m_v[None, :]
         b_v = tl.load(v_ptr + p_chunk * V + o_lv, mask=m_lv, other=0.0)  # [BL, BV]
-        b_open = tl.load(p_open + o_kv, mask=m_kv, other=0.0)  # [BK, BV]
+        b_open = tl.load(open_ptr + o_kv, mask=m_kv, other=0.0)  # [BK, BV]
         # the where keeps Triton from folding the sum into the dot's accumulator, which would round
         # once where PyTorch (and the one-token plan, dla.schedule.token) rounds the product and the sum
         b_open = kept * b_open + tl.where(m_kv, tl.dot(tl.trans(b_kc), b_v, input_precision="ieee"), 0.0)
-        tl.store(p_out + o_kv, b_open, mask=m_kv)
+        tl.store(out_ptr + o_kv, b_open, mask=m_kv)
         if CARRY:
-            b_vn = tl.load(v_ptr + (p_chunk + L) * V + o_lv, mask=m_lv, other=0.0)  # [BL, BV]
+            b_vn = tl.load(v_ptr + (p_chunk + L) * V + o_lv, mask=m_n[:, None] & m_v[None, :], other=0.0)  # [BL, BV]
             b_acc += tl.sum(tl.dot(b_kn, b_open, input_precision="ieee") * b_vn, 1)
     if CARRY:
-        b_cs = tl.load(carry_scale_ptr + (p_chunk + L) + o_l, mask=m_l, other=0.0)
-        tl.store(carried_ptr + i_r * L + o_l, b_cs * b_acc, mask=m_l)
+        b_acc = tl.load(carry_scale_ptr + (p_chunk + L) + o_l, mask=m_n, other=0.0) * b_acc
+    return b_acc
+
+
+@triton.jit
+def _advance_kernel(open_ptr, out_ptr, k_ptr, v_ptr, write_scale_ptr, chunk_decay_ptr, open_start_ptr,
+                    carry_scale_ptr, carried_ptr, i, NC, L,
+                    K: tl.constexpr, V: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                    CARRY: tl.constexpr):
+    """:func:`advance_open_state` of row ``i_r``, the open segment's start read from ``open_start_ptr``
+    and the carried products stored to ``carried_ptr [R, L]``."""
+    i_r = tl.program_id(0).to(tl.int64)
+    b_carried = advance_open_state(open_ptr + i_r * K * V, out_ptr + i_r * K * V, k_ptr, v_ptr, write_scale_ptr,
+                                   chunk_decay_ptr, carry_scale_ptr, i_r, i, NC, L, tl.load(open_start_ptr + i_r),
+                                   K, V, BL, BK, BV, CARRY)
+    if CARRY:
+        o_l = tl.arange(0, BL)
+        tl.store(carried_ptr + i_r * L + o_l, b_carried, mask=o_l < L)
+
+
+def advance_blocks(K: int, V: int, L: int) -> dict:
+    """The tiles of :func:`advance_open_state` (the carried products' sums run over value blocks of
+    ``BV``, so every launch that must give the same numbers takes these)."""
+    return dict(BL=max(16, triton.next_power_of_2(L)), BK=max(16, triton.next_power_of_2(K)),  # tl.dot's least tile
+                BV=min(64, max(16, triton.next_power_of_2(V))))
 
 
 def advance(k, v, write_scale, chunk_decay, carry_scale, i: int, open_state, open_start, carry: bool):
@@ -75,10 +96,9 @@ def advance(k, v, write_scale, chunk_decay, carry_scale, i: int, open_state, ope
     out = torch.empty_like(open_state)
     carried = torch.empty(R, L, dtype=torch.float32, device=k.device) if carry else out
     if R:
-        BK = max(16, triton.next_power_of_2(K))  # tl.dot's least tile is 16 wide
-        BV = min(64, max(16, triton.next_power_of_2(V)))
+        blocks = advance_blocks(K, V, L)
         _advance_kernel[(R,)](open_state.contiguous(), out, k, v, write_scale, chunk_decay, open_start.contiguous(),
-                              carry_scale if carry else write_scale, carried, i, NC, L,
-                              K=K, V=V, BL=max(16, triton.next_power_of_2(L)), BK=BK, BV=BV, CARRY=carry,
-                              num_warps=4 if BK * BV <= 4096 else 8, enable_fp_fusion=False)
+                              carry_scale if carry else write_scale, carried, i, NC, L, K=K, V=V, CARRY=carry,
+                              num_warps=4 if blocks["BK"] * blocks["BV"] <= 4096 else 8, enable_fp_fusion=False,
+                              **blocks)
     return out, carried if carry else None
