@@ -8,6 +8,27 @@ way in and packed on the way out; both directions are differentiable index opera
 from __future__ import annotations
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+# cu_seqlens -> (its version, its offsets as Python ints): every layer of a model reads the same
+# offsets, and on a GPU each read waits until the GPU has run everything queued before it
+_HOST_OFFSETS = WeakIdKeyDictionary()
+
+
+def host_offsets(cu_seqlens: torch.Tensor) -> list[int]:
+    """``cu_seqlens.tolist()``, read from its device once per tensor (and again only if it is
+    modified in place), so that the layers of a model that all take one ``cu_seqlens`` wait for the
+    GPU once, not at every place that needs the offsets on the host."""
+    entry = _HOST_OFFSETS.get(cu_seqlens)
+    if entry is None or entry[0] != cu_seqlens._version:
+        entry = _HOST_OFFSETS[cu_seqlens] = (cu_seqlens._version, cu_seqlens.tolist())
+    return entry[1]
+
+
+def max_seq_length(cu_seqlens: torch.Tensor) -> int:
+    """The longest sequence's length (0 for no sequence), from :func:`host_offsets`."""
+    c = host_offsets(cu_seqlens)
+    return max((b - a for a, b in zip(c[:-1], c[1:])), default=0)
 
 
 def check_cu_seqlens(cu_seqlens: torch.Tensor | None, batch: int, length: int, device=None) -> None:
@@ -25,7 +46,7 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor | None, batch: int, length: int, d
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but the inputs are on {device}")
     if batch != 1:
         raise ValueError(f"with cu_seqlens the batch size must be 1 (packed sequences), got {batch}")
-    c = cu_seqlens.tolist()
+    c = host_offsets(cu_seqlens)
     if c[0] != 0:
         raise ValueError(f"cu_seqlens must start at 0, got {c[0]}")
     if c[-1] != length:
@@ -46,7 +67,7 @@ def seq_lengths(cu_seqlens: torch.Tensor) -> torch.Tensor:
 def _token_index(cu_seqlens: torch.Tensor):
     """(sequence id, position within the sequence) of every packed token."""
     cu = cu_seqlens.long()
-    total = int(cu[-1])
+    total = host_offsets(cu_seqlens)[-1]
     t = torch.arange(total, device=cu.device)
     seq = torch.searchsorted(cu[1:], t, right=True)
     return seq, t - cu[seq]
@@ -54,10 +75,9 @@ def _token_index(cu_seqlens: torch.Tensor):
 
 def unpack(x: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int | None = None) -> torch.Tensor:
     """``[1, T, ...]`` packed -> ``[N, max_len, ...]`` dense, zero-padded at the end of each row."""
-    lengths = seq_lengths(cu_seqlens)
-    n = lengths.numel()
+    n = cu_seqlens.numel() - 1
     if max_len is None:
-        max_len = int(lengths.max()) if n else 0
+        max_len = max_seq_length(cu_seqlens)
     seq, pos = _token_index(cu_seqlens)
     out = x.new_zeros((n, max_len) + tuple(x.shape[2:]))
     return out.index_put((seq, pos), x[0])

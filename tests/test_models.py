@@ -249,6 +249,35 @@ def test_packed_loss_ignores_sequence_boundaries():
     assert abs(packed.loss.item() - padded.loss.item()) < 1e-5
 
 
+@pytest.mark.parametrize("mixer", ["mamba2", "gated_deltanet"])
+def test_a_packed_training_step_reads_the_device_twice_per_layer(mixer, monkeypatch):
+    """Every read of a tensor's values on the host waits, on a GPU, for all the work queued before it.
+    A packed training step (soft gates, state scores) reads the token ids' range once, the offsets
+    ``cu_seqlens`` once (every layer shares them) and, per layer, the planner's and the op's checks
+    of their inputs once each: nothing more, however many places need the offsets."""
+    reads = []
+
+    def counted(method):
+        def read(self, *args, **kwargs):
+            reads.append(method)
+            return getattr(torch.Tensor, f"_counted_{method}")(self, *args, **kwargs)
+        return read
+
+    for method in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, f"_counted_{method}", getattr(torch.Tensor, method), raising=False)
+        monkeypatch.setattr(torch.Tensor, method, counted(method))
+    ids = torch.randint(1, 64, (1, 61))
+    cu = torch.tensor([0, 17, 40, 60], dtype=torch.int32)
+    counts = {}
+    for layers in (1, 3):
+        model = tiny_model(mixer, num_hidden_layers=layers).train()
+        reads.clear()
+        model(ids[:, :-1], cu_seqlens=cu.clone(), labels=ids[:, 1:]).loss.backward()  # offsets not read before
+        counts[layers] = len(reads)
+    assert counts[3] - counts[1] == 2 * 2
+    assert counts[1] == 2 + 2, reads  # the ids' range, the offsets, and the first layer's two checks
+
+
 def test_logits_mask_and_the_training_loss_score_only_answer_positions():
     model = tiny_model("mamba2")
     ids = torch.randint(1, 64, (2, 30))

@@ -79,8 +79,7 @@ def check_input_ids(input_ids, vocab_size: int, values: bool = True) -> None:
     if input_ids.shape[1] == 0:
         raise ValueError(f"input_ids has no tokens (T = 0), shape {tuple(input_ids.shape)}")
     if values and input_ids.numel():
-        low, high = torch.aminmax(input_ids)
-        low, high = int(low), int(high)
+        low, high = torch.stack(torch.aminmax(input_ids)).tolist()  # one read of the device
         if low < 0 or high >= vocab_size:
             raise ValueError(f"input_ids must be token ids in [0, vocab_size = {vocab_size}), got values in "
                              f"[{low}, {high}]")

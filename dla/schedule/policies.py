@@ -19,13 +19,15 @@ at a time.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from dla.schedule.dynamic import MERGE_RULES, OPEN_STATES, SCORES, STATE_SCORES, Contributions, plan_dynamic
 from dla.schedule.graphed import graphs_enabled, plan_dynamic_graphed
 from dla.schedule.schedule import LABEL_RULES, NEVER, NONE, Schedule, SegmentState
 from dla.schedule.scores import novelty_scores
-from dla.varlen import check_cu_seqlens, seq_lengths, unpack
+from dla.varlen import check_cu_seqlens, host_offsets, max_seq_length, seq_lengths, unpack
 
 POLICIES = ("single", "fixed", "fenwick", "dynamic")
 DEFAULT_CAPACITY = 30  # the paper's C
@@ -103,7 +105,10 @@ def plan_schedule(policy: str, *, batch: int, heads: int, length: int, capacity:
         _check_int("capacity", capacity, 1)
     if max_segment_len is not None:
         _check_int("max_segment_len", max_segment_len, 1)
-    threshold = _check_threshold(threshold, score, heads, validate)
+    # a threshold tensor's values are checked with the state scores' inputs, in their one host sync
+    check_with_inputs = (validate and policy == "dynamic" and score in STATE_SCORES
+                         and isinstance(threshold, torch.Tensor))
+    threshold = _check_threshold(threshold, score, heads, validate and not check_with_inputs)
     for name, x in (("k", k), ("v", v), ("g", g), ("beta", beta), ("scores", scores)):
         if x is not None and not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -117,7 +122,7 @@ def plan_schedule(policy: str, *, batch: int, heads: int, length: int, capacity:
     else:
         lengths = seq_lengths(cu_seqlens.to(device))
     num_seqs = lengths.numel()
-    max_len = length if cu_seqlens is None else (int(lengths.max()) if num_seqs else 0)  # no sync if known
+    max_len = length if cu_seqlens is None else max_seq_length(cu_seqlens)
 
     seg = getattr(initial_state, "segments", initial_state)
     if seg is not None:
@@ -173,8 +178,9 @@ def plan_schedule(policy: str, *, batch: int, heads: int, length: int, capacity:
             return x.transpose(1, 2).to(device)
 
         if score in STATE_SCORES:
-            contributions = _contributions(k, v, g, beta, shape, open_state, rows, in_seq, validate)
-            if validate and seg.open_state is None and bool((seg.starts >= 0).any()):
+            contributions = _contributions(k, v, g, beta, shape, open_state, rows, in_seq, validate,
+                                           threshold.to(device) if check_with_inputs else None)
+            if validate and initial_state is not None and seg.open_state is None and bool((seg.starts >= 0).any()):
                 raise ValueError(f"score={score!r} continues from the open state, but initial_state carries none "
                                  "(it was planned with another score)")
         else:
@@ -232,9 +238,10 @@ def _check_threshold(threshold, score: str, heads: int, validate: bool) -> torch
     return torch.full((heads,), float(threshold))
 
 
-def _contributions(k, v, g, beta, shape, open_state, rows, in_seq, validate: bool) -> Contributions:
+def _contributions(k, v, g, beta, shape, open_state, rows, in_seq, validate: bool,
+                   threshold: torch.Tensor | None = None) -> Contributions:
     """The dense rows the state scores read: ``k, v``, ``w`` (β or 1) and the open state's decay
-    (``validate``: all finite)."""
+    (``validate``: all finite, and ``threshold`` with them)."""
     B, T, H = shape
     if k is None or v is None:
         raise ValueError("the state scores need k [B, T, H, K] and v [B, T, H, V]")
@@ -256,9 +263,10 @@ def _contributions(k, v, g, beta, shape, open_state, rows, in_seq, validate: boo
     w = torch.where(mask[:, None], w, 0.0)
     gr = torch.where(mask[:, None], gr, 0.0)
     if validate:
-        bad = torch.stack([~torch.isfinite(x).all() for x in (kr, vr, w, gr)])
-        if bool(bad.any()):  # one host sync for the four checks
-            name = ("k", "v", "beta", "g")[bad.long().argmax()]
+        checked = (kr, vr, w, gr) if threshold is None else (kr, vr, w, gr, threshold)
+        bad = torch.stack([~torch.isfinite(x).all() for x in checked])
+        if bool(bad.any()):  # one host sync for all the checks
+            name = ("k", "v", "beta", "g", "threshold")[bad.long().argmax()]
             raise ValueError(f"{name} contains NaN or Inf")
     R = N * H_
     return Contributions(kr.reshape(R, Tm, k.shape[-1]), vr.reshape(R, Tm, v.shape[-1]), w.reshape(R, Tm),
@@ -280,7 +288,7 @@ def _to_public(death, lengths, cu_seqlens, length, fill=None):
         if cu_seqlens is None:
             return death
         out = death.new_full((1, death.shape[1], length), fill)
-        for n, (a, b) in enumerate(zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist())):
+        for n, (a, b) in enumerate(itertools.pairwise(host_offsets(cu_seqlens))):
             out[0, :, a:b] = death[n, :, : b - a]
         return out
     never = (death >= lengths[:, None, None]) & (death != NONE)
@@ -290,6 +298,6 @@ def _to_public(death, lengths, cu_seqlens, length, fill=None):
     rows = torch.where(death == NONE, NONE, torch.where(never, length, death + offsets))
     H = death.shape[1]
     out = torch.full((1, H, length), NONE, dtype=torch.long, device=death.device)
-    for n, (a, b) in enumerate(zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist())):
+    for n, (a, b) in enumerate(itertools.pairwise(host_offsets(cu_seqlens))):
         out[0, :, a:b] = rows[n, :, : b - a]
     return out

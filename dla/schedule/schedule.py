@@ -15,12 +15,13 @@ start boundary dies.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from dla.varlen import check_cu_seqlens, seq_lengths
+from dla.varlen import check_cu_seqlens, host_offsets, max_seq_length, seq_lengths
 
 NONE = -1
 NEVER = 2**62  # dense sentinel for "never dies" (public schedules use any value >= T)
@@ -215,7 +216,7 @@ class Schedule:
         if self.cu_seqlens is None:
             return rows
         out = {}
-        cu = self.cu_seqlens.tolist()
+        cu = host_offsets(self.cu_seqlens)
         for name, x in rows.items():
             full = x.new_full((1, self.heads, self.length, self.length), NONE)
             for n, (a, b) in enumerate(zip(cu[:-1], cu[1:])):
@@ -324,9 +325,9 @@ def _to_dense(s: Schedule) -> DenseSchedule:
         cu = s.cu_seqlens.long()
         lengths = seq_lengths(cu)
         N = lengths.numel()
-        Tm = int(lengths.max()) if N else 0
+        Tm = max_seq_length(s.cu_seqlens)
         rows = torch.full((N, H, Tm), NONE, dtype=torch.long, device=device)
-        for n, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        for n, (a, b) in enumerate(itertools.pairwise(host_offsets(s.cu_seqlens))):
             seg = d[0, :, a:b]
             rows[n, :, : b - a] = torch.where(seg >= 0, seg - a, seg)
     Tm = rows.shape[-1]
