@@ -26,7 +26,8 @@ print("device", torch.cuda.get_device_name(), "torch", torch.__version__, "trito
 PY
 # the kernels' suite and the decoding suite each take a few minutes on an H100 with 8 workers, together
 # more than some job limits allow: `tests` and `decoding` run one each; ARGS after the mode replace
-# its default files (e.g. `tests tests/test_gpu.py`)
+# its default files when they start with a path (e.g. `tests tests/test_gpu.py -k walk`), and are
+# added to them when they start with an option (e.g. `decoding -x`)
 if [[ $mode == tests || $mode == decoding || $mode == all ]]; then
   suites=()
   [[ $mode != decoding ]] && suites+=(tests)
@@ -37,7 +38,10 @@ if [[ $mode == tests || $mode == decoding || $mode == all ]]; then
     else
       files=(tests/test_generation.py tests/test_token_step.py tests/test_models.py)
     fi
-    [[ $mode != all && $# -gt 0 ]] && files=("$@")
+    # arguments that start with a path replace the default files; options alone (-k, -x, -n) add to them
+    if [[ $mode != all && $# -gt 0 ]]; then
+      if [[ $1 == -* ]]; then files+=("$@"); else files=("$@"); fi
+    fi
     # with pytest-xdist (installed from .whl/), 8 processes share the GPU: most of the suite's time is
     # Triton compiling on the CPU, and the machine has 16 cores
     workers=(); python3 -c "import xdist" 2>/dev/null && workers=(-n 8)
