@@ -13,6 +13,9 @@ from torch.utils.weak import WeakIdKeyDictionary
 # cu_seqlens -> (its version, its offsets as Python ints): every layer of a model reads the same
 # offsets, and on a GPU each read waits until the GPU has run everything queued before it
 _HOST_OFFSETS = WeakIdKeyDictionary()
+# cu_seqlens -> (its version, (sequence id, position) of every packed token): a packed training step
+# unpacks and packs about fifteen tensors per layer, each needing this index (five launches to build)
+_TOKEN_INDEX = WeakIdKeyDictionary()
 
 
 def host_offsets(cu_seqlens: torch.Tensor) -> list[int]:
@@ -64,8 +67,21 @@ def seq_lengths(cu_seqlens: torch.Tensor) -> torch.Tensor:
     return (cu_seqlens[1:] - cu_seqlens[:-1]).long()
 
 
-def _token_index(cu_seqlens: torch.Tensor):
-    """(sequence id, position within the sequence) of every packed token."""
+def token_index(cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sequence id, position within the sequence) of every packed token, ``[T]`` int64 each, on the
+    device of ``cu_seqlens``: built once per tensor (again only if it is modified in place) and
+    shared by every unpack and pack of a step. The tensors are shared: never modify them in place.
+    Not kept while a CUDA graph is being captured (its memory belongs to the graph's pool)."""
+    entry = _TOKEN_INDEX.get(cu_seqlens)
+    if entry is not None and entry[0] == cu_seqlens._version:
+        return entry[1]
+    index = _build_token_index(cu_seqlens)
+    if not (cu_seqlens.is_cuda and torch.cuda.is_current_stream_capturing()):
+        _TOKEN_INDEX[cu_seqlens] = (cu_seqlens._version, index)
+    return index
+
+
+def _build_token_index(cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     cu = cu_seqlens.long()
     total = host_offsets(cu_seqlens)[-1]
     t = torch.arange(total, device=cu.device)
@@ -78,12 +94,27 @@ def unpack(x: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int | None = None
     n = cu_seqlens.numel() - 1
     if max_len is None:
         max_len = max_seq_length(cu_seqlens)
-    seq, pos = _token_index(cu_seqlens)
+    seq, pos = token_index(cu_seqlens)
     out = x.new_zeros((n, max_len) + tuple(x.shape[2:]))
     return out.index_put((seq, pos), x[0])
 
 
 def pack(x: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
     """``[N, T_max, ...]`` dense -> ``[1, T, ...]`` packed (the inverse of :func:`unpack`)."""
-    seq, pos = _token_index(cu_seqlens)
+    seq, pos = token_index(cu_seqlens)
     return x[seq, pos].unsqueeze(0)
+
+
+def unpack_heads(x: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int, fill) -> torch.Tensor:
+    """``[1, H, T]`` packed, heads first (a schedule's layout) -> ``[N, H, max_len]`` contiguous rows,
+    ``fill`` past the end of each sequence."""
+    seq, pos = token_index(cu_seqlens)
+    out = x.new_full((cu_seqlens.numel() - 1, x.shape[1], max_len), fill)
+    out.transpose(1, 2).index_put_((seq, pos), x[0].transpose(0, 1))  # writes into out, which stays contiguous
+    return out
+
+
+def pack_heads(rows: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """``[N, H, T_max]`` rows -> ``[1, H, T]`` packed, contiguous (the inverse of :func:`unpack_heads`)."""
+    seq, pos = token_index(cu_seqlens)
+    return rows.transpose(0, 1)[:, seq, pos].unsqueeze(0).contiguous()

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dla.checks import nonfinite_flags
 from dla.schedule.schedule import DenseSchedule, Schedule, SegmentState
 from dla.varlen import check_cu_seqlens, pack, unpack
 
@@ -103,10 +104,10 @@ def _check_values(finite: dict, g: torch.Tensor, beta: torch.Tensor | None = Non
     Without gradients: ``isfinite`` is composed of differentiable ops, which would keep the inputs
     for a backward that never comes."""
     with torch.no_grad():
-        checks = [~torch.isfinite(x).all() for x in finite.values()] + [(g > 0).any()]
+        checks = [nonfinite_flags(finite.values()), (g > 0).any()[None]]
         if beta is not None:
-            checks.append(((beta < 0) | (beta > 1)).any())
-        bad = torch.stack(checks)
+            checks.append(((beta < 0) | (beta > 1)).any()[None])
+        bad = torch.cat(checks)
     if bool(bad.any()):
         flags = bad.tolist()
         for name, flag in zip(finite, flags):

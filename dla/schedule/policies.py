@@ -19,15 +19,14 @@ at a time.
 
 from __future__ import annotations
 
-import itertools
-
 import torch
 
+from dla.checks import nonfinite_flags
 from dla.schedule.dynamic import MERGE_RULES, OPEN_STATES, SCORES, STATE_SCORES, Contributions, plan_dynamic
 from dla.schedule.graphed import graphs_enabled, plan_dynamic_graphed
 from dla.schedule.schedule import LABEL_RULES, NEVER, NONE, Schedule, SegmentState
 from dla.schedule.scores import novelty_scores
-from dla.varlen import check_cu_seqlens, host_offsets, max_seq_length, seq_lengths, unpack
+from dla.varlen import check_cu_seqlens, max_seq_length, pack_heads, seq_lengths, unpack
 
 POLICIES = ("single", "fixed", "fenwick", "dynamic")
 DEFAULT_CAPACITY = 30  # the paper's C
@@ -264,7 +263,7 @@ def _contributions(k, v, g, beta, shape, open_state, rows, in_seq, validate: boo
     gr = torch.where(mask[:, None], gr, 0.0)
     if validate:
         checked = (kr, vr, w, gr) if threshold is None else (kr, vr, w, gr, threshold)
-        bad = torch.stack([~torch.isfinite(x).all() for x in checked])
+        bad = nonfinite_flags(checked)
         if bool(bad.any()):  # one host sync for all the checks
             name = ("k", "v", "beta", "g", "threshold")[bad.long().argmax()]
             raise ValueError(f"{name} contains NaN or Inf")
@@ -285,19 +284,11 @@ def _to_public(death, lengths, cu_seqlens, length, fill=None):
     """Window-relative rows ``[N, H, Tm]`` -> ``[B, H, T]`` death (packed indices, never = T); with
     ``fill``, any per-token rows (e.g. scores) are packed as they are, ``fill`` between sequences."""
     if fill is not None:
-        if cu_seqlens is None:
-            return death
-        out = death.new_full((1, death.shape[1], length), fill)
-        for n, (a, b) in enumerate(itertools.pairwise(host_offsets(cu_seqlens))):
-            out[0, :, a:b] = death[n, :, : b - a]
-        return out
+        # (the sequences cover the packed row: no token between two takes ``fill``)
+        return death if cu_seqlens is None else pack_heads(death, cu_seqlens)
     never = (death >= lengths[:, None, None]) & (death != NONE)
     if cu_seqlens is None:
         return torch.where(never, length, death)
     offsets = cu_seqlens[:-1].long().to(death.device)[:, None, None]
     rows = torch.where(death == NONE, NONE, torch.where(never, length, death + offsets))
-    H = death.shape[1]
-    out = torch.full((1, H, length), NONE, dtype=torch.long, device=death.device)
-    for n, (a, b) in enumerate(itertools.pairwise(host_offsets(cu_seqlens))):
-        out[0, :, a:b] = rows[n, :, : b - a]
-    return out
+    return pack_heads(rows, cu_seqlens)

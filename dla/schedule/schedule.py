@@ -15,13 +15,12 @@ start boundary dies.
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from dla.varlen import check_cu_seqlens, host_offsets, max_seq_length, seq_lengths
+from dla.varlen import check_cu_seqlens, host_offsets, max_seq_length, seq_lengths, unpack_heads
 
 NONE = -1
 NEVER = 2**62  # dense sentinel for "never dies" (public schedules use any value >= T)
@@ -324,12 +323,9 @@ def _to_dense(s: Schedule) -> DenseSchedule:
     else:
         cu = s.cu_seqlens.long()
         lengths = seq_lengths(cu)
-        N = lengths.numel()
-        Tm = max_seq_length(s.cu_seqlens)
-        rows = torch.full((N, H, Tm), NONE, dtype=torch.long, device=device)
-        for n, (a, b) in enumerate(itertools.pairwise(host_offsets(s.cu_seqlens))):
-            seg = d[0, :, a:b]
-            rows[n, :, : b - a] = torch.where(seg >= 0, seg - a, seg)
+        rows = unpack_heads(d, s.cu_seqlens, max_seq_length(s.cu_seqlens), NONE)
+        # packed death times -> times within the sequence (padding is NONE, so it stays)
+        rows = torch.where(rows >= 0, rows - cu[:-1, None, None], rows)
     Tm = rows.shape[-1]
     rows = torch.where(rows >= lengths[:, None, None], torch.full_like(rows, NEVER), rows)
     N = rows.shape[0]
