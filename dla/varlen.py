@@ -99,6 +99,30 @@ def unpack(x: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int | None = None
     return out.index_put((seq, pos), x[0])
 
 
+def head_major_rows(x: torch.Tensor, cu_seqlens: torch.Tensor | None, max_len: int | None = None,
+                    dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``[B, T, H, ...]`` (packed: ``[1, T, H, ...]`` with ``cu_seqlens``) -> contiguous head-major rows
+    ``[N, H, max_len, ...]`` in ``dtype`` (default: ``x``'s), zero past the end of each sequence;
+    differentiable. The values of ``x.to(dtype)``, unpacked, transposed and made contiguous, in one
+    copy (a packed input: a conversion and one scatter) instead of up to three."""
+    dtype = x.dtype if dtype is None else dtype
+    if cu_seqlens is None:
+        rows = x.transpose(1, 2)
+        # (``to`` with a memory format but no conversion would return the transposed view itself)
+        return rows.contiguous() if dtype == x.dtype else rows.to(dtype, memory_format=torch.contiguous_format)
+    seq, pos = token_index(cu_seqlens)
+    if max_len is None:
+        max_len = max_seq_length(cu_seqlens)
+    out = x.new_zeros((cu_seqlens.numel() - 1, x.shape[2], max_len) + tuple(x.shape[3:]), dtype=dtype)
+    tokens = x[0].to(dtype)
+    if torch.is_grad_enabled() and tokens.requires_grad:
+        # out of place: autograd's backward of an in-place write into a view costs more than the copy
+        # it saves; the result keeps the strides of the transposed zeros, so it is head-major contiguous
+        return out.transpose(1, 2).index_put((seq, pos), tokens).transpose(1, 2)
+    out.transpose(1, 2).index_put_((seq, pos), tokens)  # writes into out, which stays contiguous
+    return out
+
+
 def pack(x: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
     """``[N, T_max, ...]`` dense -> ``[1, T, ...]`` packed (the inverse of :func:`unpack`)."""
     seq, pos = token_index(cu_seqlens)

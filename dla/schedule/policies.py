@@ -26,7 +26,7 @@ from dla.schedule.dynamic import MERGE_RULES, OPEN_STATES, SCORES, STATE_SCORES,
 from dla.schedule.graphed import graphs_enabled, plan_dynamic_graphed
 from dla.schedule.schedule import LABEL_RULES, NEVER, NONE, Schedule, SegmentState
 from dla.schedule.scores import novelty_scores
-from dla.varlen import check_cu_seqlens, max_seq_length, pack_heads, seq_lengths, unpack
+from dla.varlen import check_cu_seqlens, head_major_rows, max_seq_length, pack_heads, seq_lengths
 
 POLICIES = ("single", "fixed", "fenwick", "dynamic")
 DEFAULT_CAPACITY = 30  # the paper's C
@@ -172,9 +172,8 @@ def plan_schedule(policy: str, *, batch: int, heads: int, length: int, capacity:
         shape = (batch, length, heads)
         rows_scores = contributions = None
 
-        def rows(x):  # [B, T, H, ...] -> dense rows [N, H, Tm, ...]
-            x = x if cu_seqlens is None else unpack(x, cu_seqlens, max_len)
-            return x.transpose(1, 2).to(device)
+        def rows(x, dtype=None):  # [B, T, H, ...] -> contiguous dense rows [N, H, Tm, ...] in dtype
+            return head_major_rows(x, cu_seqlens, max_len, dtype).to(device)
 
         if score in STATE_SCORES:
             contributions = _contributions(k, v, g, beta, shape, open_state, rows, in_seq, validate,
@@ -254,13 +253,15 @@ def _contributions(k, v, g, beta, shape, open_state, rows, in_seq, validate: boo
     if g is None and open_state == "decayed":
         raise ValueError("open_state='decayed' needs the log-decay g [B, T, H] (or open_state='plain')")
     dtype = torch.float64 if k.dtype == torch.float64 else torch.float32
-    mask = in_seq[:, 0]  # [N, Tm]
-    kr, vr = rows(k.detach().to(dtype)), rows(v.detach().to(dtype))
+    kr, vr = rows(k.detach(), dtype), rows(v.detach(), dtype)
     N, H_, Tm = kr.shape[:3]
-    w = torch.ones(N, H_, Tm, dtype=dtype, device=kr.device) if beta is None else rows(beta.detach().to(dtype))
-    gr = torch.zeros_like(w) if open_state == "plain" else rows(g.detach().to(dtype))
-    w = torch.where(mask[:, None], w, 0.0)
-    gr = torch.where(mask[:, None], gr, 0.0)
+    # the rows are zero past each sequence's end (no write, no decay there); Mamba-2 writes with w = 1
+    # inside the sequences
+    if beta is None:
+        w = in_seq.expand(N, H_, Tm).to(dtype)
+    else:
+        w = rows(beta.detach(), dtype)
+    gr = torch.zeros_like(w) if open_state == "plain" else rows(g.detach(), dtype)
     if validate:
         checked = (kr, vr, w, gr) if threshold is None else (kr, vr, w, gr, threshold)
         bad = nonfinite_flags(checked)

@@ -22,7 +22,7 @@ from torch.autograd.function import once_differentiable
 from dla.schedule.dynamic import STATE_SCORES, Trace, state_score, to_chunks
 from dla.schedule.schedule import NONE, Schedule
 from dla.schedule.scores import novelty_scores
-from dla.varlen import pack, unpack
+from dla.varlen import head_major_rows, pack
 
 
 def as_chunks(x: torch.Tensor, L: int) -> torch.Tensor:
@@ -143,17 +143,16 @@ def differentiable_scores(schedule: Schedule, score: str, k, v, g, beta, open_st
     N, H, Tm = dense.start_death.shape
     R = N * H
 
-    def rows(x):  # [B, T, H, ...] -> [R, Tm, ...], contiguous: its chunks are views both sides share
-        x = x if cu_seqlens is None else unpack(x, cu_seqlens, Tm)
-        x = x.transpose(1, 2)
-        return x.reshape(R, Tm, *x.shape[3:]).contiguous()
+    def rows(x):  # [B, T, H, ...] -> [R, Tm, ...] in cdt, contiguous: its chunks are views both sides share
+        x = head_major_rows(x, cu_seqlens, Tm, cdt)
+        return x.view(R, Tm, *x.shape[3:])
 
-    # unpack zero-pads every row past its length: a padded token writes nothing (k = v = 0) and ages
+    # the rows are zero past each sequence's end: a padded token writes nothing (k = v = 0) and ages
     # nothing (g = 0), so no mask is needed
     cdt = trace.open_norm.dtype
-    kr, vr = rows(k.to(cdt)), rows(v.to(cdt))
-    w = None if beta is None else rows(beta.to(cdt))
-    gr = kr.new_zeros(R, Tm) if open_state == "plain" else rows(g.detach().to(cdt))
+    kr, vr = rows(k), rows(v)
+    w = None if beta is None else rows(beta)
+    gr = kr.new_zeros(R, Tm) if open_state == "plain" else rows(g.detach())
     scores = scores_from_trace(trace, kr, vr, w, kr.detach(), vr.detach(), None if w is None else w.detach(), gr,
                                dense.position.repeat_interleave(H), drift=score == "state_drift")
     scores = scores.view(N, H, Tm).transpose(1, 2)  # [N, Tm, H]
