@@ -299,8 +299,8 @@ def test_plans_from_the_launched_products_equal_plans_from_pytorchs(score, monke
 
 
 @pytest.mark.parametrize("score, merge, capacity, max_len, keep_trace, T, K, V", [
-    ("state", "density", 4, None, True, 150, 16, 8), ("state_drift", "least_info", 6, 5, False, 200, 32, 16),
-    ("state", "oldest", 3, None, True, 70, 8, 4), ("state", "density", 30, None, False, 300, 128, 64)])
+    ("state", "density", 4, None, True, 150, 16, 8), ("state_drift", "least_info", 6, 5, False, 140, 32, 16),
+    ("state", "oldest", 3, None, True, 70, 8, 4), ("state", "density", 30, None, False, 140, 128, 64)])
 def test_a_window_walked_in_one_launch_plans_what_the_chunk_launches_plan(score, merge, capacity, max_len, keep_trace,
                                                                            T, K, V, monkeypatch):
     """The planner's window in one launch (TritonWalker.walk_window: every chunk's walk and the open
