@@ -10,22 +10,29 @@ from __future__ import annotations
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-# cu_seqlens -> (its version, its offsets as Python ints): every layer of a model reads the same
-# offsets, and on a GPU each read waits until the GPU has run everything queued before it
+# cu_seqlens -> (its version, what was derived from it): every layer of a model reads the same offsets
+# and unpacks and packs about fifteen tensors with the same index; on a GPU each read of the offsets
+# waits until the GPU has run everything queued before it, and the index takes five launches to build
 _HOST_OFFSETS = WeakIdKeyDictionary()
-# cu_seqlens -> (its version, (sequence id, position) of every packed token): a packed training step
-# unpacks and packs about fifteen tensors per layer, each needing this index (five launches to build)
 _TOKEN_INDEX = WeakIdKeyDictionary()
 
 
+def _derived_once(cache: WeakIdKeyDictionary, cu_seqlens: torch.Tensor, derive, keep: bool = True):
+    """``derive(cu_seqlens)``, computed once per tensor (again only if it is modified in place) while
+    ``cache`` keeps it; ``keep=False``: computed, not kept."""
+    entry = cache.get(cu_seqlens)
+    if entry is not None and entry[0] == cu_seqlens._version:
+        return entry[1]
+    value = derive(cu_seqlens)
+    if keep:
+        cache[cu_seqlens] = (cu_seqlens._version, value)
+    return value
+
+
 def host_offsets(cu_seqlens: torch.Tensor) -> list[int]:
-    """``cu_seqlens.tolist()``, read from its device once per tensor (and again only if it is
-    modified in place), so that the layers of a model that all take one ``cu_seqlens`` wait for the
-    GPU once, not at every place that needs the offsets on the host."""
-    entry = _HOST_OFFSETS.get(cu_seqlens)
-    if entry is None or entry[0] != cu_seqlens._version:
-        entry = _HOST_OFFSETS[cu_seqlens] = (cu_seqlens._version, cu_seqlens.tolist())
-    return entry[1]
+    """``cu_seqlens.tolist()``, read from its device once per tensor, so that the layers of a model that
+    all take one ``cu_seqlens`` wait for the GPU once, not at every place that needs the offsets."""
+    return _derived_once(_HOST_OFFSETS, cu_seqlens, torch.Tensor.tolist)
 
 
 def max_seq_length(cu_seqlens: torch.Tensor) -> int:
@@ -69,16 +76,11 @@ def seq_lengths(cu_seqlens: torch.Tensor) -> torch.Tensor:
 
 def token_index(cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(sequence id, position within the sequence) of every packed token, ``[T]`` int64 each, on the
-    device of ``cu_seqlens``: built once per tensor (again only if it is modified in place) and
-    shared by every unpack and pack of a step. The tensors are shared: never modify them in place.
-    Not kept while a CUDA graph is being captured (its memory belongs to the graph's pool)."""
-    entry = _TOKEN_INDEX.get(cu_seqlens)
-    if entry is not None and entry[0] == cu_seqlens._version:
-        return entry[1]
-    index = _build_token_index(cu_seqlens)
-    if not (cu_seqlens.is_cuda and torch.cuda.is_current_stream_capturing()):
-        _TOKEN_INDEX[cu_seqlens] = (cu_seqlens._version, index)
-    return index
+    device of ``cu_seqlens``: built once per tensor and shared by every unpack and pack of a step (never
+    modify them in place). Not kept while a CUDA graph is being captured (its memory belongs to the
+    graph's pool)."""
+    capturing = cu_seqlens.is_cuda and torch.cuda.is_current_stream_capturing()
+    return _derived_once(_TOKEN_INDEX, cu_seqlens, _build_token_index, keep=not capturing)
 
 
 def _build_token_index(cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -116,7 +116,8 @@ def pairwise_scores(trace: Trace, k, v, w, key_k, key_v, key_w, key_g, position,
     chunk_start = (torch.arange(NC) * L).repeat(R)[:, None]
     u = chunk_start + torch.arange(L)
     x = (pair * (u[:, None, :] >= start[..., None])).sum(-1)
-    carried = carried_products(kq, vq, wq, G_prev, trace.open_states.reshape(R * NC, *trace.open_states.shape[2:]))
+    open_states = trace.open_states.reshape(R * NC, *trace.open_states.shape[2:])
+    carried = carried_products(G_prev.exp() * wq, kq, vq, open_states)
     x = x + torch.where(start < chunk_start, carried, 0.0)
     score, _ = state_score(x, contribution_norms(kq, vq, wq), to_chunks(trace.open_norm, L), g.exp(), drift,
                            eps=1e-12)

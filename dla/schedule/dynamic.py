@@ -75,9 +75,10 @@ def pair_products(kq, vq, wq, k, v, w, g):
     return pair, G, G_prev
 
 
-def carried_products(kq, vq, wq, G_prev, open_state):
-    """``⟨s_t, decay(a-1 -> t-1) O_{a-1}⟩`` for the chunk's tokens, ``[R, L]``."""
-    return G_prev.exp() * wq * ((kq @ open_state) * vq).sum(-1)
+def carried_products(scale, k, v, open_state):
+    """``⟨s_t, decay(a-1 -> t-1) O_{a-1}⟩`` for the chunk's tokens, ``[R, L]``, from their
+    ``scale = exp(G_{t-1}) w_t`` and ``k, v``, and the open state before the chunk."""
+    return scale * ((k @ open_state) * v).sum(-1)
 
 
 def contribution_norms(k, v, w=None):
@@ -87,10 +88,12 @@ def contribution_norms(k, v, w=None):
 
 
 def to_chunks(x: torch.Tensor, L: int) -> torch.Tensor:
-    """``[R, Tm, ...]`` -> ``[R * NC, L, ...]``, zero-padded to ``NC = ceil(Tm / L)`` whole chunks."""
+    """``[R, Tm, ...]`` -> ``[R * NC, L, ...]``, zero-padded to ``NC = ceil(Tm / L)`` whole chunks (a
+    view of a contiguous ``x`` when ``Tm`` is a whole number of chunks: nothing to pad)."""
     R, Tm = x.shape[:2]
     NC = -(-Tm // L)
-    x = torch.nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (0, NC * L - Tm))
+    if NC * L != Tm:
+        x = torch.nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (0, NC * L - Tm))
     return x.reshape(R * NC, L, *x.shape[2:])
 
 
@@ -134,7 +137,7 @@ class WindowTerms:
     def carried(self, i: int, open_state) -> torch.Tensor:
         """The products ``⟨s_t, decay(a-1 -> t-1) O_{a-1}⟩`` of chunk ``i``'s tokens with the open state
         before it, ``[R, L]``."""
-        return self.carry_scale[:, i] * ((self.k[:, i] @ open_state) * self.v[:, i]).sum(-1)
+        return carried_products(self.carry_scale[:, i], self.k[:, i], self.v[:, i], open_state)
 
     def chunk(self, i: int, carried) -> ChunkTerms:
         """The terms of chunk ``i`` for the walk, given its products with the open state (:meth:`carried`)."""

@@ -25,12 +25,6 @@ from dla.schedule.scores import novelty_scores
 from dla.varlen import head_major_rows, pack
 
 
-def as_chunks(x: torch.Tensor, L: int) -> torch.Tensor:
-    """:func:`~dla.schedule.dynamic.to_chunks` (``[R, Tm, ...]`` -> ``[R * NC, L, ...]``), a view when ``Tm``
-    is a whole number of chunks (no zero padding to copy in)."""
-    return x.reshape(-1, L, *x.shape[2:]) if x.shape[1] % L == 0 else to_chunks(x, L)
-
-
 def open_decay(g, open_start):
     """``decay [R * NC, L, L]``: ``exp(G_{t-1} - G_u)`` for the open segment's tokens ``u`` before ``t``
     in the chunk (``open_start <= u < t``), else 0 -- the decays of
@@ -109,11 +103,11 @@ def scores_from_trace(trace: Trace, k, v, w, key_k, key_v, key_w, key_g, positio
     L = trace.chunk
     NC = -(-Tm // L)
     chunk_start = torch.arange(0, NC * L, L, device=key_g.device)[:, None]
-    open_start = (as_chunks(trace.open_start, L).view(R, NC, L) - chunk_start).view(R * NC, L)
-    k, v, w, key_k, key_v, key_w, g = (None if x is None else as_chunks(x, L)
+    open_start = (to_chunks(trace.open_start, L).view(R, NC, L) - chunk_start).view(R * NC, L)
+    k, v, w, key_k, key_v, key_w, g = (None if x is None else to_chunks(x, L)
                                        for x in (k, v, w, key_k, key_v, key_w, key_g))
     x, norm = QueryProducts.apply(k, v, w, key_k, key_v, key_w, g, open_start, trace.open_states.flatten(0, 1))
-    score, _ = state_score(x, norm, as_chunks(trace.open_norm, L), g.exp(), drift, eps=1e-12)
+    score, _ = state_score(x, norm, to_chunks(trace.open_norm, L), g.exp(), drift, eps=1e-12)
     scores = score.view(R, NC * L)[:, :Tm]
     first = (position[:, None] + torch.arange(Tm, device=key_g.device)) == 0  # a sequence start scores 0
     return torch.where(first, 0.0, scores)

@@ -307,17 +307,17 @@ class TritonWalker:
             return open_state.clone(), open_state.new_empty(R, NC, K, V) if keep_states else None, open_starts
         states = open_state.new_empty(R, NC if keep_states else 2, K, V)
         states[:, 0] = open_state
-        blocks = advance_blocks(K, V, L)
         self._launch(self.info, window.prefix, window.carried(0, open_state), window.norm, window.gamma, open_starts,
-                     0, self.Tm, L, 2 if drift else 1, blocks["BL"], window=window, states=states, final=final,
-                     blocks=blocks)
+                     0, self.Tm, L, 2 if drift else 1, window=window, states=states, final=final)
         return final, states if keep_states else None, open_starts
 
-    def _launch(self, scores, prefix, carry, norm, gamma, open_start_out, a, b, L, score_code, BL, window=None,
-                states=None, final=None, blocks=None):
-        tr, dummy = self.trace, self.info
-        w = window
+    def _launch(self, scores, prefix, carry, norm, gamma, open_start_out, a, b, L, score_code, BL=None, window=None,
+                states=None, final=None):
+        """One launch of the walk kernel: ``[a, b)`` in blocks of ``BL``, or with ``window`` its every chunk
+        (the open state's tiles ``states`` and ``final``, the tiles of :func:`advance_blocks`)."""
+        tr, dummy, w = self.trace, self.info, window
         K, V = (1, 1) if w is None else (w.k.shape[-1], w.v.shape[-1])
+        blocks = dict(BL=BL, BK=16, BV=16) if w is None else advance_blocks(K, V, L)
         _walk_kernel[(self.slot_start.shape[0],)](
             scores, prefix, carry, norm, gamma, self.lengths, self.position, self.threshold,
             self.slot_start, self.info, self.origin, self.count, self.open_norm,
@@ -329,10 +329,9 @@ class TritonWalker:
             prefix.stride(0), prefix.stride(-2) if prefix.dim() > 2 else 0, carry.stride(0), norm.stride(0),
             gamma.stride(0), 0 if w is None else states.stride(0), 0 if w is None else states.stride(1),
             1 if w is None else states.shape[1], int(self.max_segment_len or 0),
-            C=self.C, CP=self.CP, BL=BL, SCORE=score_code, MERGE=MERGE_CODES[self.merge],
+            C=self.C, CP=self.CP, SCORE=score_code, MERGE=MERGE_CODES[self.merge],
             HAS_MAX=self.max_segment_len is not None, TRACE_OPEN=tr.open_start is not None, WINDOW=w is not None,
-            K=K, V=V, BK=16 if w is None else blocks["BK"], BV=16 if w is None else blocks["BV"],
-            num_warps=WINDOW_WARPS if w is not None else 1, enable_fp_fusion=False)
+            K=K, V=V, num_warps=1 if w is None else WINDOW_WARPS, enable_fp_fusion=False, **blocks)
 
     def finish(self, N: int, H: int):
         C = self.C
