@@ -86,10 +86,12 @@ def compile_kernel(kernel, const: dict, num_warps: int, num_stages: int) -> dict
 
 def compile_walk(kernel, K: int, V: int, C: int, matrix: bool, BV: int, num_warps: int, L: int = 64) -> dict:
     """One of the fused inter-chunk walks (dla/ops/triton/chunk_inter.py) at one shape, with the
-    launch's key block (DLA_WALK_KEY_BLOCK applies); both are launched with one stage."""
-    from dla.ops.triton.chunk_inter import key_block
+    launch's key splits and key block (DLA_WALK_KEY_SPLITS and DLA_WALK_KEY_BLOCK apply); both are
+    launched with one stage."""
+    from dla.ops.triton.chunk_inter import key_tiles
 
-    const = dict(L=L, C=C, K=K, V=V, BV=BV, BK=key_block(K, matrix), PREC="tf32", MATRIX=matrix)
+    KS, BK = key_tiles(K, matrix)
+    const = dict(L=L, C=C, K=K, V=V, BV=BV, BK=BK, KS=KS, PREC="tf32", MATRIX=matrix)
     return compile_kernel(kernel, const, num_warps, 1)
 
 

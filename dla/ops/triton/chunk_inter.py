@@ -17,10 +17,15 @@ groups of ``G`` chunks from the last, recomputes a group's states from its check
 forward's state update, one shared function, so bit for bit the same) and then, in reverse, turns
 ``dS_{c+1}`` into the gradients of the token writes (``dX``, ``dV``), of the read-out (``dQ_eff``,
 ``dλ``) and of the decay, and ``dS_c``.
-One program per (sequence-head, value block); gradients that sum over value blocks (``dQ_eff``,
-``dλ``, ``dX``, ``dM``) are accumulated atomically. Both walks run over blocks of ``BK`` key rows,
-so no per-token tile of size ``K`` stays in registers (at K = 256 those spilled:
-benchmarks/kernel_resources.py).
+One program per (sequence-head, value block, key split); gradients that sum over value blocks
+(``dQ_eff``, ``dλ``, ``dX``, ``dM``) are accumulated atomically. With a scalar decay the key rows of
+a state never mix, so a program may walk ``K / KS`` of them (:func:`key_splits`; more programs for
+a walk that has few rows): the read-out ``o`` and ``dV``, which sum over key rows, are written as
+one partial per split and summed in PyTorch (a fixed order, no atomics), and ``dλ`` and ``dM`` add
+the splits atomically. The ``K x K`` transition couples the rows: Gated DeltaNet walks whole K.
+The read-out, the transition and the gradients run over blocks of ``BK`` key rows, so no
+per-token ``[L, K]`` tile of queries or gradients stays in registers (at K = 256 those spilled:
+benchmarks/kernel_resources.py); the scalar state update holds its split's ``K / KS`` rows whole.
 """
 
 from __future__ import annotations
@@ -59,22 +64,26 @@ def boundary_states(S_ptr, scratch_ptr, r, b, NC, GROUP, slot, SLOTS, C: tl.cons
 
 
 @triton.jit
-def walk_state_update(S_in, S_out, x_ptr, v_ptr, rank_ptr, M_ptr, lo_ptr, hi_ptr, rc, vv,
+def walk_state_update(S_in, S_out, x_ptr, v_ptr, rank_ptr, M_ptr, lo_ptr, hi_ptr, rc, vv, k0,
                       L: tl.constexpr, C: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr,
-                      BK: tl.constexpr, PREC: tl.constexpr, MATRIX: tl.constexpr):
-    """The states after chunk ``rc`` (``S_out``, value columns ``vv``) from those before it
-    (``S_in``): every new slot is the merged old slots times the transition ``M_c`` plus the
-    chunk's token writes. The forward walk runs it after each read-out and the backward walk
-    reruns it from a checkpoint: one code, so the recomputed states equal the forward's bit for bit."""
+                      BK: tl.constexpr, KW: tl.constexpr, PREC: tl.constexpr, MATRIX: tl.constexpr):
+    """The states after chunk ``rc`` (``S_out``, value columns ``vv``, the ``KW`` key rows from
+    ``k0``) from those before it (``S_in``): every new slot is the merged old slots times the
+    transition ``M_c`` plus the chunk's token writes. The forward walk runs it after each read-out
+    and the backward walk reruns it from a checkpoint: one code, so the recomputed states equal the
+    forward's bit for bit. With a scalar ``M_c`` a key row depends on that row alone, so a program
+    may hold any ``KW`` of them (a key split); the ``K x K`` transition (``MATRIX``) needs all:
+    ``KW = K``, ``k0 = 0``."""
+    tl.static_assert(KW == K or not MATRIX, "the K x K transition couples all key rows: no key splits")
     tok = rc * L + tl.arange(0, L)
-    kk = tl.arange(0, K)
+    kk = k0 + tl.arange(0, KW)
     bk = tl.arange(0, BK)
     tile = kk[:, None] * V + vv[None, :]
     rank = tl.load(rank_ptr + tok)
     vals = tl.load(v_ptr + tok[:, None] * V + vv[None, :])  # [L, BV]
-    xt = tl.load(x_ptr + tok[None, :] * K + kk[:, None])  # [K, L] (unused, so not loaded, if MATRIX)
+    xt = tl.load(x_ptr + tok[None, :] * K + kk[:, None])  # [KW, L] (unused, so not loaded, if MATRIX)
     for n in range(C):
-        merged = merged_slots(S_in, tl.load(lo_ptr + rc * C + n), tl.load(hi_ptr + rc * C + n), tile, K, V, BV)
+        merged = merged_slots(S_in, tl.load(lo_ptr + rc * C + n), tl.load(hi_ptr + rc * C + n), tile, K, V, KW, BV)
         mine = rank == n
         writes = tl.max(mine.to(tl.int32), axis=0) > 0  # the chunk writes tokens into slot n
         mine_vals = tl.where(mine[:, None], vals, 0.0)
@@ -94,21 +103,28 @@ def walk_state_update(S_in, S_out, x_ptr, v_ptr, rank_ptr, M_ptr, lo_ptr, hi_ptr
             tl.store(S_out + n * K * V + tile, acc)
 
 
-@triton.autotune(configs=INTER_FWD_CONFIGS, key=["C", "K", "V", "L", "PREC", "MATRIX"],
+@triton.autotune(configs=INTER_FWD_CONFIGS, key=["C", "K", "V", "L", "KS", "PREC", "MATRIX"],
                  prune_configs_by={"early_config_prune": fitting_value_blocks})
 @triton.jit
 def chunk_dla_inter_fwd_kernel(qe_ptr, lam_ptr, x_ptr, v_ptr, rank_ptr, M_ptr, lo_ptr, hi_ptr, S0_ptr, S_ptr,
                                ring_ptr, o_ptr, NC, GROUP, L: tl.constexpr, C: tl.constexpr, K: tl.constexpr,
-                               V: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
-                               MATRIX: tl.constexpr):
-    """Forward walk over the ``NC`` chunks of one row (sequence-head), value columns ``vv``: per
-    chunk the read-out ``o`` of the carried states, then the states after the chunk (merged old
-    slots times the transition ``M_c``, plus the chunk's token writes). ``MATRIX``: ``M_c`` is
-    ``K x K`` (Gated DeltaNet), else a scalar (Mamba-2). ``PREC``: ``tl.dot``'s input precision.
-    The states at every ``GROUP``-th chunk boundary and at the last are kept in ``S`` (the
-    checkpoints of the backward walk); those between pass through the row's two boundaries of
-    ``ring``."""
-    r, vv, _, _ = walk_start(S0_ptr, S_ptr, tl.cdiv(NC, GROUP), C, K, V, BV)  # rows hold cdiv(NC, GROUP) + 1
+                               V: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, KS: tl.constexpr,
+                               PREC: tl.constexpr, MATRIX: tl.constexpr):
+    """Forward walk over the ``NC`` chunks of one row (sequence-head), value columns ``vv`` and
+    key rows ``k0 .. k0 + K / KS`` (split ``i_k`` of ``KS``): per chunk the read-out ``o`` of the
+    carried states, then the states after the chunk (merged old slots times the transition
+    ``M_c``, plus the chunk's token writes). ``MATRIX``: ``M_c`` is ``K x K`` (Gated DeltaNet, one
+    split only), else a scalar (Mamba-2). ``PREC``: ``tl.dot``'s input precision. The states at
+    every ``GROUP``-th chunk boundary and at the last are kept in ``S`` (the checkpoints of the
+    backward walk); those between pass through the row's two boundaries of ``ring``. ``o`` is
+    ``[R, NC, L, V]`` for ``KS = 1``, else the splits' partial read-outs ``[KS, R, NC, L, V]``
+    (the host sums them)."""
+    tl.static_assert(KS == 1 or not MATRIX, "the K x K transition couples all key rows: no key splits")
+    KW: tl.constexpr = K // KS  # key rows per split
+    r, vv, _, _ = walk_start(S0_ptr, S_ptr, tl.cdiv(NC, GROUP), C, K, V, BV, KS)  # rows hold cdiv(NC, GROUP) + 1
+    i_k = tl.program_id(2)
+    k0 = i_k * KW
+    o_ptr += (i_k * tl.num_programs(0)).to(tl.int64) * NC * L * V  # the split's partial read-out
     ll = tl.arange(0, L)
     bk = tl.arange(0, BK)
     for c in range(NC):
@@ -117,16 +133,16 @@ def chunk_dla_inter_fwd_kernel(qe_ptr, lam_ptr, x_ptr, v_ptr, rank_ptr, M_ptr, l
         S_out = boundary_states(S_ptr, ring_ptr, r, c + 1, NC, GROUP, (c + 1) % 2, 2, C, K, V)
         tok = rc * L + ll
         o = tl.zeros((L, BV), dtype=tl.float32)
-        for kb in range(K // BK):  # blocks of key rows: a whole [L, K] query tile spills at K = 256
-            rows = kb * BK + bk
+        for kb in range(KW // BK):  # blocks of key rows: a whole [L, K] query tile spills at K = 256
+            rows = k0 + kb * BK + bk
             qe = tl.load(qe_ptr + tok[:, None] * K + rows[None, :])  # [L, BK]
             for j in range(C):
                 lam_j = tl.load(lam_ptr + tok * C + j)
                 S_blk = tl.load(S_in + j * K * V + rows[:, None] * V + vv[None, :])  # [BK, BV]
                 o += tl.dot(qe * lam_j[:, None], S_blk, input_precision=PREC)
         tl.store(o_ptr + tok[:, None] * V + vv[None, :], o)
-        walk_state_update(S_in, S_out, x_ptr, v_ptr, rank_ptr, M_ptr, lo_ptr, hi_ptr, rc, vv,
-                          L, C, K, V, BV, BK, PREC, MATRIX)
+        walk_state_update(S_in, S_out, x_ptr, v_ptr, rank_ptr, M_ptr, lo_ptr, hi_ptr, rc, vv, k0,
+                          L, C, K, V, BV, BK, KW, PREC, MATRIX)
         # the states after chunk c are fully stored before the next chunk loads them as S_in (other
         # threads, another layout), and this chunk's loads of S_in are done before the ring slot
         # that holds it is overwritten two chunks on
@@ -137,16 +153,24 @@ def chunk_dla_inter_fwd_kernel(qe_ptr, lam_ptr, x_ptr, v_ptr, rank_ptr, M_ptr, l
 def chunk_dla_inter_bwd_kernel(qe_ptr, lam_ptr, x_ptr, v_ptr, rank_ptr, M_ptr, lo_ptr, hi_ptr, dest_ptr, S_ptr,
                                scratch_ptr, do_ptr, G_ptr, dqe_ptr, dlam_ptr, dx_ptr, dv_ptr, dM_ptr, NC, GROUP,
                                L: tl.constexpr, C: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr,
-                               BK: tl.constexpr, PREC: tl.constexpr, MATRIX: tl.constexpr):
+                               BK: tl.constexpr, KS: tl.constexpr, PREC: tl.constexpr, MATRIX: tl.constexpr):
     """Reverse walk of :func:`chunk_dla_inter_fwd_kernel`, over groups of ``GROUP`` chunks from
     the last: the states inside a group are recomputed from its checkpoint in ``S`` (the forward's
     state update without the read-out) into the row's ``GROUP - 1`` boundaries of ``scratch``,
     then its chunks are walked in reverse. ``G`` ([rows, 2, C, K, V]) enters with ``dS_NC`` (the
     final state's gradient) in its first half and leaves with ``dS_0`` in half ``NC % 2``; the two
-    halves alternate as ``dS_{c+1}`` (read) and ``dS_c`` (written). ``dv`` is stored; ``dqe``,
-    ``dlam``, ``dx`` and ``dM`` sum over value blocks and are accumulated atomically."""
+    halves alternate as ``dS_{c+1}`` (read) and ``dS_c`` (written). A program holds the key rows
+    ``k0 .. k0 + K / KS`` (split ``i_k`` of ``KS``; ``KS = 1`` when ``MATRIX``) of the states and
+    their gradients. ``dv`` is stored, as the splits' partials ``[KS, R, NC, L, V]`` when ``KS >
+    1`` (the host sums them); ``dqe``, ``dlam``, ``dx`` and ``dM`` sum over value blocks (and
+    ``dlam``, ``dM`` over splits) and are accumulated atomically."""
+    tl.static_assert(KS == 1 or not MATRIX, "the K x K transition couples all key rows: no key splits")
+    KW: tl.constexpr = K // KS  # key rows per split
     r = tl.program_id(0).to(tl.int64)
     vv = tl.program_id(1) * BV + tl.arange(0, BV)
+    i_k = tl.program_id(2)
+    k0 = i_k * KW
+    dv_ptr += (i_k * tl.num_programs(0)).to(tl.int64) * NC * L * V  # the split's partial dv
     ll = tl.arange(0, L)
     bk = tl.arange(0, BK)
     BT: tl.constexpr = 128 if K > 128 else K  # columns of a transition tile: [BK, 256] ones spill
@@ -160,8 +184,8 @@ def chunk_dla_inter_bwd_kernel(qe_ptr, lam_ptr, x_ptr, v_ptr, rank_ptr, M_ptr, l
         for c in range(c_first, c_end - 1):
             S_in = boundary_states(S_ptr, scratch_ptr, r, c, NC, GROUP, c - c_first - 1, GROUP - 1, C, K, V)
             S_out = boundary_states(S_ptr, scratch_ptr, r, c + 1, NC, GROUP, c - c_first, GROUP - 1, C, K, V)
-            walk_state_update(S_in, S_out, x_ptr, v_ptr, rank_ptr, M_ptr, lo_ptr, hi_ptr, r * NC + c, vv,
-                              L, C, K, V, BV, BK, PREC, MATRIX)
+            walk_state_update(S_in, S_out, x_ptr, v_ptr, rank_ptr, M_ptr, lo_ptr, hi_ptr, r * NC + c, vv, k0,
+                              L, C, K, V, BV, BK, KW, PREC, MATRIX)
             # the boundary is fully stored before the next update (or the reverse steps) load it
             # (other threads, another layout)
             tl.debug_barrier()
@@ -181,8 +205,8 @@ def chunk_dla_inter_bwd_kernel(qe_ptr, lam_ptr, x_ptr, v_ptr, rank_ptr, M_ptr, l
             rank = tl.load(rank_ptr + tok)
             vals = tl.load(v_ptr + tok[:, None] * V + vv[None, :])  # [L, BV]
             dv = tl.zeros((L, BV), dtype=tl.float32)
-            for kb in range(K // BK):
-                rows = kb * BK + bk
+            for kb in range(KW // BK):
+                rows = k0 + kb * BK + bk
                 x = tl.load(x_ptr + tok[:, None] * K + rows[None, :])  # [L, BK]
                 dx = tl.zeros((L, BK), dtype=tl.float32)
                 for n in range(C):
@@ -197,8 +221,8 @@ def chunk_dla_inter_bwd_kernel(qe_ptr, lam_ptr, x_ptr, v_ptr, rank_ptr, M_ptr, l
             do = tl.load(do_ptr + tok[:, None] * V + vv[None, :])  # [L, BV]
             m_c = tl.load(M_ptr + rc)  # the scalar transition (read, unused, when MATRIX)
             dm_c = tl.zeros((BV,), dtype=tl.float32)
-            for kb in range(K // BK):
-                rows = kb * BK + bk
+            for kb in range(KW // BK):
+                rows = k0 + kb * BK + bk
                 qe = tl.load(qe_ptr + tok[:, None] * K + rows[None, :])  # [L, BK]
                 dqe = tl.zeros((L, BK), dtype=tl.float32)
                 for j in range(C):
@@ -260,6 +284,37 @@ def key_block(K: int, matrix: bool) -> int:
     if block < 16 or block & (block - 1):
         raise ValueError(f"DLA_WALK_KEY_BLOCK must be a power of two >= 16, got {block}")
     return min(block, K)
+
+
+def key_splits(K: int, matrix: bool) -> int:
+    """Key splits of the walks: programs per (sequence-head, value block), each walking ``K / KS``
+    of the state's key rows. With a scalar decay (Mamba-2) the key rows of a state never mix, so
+    only the read-out ``o`` and ``dv`` sum over splits (per-split partials, summed by the host);
+    the splits give the walks, latency-bound with few programs (a row per sequence-head), ``KS``
+    times the programs. Gated DeltaNet's ``K x K`` transition couples the rows: always 1 there.
+    The environment variable DLA_WALK_KEY_SPLITS sets it (a power of two leaving at least 16 rows
+    per split, ``tl.dot``'s minimum; read at every call, the forward's and the backward's); the
+    default is 1 until the program count at which splits pay is measured on a GPU."""
+    value = os.environ.get("DLA_WALK_KEY_SPLITS", "1")
+    try:
+        splits = int(value)
+    except ValueError:
+        splits = 0
+    if splits < 1 or splits & (splits - 1):
+        raise ValueError(f"DLA_WALK_KEY_SPLITS must be a power of two, got {value!r}")
+    if matrix:
+        return 1
+    if K // splits < 16:
+        raise ValueError(f"DLA_WALK_KEY_SPLITS={splits} leaves {K // splits} of the {K} (padded) key rows per split: "
+                         "fewer than 16")
+    return splits
+
+
+def key_tiles(K: int, matrix: bool) -> tuple[int, int]:
+    """The walks' key splits and key block: ``(KS, BK)``, :func:`key_splits` and :func:`key_block`
+    within a split's ``K / KS`` rows."""
+    splits = key_splits(K, matrix)
+    return splits, min(key_block(K, matrix), K // splits)
 
 
 def checkpoint_group(NC: int, group: int | None = None) -> int:
@@ -324,17 +379,18 @@ def walk_rows(q_eff, lam_inter, x, v, M, routing) -> WalkRows:
 def walk_forward(w: WalkRows, S0: torch.Tensor, prec: str, group: int):
     """The forward walk: ``(o [R, NC, L, Vp], S)``, ``S [R, NC / group + 1, C, Kp, Vp]`` the states
     at every ``group``-th chunk boundary and the last (the final states), kept for :func:`walk_backward`.
-    ``S0 [R, C, Kp, Vp]``."""
+    ``S0 [R, C, Kp, Vp]``. One program per row, value block and key split (:func:`key_splits`)."""
     R, NC, L, K = w.qe.shape
     C, Vd = S0.shape[1], w.v.shape[-1]
+    matrix = w.M.dim() == 4
+    KS, BK = key_tiles(K, matrix)
     S = new_output((R, -(-NC // group) + 1, C, K, Vd), w.qe)  # the checkpoints: boundaries 0, G, 2G, ..., NC
     ring = new_output((R, 2 if group > 1 else 0, C, K, Vd), w.qe)  # the boundaries between them, in turn
-    o = new_output((R, NC, L, Vd), w.qe)
-    grid = lambda meta: (R, Vd // meta["BV"])  # noqa: E731
+    o = new_output((KS, R, NC, L, Vd) if KS > 1 else (R, NC, L, Vd), w.qe)  # the splits' partials, or o
+    grid = lambda meta: (R, Vd // meta["BV"], KS)  # noqa: E731
     chunk_dla_inter_fwd_kernel[grid](w.qe, w.lam, w.x, w.v, w.rank, w.M, w.lo, w.hi, S0, S, ring, o, NC, group, L=L,
-                                     C=C, K=K, V=Vd, BK=key_block(K, matrix=w.M.dim() == 4), PREC=prec,
-                                     MATRIX=w.M.dim() == 4)
-    return o, S
+                                     C=C, K=K, V=Vd, BK=BK, KS=KS, PREC=prec, MATRIX=matrix)
+    return o.sum(0) if KS > 1 else o, S  # a sum in a fixed order, not atomics: deterministic
 
 
 def walk_backward(w: WalkRows, S: torch.Tensor, do: torch.Tensor, dS_final: torch.Tensor | None, prec: str,
@@ -344,19 +400,21 @@ def walk_backward(w: WalkRows, S: torch.Tensor, do: torch.Tensor, dS_final: torc
     of the final states (None: zero)."""
     R, NC, L, K = w.qe.shape
     C, Vd = S.shape[2], w.v.shape[-1]
+    matrix = w.M.dim() == 4
+    KS, BK = key_tiles(K, matrix)  # as the forward's, read again (the backward need not come right after it)
     G = torch.zeros((R, 2, C, K, Vd), dtype=torch.float32, device=w.qe.device)
     if dS_final is not None:
         G[:, 0] = dS_final
     scratch = new_output((R, group - 1, C, K, Vd), w.qe)  # one group's boundaries between checkpoints
     dqe, dlam, dx, dM = (torch.zeros_like(t) for t in (w.qe, w.lam, w.x, w.M))
-    dv = new_output(w.v.shape, w.v)
+    dv = new_output((KS, *w.v.shape) if KS > 1 else w.v.shape, w.v)  # the splits' partials, or dv
     BV = min(32, Vd)
-    chunk_dla_inter_bwd_kernel[(R, Vd // BV)](w.qe, w.lam, w.x, w.v, w.rank, w.M, w.lo, w.hi, w.dest, S, scratch,
-                                              do.float().contiguous(), G, dqe, dlam, dx, dv, dM, NC, group,
-                                              L=L, C=C, K=K, V=Vd, BV=BV, BK=key_block(K, matrix=w.M.dim() == 4),
-                                              PREC=prec, MATRIX=w.M.dim() == 4, num_warps=8,
-                                              num_stages=1)  # the default (3) spills at K = 256
-    return dqe, dlam, dx, dv, dM, G[:, NC % 2]
+    chunk_dla_inter_bwd_kernel[(R, Vd // BV, KS)](w.qe, w.lam, w.x, w.v, w.rank, w.M, w.lo, w.hi, w.dest, S,
+                                                  scratch, do.float().contiguous(), G, dqe, dlam, dx, dv, dM, NC,
+                                                  group, L=L, C=C, K=K, V=Vd, BV=BV, BK=BK, KS=KS, PREC=prec,
+                                                  MATRIX=matrix, num_warps=8,
+                                                  num_stages=1)  # the default (3) spills at K = 256
+    return dqe, dlam, dx, dv.sum(0) if KS > 1 else dv, dM, G[:, NC % 2]
 
 
 class _FusedInter(torch.autograd.Function):

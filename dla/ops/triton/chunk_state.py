@@ -187,7 +187,7 @@ def chunk_dla_state_fwd_kernel(S0_ptr, S_ptr, lo_ptr, hi_ptr, M_ptr, W_ptr, NC,
                                C: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr,
                                BK: tl.constexpr):
     """S[c+1, n] = M_c Σ_{j = lo..hi} S[c, j] + W[c, n]: one program per (row, value block)."""
-    r, vv, kk, tile = walk_start(S0_ptr, S_ptr, NC, C, K, V, BV)
+    r, vv, kk, tile = walk_start(S0_ptr, S_ptr, NC, C, K, V, BV, 1)
     bk = tl.arange(0, BK)
     for c in range(NC):
         rc = r * NC + c  # int64 (r is), so offsets from it do not overflow as c * C*K*V (int32) would
@@ -195,7 +195,7 @@ def chunk_dla_state_fwd_kernel(S0_ptr, S_ptr, lo_ptr, hi_ptr, M_ptr, W_ptr, NC,
         S_out = S_in + C * K * V
         W_c = W_ptr + rc * C * K * V
         for n in range(C):
-            acc = merged_slots(S_in, tl.load(lo_ptr + rc * C + n), tl.load(hi_ptr + rc * C + n), tile, K, V, BV)
+            acc = merged_slots(S_in, tl.load(lo_ptr + rc * C + n), tl.load(hi_ptr + rc * C + n), tile, K, V, K, BV)
             for kb in tl.static_range(K // BK):
                 rows = kb * BK + bk
                 M_blk = tl.load(M_ptr + (rc * K + rows[:, None]) * K + kk[None, :])  # [BK, K]
@@ -229,7 +229,7 @@ def chunk_dla_state_bwd_kernel(S_ptr, dS_ptr, lo_ptr, hi_ptr, M_ptr, dM_ptr, NC,
             lo = tl.load(lo_ptr + rc * C + n)
             hi = tl.load(hi_ptr + rc * C + n)
             G = tl.load(dS_out + n * K * V + tile)  # [K, BV]
-            acc = merged_slots(S_in, lo, hi, tile, K, V, BV)
+            acc = merged_slots(S_in, lo, hi, tile, K, V, K, BV)
             for kb in tl.static_range(K // BK):
                 rows = kb * BK + bk
                 G_blk = tl.load(dS_out + n * K * V + rows[:, None] * V + vv[None, :])  # [BK, BV]

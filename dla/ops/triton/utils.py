@@ -38,13 +38,16 @@ def source_ranges(dest: torch.Tensor):
 
 
 @triton.jit
-def walk_start(S0_ptr, S_ptr, NC, C: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr):
-    """The program's row ``r``, value columns ``vv``, key rows ``kk`` and the offsets of its
-    ``[K, BV]`` tile in one K x V state; fills the first chunk boundary of the row's states
-    ``S[r] [NC + 1, C, K, V]`` with ``S0[r]``."""
+def walk_start(S0_ptr, S_ptr, NC, C: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr,
+               KS: tl.constexpr):
+    """The program's row ``r`` (program id 0), value columns ``vv`` (block ``program_id(1)`` of
+    ``BV``), key rows ``kk`` (split ``program_id(2)`` of ``KS``: ``K / KS`` rows; all ``K`` for
+    ``KS = 1``) and the offsets of its ``[K / KS, BV]`` tile in one K x V state; fills that tile of
+    the first chunk boundary of the row's states ``S[r] [NC + 1, C, K, V]`` with ``S0[r]``."""
+    KW: tl.constexpr = K // KS
     r = tl.program_id(0).to(tl.int64)
     vv = tl.program_id(1) * BV + tl.arange(0, BV)
-    kk = tl.arange(0, K)
+    kk = tl.program_id(2) * KW + tl.arange(0, KW)
     tile = kk[:, None] * V + vv[None, :]
     S_row = S_ptr + r * (NC + 1) * C * K * V
     for j in range(C):
@@ -56,9 +59,10 @@ def walk_start(S0_ptr, S_ptr, NC, C: tl.constexpr, K: tl.constexpr, V: tl.conste
 
 
 @triton.jit
-def merged_slots(S_in, lo, hi, tile, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr):
-    """Σ of the old slots ``lo..hi`` (the ones merging into one new slot), one ``[K, BV]`` tile."""
-    acc = tl.zeros((K, BV), dtype=tl.float32)
+def merged_slots(S_in, lo, hi, tile, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """Σ of the old slots ``lo..hi`` (the ones merging into one new slot), one ``[BK, BV]`` tile of
+    the K x V states (``tile``: its offsets in one state)."""
+    acc = tl.zeros((BK, BV), dtype=tl.float32)
     for j in range(lo, hi + 1):
         acc += tl.load(S_in + j * K * V + tile)
     return acc
