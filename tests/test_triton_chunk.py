@@ -331,6 +331,99 @@ def test_fused_walk_state_checkpoints(matrix, NC, C, group):
         assert rel_err(a.double(), c) < 1e-5, name
 
 
+def spy_key_tiles(monkeypatch) -> list:
+    """The walks' (key splits, key block) per launch, forward and backward, from now on."""
+    from dla.ops.triton import chunk_inter
+
+    tiles, key_tiles = [], chunk_inter.key_tiles
+    monkeypatch.setattr(chunk_inter, "key_tiles", lambda K, matrix: tiles.append(key_tiles(K, matrix)) or tiles[-1])
+    return tiles
+
+
+@pytest.mark.parametrize("K, V, key_block, splits", [(64, 40, "16", "2"), (64, 40, "16", "4"), (128, 16, "32", "2"),
+                                                     (128, 16, "32", "4")])
+def test_fused_walk_in_key_splits(K, V, key_block, splits, monkeypatch):
+    """The scalar walk in key splits (DLA_WALK_KEY_SPLITS: a program per row, value block and split
+    of K / KS key rows, walked in key blocks, two per split or one) gives the PyTorch walks' o,
+    final states and gradients within 1e-5, and the unsplit walk's to rounding: the read-out and
+    dv add the splits' partials, dλ and the decay's gradient the splits' atomic adds, in another
+    order (V = 40 is padded to 64: several value blocks as well)."""
+    monkeypatch.setenv("DLA_WALK_KEY_BLOCK", key_block)
+    case = walk_case(False, NC=4, C=3, K=K, V=V, seed=K + V, device=DEVICE)
+    want, whole = walk_results(case, fused=False), walk_results(case, fused=True)
+    monkeypatch.setenv("DLA_WALK_KEY_SPLITS", splits)
+    tiles = spy_key_tiles(monkeypatch)
+    got = walk_results(case, fused=True)
+    assert tiles == [(int(splits), min(int(key_block), K // int(splits)))] * 2  # forward, backward
+    for name, a, b, c in zip(WALK_RESULTS, got, want, whole):
+        assert rel_err(a.double(), b) < 1e-5, name
+        assert rel_err(a, c) < 1e-6, name
+
+
+@pytest.mark.parametrize("splits", ["2", "4"])
+def test_fused_walk_state_checkpoints_in_key_splits(splits, monkeypatch):
+    """As :func:`test_fused_walk_state_checkpoints` for the scalar walk in key splits (K = 64 in
+    blocks of 16: two per split or one): every split recomputes its key rows of the states from
+    the checkpoints (every 4 of 9 chunks) as the forward computed them, so the numbers equal those
+    of keeping every boundary bit for bit, except dλ and the decay's gradient, which add the
+    splits' contributions atomically: in the interpreter in one order, on a GPU in any (there to
+    rounding)."""
+    monkeypatch.setenv("DLA_WALK_KEY_BLOCK", "16")
+    monkeypatch.setenv("DLA_WALK_KEY_SPLITS", splits)
+    case = walk_case(False, NC=9, C=3, K=64, V=20, seed=9 + int(splits), device=DEVICE)
+    every, checkpointed = walk_results(case, fused=True, group=1), walk_results(case, fused=True, group=4)
+    want = walk_results(case, fused=False)
+    for name, a, b, c in zip(WALK_RESULTS, checkpointed, every, want):
+        if DEVICE == "cuda" and name in ("dlam", "dgamma"):
+            assert rel_err(a, b) < 1e-6, name
+        else:
+            assert torch.equal(a, b), name
+        assert rel_err(a.double(), c) < 1e-5, name
+
+
+def test_the_matrix_walk_takes_no_key_splits(monkeypatch):
+    """Gated DeltaNet's K x K transition couples the key rows: DLA_WALK_KEY_SPLITS leaves its walk
+    in one split, with the numbers of the unset variable bit for bit (V = 16: one value block, so
+    no atomic sum meets two programs)."""
+    monkeypatch.setenv("DLA_WALK_KEY_BLOCK", "16")
+    case = walk_case(True, NC=3, C=2, K=32, V=16, device=DEVICE)
+    whole = walk_results(case, fused=True)
+    monkeypatch.setenv("DLA_WALK_KEY_SPLITS", "2")
+    tiles = spy_key_tiles(monkeypatch)
+    for name, a, b in zip(WALK_RESULTS, walk_results(case, fused=True), whole):
+        assert torch.equal(a, b), name
+    assert tiles == [(1, 16)] * 2
+
+
+def test_key_splits(monkeypatch):
+    from dla.ops.triton.chunk_inter import key_splits, key_tiles
+
+    monkeypatch.delenv("DLA_WALK_KEY_SPLITS", raising=False)
+    monkeypatch.delenv("DLA_WALK_KEY_BLOCK", raising=False)
+    assert key_splits(128, False) == 1 and key_tiles(128, False) == (1, 128)  # the default, until measured
+    monkeypatch.setenv("DLA_WALK_KEY_SPLITS", "4")
+    assert key_tiles(128, False) == (4, 32) and key_tiles(64, False) == (4, 16) and key_tiles(256, False) == (4, 32)
+    assert key_tiles(128, True) == (1, 32)  # the K x K transition: one split
+    with pytest.raises(ValueError, match="DLA_WALK_KEY_SPLITS=4 leaves 8 of the 32"):
+        key_splits(32, False)  # fewer than 16 key rows per split
+    for bad in ("0", "3", "-2", "two"):
+        monkeypatch.setenv("DLA_WALK_KEY_SPLITS", bad)
+        with pytest.raises(ValueError, match="DLA_WALK_KEY_SPLITS must be a power of two"):
+            key_splits(128, True)
+
+
+@pytest.mark.parametrize("splits", ["2", "4"])
+def test_triton_chunk_in_key_splits(splits, monkeypatch):
+    """chunk_dla's Mamba-2 walk in key splits (the variable is read at the forward's and at the
+    backward's launch) against the PyTorch path; K = 64, V = 40 as in the wide-heads case."""
+    monkeypatch.setenv("DLA_WALK_KEY_SPLITS", splits)
+    tiles = spy_key_tiles(monkeypatch)
+    inputs, schedule = make_case("dynamic", "mamba2", None, B=1, T=40, H=1, K=64, V=40, capacity=3,
+                                 dtype=torch.float32, requires_grad=True, device=DEVICE)
+    check(inputs, schedule)
+    assert [ks for ks, _ in tiles] == [int(splits)] * 2
+
+
 def test_fused_walk_without_gradients_keeps_the_first_and_last_boundaries(monkeypatch):
     """Without a backward to come (torch.no_grad: inference, a prefill) the walk keeps the states
     of the first and the last chunk boundary only, the rest passing through its ring; o and the
