@@ -87,11 +87,16 @@ def compile_kernel(kernel, const: dict, num_warps: int, num_stages: int) -> dict
 def compile_walk(kernel, K: int, V: int, C: int, matrix: bool, BV: int, num_warps: int, L: int = 64) -> dict:
     """One of the fused inter-chunk walks (dla/ops/triton/chunk_inter.py) at one shape, with the
     launch's key splits and key block (DLA_WALK_KEY_SPLITS and DLA_WALK_KEY_BLOCK apply); both are
-    launched with one stage."""
-    from dla.ops.triton.chunk_inter import key_tiles
+    launched with one stage; the backward with the atomic sums over programs (not those of
+    deterministic algorithms) where several programs share a row."""
+    import triton
+
+    from dla.ops.triton.chunk_inter import chunk_dla_inter_bwd_kernel, key_tiles
 
     KS, BK = key_tiles(K, matrix)
     const = dict(L=L, C=C, K=K, V=V, BV=BV, BK=BK, KS=KS, PREC="tf32", MATRIX=matrix)
+    if kernel is chunk_dla_inter_bwd_kernel:
+        const.update(CP=triton.next_power_of_2(C), ATOMIC=V // BV * KS > 1)
     return compile_kernel(kernel, const, num_warps, 1)
 
 

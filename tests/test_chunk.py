@@ -170,16 +170,23 @@ def test_inter_in_value_blocks_equals_whole(base, monkeypatch):
         assert rel_err(g[name], g_ref[name]) <= 1e-12, f"d{name}"
 
 
-def test_deterministic_mode_picks_the_torch_walks():
-    # the Triton backward adds gradients up with atomics; deterministic mode must not use it
+def test_deterministic_mode_keeps_the_fused_triton_walks(monkeypatch):
+    """The fused walks' backward sums per-program partials under deterministic algorithms, so CUDA
+    keeps them; only the unfused Gated DeltaNet walk (DLA_FUSED_GDN=0), whose backward adds its
+    transition's gradient atomically, falls back to the PyTorch walks."""
+    import dla.ops.chunk
     from dla.ops.chunk import default_backend
 
     assert default_backend(is_cuda=True) == "triton" and default_backend(is_cuda=False) == "torch"
     torch.use_deterministic_algorithms(True)
     try:
-        assert default_backend(is_cuda=True) == "torch"
+        assert default_backend(is_cuda=True) == default_backend(is_cuda=True, gated=True) == "triton"
+        assert default_backend(is_cuda=False) == "torch"
+        monkeypatch.setattr(dla.ops.chunk, "FUSED_GATED_DELTANET", False)
+        assert default_backend(is_cuda=True, gated=True) == "torch" and default_backend(is_cuda=True) == "triton"
     finally:
         torch.use_deterministic_algorithms(False)
+    assert default_backend(is_cuda=True, gated=True) == "triton"  # atomics allowed: the unfused walk on Triton
 
 
 def test_lambda_labels_are_kept_in_one_byte_with_the_gradients_of_gather():

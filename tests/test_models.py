@@ -140,7 +140,7 @@ def test_the_fused_walk_inside_checkpointed_blocks_gives_the_same_gradients(mixe
     ids = torch.randint(1, 64, (2, 40), device=device)
     grads = []
     for backend, checkpointed in (("torch", False), ("triton", False), ("triton", True)):
-        monkeypatch.setattr(dla.ops.chunk, "default_backend", lambda is_cuda, backend=backend: backend)
+        monkeypatch.setattr(dla.ops.chunk, "default_backend", lambda is_cuda, gated=False, backend=backend: backend)
         torch.manual_seed(0)
         model = tiny_model(mixer, "dynamic").to(device).train()
         if checkpointed:

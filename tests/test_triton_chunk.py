@@ -395,6 +395,38 @@ def test_the_matrix_walk_takes_no_key_splits(monkeypatch):
     assert tiles == [(1, 16)] * 2
 
 
+@pytest.mark.parametrize("matrix, K, splits", [(False, 64, "2"), (False, 32, "1"), (True, 32, "1")],
+                         ids=["scalar-in-splits", "scalar", "matrix"])
+def test_the_deterministic_backward_sums_every_programs_partial(matrix, K, splits, monkeypatch):
+    """Under torch.use_deterministic_algorithms(True) the backward walk adds nothing atomically:
+    every program (two value blocks, V = 40 padded to 64; the scalar walk also in two key splits)
+    stores its own partial of dq_eff and dx (per value block), dλ and the transition's gradient (per
+    value block and split), summed over key blocks of 16 in registers, and the host adds the
+    partials up in a fixed order. The buffers are NaN-poisoned, so an element no program writes
+    shows; the results are the PyTorch walks' within 1e-5 and the atomic sums' to rounding."""
+    from dla.ops.triton import chunk_inter, utils
+
+    monkeypatch.setattr(utils, "POISON", True)
+    monkeypatch.setenv("DLA_WALK_KEY_BLOCK", "16")
+    monkeypatch.setenv("DLA_WALK_KEY_SPLITS", splits)
+    case = walk_case(matrix, NC=5, C=3, K=K, V=40, seed=K + matrix, device=DEVICE)
+    want, atomic = walk_results(case, fused=False), walk_results(case, fused=True)
+    shapes, new_output = [], chunk_inter.new_output
+    monkeypatch.setattr(chunk_inter, "new_output", lambda shape, like: shapes.append(tuple(shape))
+                        or new_output(shape, like))
+    torch.use_deterministic_algorithms(True)
+    try:
+        got = walk_results(case, fused=True)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    R, NC, L, C, programs = 2, 5, 16, 3, 2 * int(splits)
+    assert (2, R, NC, L, K) in shapes and (programs, R, NC, L, C) in shapes  # dq_eff and dx, dλ: partials
+    for name, a, b, c in zip(WALK_RESULTS, got, want, atomic):
+        assert torch.isfinite(a).all(), name
+        assert rel_err(a.double(), b) < 1e-5, name
+        assert rel_err(a, c) < 1e-6, name
+
+
 def test_key_splits(monkeypatch):
     from dla.ops.triton.chunk_inter import key_splits, key_tiles
 

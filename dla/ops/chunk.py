@@ -55,10 +55,15 @@ INTER_BLOCK_BYTES = 4 * 2**30
 FUSED_GATED_DELTANET = os.environ.get("DLA_FUSED_GDN", "1") != "0"
 
 
-def default_backend(is_cuda: bool) -> str:
-    """The walks' backend when the caller names none: Triton on CUDA unless deterministic
-    algorithms are requested (its backward accumulates with atomic adds)."""
-    return "triton" if is_cuda and not torch.are_deterministic_algorithms_enabled() else "torch"
+def default_backend(is_cuda: bool, gated: bool = False) -> str:
+    """The walks' backend when the caller names none: Triton on CUDA, also under deterministic
+    algorithms (the fused walk's backward then sums every program's partial in a fixed order),
+    except for the unfused Gated DeltaNet walk (``gated`` with DLA_FUSED_GDN=0), whose backward
+    adds its transition's gradient atomically."""
+    if not is_cuda:
+        return "torch"
+    unfused = gated and not FUSED_GATED_DELTANET
+    return "torch" if unfused and torch.are_deterministic_algorithms_enabled() else "triton"
 
 
 def chunk_dla(q, k, v, g, lam, schedule, beta=None, scale=None, initial_state: DLAState | None = None,
@@ -69,9 +74,10 @@ def chunk_dla(q, k, v, g, lam, schedule, beta=None, scale=None, initial_state: D
     ``initial_state.states``. ``chunk_size`` is one of 16, 32, 64, 128. ``backend``: the
     bookkeeping and the walks over chunks (carried segments, the units' ranks and labels, the
     state recurrence, fused with the read-out on Triton) run as Triton kernels (``"triton"``,
-    the default on CUDA) or as PyTorch loops (``"torch"``, the default elsewhere, and on CUDA
-    under ``torch.use_deterministic_algorithms(True)``: the Triton backward adds some gradients
-    up with atomics, so its last bits vary from run to run).
+    the default on CUDA) or as PyTorch loops (``"torch"``, the default elsewhere). Under
+    ``torch.use_deterministic_algorithms(True)`` the Triton backward sums its programs' partials in
+    a fixed order instead of adding them atomically, so that gradients repeat bit for bit
+    (:func:`default_backend`).
     """
     if chunk_size not in CHUNK_SIZES:
         raise ValueError(f"chunk_size must be one of {CHUNK_SIZES}, got {chunk_size}")
@@ -80,7 +86,7 @@ def chunk_dla(q, k, v, g, lam, schedule, beta=None, scale=None, initial_state: D
     x = prepare(q, k, v, g, lam, schedule, beta, scale, cu_seqlens, initial_state, upcast_qkv=False)
     check_backend(backend, x.q.device)
     if backend is None:
-        backend = default_backend(x.q.is_cuda)
+        backend = default_backend(x.q.is_cuda, gated=x.beta is not None)
     walks = backend_walks(backend)
     ds = x.schedule
     N, H, Tm, K = x.q.shape

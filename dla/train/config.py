@@ -77,7 +77,7 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
     parallel: str = "ddp"  # under torchrun: ddp (replicated) | fsdp (FSDP2 fully_shard)
     activation_checkpointing: bool = False  # recompute each decoder block in the backward pass (less memory)
-    deterministic: bool = False  # bitwise-repeatable runs: torch.use_deterministic_algorithms (slower on GPU)
+    deterministic: bool = False  # bitwise-repeatable runs: torch.use_deterministic_algorithms
     model: dict = field(default_factory=dict)  # keyword arguments of dla.DLAConfig
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

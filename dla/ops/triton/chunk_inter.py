@@ -18,11 +18,13 @@ forward's state update, one shared function, so bit for bit the same) and then, 
 ``dS_{c+1}`` into the gradients of the token writes (``dX``, ``dV``), of the read-out (``dQ_eff``,
 ``dλ``) and of the decay, and ``dS_c``.
 One program per (sequence-head, value block, key split); gradients that sum over value blocks
-(``dQ_eff``, ``dλ``, ``dX``, ``dM``) are accumulated atomically. With a scalar decay the key rows of
-a state never mix, so a program may walk ``K / KS`` of them (:func:`key_splits`; more programs for
-a walk that has few rows): the read-out ``o`` and ``dV``, which sum over key rows, are written as
-one partial per split and summed in PyTorch (a fixed order, no atomics), and ``dλ`` and ``dM`` add
-the splits atomically. The ``K x K`` transition couples the rows: Gated DeltaNet walks whole K.
+(``dQ_eff``, ``dλ``, ``dX``, ``dM``) are accumulated atomically, or, under
+``torch.use_deterministic_algorithms(True)``, stored as one partial per program and summed in
+PyTorch (a fixed order: bitwise repeatable). With a scalar decay the key rows of a state never mix,
+so a program may walk ``K / KS`` of them (:func:`key_splits`; more programs for a walk that has
+few rows): the read-out ``o`` and ``dV``, which sum over key rows, are written as one partial per
+split and summed in PyTorch, and ``dλ`` and ``dM`` also sum over the splits. The ``K x K``
+transition couples the rows: Gated DeltaNet walks whole K.
 The read-out, the transition and the gradients run over blocks of ``BK`` key rows, so no
 per-token ``[L, K]`` tile of queries or gradients stays in registers (at K = 256 those spilled:
 benchmarks/kernel_resources.py); the scalar state update holds its split's ``K / KS`` rows whole.
@@ -37,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dla.ops.triton.utils import merged_slots, new_output, padded_size, source_ranges, walk_start
+from dla.ops.triton.utils import add_or_store, merged_slots, new_output, padded_size, source_ranges, walk_start
 
 INTER_FWD_CONFIGS = [triton.Config({"BV": bv}, num_warps=w, num_stages=1) for bv in (16, 32, 64) for w in (4, 8)]
 if os.environ.get("TRITON_INTERPRET") == "1":
@@ -152,8 +154,9 @@ def chunk_dla_inter_fwd_kernel(qe_ptr, lam_ptr, x_ptr, v_ptr, rank_ptr, M_ptr, l
 @triton.jit
 def chunk_dla_inter_bwd_kernel(qe_ptr, lam_ptr, x_ptr, v_ptr, rank_ptr, M_ptr, lo_ptr, hi_ptr, dest_ptr, S_ptr,
                                scratch_ptr, do_ptr, G_ptr, dqe_ptr, dlam_ptr, dx_ptr, dv_ptr, dM_ptr, NC, GROUP,
-                               L: tl.constexpr, C: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr,
-                               BK: tl.constexpr, KS: tl.constexpr, PREC: tl.constexpr, MATRIX: tl.constexpr):
+                               L: tl.constexpr, C: tl.constexpr, CP: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                               BV: tl.constexpr, BK: tl.constexpr, KS: tl.constexpr, PREC: tl.constexpr,
+                               MATRIX: tl.constexpr, ATOMIC: tl.constexpr):
     """Reverse walk of :func:`chunk_dla_inter_fwd_kernel`, over groups of ``GROUP`` chunks from
     the last: the states inside a group are recomputed from its checkpoint in ``S`` (the forward's
     state update without the read-out) into the row's ``GROUP - 1`` boundaries of ``scratch``,
@@ -162,15 +165,26 @@ def chunk_dla_inter_bwd_kernel(qe_ptr, lam_ptr, x_ptr, v_ptr, rank_ptr, M_ptr, l
     halves alternate as ``dS_{c+1}`` (read) and ``dS_c`` (written). A program holds the key rows
     ``k0 .. k0 + K / KS`` (split ``i_k`` of ``KS``; ``KS = 1`` when ``MATRIX``) of the states and
     their gradients. ``dv`` is stored, as the splits' partials ``[KS, R, NC, L, V]`` when ``KS >
-    1`` (the host sums them); ``dqe``, ``dlam``, ``dx`` and ``dM`` sum over value blocks (and
-    ``dlam``, ``dM`` over splits) and are accumulated atomically."""
+    1`` (the host sums them). ``dqe``, ``dlam``, ``dx`` and ``dM`` sum over value blocks (and
+    ``dlam``, ``dM`` over splits): with ``ATOMIC`` the programs add into one buffer (the order of
+    the adds varies from run to run), else each program stores its own partial, ``dqe`` and ``dx``
+    at value block ``i_v`` of ``[NV, R, NC, L, K]``, ``dlam`` and ``dM`` at ``i_v * KS + i_k`` of
+    ``[NV * KS, R, NC, ...]``, and the host sums them in a fixed order (deterministic). ``CP``: ``C``
+    rounded up to a power of two (``dlam``'s register tile)."""
     tl.static_assert(KS == 1 or not MATRIX, "the K x K transition couples all key rows: no key splits")
     KW: tl.constexpr = K // KS  # key rows per split
     r = tl.program_id(0).to(tl.int64)
     vv = tl.program_id(1) * BV + tl.arange(0, BV)
-    i_k = tl.program_id(2)
+    i_v, i_k = tl.program_id(1), tl.program_id(2)
     k0 = i_k * KW
-    dv_ptr += (i_k * tl.num_programs(0)).to(tl.int64) * NC * L * V  # the split's partial dv
+    rows_all = tl.num_programs(0).to(tl.int64)
+    dv_ptr += i_k * rows_all * NC * L * V  # the split's partial dv
+    if not ATOMIC:  # this program's partials of the sums over value blocks and splits
+        dqe_ptr += i_v * rows_all * NC * L * K
+        dx_ptr += i_v * rows_all * NC * L * K
+        dlam_ptr += (i_v * KS + i_k) * rows_all * NC * L * C
+        dM_ptr += (i_v * KS + i_k) * rows_all * NC * (K * K if MATRIX else 1)
+    cc = tl.arange(0, CP)
     ll = tl.arange(0, L)
     bk = tl.arange(0, BK)
     BT: tl.constexpr = 128 if K > 128 else K  # columns of a transition tile: [BK, 256] ones spill
@@ -215,12 +229,13 @@ def chunk_dla_inter_bwd_kernel(qe_ptr, lam_ptr, x_ptr, v_ptr, rank_ptr, M_ptr, l
                         Gn = tl.load(G_out + n * K * V + rows[:, None] * V + vv[None, :])  # [BK, BV]
                         dv += tl.where(mine[:, None], tl.dot(x, Gn, input_precision=PREC), 0.0)
                         dx += tl.where(mine[:, None], tl.dot(vals, tl.trans(Gn), input_precision=PREC), 0.0)
-                tl.atomic_add(dx_ptr + tok[:, None] * K + rows[None, :], dx)
+                add_or_store(dx_ptr + tok[:, None] * K + rows[None, :], dx, ATOMIC)
             tl.store(dv_ptr + tok[:, None] * V + vv[None, :], dv)
             # read-out and merges, per carried slot j
             do = tl.load(do_ptr + tok[:, None] * V + vv[None, :])  # [L, BV]
             m_c = tl.load(M_ptr + rc)  # the scalar transition (read, unused, when MATRIX)
             dm_c = tl.zeros((BV,), dtype=tl.float32)
+            dlam = tl.zeros((L, CP), dtype=tl.float32)  # summed over key blocks here, over programs below
             for kb in range(KW // BK):
                 rows = k0 + kb * BK + bk
                 qe = tl.load(qe_ptr + tok[:, None] * K + rows[None, :])  # [L, BK]
@@ -230,7 +245,7 @@ def chunk_dla_inter_bwd_kernel(qe_ptr, lam_ptr, x_ptr, v_ptr, rank_ptr, M_ptr, l
                     lam_j = tl.load(lam_ptr + tok * C + j)
                     dqs = tl.dot(do, tl.trans(Sj), input_precision=PREC)  # [L, BK]: dO S_j^T
                     dqe += lam_j[:, None] * dqs
-                    tl.atomic_add(dlam_ptr + tok * C + j, tl.sum(qe * dqs, axis=1))
+                    dlam += tl.where(cc[None, :] == j, tl.sum(qe * dqs, axis=1)[:, None], 0.0)
                     dSj = tl.dot(tl.trans(qe * lam_j[:, None]), do, input_precision=PREC)  # [BK, BV]
                     n = tl.load(dest_ptr + rc * C + j)
                     if n < C:
@@ -245,7 +260,8 @@ def chunk_dla_inter_bwd_kernel(qe_ptr, lam_ptr, x_ptr, v_ptr, rank_ptr, M_ptr, l
                             dm_c += tl.sum(Gn * Sj, axis=0)
                             dSj += m_c * Gn
                     tl.store(G_in + j * K * V + rows[:, None] * V + vv[None, :], dSj)
-                tl.atomic_add(dqe_ptr + tok[:, None] * K + rows[None, :], dqe)
+                add_or_store(dqe_ptr + tok[:, None] * K + rows[None, :], dqe, ATOMIC)
+            add_or_store(dlam_ptr + tok[:, None] * C + cc[None, :], dlam, ATOMIC, cc[None, :] < C)
             if MATRIX:
                 # dM_c = sum_j G_{dest j} S_c[j]^T, one [BK, BT] block at a time summed over the slots in
                 # registers: one atomic add per block, not one per slot
@@ -260,9 +276,9 @@ def chunk_dla_inter_bwd_kernel(qe_ptr, lam_ptr, x_ptr, v_ptr, rank_ptr, M_ptr, l
                                 G_blk = tl.load(G_out + n * K * V + rows_a[:, None] * V + vv[None, :])  # [BK, BV]
                                 St = tl.load(S_in + j * K * V + cols[None, :] * V + vv[:, None])  # [BV, BT]: S_c[j]^T
                                 dM += tl.dot(G_blk, St, input_precision=PREC)
-                        tl.atomic_add(dM_ptr + (rc * K + rows_a[:, None]) * K + cols[None, :], dM)
+                        add_or_store(dM_ptr + (rc * K + rows_a[:, None]) * K + cols[None, :], dM, ATOMIC)
             else:
-                tl.atomic_add(dM_ptr + rc, tl.sum(dm_c, axis=0))
+                add_or_store(dM_ptr + rc, tl.sum(dm_c, axis=0), ATOMIC)
             # dS_c (G_in) is fully stored, and this chunk's loads of dS_{c+1} (G_out) are done, before
             # the next step reads G_in as its dS_{c+1} and overwrites G_out with its dS_c; this
             # group's loads of scratch are done before the next group recomputes into it
@@ -406,14 +422,25 @@ def walk_backward(w: WalkRows, S: torch.Tensor, do: torch.Tensor, dS_final: torc
     if dS_final is not None:
         G[:, 0] = dS_final
     scratch = new_output((R, group - 1, C, K, Vd), w.qe)  # one group's boundaries between checkpoints
-    dqe, dlam, dx, dM = (torch.zeros_like(t) for t in (w.qe, w.lam, w.x, w.M))
     dv = new_output((KS, *w.v.shape) if KS > 1 else w.v.shape, w.v)  # the splits' partials, or dv
     BV = min(32, Vd)
-    chunk_dla_inter_bwd_kernel[(R, Vd // BV, KS)](w.qe, w.lam, w.x, w.v, w.rank, w.M, w.lo, w.hi, w.dest, S,
-                                                  scratch, do.float().contiguous(), G, dqe, dlam, dx, dv, dM, NC,
-                                                  group, L=L, C=C, K=K, V=Vd, BV=BV, BK=BK, KS=KS, PREC=prec,
-                                                  MATRIX=matrix, num_warps=8,
-                                                  num_stages=1)  # the default (3) spills at K = 256
+    NV = Vd // BV
+    # dqe and dx sum over the NV value blocks, dlam and dM also over the KS splits: atomic adds into
+    # zeroed buffers, or (deterministic algorithms requested, or one program per row) every
+    # program's partial, added up here in a fixed order
+    atomic = NV * KS > 1 and not torch.are_deterministic_algorithms_enabled()
+    if atomic:
+        dqe, dlam, dx, dM = (torch.zeros_like(t) for t in (w.qe, w.lam, w.x, w.M))
+    else:
+        dqe, dx = (new_output((NV, *t.shape), t) for t in (w.qe, w.x))
+        dlam, dM = (new_output((NV * KS, *t.shape), t) for t in (w.lam, w.M))
+    chunk_dla_inter_bwd_kernel[(R, NV, KS)](w.qe, w.lam, w.x, w.v, w.rank, w.M, w.lo, w.hi, w.dest, S, scratch,
+                                            do.float().contiguous(), G, dqe, dlam, dx, dv, dM, NC, group, L=L, C=C,
+                                            CP=triton.next_power_of_2(C), K=K, V=Vd, BV=BV, BK=BK, KS=KS, PREC=prec,
+                                            MATRIX=matrix, ATOMIC=atomic, num_warps=8,
+                                            num_stages=1)  # the default (3) spills at K = 256
+    if not atomic:
+        dqe, dlam, dx, dM = (t.sum(0) if t.shape[0] > 1 else t[0] for t in (dqe, dlam, dx, dM))
     return dqe, dlam, dx, dv.sum(0) if KS > 1 else dv, dM, G[:, NC % 2]
 
 

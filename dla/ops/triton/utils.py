@@ -66,3 +66,14 @@ def merged_slots(S_in, lo, hi, tile, K: tl.constexpr, V: tl.constexpr, BK: tl.co
     for j in range(lo, hi + 1):
         acc += tl.load(S_in + j * K * V + tile)
     return acc
+
+
+@triton.jit
+def add_or_store(ptr, value, ATOMIC: tl.constexpr, mask=None):
+    """Add ``value`` into a sum that several programs share (``ATOMIC``: atomically, in an order
+    that varies from run to run), or store it as this program's own partial of that sum, which
+    the host adds up in a fixed order (deterministic)."""
+    if ATOMIC:
+        tl.atomic_add(ptr, value, mask=mask)
+    else:
+        tl.store(ptr, value, mask=mask)
