@@ -77,19 +77,20 @@ def chunk_dla(q, k, v, g, lam, schedule, beta=None, scale=None, initial_state: D
         raise ValueError(f"chunk_size must be one of {CHUNK_SIZES}, got {chunk_size}")
     if backend not in (None, "torch", "triton"):
         raise ValueError(f"backend must be None, 'torch' or 'triton', got {backend!r}")
-    x = prepare(q, k, v, g, lam, schedule, beta, scale, cu_seqlens, initial_state, upcast_qkv=False)
+    x = prepare(q, k, v, g, lam, schedule, beta, scale, cu_seqlens, initial_state, upcast_qkv=False,
+                chunk_size=chunk_size)
     check_backend(backend, x.q.device)
     if backend is None:
         backend = default_backend(x.q.is_cuda)
     walks = backend_walks(backend)
     ds = x.schedule
-    N, H, Tm, K = x.q.shape
-    V, C, L = x.v.shape[-1], ds.capacity, chunk_size
+    N, H, _, K = x.q.shape
+    Tm, V, C, L = ds.max_len, x.v.shape[-1], ds.capacity, chunk_size
     NC = max(1, -(-Tm // L))
-    pad = NC * L - Tm
 
-    def chunks(t, fill=0.0):  # [N, H, Tm, ...] -> [N, H, NC, L, ...], padded with identity steps
-        if pad:  # (F.pad copies even when there is nothing to pad)
+    def chunks(t, fill=0.0):  # [N, H, Tm or NC * L, ...] -> [N, H, NC, L, ...], padded with identity steps
+        pad = NC * L - t.shape[2]  # (packed inputs come padded; F.pad copies even when there is nothing to pad)
+        if pad:
             t = F.pad(t, (0, 0) * (t.dim() - 3) + (0, pad), value=fill)
         return t.reshape(N, H, NC, L, *t.shape[3:])
 
