@@ -200,7 +200,12 @@ def intra_chunk(q_c, k_c, v_c, g_c, b_c, lam_c, label_intra, output: bool = True
 def compute_qkv(q_c, k_c, v_c, scale: float, dtype: torch.dtype):
     """q, k and v in the compute dtype, q multiplied by ``scale`` (``prepare(..., upcast_qkv=False)``
     leaves this to the op)."""
-    return q_c.to(dtype) * scale, k_c.to(dtype), v_c.to(dtype)
+    return scaled(q_c.to(dtype), scale), k_c.to(dtype), v_c.to(dtype)
+
+
+def scaled(t: torch.Tensor, scale: float) -> torch.Tensor:
+    """``t * scale``; ``t`` itself for Mamba-2's scale 1, whose product would be a copy of the same values."""
+    return t if scale == 1 else t * scale
 
 
 class _RecomputedIntraFusedWalk(torch.autograd.Function):
@@ -283,7 +288,7 @@ class _RecomputedIntraFusedWalk(torch.autograd.Function):
                 if n:
                     grad = next(found)
                     if i == 0:
-                        grad = grad * ctx.scale
+                        grad = scaled(grad, ctx.scale)
                     elif i == 2:  # the values are read inside the chunk and written into the states
                         grad = grad + dv[:, :, sl].to(grad.dtype)
                     d[i][:, :, sl] = grad
