@@ -236,6 +236,7 @@ class _RecomputedIntraFusedWalk(torch.autograd.Function):
         w = walk_rows(q_eff, lam_inter, X.transpose(-1, -2), v, M, routing)
         Kp, Vp = w.qe.shape[-1], w.v.shape[-1]
         ctx.prec, ctx.group, ctx.scale = input_precision(input_dtype), walk_group(NC, needs_grad), scale
+        ctx.set_materialize_grads(False)  # final states left unused (training) need no zero gradient, padded, copied
         o_inter, S = walk_forward(w, padded_rows(S0, (0, Vp - V, 0, Kp - K)), ctx.prec, ctx.group)
         ctx.save_for_backward(q_c, k_c, v_c, g_c, b_c, lam_c, label_intra, lam_inter, *routing, S)
         o = o_intra + o_inter.reshape(N, H, NC, L, Vp)[..., :V].to(o_intra.dtype)
@@ -248,7 +249,9 @@ class _RecomputedIntraFusedWalk(torch.autograd.Function):
         q_c, k_c, v_c, g_c, b_c, lam_c, label_intra, lam_inter, *routing, S = ctx.saved_tensors
         needs = ctx.needs_input_grad[:6]
         N, H, NC, L, K = q_c.shape
-        C, V, cdt = routing[-1].shape[-1], do.shape[-1], g_c.dtype
+        C, V, cdt = routing[-1].shape[-1], v_c.shape[-1], g_c.dtype
+        if do is None:  # only the final states were used
+            do = g_c.new_zeros((N, H, NC, L, V))
         groups = recompute_groups(NC)
 
         def step3_inputs(sl):  # step 3's inputs for the chunks sl, q, k and v in the compute dtype
@@ -266,8 +269,8 @@ class _RecomputedIntraFusedWalk(torch.autograd.Function):
         del q_eff, x
         # 2. the reverse walk
         Kp, Vp = w.qe.shape[-1], w.v.shape[-1]
-        dqe, dlam, dx, dv, dM, dS0 = walk_backward(
-            w, S, padded_rows(do, (0, Vp - V)), padded_rows(dS_final, (0, Vp - V, 0, Kp - K)), ctx.prec, ctx.group)
+        dS_rows = None if dS_final is None else padded_rows(dS_final, (0, Vp - V, 0, Kp - K))
+        dqe, dlam, dx, dv, dM, dS0 = walk_backward(w, S, padded_rows(do, (0, Vp - V)), dS_rows, ctx.prec, ctx.group)
         del w
         dq_eff = dqe.reshape(N, H, NC, L, Kp)[..., :K]
         dX = dx.reshape(N, H, NC, L, Kp)[..., :K].transpose(-1, -2)
@@ -293,7 +296,7 @@ class _RecomputedIntraFusedWalk(torch.autograd.Function):
                         grad = grad + dv[:, :, sl].to(grad.dtype)
                     d[i][:, :, sl] = grad
         dlam_inter = dlam.reshape(lam_inter.shape).to(lam_inter.dtype)
-        dS0 = dS0.reshape(N, H, C, Kp, Vp)[..., :K, :V].to(dS_final.dtype)
+        dS0 = dS0.reshape(N, H, C, Kp, Vp)[..., :K, :V].to(cdt)
         return *d, None, dlam_inter, None, None, dS0, None, None, None
 
 
