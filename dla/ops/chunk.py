@@ -259,12 +259,12 @@ class _RecomputedIntraFusedWalk(torch.autograd.Function):
             return (*qkv, g_c[:, :, sl], None if b_c is None else b_c[:, :, sl], lam_c[:, :, sl])
 
         # 1. the walk's inputs, step 3 again without gradients, a group of chunks at a time
-        q_eff, x = (q_c.new_empty((N, H, NC, L, K), dtype=cdt) for _ in range(2))
-        M = q_c.new_empty((N, H, NC) if b_c is None else (N, H, NC, K, K), dtype=cdt)
+        q_eff = x = M = None
         with torch.no_grad():
             for sl in groups:
                 _, q_eff_sl, X_sl, M_sl = intra_chunk(*step3_inputs(sl), label_intra[:, :, sl], output=False)
-                q_eff[:, :, sl], x[:, :, sl], M[:, :, sl] = q_eff_sl, X_sl.transpose(-1, -2), M_sl
+                q_eff, x, M = (in_chunks(t, sl, part, NC) for t, part in
+                               zip((q_eff, x, M), (q_eff_sl, X_sl.transpose(-1, -2), M_sl)))
         w = walk_rows(q_eff, lam_inter, x, v_c.to(cdt), M, routing)
         del q_eff, x
         # 2. the reverse walk
@@ -279,7 +279,8 @@ class _RecomputedIntraFusedWalk(torch.autograd.Function):
         # 3. step 3 once more with gradients, a group of chunks at a time: the gradients of q, k and v
         # are summed in the compute dtype (the values' from inside the chunk and from the walk) and
         # rounded to the input dtype last
-        d = [None if not n else torch.empty_like(t) for t, n in zip((q_c, k_c, v_c, g_c, b_c, lam_c), needs)]
+        inputs = (q_c, k_c, v_c, g_c, b_c, lam_c)
+        d = [None] * len(inputs)
         for sl in groups:
             leaves = [None if t is None else t.detach().requires_grad_(n) for t, n in zip(step3_inputs(sl), needs)]
             with torch.enable_grad():
@@ -294,10 +295,23 @@ class _RecomputedIntraFusedWalk(torch.autograd.Function):
                         grad = scaled(grad, ctx.scale)
                     elif i == 2:  # the values are read inside the chunk and written into the states
                         grad = grad + dv[:, :, sl].to(grad.dtype)
-                    d[i][:, :, sl] = grad
+                    d[i] = in_chunks(d[i], sl, grad, NC, like=inputs[i])
         dlam_inter = dlam.reshape(lam_inter.shape).to(lam_inter.dtype)
         dS0 = dS0.reshape(N, H, C, Kp, Vp)[..., :K, :V].to(cdt)
         return *d, None, dlam_inter, None, None, dS0, None, None, None
+
+
+def in_chunks(t: torch.Tensor | None, sl: slice, part: torch.Tensor, NC: int, like: torch.Tensor | None = None):
+    """Write ``part``, the chunks ``sl`` of an ``[N, H, NC, ...]`` tensor, into ``t`` and return it (``t``
+    None: allocated here, contiguous, or with the strides and dtype of ``like``). A part of all ``NC``
+    chunks, in those strides, is the tensor itself (in the dtype of ``like``): a single group of chunks
+    needs no buffer and no copy."""
+    if sl == slice(0, NC) and (like is None or part.stride() == like.stride()):
+        return part if like is None else part.to(like.dtype)
+    if t is None:
+        t = part.new_empty(part.shape[:2] + (NC,) + part.shape[3:]) if like is None else torch.empty_like(like)
+    t[:, :, sl] = part
+    return t
 
 
 # The backward reruns step 3 in at most RECOMPUTE_GROUPS groups of at least RECOMPUTE_MIN_CHUNKS
