@@ -17,6 +17,8 @@ def nonfinite_flags(tensors) -> torch.Tensor:
     tensors = list(tensors)
     with torch.no_grad():
         filled = [x for x in tensors if x.numel()]
-        peaks = iter(torch._foreach_norm(filled, math.inf) if filled else ())
+        # the peaks in one dtype, wide enough for every input (exact: a maximum), so none is converted to stack them
+        dtype = torch.float64 if any(x.dtype == torch.float64 for x in filled) else torch.float32
+        peaks = iter(torch._foreach_norm(filled, math.inf, dtype=dtype) if filled else ())
         # (a peak is >= 0 or NaN: it is finite exactly where it is below infinity)
-        return ~(torch.stack([next(peaks) if x.numel() else x.new_zeros(()) for x in tensors]) < math.inf)
+        return ~(torch.stack([next(peaks) if x.numel() else x.new_zeros((), dtype=dtype) for x in tensors]) < math.inf)
