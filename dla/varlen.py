@@ -8,6 +8,7 @@ way in and packed on the way out; both directions are differentiable index opera
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
 # cu_seqlens -> (its version, what was derived from it): every layer of a model reads the same offsets
@@ -106,10 +107,13 @@ def head_major_rows(x: torch.Tensor, cu_seqlens: torch.Tensor | None, max_len: i
     """``[B, T, H, ...]`` (packed: ``[1, T, H, ...]`` with ``cu_seqlens``) -> contiguous head-major rows
     ``[N, H, max_len, ...]`` in ``dtype`` (default: ``x``'s), zero past the end of each sequence;
     differentiable. The values of ``x.to(dtype)``, unpacked, transposed and made contiguous, in one
-    copy (a packed input: a conversion and one scatter) instead of up to three."""
+    copy (a packed input: a conversion and one scatter) instead of up to three. ``max_len`` defaults
+    to the longest sequence; a longer one pads the rows with zeros (a dense input: in a pad's copy)."""
     dtype = x.dtype if dtype is None else dtype
     if cu_seqlens is None:
         rows = x.transpose(1, 2)
+        if max_len is not None and max_len > x.shape[1]:  # (F.pad's copy is contiguous)
+            return F.pad(rows.to(dtype), (0, 0) * (x.dim() - 3) + (0, max_len - x.shape[1]))
         # (``to`` with a memory format but no conversion would return the transposed view itself)
         return rows.contiguous() if dtype == x.dtype else rows.to(dtype, memory_format=torch.contiguous_format)
     seq, pos = token_index(cu_seqlens)
