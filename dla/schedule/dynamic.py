@@ -40,12 +40,19 @@ PLAN_CHUNK = 64
 class Contributions:
     """The tokens' contributions ``s_t = w_t k_t v_tᵀ`` as dense rows (one per sequence-head), with
     the log-decay that ages the open state (zero for ``open_state="plain"`` and beyond each row's
-    length). ``k [R, Tm, K]``, ``v [R, Tm, V]``, ``w``, ``g [R, Tm]``."""
+    length). ``k [R, Tm, K]``, ``v [R, Tm, V]``, ``w``, ``g [R, Tm]``; the window has ``length`` tokens
+    (default: ``Tm``), and rows longer than that are zero past them (padded to whole planning chunks,
+    :func:`planned_length`, the rows' chunks are views, not padded copies)."""
 
     k: torch.Tensor
     v: torch.Tensor
     w: torch.Tensor
     g: torch.Tensor
+    length: int | None = None
+
+    def __post_init__(self):
+        if self.length is None:
+            self.length = self.k.shape[1]
 
 
 @dataclass
@@ -97,6 +104,13 @@ def to_chunks(x: torch.Tensor, L: int) -> torch.Tensor:
     return x.reshape(R * NC, L, *x.shape[2:])
 
 
+def planned_length(Tm: int) -> int:
+    """The tokens of a window of ``Tm`` in whole planning chunks (of ``PLAN_CHUNK`` tokens, or the whole
+    window if shorter)."""
+    L = min(PLAN_CHUNK, Tm) or 1
+    return -(-Tm // L) * L
+
+
 def terms_backend(k: torch.Tensor) -> str:
     """How :class:`WindowTerms` takes its products with the open state by default: Triton for float32
     CUDA tensors, else PyTorch."""
@@ -115,7 +129,7 @@ class WindowTerms:
     CUDA tensors)."""
 
     def __init__(self, c: Contributions, L: int, walk: bool = True, backend: str | None = None):
-        R, Tm = c.w.shape
+        R, Tm = c.w.shape[0], c.length
         NC = -(-Tm // L)
         k, v, w, g = (to_chunks(x, L).contiguous() for x in (c.k, c.v, c.w, c.g))
         self.L, self.NC, self.Tm = L, NC, Tm
@@ -329,7 +343,7 @@ def plan_dynamic(seg: SegmentState, lengths, threshold: torch.Tensor, max_segmen
     and with ``keep_trace`` (soft gating) what the state scores need to be recomputed."""
     N, H, _ = seg.starts.shape
     state = score in STATE_SCORES
-    Tm = contributions.k.shape[1] if state else scores.shape[-1]
+    Tm = contributions.length if state else scores.shape[-1]
     dtype = (contributions.k.dtype if state else scores.dtype)
     if backend == "triton":
         from dla.schedule.triton_scan import TritonWalker as Walker
@@ -350,7 +364,7 @@ def plan_dynamic(seg: SegmentState, lengths, threshold: torch.Tensor, max_segmen
         walker.walk(0, Tm, scores=scores.reshape(R, Tm).to(dtype))
     else:
         c = Contributions(*(x.to(dtype) for x in (contributions.k, contributions.v, contributions.w,
-                                                    contributions.g)))
+                                                    contributions.g)), Tm)
         K, V = c.k.shape[-1], c.v.shape[-1]
         open_state = (torch.zeros(R, K, V, dtype=dtype, device=dev) if seg.open_state is None
                       else seg.open_state.reshape(R, K, V).to(dtype))
