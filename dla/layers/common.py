@@ -476,6 +476,9 @@ class DLAMixer(nn.Module):
         ``scores``: the layer's given scores ``[B, 1, H]``."""
         p = self.policy
         state = cache.state
+        # the one-token kernels read q and k contiguous: expanded ones (Mamba-2's groups, shared by their
+        # heads) are copied once here, not by the planner and the step each
+        q, k = q.contiguous(), k.contiguous()
         plan = plan_token(p.policy, state, threshold=self.threshold.detach() if p.dynamic else p.threshold,
                           score=p.score, merge=p.merge, open_state=p.open_state, k=k, v=v, g=g, beta=beta,
                           scores=scores, period=p.period, max_segment_len=p.max_segment_len, label_rule=p.label_rule,
