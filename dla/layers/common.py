@@ -316,7 +316,7 @@ def inverse_softplus_dt(num_heads: int, dt_min: float = 0.001, dt_max: float = 0
 
 def upcast(x: torch.Tensor) -> torch.Tensor:
     """``x`` in float32, or wider if it already is (float64 stays exact for tests)."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
+    return x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)  # (promote_types is dispatched)
 
 
 def copy_unless_loaded(param: torch.Tensor, value: torch.Tensor) -> None:
