@@ -16,6 +16,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 # waits until the GPU has run everything queued before it, and the index takes five launches to build
 _HOST_OFFSETS = WeakIdKeyDictionary()
 _TOKEN_INDEX = WeakIdKeyDictionary()
+_SEQ_LENGTHS = WeakIdKeyDictionary()
 
 
 def _derived_once(cache: WeakIdKeyDictionary, cu_seqlens: torch.Tensor, derive, keep: bool = True):
@@ -72,7 +73,11 @@ def same_device(a: torch.device, b: torch.device) -> bool:
 
 
 def seq_lengths(cu_seqlens: torch.Tensor) -> torch.Tensor:
-    return (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    """The sequences' lengths, ``[N]`` int64 on the device of ``cu_seqlens``: computed once per tensor
+    and shared, as :func:`token_index` (the convolution, the planner and the dense schedule of every layer
+    read them; never modify them in place)."""
+    capturing = cu_seqlens.is_cuda and torch.cuda.is_current_stream_capturing()
+    return _derived_once(_SEQ_LENGTHS, cu_seqlens, lambda cu: (cu[1:] - cu[:-1]).long(), keep=not capturing)
 
 
 def token_index(cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -322,7 +322,7 @@ def _to_dense(s: Schedule) -> DenseSchedule:
         lengths = torch.full((B,), T, dtype=torch.long, device=device)
     else:
         cu = s.cu_seqlens.long()
-        lengths = seq_lengths(cu)
+        lengths = seq_lengths(s.cu_seqlens)
         rows = unpack_heads(d, s.cu_seqlens, max_seq_length(s.cu_seqlens), NONE)
         # packed death times -> times within the sequence (padding is NONE, so it stays)
         rows = torch.where(rows >= 0, rows - cu[:-1, None, None], rows)
