@@ -174,8 +174,7 @@ def intra_chunk(q_c, k_c, v_c, g_c, b_c, lam_c, label_intra, output: bool = True
     ``P`` is zero). ``output=False`` gives None for ``o_intra`` (the walk's inputs alone)."""
     K, L, dev = q_c.shape[-1], q_c.shape[-2], q_c.device
     gc = g_c.cumsum(-1)
-    causal = torch.ones(L, L, dtype=torch.bool, device=dev).tril()
-    D = torch.where(causal, gc[..., :, None] - gc[..., None, :], -torch.inf).exp()
+    D = (gc[..., :, None] - gc[..., None, :]).masked_fill_(later_tokens(L, dev), -torch.inf).exp_()
     gamma = gc.exp()
     QKD = (q_c @ k_c.transpose(-1, -2)) * D if output or b_c is not None else None
     k_end = k_c * D[..., -1, :, None]  # A_{end} ... A_{s+1} applied to k_s (Mamba-2 part)
@@ -195,6 +194,21 @@ def intra_chunk(q_c, k_c, v_c, g_c, b_c, lam_c, label_intra, output: bool = True
         M = gamma[..., -1, None, None] * torch.eye(K, dtype=A.dtype, device=dev) - k_end.transpose(-1, -2) @ W_k
     o_intra = (P * lam_c.gather(-1, label_intra.long())) @ v_c if output else None
     return o_intra, q_eff, X, M
+
+
+_LATER_TOKENS: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def later_tokens(L: int, device: torch.device) -> torch.Tensor:
+    """``[L, L]`` bool, true where token ``s`` comes after query ``t`` (``s > t``): made once per size
+    and device (step 3 runs up to three times a layer and step), except while a CUDA graph is captured
+    (its memory pool would own the mask)."""
+    mask = _LATER_TOKENS.get((L, device))
+    if mask is None:
+        mask = torch.ones(L, L, dtype=torch.bool, device=device).triu(1)
+        if not (mask.is_cuda and torch.cuda.is_current_stream_capturing()):
+            _LATER_TOKENS[L, device] = mask
+    return mask
 
 
 def compute_qkv(q_c, k_c, v_c, scale: float, dtype: torch.dtype):
