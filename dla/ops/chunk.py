@@ -185,8 +185,8 @@ def intra_chunk(q_c, k_c, v_c, g_c, b_c, lam_c, label_intra, output: bool = True
         M = gamma[..., -1]  # the chunk's transition A_end ... A_start: its total decay
     else:
         A = (b_c[..., :, None] * D * (k_c @ k_c.transpose(-1, -2))).tril(-1)
-        eye = torch.eye(L, dtype=A.dtype, device=dev)
-        T_ut = torch.linalg.solve_triangular(A + eye, torch.diag_embed(b_c), upper=False, unitriangular=True)
+        # (I + A)^-1: unitriangular, so the solve reads A's strictly lower part and takes ones on the diagonal
+        T_ut = torch.linalg.solve_triangular(A, torch.diag_embed(b_c), upper=False, unitriangular=True)
         W_k = T_ut @ (k_c * gamma[..., None])
         P = QKD @ T_ut
         q_eff = q_c * gamma[..., None] - QKD @ W_k
