@@ -104,7 +104,7 @@ def unpack(x: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int | None = None
         max_len = max_seq_length(cu_seqlens)
     seq, pos = token_index(cu_seqlens)
     out = x.new_zeros((n, max_len) + tuple(x.shape[2:]))
-    return out.index_put((seq, pos), x[0])
+    return out.index_put((seq, pos), x.squeeze(0))  # (x[0]'s backward would copy the gradient into zeros)
 
 
 def head_major_rows(x: torch.Tensor, cu_seqlens: torch.Tensor | None, max_len: int | None = None,
@@ -125,7 +125,7 @@ def head_major_rows(x: torch.Tensor, cu_seqlens: torch.Tensor | None, max_len: i
     if max_len is None:
         max_len = max_seq_length(cu_seqlens)
     out = x.new_zeros((cu_seqlens.numel() - 1, x.shape[2], max_len) + tuple(x.shape[3:]), dtype=dtype)
-    tokens = x[0].to(dtype)
+    tokens = x.squeeze(0).to(dtype)  # (x[0]'s backward would copy the gradient into zeros)
     if torch.is_grad_enabled() and tokens.requires_grad:
         # out of place: autograd's backward of an in-place write into a view costs more than the copy
         # it saves; the result keeps the strides of the transposed zeros, so it is head-major contiguous
