@@ -188,10 +188,10 @@ def state_score(x, norm, open_norm, gamma, drift: bool, eps: float = 0.0):
         num, den = gamma * open_norm + x, extended * open_norm
     else:
         num, den = x, norm * open_norm
-    ok = den > 0
-    cos = num / sqrt_rn(torch.where(ok, den, 1.0))
+    vanishes = ~(den > 0)  # (NaN included; masked_fill takes one operation where where takes two, as its backward)
+    cos = num / sqrt_rn(den.masked_fill(vanishes, 1.0))
     d = (1 - cos).clamp(0, 2)
-    return torch.where(ok, sqrt_rn((d + d).clamp(min=eps)), 0.0), extended.clamp(min=0)
+    return sqrt_rn((d + d).clamp(min=eps)).masked_fill(vanishes, 0.0), extended.clamp(min=0)
 
 
 def sqrt_rn(x: torch.Tensor) -> torch.Tensor:

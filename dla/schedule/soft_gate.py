@@ -111,7 +111,7 @@ def scores_from_trace(trace: Trace, k, v, w, key_k, key_v, key_w, key_g, positio
     score, _ = state_score(x, norm, to_chunks(trace.open_norm, L), g.exp(), drift, eps=1e-12)
     scores = score.view(R, NC * L)[:, :Tm]
     first = (position[:, None] + torch.arange(Tm, device=key_g.device)) == 0  # a sequence start scores 0
-    return torch.where(first, 0.0, scores)
+    return scores.masked_fill(first, 0.0)
 
 
 def gate_factor(scores, opened, threshold, temperature: float):
