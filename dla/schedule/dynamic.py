@@ -172,8 +172,8 @@ class WindowTerms:
                            open_start, carry)
         a = i * self.L
         t = torch.arange(a, a + self.L, device=open_state.device)
-        coef = torch.where(t >= open_start[:, None], self.write_scale[:, i], 0.0)
-        kept = torch.where(open_start < a, self.chunk_decay[:, i], 0.0)
+        coef = self.write_scale[:, i].masked_fill(t < open_start[:, None], 0.0)
+        kept = self.chunk_decay[:, i].masked_fill(open_start >= a, 0.0)
         open_state = kept[:, None, None] * open_state + (self.k[:, i] * coef[..., None]).transpose(1, 2) @ self.v[:, i]
         return open_state, self.carried(i + 1, open_state) if carry else None
 

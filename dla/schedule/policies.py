@@ -301,7 +301,7 @@ def _to_public(death, lengths, cu_seqlens, length, fill=None):
         return death if cu_seqlens is None else pack_heads(death, cu_seqlens)
     never = (death >= lengths[:, None, None]) & (death != NONE)
     if cu_seqlens is None:
-        return torch.where(never, length, death)
+        return death.masked_fill(never, length)
     offsets = cu_seqlens[:-1].long().to(death.device)[:, None, None]
-    rows = torch.where(death == NONE, NONE, torch.where(never, length, death + offsets))
+    rows = (death + offsets).masked_fill_(never, length).masked_fill_(death == NONE, NONE)
     return pack_heads(rows, cu_seqlens)
