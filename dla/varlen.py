@@ -8,6 +8,7 @@ way in and packed on the way out; both directions are differentiable index opera
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
 # cu_seqlens -> (its version, what was derived from it): every layer of a model reads the same offsets
@@ -15,6 +16,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 # waits until the GPU has run everything queued before it, and the index takes five launches to build
 _HOST_OFFSETS = WeakIdKeyDictionary()
 _TOKEN_INDEX = WeakIdKeyDictionary()
+_SEQ_LENGTHS = WeakIdKeyDictionary()
 
 
 def _derived_once(cache: WeakIdKeyDictionary, cu_seqlens: torch.Tensor, derive, keep: bool = True):
@@ -71,7 +73,11 @@ def same_device(a: torch.device, b: torch.device) -> bool:
 
 
 def seq_lengths(cu_seqlens: torch.Tensor) -> torch.Tensor:
-    return (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    """The sequences' lengths, ``[N]`` int64 on the device of ``cu_seqlens``: computed once per tensor
+    and shared, as :func:`token_index` (the convolution, the planner and the dense schedule of every layer
+    read them; never modify them in place)."""
+    capturing = cu_seqlens.is_cuda and torch.cuda.is_current_stream_capturing()
+    return _derived_once(_SEQ_LENGTHS, cu_seqlens, lambda cu: (cu[1:] - cu[:-1]).long(), keep=not capturing)
 
 
 def token_index(cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,7 +104,7 @@ def unpack(x: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int | None = None
         max_len = max_seq_length(cu_seqlens)
     seq, pos = token_index(cu_seqlens)
     out = x.new_zeros((n, max_len) + tuple(x.shape[2:]))
-    return out.index_put((seq, pos), x[0])
+    return out.index_put((seq, pos), x.squeeze(0))  # (x[0]'s backward would copy the gradient into zeros)
 
 
 def head_major_rows(x: torch.Tensor, cu_seqlens: torch.Tensor | None, max_len: int | None = None,
@@ -106,17 +112,20 @@ def head_major_rows(x: torch.Tensor, cu_seqlens: torch.Tensor | None, max_len: i
     """``[B, T, H, ...]`` (packed: ``[1, T, H, ...]`` with ``cu_seqlens``) -> contiguous head-major rows
     ``[N, H, max_len, ...]`` in ``dtype`` (default: ``x``'s), zero past the end of each sequence;
     differentiable. The values of ``x.to(dtype)``, unpacked, transposed and made contiguous, in one
-    copy (a packed input: a conversion and one scatter) instead of up to three."""
+    copy (a packed input: a conversion and one scatter) instead of up to three. ``max_len`` defaults
+    to the longest sequence; a longer one pads the rows with zeros (a dense input: in a pad's copy)."""
     dtype = x.dtype if dtype is None else dtype
     if cu_seqlens is None:
         rows = x.transpose(1, 2)
+        if max_len is not None and max_len > x.shape[1]:  # (F.pad's copy is contiguous)
+            return F.pad(rows.to(dtype), (0, 0) * (x.dim() - 3) + (0, max_len - x.shape[1]))
         # (``to`` with a memory format but no conversion would return the transposed view itself)
         return rows.contiguous() if dtype == x.dtype else rows.to(dtype, memory_format=torch.contiguous_format)
     seq, pos = token_index(cu_seqlens)
     if max_len is None:
         max_len = max_seq_length(cu_seqlens)
     out = x.new_zeros((cu_seqlens.numel() - 1, x.shape[2], max_len) + tuple(x.shape[3:]), dtype=dtype)
-    tokens = x[0].to(dtype)
+    tokens = x.squeeze(0).to(dtype)  # (x[0]'s backward would copy the gradient into zeros)
     if torch.is_grad_enabled() and tokens.requires_grad:
         # out of place: autograd's backward of an in-place write into a view costs more than the copy
         # it saves; the result keeps the strides of the transposed zeros, so it is head-major contiguous

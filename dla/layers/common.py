@@ -262,8 +262,10 @@ class ShortConvolution(nn.Conv1d):
     def __init__(self, channels: int, kernel_size: int = 4, bias: bool = False):
         super().__init__(channels, channels, kernel_size, groups=channels, bias=bias)
 
-    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None, state: torch.Tensor | None = None):
-        """Returns ``(y [B, T, D], state [N, D, kernel_size - 1])``."""
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None, state: torch.Tensor | None = None,
+                output_state: bool = True):
+        """Returns ``(y [B, T, D], state [N, D, kernel_size - 1])``; the state is None unless ``output_state``
+        (a layer without a cache to continue, as in training, has no use for it)."""
         B, T, D = x.shape
         W = self.kernel_size[0]
         rows = x if cu_seqlens is None else unpack(x, cu_seqlens)
@@ -271,12 +273,15 @@ class ShortConvolution(nn.Conv1d):
         past = rows.new_zeros(N, D, W - 1) if state is None else state.to(rows.dtype)
         full = torch.cat([past, rows.transpose(1, 2)], -1)  # [N, D, W - 1 + T_max]
         y = F.silu(F.conv1d(full, self.weight, self.bias, groups=D)).transpose(1, 2)
+        if cu_seqlens is not None:
+            y = pack(y, cu_seqlens)
+        if not output_state:
+            return y, None
         if cu_seqlens is None:  # a copy: the state must not keep the whole window alive
             return y, full[..., T:].contiguous()
         # the last W - 1 inputs of each sequence end where its tokens end, not at the padded row end
         window = seq_lengths(cu_seqlens)[:, None] + torch.arange(W - 1, device=x.device)
-        new_state = full.gather(-1, window[:, None, :].expand(N, D, W - 1))
-        return pack(y, cu_seqlens), new_state
+        return y, full.gather(-1, window[:, None, :].expand(N, D, W - 1))
 
 
 class GatedRMSNorm(nn.Module):
@@ -316,7 +321,7 @@ def inverse_softplus_dt(num_heads: int, dt_min: float = 0.001, dt_max: float = 0
 
 def upcast(x: torch.Tensor) -> torch.Tensor:
     """``x`` in float32, or wider if it already is (float64 stays exact for tests)."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
+    return x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)  # (promote_types is dispatched)
 
 
 def copy_unless_loaded(param: torch.Tensor, value: torch.Tensor) -> None:
@@ -390,7 +395,8 @@ class DLAMixer(nn.Module):
 
     def convolve(self, name: str, x: torch.Tensor, cu_seqlens, cache: MixerCache | None) -> torch.Tensor:
         """Run the :class:`ShortConvolution` ``name`` and keep its state in ``cache``."""
-        y, state = getattr(self, name)(x, cu_seqlens, None if cache is None else cache.conv.get(name))
+        y, state = getattr(self, name)(x, cu_seqlens, None if cache is None else cache.conv.get(name),
+                                       output_state=cache is not None)
         if cache is not None:
             cache.conv[name] = state
         return y
@@ -476,6 +482,9 @@ class DLAMixer(nn.Module):
         ``scores``: the layer's given scores ``[B, 1, H]``."""
         p = self.policy
         state = cache.state
+        # the one-token kernels read q and k contiguous: expanded ones (Mamba-2's groups, shared by their
+        # heads) are copied once here, not by the planner and the step each
+        q, k = q.contiguous(), k.contiguous()
         plan = plan_token(p.policy, state, threshold=self.threshold.detach() if p.dynamic else p.threshold,
                           score=p.score, merge=p.merge, open_state=p.open_state, k=k, v=v, g=g, beta=beta,
                           scores=scores, period=p.period, max_segment_len=p.max_segment_len, label_rule=p.label_rule,

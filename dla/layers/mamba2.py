@@ -72,8 +72,10 @@ class DLAMamba2(DLAMixer):
         xbc = self.convolve("conv1d", xbc, cu_seqlens, cache)
         xs, b, c = xbc.split([self.inner_size, G * N, G * N], -1)
         xs = xs.unflatten(-1, (H, P))
-        b = b.unflatten(-1, (G, N)).repeat_interleave(H // G, 2)
-        c = c.unflatten(-1, (G, N)).repeat_interleave(H // G, 2)
+        # each group's B and C shared by its heads: a view for one group (the planner, the soft gates and the
+        # op copy them into their rows anyway, DLAMixer.step once for the one-token kernels)
+        b = b.unflatten(-1, (G, 1, N)).expand(B, T, G, H // G, N).flatten(2, 3)
+        c = c.unflatten(-1, (G, 1, N)).expand(B, T, G, H // G, N).flatten(2, 3)
         dt = F.softplus(dt + self.dt_bias)
         g = dt * -torch.exp(upcast(self.A_log))
         y = self.attend(x, c, b, (xs * dt[..., None]).to(xs.dtype), g, None, 1.0, cu_seqlens, cache, scores, validate)

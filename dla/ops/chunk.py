@@ -83,19 +83,20 @@ def chunk_dla(q, k, v, g, lam, schedule, beta=None, scale=None, initial_state: D
         raise ValueError(f"chunk_size must be one of {CHUNK_SIZES}, got {chunk_size}")
     if backend not in (None, "torch", "triton"):
         raise ValueError(f"backend must be None, 'torch' or 'triton', got {backend!r}")
-    x = prepare(q, k, v, g, lam, schedule, beta, scale, cu_seqlens, initial_state, upcast_qkv=False)
+    x = prepare(q, k, v, g, lam, schedule, beta, scale, cu_seqlens, initial_state, upcast_qkv=False,
+                chunk_size=chunk_size)
     check_backend(backend, x.q.device)
     if backend is None:
         backend = default_backend(x.q.is_cuda, gated=x.beta is not None)
     walks = backend_walks(backend)
     ds = x.schedule
-    N, H, Tm, K = x.q.shape
-    V, C, L = x.v.shape[-1], ds.capacity, chunk_size
+    N, H, _, K = x.q.shape
+    Tm, V, C, L = ds.max_len, x.v.shape[-1], ds.capacity, chunk_size
     NC = max(1, -(-Tm // L))
-    pad = NC * L - Tm
 
-    def chunks(t, fill=0.0):  # [N, H, Tm, ...] -> [N, H, NC, L, ...], padded with identity steps
-        if pad:  # (F.pad copies even when there is nothing to pad)
+    def chunks(t, fill=0.0):  # [N, H, Tm or NC * L, ...] -> [N, H, NC, L, ...], padded with identity steps
+        pad = NC * L - t.shape[2]  # (packed inputs come padded; F.pad copies even when there is nothing to pad)
+        if pad:
             t = F.pad(t, (0, 0) * (t.dim() - 3) + (0, pad), value=fill)
         return t.reshape(N, H, NC, L, *t.shape[3:])
 
@@ -179,8 +180,7 @@ def intra_chunk(q_c, k_c, v_c, g_c, b_c, lam_c, label_intra, output: bool = True
     ``P`` is zero). ``output=False`` gives None for ``o_intra`` (the walk's inputs alone)."""
     K, L, dev = q_c.shape[-1], q_c.shape[-2], q_c.device
     gc = g_c.cumsum(-1)
-    causal = torch.ones(L, L, dtype=torch.bool, device=dev).tril()
-    D = torch.where(causal, gc[..., :, None] - gc[..., None, :], -torch.inf).exp()
+    D = (gc[..., :, None] - gc[..., None, :]).masked_fill_(later_tokens(L, dev), -torch.inf).exp_()
     gamma = gc.exp()
     QKD = (q_c @ k_c.transpose(-1, -2)) * D if output or b_c is not None else None
     k_end = k_c * D[..., -1, :, None]  # A_{end} ... A_{s+1} applied to k_s (Mamba-2 part)
@@ -191,8 +191,8 @@ def intra_chunk(q_c, k_c, v_c, g_c, b_c, lam_c, label_intra, output: bool = True
         M = gamma[..., -1]  # the chunk's transition A_end ... A_start: its total decay
     else:
         A = (b_c[..., :, None] * D * (k_c @ k_c.transpose(-1, -2))).tril(-1)
-        eye = torch.eye(L, dtype=A.dtype, device=dev)
-        T_ut = torch.linalg.solve_triangular(A + eye, torch.diag_embed(b_c), upper=False, unitriangular=True)
+        # (I + A)^-1: unitriangular, so the solve reads A's strictly lower part and takes ones on the diagonal
+        T_ut = torch.linalg.solve_triangular(A, torch.diag_embed(b_c), upper=False, unitriangular=True)
         W_k = T_ut @ (k_c * gamma[..., None])
         P = QKD @ T_ut
         q_eff = q_c * gamma[..., None] - QKD @ W_k
@@ -202,10 +202,30 @@ def intra_chunk(q_c, k_c, v_c, g_c, b_c, lam_c, label_intra, output: bool = True
     return o_intra, q_eff, X, M
 
 
+_LATER_TOKENS: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def later_tokens(L: int, device: torch.device) -> torch.Tensor:
+    """``[L, L]`` bool, true where token ``s`` comes after query ``t`` (``s > t``): made once per size
+    and device (step 3 runs up to three times a layer and step), except while a CUDA graph is captured
+    (its memory pool would own the mask)."""
+    mask = _LATER_TOKENS.get((L, device))
+    if mask is None:
+        mask = torch.ones(L, L, dtype=torch.bool, device=device).triu(1)
+        if not (mask.is_cuda and torch.cuda.is_current_stream_capturing()):
+            _LATER_TOKENS[L, device] = mask
+    return mask
+
+
 def compute_qkv(q_c, k_c, v_c, scale: float, dtype: torch.dtype):
     """q, k and v in the compute dtype, q multiplied by ``scale`` (``prepare(..., upcast_qkv=False)``
     leaves this to the op)."""
-    return q_c.to(dtype) * scale, k_c.to(dtype), v_c.to(dtype)
+    return scaled(q_c.to(dtype), scale), k_c.to(dtype), v_c.to(dtype)
+
+
+def scaled(t: torch.Tensor, scale: float) -> torch.Tensor:
+    """``t * scale``; ``t`` itself for Mamba-2's scale 1, whose product would be a copy of the same values."""
+    return t if scale == 1 else t * scale
 
 
 class _RecomputedIntraFusedWalk(torch.autograd.Function):
@@ -236,6 +256,7 @@ class _RecomputedIntraFusedWalk(torch.autograd.Function):
         w = walk_rows(q_eff, lam_inter, X.transpose(-1, -2), v, M, routing)
         Kp, Vp = w.qe.shape[-1], w.v.shape[-1]
         ctx.prec, ctx.group, ctx.scale = input_precision(input_dtype), walk_group(NC, needs_grad), scale
+        ctx.set_materialize_grads(False)  # final states left unused (training) need no zero gradient, padded, copied
         o_inter, S = walk_forward(w, padded_rows(S0, (0, Vp - V, 0, Kp - K)), ctx.prec, ctx.group)
         ctx.save_for_backward(q_c, k_c, v_c, g_c, b_c, lam_c, label_intra, lam_inter, *routing, S)
         o = o_intra + o_inter.reshape(N, H, NC, L, Vp)[..., :V].to(o_intra.dtype)
@@ -248,7 +269,9 @@ class _RecomputedIntraFusedWalk(torch.autograd.Function):
         q_c, k_c, v_c, g_c, b_c, lam_c, label_intra, lam_inter, *routing, S = ctx.saved_tensors
         needs = ctx.needs_input_grad[:6]
         N, H, NC, L, K = q_c.shape
-        C, V, cdt = routing[-1].shape[-1], do.shape[-1], g_c.dtype
+        C, V, cdt = routing[-1].shape[-1], v_c.shape[-1], g_c.dtype
+        if do is None:  # only the final states were used
+            do = g_c.new_zeros((N, H, NC, L, V))
         groups = recompute_groups(NC)
 
         def step3_inputs(sl):  # step 3's inputs for the chunks sl, q, k and v in the compute dtype
@@ -256,18 +279,18 @@ class _RecomputedIntraFusedWalk(torch.autograd.Function):
             return (*qkv, g_c[:, :, sl], None if b_c is None else b_c[:, :, sl], lam_c[:, :, sl])
 
         # 1. the walk's inputs, step 3 again without gradients, a group of chunks at a time
-        q_eff, x = (q_c.new_empty((N, H, NC, L, K), dtype=cdt) for _ in range(2))
-        M = q_c.new_empty((N, H, NC) if b_c is None else (N, H, NC, K, K), dtype=cdt)
+        q_eff = x = M = None
         with torch.no_grad():
             for sl in groups:
                 _, q_eff_sl, X_sl, M_sl = intra_chunk(*step3_inputs(sl), label_intra[:, :, sl], output=False)
-                q_eff[:, :, sl], x[:, :, sl], M[:, :, sl] = q_eff_sl, X_sl.transpose(-1, -2), M_sl
+                q_eff, x, M = (in_chunks(t, sl, part, NC) for t, part in
+                               zip((q_eff, x, M), (q_eff_sl, X_sl.transpose(-1, -2), M_sl)))
         w = walk_rows(q_eff, lam_inter, x, v_c.to(cdt), M, routing)
         del q_eff, x
         # 2. the reverse walk
         Kp, Vp = w.qe.shape[-1], w.v.shape[-1]
-        dqe, dlam, dx, dv, dM, dS0 = walk_backward(
-            w, S, padded_rows(do, (0, Vp - V)), padded_rows(dS_final, (0, Vp - V, 0, Kp - K)), ctx.prec, ctx.group)
+        dS_rows = None if dS_final is None else padded_rows(dS_final, (0, Vp - V, 0, Kp - K))
+        dqe, dlam, dx, dv, dM, dS0 = walk_backward(w, S, padded_rows(do, (0, Vp - V)), dS_rows, ctx.prec, ctx.group)
         del w
         dq_eff = dqe.reshape(N, H, NC, L, Kp)[..., :K]
         dX = dx.reshape(N, H, NC, L, Kp)[..., :K].transpose(-1, -2)
@@ -276,7 +299,8 @@ class _RecomputedIntraFusedWalk(torch.autograd.Function):
         # 3. step 3 once more with gradients, a group of chunks at a time: the gradients of q, k and v
         # are summed in the compute dtype (the values' from inside the chunk and from the walk) and
         # rounded to the input dtype last
-        d = [None if not n else torch.empty_like(t) for t, n in zip((q_c, k_c, v_c, g_c, b_c, lam_c), needs)]
+        inputs = (q_c, k_c, v_c, g_c, b_c, lam_c)
+        d = [None] * len(inputs)
         for sl in groups:
             leaves = [None if t is None else t.detach().requires_grad_(n) for t, n in zip(step3_inputs(sl), needs)]
             with torch.enable_grad():
@@ -288,13 +312,26 @@ class _RecomputedIntraFusedWalk(torch.autograd.Function):
                 if n:
                     grad = next(found)
                     if i == 0:
-                        grad = grad * ctx.scale
+                        grad = scaled(grad, ctx.scale)
                     elif i == 2:  # the values are read inside the chunk and written into the states
                         grad = grad + dv[:, :, sl].to(grad.dtype)
-                    d[i][:, :, sl] = grad
+                    d[i] = in_chunks(d[i], sl, grad, NC, like=inputs[i])
         dlam_inter = dlam.reshape(lam_inter.shape).to(lam_inter.dtype)
-        dS0 = dS0.reshape(N, H, C, Kp, Vp)[..., :K, :V].to(dS_final.dtype)
+        dS0 = dS0.reshape(N, H, C, Kp, Vp)[..., :K, :V].to(cdt)
         return *d, None, dlam_inter, None, None, dS0, None, None, None
+
+
+def in_chunks(t: torch.Tensor | None, sl: slice, part: torch.Tensor, NC: int, like: torch.Tensor | None = None):
+    """Write ``part``, the chunks ``sl`` of an ``[N, H, NC, ...]`` tensor, into ``t`` and return it (``t``
+    None: allocated here, contiguous, or with the strides and dtype of ``like``). A part of all ``NC``
+    chunks, in those strides, is the tensor itself (in the dtype of ``like``): a single group of chunks
+    needs no buffer and no copy."""
+    if sl == slice(0, NC) and (like is None or part.stride() == like.stride()):
+        return part if like is None else part.to(like.dtype)
+    if t is None:
+        t = part.new_empty(part.shape[:2] + (NC,) + part.shape[3:]) if like is None else torch.empty_like(like)
+    t[:, :, sl] = part
+    return t
 
 
 # The backward reruns step 3 in at most RECOMPUTE_GROUPS groups of at least RECOMPUTE_MIN_CHUNKS

@@ -18,7 +18,7 @@ import torch
 
 from dla.checks import nonfinite_flags
 from dla.schedule.schedule import DenseSchedule, Schedule, SegmentState
-from dla.varlen import check_cu_seqlens, pack, unpack
+from dla.varlen import check_cu_seqlens, head_major_rows, pack, unpack
 
 
 @dataclass
@@ -43,7 +43,8 @@ class DLAState:
 class Prepared:
     """Checked inputs as dense head-major rows, in the compute dtype (float64 for float64 inputs,
     else float32); with ``prepare(..., upcast_qkv=False)``, q, k and v in the input dtype and q
-    not yet multiplied by ``scale``."""
+    not yet multiplied by ``scale``. ``Tm``: the longest sequence's length (``schedule.max_len``),
+    or more, zero-padded, for packed inputs and ``prepare(..., chunk_size)``."""
 
     q: torch.Tensor  # [N, H, Tm, K], multiplied by scale (unless upcast_qkv=False)
     k: torch.Tensor  # [N, H, Tm, K]
@@ -129,7 +130,7 @@ def check_backend(backend: str | None, device: torch.device) -> None:
 
 
 def prepare(q, k, v, g, lam, schedule, beta=None, scale=None, cu_seqlens=None, initial_state=None,
-            validate: bool = True, upcast_qkv: bool = True) -> Prepared:
+            validate: bool = True, upcast_qkv: bool = True, chunk_size: int = 1) -> Prepared:
     """Validate the op inputs (``ValueError``/``TypeError`` naming the argument) and unpack them.
 
     ``validate=False`` skips the checks that read tensor values on the host (NaN/Inf, signs and
@@ -138,7 +139,11 @@ def prepare(q, k, v, g, lam, schedule, beta=None, scale=None, cu_seqlens=None, i
     devices are still checked. For inputs that were checked once before a run of calls, as the
     decoding steps of :func:`dla.generate` after its prompt. ``upcast_qkv=False`` leaves q, k and v
     in the input dtype and q unscaled, for a caller that converts them where it needs them and
-    would otherwise keep float32 copies for its backward (:func:`dla.chunk_dla`)."""
+    would otherwise keep float32 copies for its backward (:func:`dla.chunk_dla`). ``chunk_size``:
+    packed inputs are unpacked straight into rows zero-padded to a whole number of chunks, head-major
+    and contiguous (the scatter that unpacks them fills zeros of any length, so the chunked caller
+    need not pad them again); dense rows, and packed ones that are whole chunks already, keep their
+    layout (transposed views of the inputs or of the unpacked rows)."""
     _check_tensor("q", q, "BTHK")
     dt, dev = q.dtype, q.device
     B, T, H, K = q.shape
@@ -210,7 +215,11 @@ def prepare(q, k, v, g, lam, schedule, beta=None, scale=None, cu_seqlens=None, i
 
     cdt = torch.float64 if dt == torch.float64 else torch.float32
 
+    padded = -(-dense.max_len // chunk_size) * chunk_size
+
     def rows(x, upcast=True):
+        if cu_seqlens is not None and padded > dense.max_len:  # one scatter, not an unpack and a pad
+            return head_major_rows(x, cu_seqlens, padded, cdt if upcast else x.dtype)
         x = x.to(cdt) if upcast else x
         if cu_seqlens is not None:
             x = unpack(x, cu_seqlens, dense.max_len)

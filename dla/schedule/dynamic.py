@@ -40,12 +40,19 @@ PLAN_CHUNK = 64
 class Contributions:
     """The tokens' contributions ``s_t = w_t k_t v_tᵀ`` as dense rows (one per sequence-head), with
     the log-decay that ages the open state (zero for ``open_state="plain"`` and beyond each row's
-    length). ``k [R, Tm, K]``, ``v [R, Tm, V]``, ``w``, ``g [R, Tm]``."""
+    length). ``k [R, Tm, K]``, ``v [R, Tm, V]``, ``w``, ``g [R, Tm]``; the window has ``length`` tokens
+    (default: ``Tm``), and rows longer than that are zero past them (padded to whole planning chunks,
+    :func:`planned_length`, the rows' chunks are views, not padded copies)."""
 
     k: torch.Tensor
     v: torch.Tensor
     w: torch.Tensor
     g: torch.Tensor
+    length: int | None = None
+
+    def __post_init__(self):
+        if self.length is None:
+            self.length = self.k.shape[1]
 
 
 @dataclass
@@ -97,6 +104,13 @@ def to_chunks(x: torch.Tensor, L: int) -> torch.Tensor:
     return x.reshape(R * NC, L, *x.shape[2:])
 
 
+def planned_length(Tm: int) -> int:
+    """The tokens of a window of ``Tm`` in whole planning chunks (of ``PLAN_CHUNK`` tokens, or the whole
+    window if shorter)."""
+    L = min(PLAN_CHUNK, Tm) or 1
+    return -(-Tm // L) * L
+
+
 def terms_backend(k: torch.Tensor) -> str:
     """How :class:`WindowTerms` takes its products with the open state by default: Triton for float32
     CUDA tensors, else PyTorch."""
@@ -115,7 +129,7 @@ class WindowTerms:
     CUDA tensors)."""
 
     def __init__(self, c: Contributions, L: int, walk: bool = True, backend: str | None = None):
-        R, Tm = c.w.shape
+        R, Tm = c.w.shape[0], c.length
         NC = -(-Tm // L)
         k, v, w, g = (to_chunks(x, L).contiguous() for x in (c.k, c.v, c.w, c.g))
         self.L, self.NC, self.Tm = L, NC, Tm
@@ -158,8 +172,8 @@ class WindowTerms:
                            open_start, carry)
         a = i * self.L
         t = torch.arange(a, a + self.L, device=open_state.device)
-        coef = torch.where(t >= open_start[:, None], self.write_scale[:, i], 0.0)
-        kept = torch.where(open_start < a, self.chunk_decay[:, i], 0.0)
+        coef = self.write_scale[:, i].masked_fill(t < open_start[:, None], 0.0)
+        kept = self.chunk_decay[:, i].masked_fill(open_start >= a, 0.0)
         open_state = kept[:, None, None] * open_state + (self.k[:, i] * coef[..., None]).transpose(1, 2) @ self.v[:, i]
         return open_state, self.carried(i + 1, open_state) if carry else None
 
@@ -174,10 +188,10 @@ def state_score(x, norm, open_norm, gamma, drift: bool, eps: float = 0.0):
         num, den = gamma * open_norm + x, extended * open_norm
     else:
         num, den = x, norm * open_norm
-    ok = den > 0
-    cos = num / sqrt_rn(torch.where(ok, den, 1.0))
+    vanishes = ~(den > 0)  # (NaN included; masked_fill takes one operation where where takes two, as its backward)
+    cos = num / sqrt_rn(den.masked_fill(vanishes, 1.0))
     d = (1 - cos).clamp(0, 2)
-    return torch.where(ok, sqrt_rn((d + d).clamp(min=eps)), 0.0), extended.clamp(min=0)
+    return sqrt_rn((d + d).clamp(min=eps)).masked_fill(vanishes, 0.0), extended.clamp(min=0)
 
 
 def sqrt_rn(x: torch.Tensor) -> torch.Tensor:
@@ -329,7 +343,7 @@ def plan_dynamic(seg: SegmentState, lengths, threshold: torch.Tensor, max_segmen
     and with ``keep_trace`` (soft gating) what the state scores need to be recomputed."""
     N, H, _ = seg.starts.shape
     state = score in STATE_SCORES
-    Tm = contributions.k.shape[1] if state else scores.shape[-1]
+    Tm = contributions.length if state else scores.shape[-1]
     dtype = (contributions.k.dtype if state else scores.dtype)
     if backend == "triton":
         from dla.schedule.triton_scan import TritonWalker as Walker
@@ -350,7 +364,7 @@ def plan_dynamic(seg: SegmentState, lengths, threshold: torch.Tensor, max_segmen
         walker.walk(0, Tm, scores=scores.reshape(R, Tm).to(dtype))
     else:
         c = Contributions(*(x.to(dtype) for x in (contributions.k, contributions.v, contributions.w,
-                                                    contributions.g)))
+                                                    contributions.g)), Tm)
         K, V = c.k.shape[-1], c.v.shape[-1]
         open_state = (torch.zeros(R, K, V, dtype=dtype, device=dev) if seg.open_state is None
                       else seg.open_state.reshape(R, K, V).to(dtype))

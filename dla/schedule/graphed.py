@@ -64,7 +64,7 @@ def plan_dynamic_graphed(seg: SegmentState, lengths, threshold, max_segment_len,
                       record_info=r.finish[3], record_open_norm=r.open_norm, record_scores=r.scores,
                       record_open_starts=torch.stack(r.open_starts) if r.open_starts else None,
                       record_trace_open_start=r.trace_open_start, record_trace_open_norm=r.trace_open_norm)
-    options = (max_segment_len, merge, score, keep_trace, torch.is_autocast_enabled("cuda"),
+    options = (max_segment_len, merge, score, keep_trace, contributions.length, torch.is_autocast_enabled("cuda"),
                torch.get_autocast_dtype("cuda"))
     key = (*((name, None if x is None else (tuple(x.shape), x.dtype, x.device)) for name, x in inputs.items()),
            *options)
@@ -79,7 +79,7 @@ def plan_dynamic_graphed(seg: SegmentState, lengths, threshold, max_segment_len,
         memo.next_record()  # the graph replays the record peeked above
     if graph is None:
         del _SEEN[key]
-        graph = _GRAPHS[key] = WindowGraph(inputs, max_segment_len, merge, score, keep_trace)
+        graph = _GRAPHS[key] = WindowGraph(inputs, max_segment_len, merge, score, keep_trace, contributions.length)
         if len(_GRAPHS) > MAX_GRAPHS:
             _GRAPHS.popitem(last=False)
     _GRAPHS.move_to_end(key)
@@ -101,9 +101,9 @@ def plan_dynamic_graphed(seg: SegmentState, lengths, threshold, max_segment_len,
 class WindowGraph:
     """One captured plan: static copies of its inputs, and the outputs that a replay overwrites."""
 
-    def __init__(self, inputs: dict, max_segment_len, merge: str, score: str, keep_trace: bool):
+    def __init__(self, inputs: dict, max_segment_len, merge: str, score: str, keep_trace: bool, length: int):
         self.options = (max_segment_len, merge, score)
-        self.keep_trace = keep_trace
+        self.keep_trace, self.length = keep_trace, length
         self.inputs = {name: None if x is None else x.clone() for name, x in inputs.items()}
         device = inputs["starts"].device
         with torch.cuda.device(device), torch.no_grad():
@@ -133,7 +133,8 @@ class WindowGraph:
         with memo:
             death, carried, final, trace = plan_dynamic(
                 seg, x["lengths"], x["threshold"], *self.options, "triton",
-                contributions=Contributions(x["k"], x["v"], x["w"], x["g"]), keep_trace=self.keep_trace)
+                contributions=Contributions(x["k"], x["v"], x["w"], x["g"], self.length),
+                keep_trace=self.keep_trace)
         N, H = x["starts"].shape[:2]
         starts = walks[0].open_starts
         open_starts = torch.stack(starts) if starts else torch.zeros(0, N * H, dtype=torch.long, device=death.device)

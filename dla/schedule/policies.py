@@ -20,9 +20,18 @@ at a time.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from dla.checks import nonfinite_flags
-from dla.schedule.dynamic import MERGE_RULES, OPEN_STATES, SCORES, STATE_SCORES, Contributions, plan_dynamic
+from dla.schedule.dynamic import (
+    MERGE_RULES,
+    OPEN_STATES,
+    SCORES,
+    STATE_SCORES,
+    Contributions,
+    plan_dynamic,
+    planned_length,
+)
 from dla.schedule.graphed import graphs_enabled, plan_dynamic_graphed
 from dla.schedule.schedule import LABEL_RULES, NEVER, NONE, Schedule, SegmentState
 from dla.schedule.scores import novelty_scores
@@ -172,8 +181,8 @@ def plan_schedule(policy: str, *, batch: int, heads: int, length: int, capacity:
         shape = (batch, length, heads)
         rows_scores = contributions = None
 
-        def rows(x, dtype=None):  # [B, T, H, ...] -> contiguous dense rows [N, H, Tm, ...] in dtype
-            return head_major_rows(x, cu_seqlens, max_len, dtype).to(device)
+        def rows(x, dtype=None, length=max_len):  # [B, T, H, ...] -> contiguous rows [N, H, length, ...] in dtype
+            return head_major_rows(x, cu_seqlens, length, dtype).to(device)
 
         if score in STATE_SCORES:
             contributions = _contributions(k, v, g, beta, shape, open_state, rows, in_seq, validate,
@@ -253,15 +262,18 @@ def _contributions(k, v, g, beta, shape, open_state, rows, in_seq, validate: boo
     if g is None and open_state == "decayed":
         raise ValueError("open_state='decayed' needs the log-decay g [B, T, H] (or open_state='plain')")
     dtype = torch.float64 if k.dtype == torch.float64 else torch.float32
-    kr, vr = rows(k.detach(), dtype), rows(v.detach(), dtype)
-    N, H_, Tm = kr.shape[:3]
+    Tm = in_seq.shape[-1]
+    padded = planned_length(Tm)  # whole planning chunks: the walk's terms take the rows' chunks as views
+    kr, vr = rows(k.detach(), dtype, padded), rows(v.detach(), dtype, padded)
+    N, H_ = kr.shape[:2]
     # the rows are zero past each sequence's end (no write, no decay there); Mamba-2 writes with w = 1
     # inside the sequences
     if beta is None:
-        w = in_seq.expand(N, H_, Tm).to(dtype)
+        inside = in_seq if padded == Tm else F.pad(in_seq, (0, padded - Tm))
+        w = inside.expand(N, H_, padded).to(dtype)
     else:
-        w = rows(beta.detach(), dtype)
-    gr = torch.zeros_like(w) if open_state == "plain" else rows(g.detach(), dtype)
+        w = rows(beta.detach(), dtype, padded)
+    gr = torch.zeros_like(w) if open_state == "plain" else rows(g.detach(), dtype, padded)
     if validate:
         checked = (kr, vr, w, gr) if threshold is None else (kr, vr, w, gr, threshold)
         bad = nonfinite_flags(checked)
@@ -269,8 +281,8 @@ def _contributions(k, v, g, beta, shape, open_state, rows, in_seq, validate: boo
             name = ("k", "v", "beta", "g", "threshold")[bad.long().argmax()]
             raise ValueError(f"{name} contains NaN or Inf")
     R = N * H_
-    return Contributions(kr.reshape(R, Tm, k.shape[-1]), vr.reshape(R, Tm, v.shape[-1]), w.reshape(R, Tm),
-                         gr.reshape(R, Tm))
+    return Contributions(kr.reshape(R, padded, k.shape[-1]), vr.reshape(R, padded, v.shape[-1]),
+                         w.reshape(R, padded), gr.reshape(R, padded), Tm)
 
 
 def _closed_form(pos, in_seq, starts, position, is_boundary, death_of, heads):
@@ -289,7 +301,7 @@ def _to_public(death, lengths, cu_seqlens, length, fill=None):
         return death if cu_seqlens is None else pack_heads(death, cu_seqlens)
     never = (death >= lengths[:, None, None]) & (death != NONE)
     if cu_seqlens is None:
-        return torch.where(never, length, death)
+        return death.masked_fill(never, length)
     offsets = cu_seqlens[:-1].long().to(death.device)[:, None, None]
-    rows = torch.where(death == NONE, NONE, torch.where(never, length, death + offsets))
+    rows = (death + offsets).masked_fill_(never, length).masked_fill_(death == NONE, NONE)
     return pack_heads(rows, cu_seqlens)

@@ -318,16 +318,16 @@ def _to_dense(s: Schedule) -> DenseSchedule:
     B, H, T = d.shape
     device = d.device
     if s.cu_seqlens is None:
-        rows = d.clone()
+        rows = d
         lengths = torch.full((B,), T, dtype=torch.long, device=device)
     else:
         cu = s.cu_seqlens.long()
-        lengths = seq_lengths(cu)
+        lengths = seq_lengths(s.cu_seqlens)
         rows = unpack_heads(d, s.cu_seqlens, max_seq_length(s.cu_seqlens), NONE)
         # packed death times -> times within the sequence (padding is NONE, so it stays)
         rows = torch.where(rows >= 0, rows - cu[:-1, None, None], rows)
     Tm = rows.shape[-1]
-    rows = torch.where(rows >= lengths[:, None, None], torch.full_like(rows, NEVER), rows)
+    rows = rows.masked_fill(rows >= lengths[:, None, None], NEVER)  # (a new tensor: the dense schedule's own)
     N = rows.shape[0]
     if s.initial is None:
         position = torch.zeros(N, dtype=torch.long, device=device)
@@ -343,7 +343,7 @@ def _to_dense(s: Schedule) -> DenseSchedule:
                                                 torch.full_like(cd, NEVER), cd))
     if Tm:
         at_start = (position == 0) & (lengths > 0)
-        rows[:, :, 0] = torch.where(at_start[:, None], torch.full_like(rows[:, :, 0], NEVER), rows[:, :, 0])
+        rows[:, :, 0].masked_fill_(at_start[:, None], NEVER)
     return DenseSchedule(rows, lengths, position, carried_pos, carried_death, s.capacity, s.label_rule)
 
 

@@ -96,7 +96,8 @@ class QueryProducts(torch.autograd.Function):
 def scores_from_trace(trace: Trace, k, v, w, key_k, key_v, key_w, key_g, position, drift: bool = False):
     """``I_t`` ``[R, Tm]`` from dense rows (``k [R, Tm, K]``, ...): the query side ``k, v, w`` carries
     gradients, the key side (the open state's tokens) and the trace are constants. ``w``/``key_w``
-    ``None``: 1."""
+    ``None``: 1. Rows zero-padded past the trace's tokens to whole chunks (whose chunks are then
+    views, not padded copies) score 0 there."""
     R, Tm = key_g.shape
     if Tm == 0:
         return key_g.new_zeros(R, 0)
@@ -110,7 +111,7 @@ def scores_from_trace(trace: Trace, k, v, w, key_k, key_v, key_w, key_g, positio
     score, _ = state_score(x, norm, to_chunks(trace.open_norm, L), g.exp(), drift, eps=1e-12)
     scores = score.view(R, NC * L)[:, :Tm]
     first = (position[:, None] + torch.arange(Tm, device=key_g.device)) == 0  # a sequence start scores 0
-    return torch.where(first, 0.0, scores)
+    return scores.masked_fill(first, 0.0)
 
 
 def gate_factor(scores, opened, threshold, temperature: float):
@@ -135,21 +136,21 @@ def differentiable_scores(schedule: Schedule, score: str, k, v, g, beta, open_st
         raise ValueError("soft gating of the state scores needs a schedule planned with keep_trace=True")
     dense = schedule.dense()
     N, H, Tm = dense.start_death.shape
-    R = N * H
+    R, padded = N * H, -(-Tm // trace.chunk) * trace.chunk
 
-    def rows(x):  # [B, T, H, ...] -> [R, Tm, ...] in cdt, contiguous: its chunks are views both sides share
-        x = head_major_rows(x, cu_seqlens, Tm, cdt)
-        return x.view(R, Tm, *x.shape[3:])
+    def rows(x):  # [B, T, H, ...] -> [R, padded, ...] in cdt, contiguous: its chunks are views both sides share
+        x = head_major_rows(x, cu_seqlens, padded, cdt)
+        return x.view(R, padded, *x.shape[3:])
 
-    # the rows are zero past each sequence's end: a padded token writes nothing (k = v = 0) and ages
-    # nothing (g = 0), so no mask is needed
+    # the rows are zero past each sequence's end and up to whole planning chunks: a padded token writes
+    # nothing (k = v = 0) and ages nothing (g = 0), so no mask is needed
     cdt = trace.open_norm.dtype
     kr, vr = rows(k), rows(v)
     w = None if beta is None else rows(beta)
-    gr = kr.new_zeros(R, Tm) if open_state == "plain" else rows(g.detach())
+    gr = kr.new_zeros(R, padded) if open_state == "plain" else rows(g.detach())
     scores = scores_from_trace(trace, kr, vr, w, kr.detach(), vr.detach(), None if w is None else w.detach(), gr,
                                dense.position.repeat_interleave(H), drift=score == "state_drift")
-    scores = scores.view(N, H, Tm).transpose(1, 2)  # [N, Tm, H]
+    scores = scores[:, :Tm].view(N, H, Tm).transpose(1, 2)  # [N, Tm, H]
     return scores if cu_seqlens is None else pack(scores, cu_seqlens)
 
 
