@@ -536,7 +536,10 @@ def test_checkpoint_of_the_novelty_variant_loads_with_its_own_settings():
     assert not model.model.layers[0].mixer.threshold.requires_grad
     ref = load_file(path / "reference_logits.safetensors")
     with torch.no_grad():
-        assert torch.equal(model(ref["input_ids"]).logits, ref["logits"])
+        logits = model(ref["input_ids"]).logits
+    # to rounding, not bit for bit: the reference was computed on another CPU, whose float kernels
+    # (vector width, summation order) round differently; other settings move the logits by far more
+    assert (logits - ref["logits"]).abs().max() <= 1e-6 * ref["logits"].abs().max()
     new = dla.DLAConfig.from_dict(dla.DLAConfig(**TINY).to_dict())  # a current config keeps its defaults
     assert (new.capacity, new.score, new.soft_gate) == (None, "state", True)
     assert new.policy_config().capacity == 30
