@@ -427,6 +427,27 @@ def test_the_deterministic_backward_sums_every_programs_partial(matrix, K, split
         assert rel_err(a, c) < 1e-6, name
 
 
+@pytest.mark.parametrize("base", BASES)
+def test_the_backward_recomputes_the_walk_inputs_under_the_forwards_autocast(base, monkeypatch):
+    """The fused walk's backward reruns step 3 (the coefficients inside every chunk) for the walk's
+    inputs: under autocast it must run it as the forward did (bf16 products for float32 inputs),
+    so that the reverse walk reads the effective queries, decayed keys and transitions the forward
+    walked, bit for bit, and not a float32 recomputation of them."""
+    from dla.ops.triton import chunk_inter
+
+    monkeypatch.setattr(dla.ops.chunk, "FUSED_GATED_DELTANET", True)
+    walked, walk_rows = [], chunk_inter.walk_rows
+    monkeypatch.setattr(chunk_inter, "walk_rows", lambda *a: walked.append(walk_rows(*a)) or walked[-1])
+    inputs, schedule = make_case("dynamic", base, None, B=1, T=40, H=2, K=16, V=16, capacity=3,
+                                 dtype=torch.float32, requires_grad=True, device=DEVICE)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        o, _ = dla.chunk_dla(**inputs, schedule=schedule, chunk_size=16, backend="triton")
+    o.float().square().sum().backward()
+    forward, backward = walked
+    for name in ("qe", "x", "M", "lam", "v"):
+        assert torch.equal(getattr(forward, name), getattr(backward, name)), name
+
+
 def test_key_splits(monkeypatch):
     from dla.ops.triton.chunk_inter import key_splits, key_tiles
 

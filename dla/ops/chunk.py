@@ -256,6 +256,7 @@ class _RecomputedIntraFusedWalk(torch.autograd.Function):
         w = walk_rows(q_eff, lam_inter, X.transpose(-1, -2), v, M, routing)
         Kp, Vp = w.qe.shape[-1], w.v.shape[-1]
         ctx.prec, ctx.group, ctx.scale = input_precision(input_dtype), walk_group(NC, needs_grad), scale
+        ctx.autocast = autocast_state(q_c.device.type)
         ctx.set_materialize_grads(False)  # final states left unused (training) need no zero gradient, padded, copied
         o_inter, S = walk_forward(w, padded_rows(S0, (0, Vp - V, 0, Kp - K)), ctx.prec, ctx.group)
         ctx.save_for_backward(q_c, k_c, v_c, g_c, b_c, lam_c, label_intra, lam_inter, *routing, S)
@@ -280,7 +281,7 @@ class _RecomputedIntraFusedWalk(torch.autograd.Function):
 
         # 1. the walk's inputs, step 3 again without gradients, a group of chunks at a time
         q_eff = x = M = None
-        with torch.no_grad():
+        with torch.no_grad(), autocast_as(ctx.autocast):
             for sl in groups:
                 _, q_eff_sl, X_sl, M_sl = intra_chunk(*step3_inputs(sl), label_intra[:, :, sl], output=False)
                 q_eff, x, M = (in_chunks(t, sl, part, NC) for t, part in
@@ -303,7 +304,7 @@ class _RecomputedIntraFusedWalk(torch.autograd.Function):
         d = [None] * len(inputs)
         for sl in groups:
             leaves = [None if t is None else t.detach().requires_grad_(n) for t, n in zip(step3_inputs(sl), needs)]
-            with torch.enable_grad():
+            with torch.enable_grad(), autocast_as(ctx.autocast):
                 outputs = intra_chunk(*leaves, label_intra[:, :, sl])
             upstream = (do[:, :, sl], dq_eff[:, :, sl], dX[:, :, sl], dM[:, :, sl])
             found = iter(torch.autograd.grad(outputs, [t for t, n in zip(leaves, needs) if n],
@@ -319,6 +320,20 @@ class _RecomputedIntraFusedWalk(torch.autograd.Function):
         dlam_inter = dlam.reshape(lam_inter.shape).to(lam_inter.dtype)
         dS0 = dS0.reshape(N, H, C, Kp, Vp)[..., :K, :V].to(cdt)
         return *d, None, dlam_inter, None, None, dS0, None, None, None
+
+
+def autocast_state(device_type: str) -> tuple[str, bool, torch.dtype]:
+    """The caller's autocast on ``device_type``: ``(device_type, enabled, dtype)``. A backward that
+    reruns forward code runs it under the forward's autocast (:func:`autocast_as`, as
+    torch.utils.checkpoint does), else its products would be computed in another precision than
+    the forward's and the recomputed values would not be the ones the forward used."""
+    return device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+
+
+def autocast_as(state: tuple[str, bool, torch.dtype]):
+    """The autocast context that :func:`autocast_state` recorded."""
+    device_type, enabled, dtype = state
+    return torch.autocast(device_type, dtype=dtype, enabled=enabled)
 
 
 def in_chunks(t: torch.Tensor | None, sl: slice, part: torch.Tensor, NC: int, like: torch.Tensor | None = None):
