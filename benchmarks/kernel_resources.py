@@ -91,12 +91,12 @@ def compile_walk(kernel, K: int, V: int, C: int, matrix: bool, BV: int, num_warp
     deterministic algorithms) where several programs share a row."""
     import triton
 
-    from dla.ops.triton.chunk_inter import chunk_dla_inter_bwd_kernel, key_tiles
+    from dla.ops.triton.chunk_inter import atomic_sums, chunk_dla_inter_bwd_kernel, key_tiles
 
     KS, BK = key_tiles(K, matrix)
     const = dict(L=L, C=C, K=K, V=V, BV=BV, BK=BK, KS=KS, PREC="tf32", MATRIX=matrix)
     if kernel is chunk_dla_inter_bwd_kernel:
-        const.update(CP=triton.next_power_of_2(C), ATOMIC=V // BV * KS > 1)
+        const.update(CP=triton.next_power_of_2(C), ATOMIC=atomic_sums(V // BV, KS))
     return compile_kernel(kernel, const, num_warps, 1)
 
 

@@ -19,14 +19,15 @@ _TOKEN_INDEX = WeakIdKeyDictionary()
 _SEQ_LENGTHS = WeakIdKeyDictionary()
 
 
-def _derived_once(cache: WeakIdKeyDictionary, cu_seqlens: torch.Tensor, derive, keep: bool = True):
+def _derived_once(cache: WeakIdKeyDictionary, cu_seqlens: torch.Tensor, derive):
     """``derive(cu_seqlens)``, computed once per tensor (again only if it is modified in place) while
-    ``cache`` keeps it; ``keep=False``: computed, not kept."""
+    ``cache`` keeps it. What is derived while a CUDA graph is being captured is not kept: its memory
+    belongs to the graph's pool."""
     entry = cache.get(cu_seqlens)
     if entry is not None and entry[0] == cu_seqlens._version:
         return entry[1]
     value = derive(cu_seqlens)
-    if keep:
+    if not (cu_seqlens.is_cuda and torch.cuda.is_current_stream_capturing()):
         cache[cu_seqlens] = (cu_seqlens._version, value)
     return value
 
@@ -76,17 +77,14 @@ def seq_lengths(cu_seqlens: torch.Tensor) -> torch.Tensor:
     """The sequences' lengths, ``[N]`` int64 on the device of ``cu_seqlens``: computed once per tensor
     and shared, as :func:`token_index` (the convolution, the planner and the dense schedule of every layer
     read them; never modify them in place)."""
-    capturing = cu_seqlens.is_cuda and torch.cuda.is_current_stream_capturing()
-    return _derived_once(_SEQ_LENGTHS, cu_seqlens, lambda cu: (cu[1:] - cu[:-1]).long(), keep=not capturing)
+    return _derived_once(_SEQ_LENGTHS, cu_seqlens, lambda cu: (cu[1:] - cu[:-1]).long())
 
 
 def token_index(cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(sequence id, position within the sequence) of every packed token, ``[T]`` int64 each, on the
     device of ``cu_seqlens``: built once per tensor and shared by every unpack and pack of a step (never
-    modify them in place). Not kept while a CUDA graph is being captured (its memory belongs to the
-    graph's pool)."""
-    capturing = cu_seqlens.is_cuda and torch.cuda.is_current_stream_capturing()
-    return _derived_once(_TOKEN_INDEX, cu_seqlens, _build_token_index, keep=not capturing)
+    modify them in place)."""
+    return _derived_once(_TOKEN_INDEX, cu_seqlens, _build_token_index)
 
 
 def _build_token_index(cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -333,6 +333,14 @@ def key_tiles(K: int, matrix: bool) -> tuple[int, int]:
     return splits, min(key_block(K, matrix), K // splits)
 
 
+def atomic_sums(value_blocks: int, splits: int) -> bool:
+    """Whether the backward walk adds ``dqe`` and ``dx`` (summed over the value blocks) and ``dlam`` and
+    ``dM`` (also over the key splits) atomically into zeroed buffers; else every program stores its own
+    partial and the host adds them up in a fixed order: under deterministic algorithms, and where one
+    program covers a row (nothing to add)."""
+    return value_blocks * splits > 1 and not torch.are_deterministic_algorithms_enabled()
+
+
 def checkpoint_group(NC: int, group: int | None = None) -> int:
     """Chunks per state checkpoint of the fused walk: the forward keeps the states at every
     ``group``-th chunk boundary (and the last) for the backward, which recomputes the ``group - 1``
@@ -425,10 +433,7 @@ def walk_backward(w: WalkRows, S: torch.Tensor, do: torch.Tensor, dS_final: torc
     dv = new_output((KS, *w.v.shape) if KS > 1 else w.v.shape, w.v)  # the splits' partials, or dv
     BV = min(32, Vd)
     NV = Vd // BV
-    # dqe and dx sum over the NV value blocks, dlam and dM also over the KS splits: atomic adds into
-    # zeroed buffers, or (deterministic algorithms requested, or one program per row) every
-    # program's partial, added up here in a fixed order
-    atomic = NV * KS > 1 and not torch.are_deterministic_algorithms_enabled()
+    atomic = atomic_sums(NV, KS)
     if atomic:
         dqe, dlam, dx, dM = (torch.zeros_like(t) for t in (w.qe, w.lam, w.x, w.M))
     else:
