@@ -2,10 +2,14 @@
 
     python benchmarks/decode.py [--batch 64] [--heads 16] [--dim 128] [--capacity 16]
 
-A DLA step reads and writes C states of K x V fp32 per head, so its floor is 2 * B*H*C*K*V*4
-bytes over the measured copy bandwidth. Reported: the fused kernel alone, and the whole step a
-model runs (novelty score, online policy step, checks, kernel). SDPA: one query against a bf16
-KV cache of each context length. Writes JSON next to --out.
+A DLA step reads C states of K x V fp32 per head. Gated DeltaNet's transition rewrites every one;
+Mamba-2's, a number per head, only rescales the closed slots that stay where they are, so a step
+without a birth writes one state (the open one) and a birth's step rewrites the slots it moves.
+Each floor is those bytes over the measured copy bandwidth. Reported: the fused kernel alone for a
+token that extends its segment and for one that opens a segment (C slots full: every slot moves
+and the cheapest pair merges), and the whole step a model runs (novelty score, online policy
+step, checks, kernel). SDPA: one query against a bf16 KV cache of each context length. Writes JSON
+next to --out.
 """
 
 from __future__ import annotations
@@ -41,8 +45,7 @@ def main():
     rows = {"meta": {"date": time.strftime("%Y-%m-%d"),
                      "device": torch.cuda.get_device_name(), "torch": torch.__version__,
                      "B": B, "H": H, "K=V": D, "C": C, "copy_bandwidth_GBps": bandwidth / 1e9}}
-    state_bytes = B * H * C * D * D * 4
-    floor_ms = 2 * state_bytes / bandwidth * 1e3
+    slot_bytes = B * H * D * D * 4
     for base in ("mamba2", "gated_deltanet"):
         k = F.normalize(torch.randn(B, 1, H, D, device=dev), dim=-1)
         q, v = torch.randn(B, 1, H, D, device=dev), torch.randn(B, 1, H, D, device=dev)
@@ -55,11 +58,21 @@ def main():
                               threshold=0.0)
         state = dla.DLAState(torch.randn(B, H, C, D, D, device=dev) * 0.01, s.final, kp[:, -1])
         lam = torch.full((B, 1, H, C), 0.7, device=dev)
-        dest = torch.arange(C, device=dev).expand(B, H, C).contiguous()
-        kernel_ms = do_bench(lambda: decode_step(state.states, dest, q.reshape(B, H, D),
-                                                 k.reshape(B, H, D), v.reshape(B, H, D), g.reshape(B, H),
-                                                 None if beta is None else beta.reshape(B, H), lam.reshape(B, H, C)),
-                             warmup=10, rep=50, return_mode="median")
+        scales = torch.rand(B, H, C, device=dev) + 0.5
+        slot = torch.arange(C, device=dev)
+        extend = slot.expand(B, H, C).contiguous()
+        # a birth at capacity: every slot moves one place older, the two oldest merge
+        birth = torch.minimum(slot + 1, torch.tensor(C - 1, device=dev)).expand(B, H, C).contiguous()
+
+        def kernel(dest):
+            return decode_step(state.states, scales, dest, q.reshape(B, H, D), k.reshape(B, H, D), v.reshape(B, H, D),
+                               g.reshape(B, H), None if beta is None else beta.reshape(B, H), lam.reshape(B, H, C),
+                               inplace=True)
+
+        kernel_ms = do_bench(lambda: kernel(extend), warmup=10, rep=50, return_mode="median")
+        birth_ms = do_bench(lambda: kernel(birth), warmup=10, rep=50, return_mode="median")
+        floor_ms = (C + (C if beta is not None else 1)) * slot_bytes / bandwidth * 1e3
+        birth_floor_ms = 2 * C * slot_bytes / bandwidth * 1e3
 
         @torch.no_grad()
         def full_step():
@@ -69,9 +82,11 @@ def main():
 
         step_ms = do_bench(full_step, warmup=10, rep=50, return_mode="median")
         rows[f"dla-{base}"] = {"kernel_ms": kernel_ms, "full_step_ms": step_ms, "floor_ms": floor_ms,
-                               "kernel_over_floor": kernel_ms / floor_ms, "cache_MiB": state.nbytes / 2**20}
-        print(f"dla-{base:15s} kernel {kernel_ms:7.3f} ms  full step {step_ms:7.3f} ms  floor {floor_ms:7.3f} ms "
-              f"({kernel_ms / floor_ms:4.2f}x)  cache {state.nbytes / 2**20:8.1f} MiB", flush=True)
+                               "kernel_over_floor": kernel_ms / floor_ms, "birth_kernel_ms": birth_ms,
+                               "birth_floor_ms": birth_floor_ms, "cache_MiB": state.nbytes / 2**20}
+        print(f"dla-{base:15s} kernel {kernel_ms:7.3f} ms (floor {floor_ms:7.3f} ms, {kernel_ms / floor_ms:4.2f}x)  "
+              f"birth {birth_ms:7.3f} ms (floor {birth_floor_ms:7.3f} ms)  full step {step_ms:7.3f} ms  "
+              f"cache {state.nbytes / 2**20:8.1f} MiB", flush=True)
     for ctx in args.contexts:
         try:
             kc = torch.randn(B, H, ctx, D, device=dev, dtype=torch.bfloat16)

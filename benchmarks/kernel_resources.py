@@ -110,7 +110,8 @@ def compile_decode(K: int, V: int, C: int, delta: bool) -> dict:
     BV, num_warps = launch_shape(K, V, delta)
     return {"BV": BV, "num_warps": num_warps,
             **compile_kernel(decode_dla_step_kernel,
-                             dict(C=C, K=K, V=V, KP=triton.next_power_of_2(K), BV=BV, DELTA=delta), num_warps, 3)}
+                             dict(C=C, K=K, V=V, KP=triton.next_power_of_2(K), BV=BV, DELTA=delta, INPLACE=True),
+                             num_warps, 3)}
 
 
 def print_row(r: dict) -> None:

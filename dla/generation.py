@@ -193,8 +193,7 @@ class GraphStep:
             # run on a side stream and the graph allocates from a pool of its own, which cannot use them
             torch.cuda.empty_cache()
         for layer in self.cache.layers:
-            if isinstance(layer, KVCache):
-                layer.make_static()
+            layer.make_static()
         # the objects that hold the cache's tensors, as they are now: a step replaces some of them,
         # and a replay runs no Python, so after every trial the cache points at these again
         self.entries = cache_entries(self.cache)

@@ -1,5 +1,7 @@
 """The chunked path equals the O(T^2) reference, forward and backward, and continues exactly."""
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import BASES, SLOW_DECAY, grads, make_case, rel_err
@@ -130,6 +132,36 @@ def test_chunk_continues_from_chunk_and_initial_state_gets_gradients(base):
     (g_rec,) = torch.autograd.grad((o2_rec * w).sum(), state.states)
     assert g_chunk.abs().sum() > 0
     assert rel_err(g_chunk, g_rec) <= 1e-10
+
+
+@pytest.mark.parametrize("base", BASES)
+def test_a_state_kept_with_slot_scales_continues_as_its_scaled_states(base):
+    """``DLAState.scales`` (what the decode kernel keeps): continuing ``(states, scales)`` with the
+    chunked or the recurrent path gives the outputs, final states and gradients (through states and
+    scales) of continuing the slots' states ``scales * states`` themselves."""
+    T, T1 = 60, 33
+    inputs, schedule = make_case("dynamic", base, "recency", B=2, T=T, H=2, K=4, V=3, capacity=4)
+    head = {n: None if x is None else x[:, :T1] for n, x in inputs.items()}
+    tail = {n: None if x is None else x[:, T1:] for n, x in inputs.items()}
+    kw = dict(batch=2, heads=2, capacity=4, label_rule="recency")
+    s1 = dla.plan_schedule("dynamic", length=T1, scores=dla.novelty_scores(head["k"]), **kw)
+    _, state = dla.chunk_dla(**head, schedule=s1, chunk_size=16, output_final_state=True)
+    s2 = dla.plan_schedule("dynamic", length=T - T1, scores=dla.novelty_scores(tail["k"], prev_key=state.prev_key),
+                           initial_state=state, **kw)
+    scales = (torch.rand(2, 2, 4, dtype=torch.float64) + 0.5).requires_grad_(True)
+    states = (state.states / scales.detach()[..., None, None]).requires_grad_(True)
+    lazy = dataclasses.replace(state, states=states, scales=scales)
+    w = None
+    for op in (dla.chunk_dla, dla.recurrent_dla):
+        plain = dataclasses.replace(state, states=(states * scales[..., None, None]))
+        results = []
+        for initial in (lazy, plain):
+            o, final = op(**tail, schedule=s2, initial_state=initial, output_final_state=True)
+            w = torch.randn_like(o) if w is None else w
+            results.append((o, final.slot_states(), *torch.autograd.grad((o * w).sum(), (states, scales))))
+        for name, a, b in zip(("o", "final states", "d states", "d scales"), *results):
+            assert rel_err(a, b) <= 1e-12, (op.__name__, name)
+        assert results[0][3].abs().sum() > 0
 
 
 def test_permuting_labels_changes_the_output():

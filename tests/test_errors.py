@@ -1,5 +1,7 @@
 """Bad input gets a ValueError or TypeError that names the argument."""
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import make_case
@@ -83,6 +85,12 @@ def test_initial_state_must_match_the_schedule():
         dla.recurrent_dla(**inputs, schedule=cont)
     with pytest.raises(TypeError, match="initial_state must be a dla.DLAState"):
         dla.recurrent_dla(**inputs, schedule=cont, initial_state=state.states)
+    scaled = dataclasses.replace(state, scales=torch.ones(2, 2, 3))
+    with pytest.raises(ValueError, match=r"initial_state.scales must be \[2, 2, 4\], got \(2, 2, 3\)"):
+        dla.chunk_dla(**inputs, schedule=cont, initial_state=scaled)
+    nan = dataclasses.replace(state, scales=torch.full((2, 2, 4), float("nan")))
+    with pytest.raises(ValueError, match="initial_state.scales"):
+        dla.recurrent_dla(**inputs, schedule=cont, initial_state=nan)
     with pytest.raises(ValueError, match="chunk_size must be one of"):
         dla.chunk_dla(**inputs, schedule=schedule, chunk_size=48)
 

@@ -205,6 +205,25 @@ def test_beam_search_reorders_the_preallocated_cache():
     assert beams.shape == (2, 13) and torch.equal(beams[1, -6:], alone[0, -6:])
 
 
+def test_static_dla_steps_give_the_states_slot_scales_and_beams_reorder_them():
+    """Before its steps are captured, a DLA layer's cache gets slot scales of 1 (the decode kernel
+    keeps them, dla.DLAState.scales), so that a step replaces the cache's tensors and adds none;
+    reordering the sequences (beam search) moves every slot's states with their scales."""
+    model = tiny_model("mamba2", "dynamic")
+    cache = dla.DLACache(model.config)
+    with torch.no_grad():
+        model(torch.randint(1, 64, (3, 9)), cache=cache, use_cache=True)
+    layer = cache.layers[0]
+    assert layer.state.scales is None
+    layer.make_static()
+    assert layer.state.scales.shape == layer.state.states.shape[:3] and bool((layer.state.scales == 1).all())
+    layer.state.scales = torch.rand_like(layer.state.scales)
+    want = layer.state.slot_states()[[2, 0, 0]]
+    before = cache.nbytes
+    cache.reorder_cache(torch.tensor([2, 0, 0]))
+    assert torch.equal(layer.state.slot_states(), want) and cache.nbytes == before
+
+
 # ----------------------------------------------------------------------------- host synchronisation
 @pytest.fixture
 def host_reads(monkeypatch):

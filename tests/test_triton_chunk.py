@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import BASES, FAST_DECAY, SLOW_DECAY, WALK_RESULTS, grads, make_case, rel_err, walk_case, walk_results
 
 import dla
@@ -285,7 +286,53 @@ def test_triton_decode_steps_match_recurrent(policy, base, decay):
                                            backend="triton")
         outs.append(o_t)
     assert rel_err(torch.cat(outs, 1), o_ref) <= TOL
-    assert rel_err(state.states, ref_state.states) <= TOL
+    assert rel_err(state.slot_states(), ref_state.states) <= TOL
+
+
+@pytest.mark.parametrize("base", BASES)
+@pytest.mark.parametrize("inplace", [True, False], ids=["in-place", "out-of-place"])
+def test_the_decode_kernel_rescales_the_slots_mamba2_only_decays(base, inplace):
+    """A token that extends its segment, with C = 5 slots of which 4 hold segments: Mamba-2's closed
+    slots keep their numbers (in place: not written) and take the scale ``exp(g) * scale``, the open
+    slot is rewritten with scale 1 and the empty one keeps its numbers with scale 0; Gated DeltaNet
+    rewrites every held slot with scale 1. A birth at capacity (every slot moves, the two oldest
+    merge) rewrites every slot. The output and the slots' states equal the PyTorch step's."""
+    from dla.ops.recurrent import _torch_step
+    from dla.ops.triton.decode import decode_step
+
+    torch.manual_seed(0)
+    N, H, C, K, V = 2, 3, 5, 12, 20
+    S = torch.randn(N, H, C, K, V, device=DEVICE)
+    scales = torch.rand(N, H, C, device=DEVICE) + 0.5
+    q, k = torch.randn(N, H, K, device=DEVICE), F.normalize(torch.randn(N, H, K, device=DEVICE), dim=-1)
+    v, g = torch.randn(N, H, V, device=DEVICE), -torch.rand(N, H, device=DEVICE)
+    beta = torch.rand(N, H, device=DEVICE) if base == "gated_deltanet" else None
+    lam = torch.rand(N, H, C, device=DEVICE)
+    slot = torch.arange(C, device=DEVICE)
+    extend = torch.where(slot < C - 1, slot, C).expand(N, H, C).contiguous()  # the oldest slot is empty
+    birth = torch.minimum(slot + 1, torch.tensor(C - 1, device=DEVICE)).expand(N, H, C).contiguous()
+    for dest in (extend, birth):
+        lam_t = lam * (dest < C) if dest is extend else lam
+        want_S, _, want_o = _torch_step(S.double(), scales.double(), dest, q.double() * 0.5, k.double(), v.double(),
+                                        g.double(), None if beta is None else beta.double(), lam_t.double())
+        old = S.clone()
+        S_new, scales_new, o = decode_step(S.clone() if not inplace else S, scales, dest, q, k, v, g, beta, lam_t,
+                                           scale=0.5, inplace=inplace)
+        assert (S_new.data_ptr() == S.data_ptr()) == inplace
+        got = dla.DLAState(S_new, None, scales=scales_new).slot_states()
+        assert rel_err(o, want_o) <= TOL and rel_err(got[:, :, :C - 1], want_S[:, :, :C - 1]) <= TOL
+        if dest is extend:
+            if base == "mamba2":
+                assert torch.equal(S_new[:, :, 1:], old[:, :, 1:])
+                torch.testing.assert_close(scales_new[:, :, 1:C - 1], g.exp()[..., None] * scales[:, :, 1:C - 1],
+                                           rtol=1e-6, atol=0)
+            else:
+                assert torch.equal(scales_new[:, :, :C - 1], torch.ones_like(scales_new[:, :, :C - 1]))
+            assert not torch.equal(S_new[:, :, 0], old[:, :, 0]) and bool((scales_new[:, :, 0] == 1).all())
+            assert torch.equal(S_new[:, :, C - 1], old[:, :, C - 1]) and bool((scales_new[:, :, C - 1] == 0).all())
+        else:
+            assert rel_err(got, want_S) <= TOL and bool((scales_new == 1).all())
+        S = S_new if inplace else S
 
 
 def test_gated_deltanet_inter_in_value_blocks(monkeypatch):

@@ -17,7 +17,7 @@ the ops take them.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn as nn
@@ -347,6 +347,14 @@ class MixerCache:
         tensors = list(self.conv.values()) + ([] if self.router_key is None else [self.router_key])
         return (0 if self.state is None else self.state.nbytes) + sum(t.numel() * t.element_size() for t in tensors)
 
+    def make_static(self) -> None:
+        """Prepare for one-token steps replayed as a CUDA graph: give the state scales of 1 where it
+        has none (:attr:`dla.DLAState.scales`, which every step then returns), so that the steps
+        replace the cache's tensors and never add one."""
+        s = self.state
+        if s is not None and s.scales is None:
+            self.state = replace(s, scales=s.states.new_ones(s.states.shape[:3]))
+
     def index_select(self, index: torch.Tensor) -> None:
         """Keep (and reorder, repeat) the sequences ``index`` -- beam search and batch expansion."""
         if self.state is None:
@@ -354,7 +362,8 @@ class MixerCache:
         index = index.to(self.state.states.device)
         s = self.state
         self.state = DLAState(states=s.states[index], segments=s.segments.index_select(index),
-                              prev_key=None if s.prev_key is None else s.prev_key[index])
+                              prev_key=None if s.prev_key is None else s.prev_key[index],
+                              scales=None if s.scales is None else s.scales[index])
         self.conv = {name: c[index] for name, c in self.conv.items()}
         if self.router_key is not None:
             self.router_key = self.router_key[index]

@@ -26,17 +26,27 @@ class DLAState:
     """Everything needed to continue a sequence: ``states [N, H, C, K, V]`` (one per segment,
     slot order newest first, fp32/fp64), the segmentation (:class:`SegmentState`: segment
     starts, information, position; the open segment's length is derived), and the last key of
-    each sequence for the novelty score. Its size does not depend on the sequence length."""
+    each sequence for the novelty score. Its size does not depend on the sequence length.
+
+    ``scales [N, H, C]`` (None: 1): slot ``c`` holds ``scales[..., c] * states[..., c]``. The decode
+    kernel keeps them, so that a Mamba-2 slot that only decays has its scale multiplied rather than
+    its state rewritten (:mod:`dla.ops.triton.decode`); :meth:`slot_states` applies them."""
 
     states: torch.Tensor
     segments: SegmentState
     prev_key: torch.Tensor | None = None
+    scales: torch.Tensor | None = None
 
     @property
     def nbytes(self) -> int:
         seg = self.segments
-        tensors = [self.states, seg.starts, seg.info, seg.position, seg.open_state, seg.open_norm, self.prev_key]
+        tensors = [self.states, self.scales, seg.starts, seg.info, seg.position, seg.open_state, seg.open_norm,
+                   self.prev_key]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def slot_states(self) -> torch.Tensor:
+        """Every slot's state, ``[N, H, C, K, V]``: ``states`` times their ``scales``."""
+        return self.states if self.scales is None else self.states * self.scales[..., None, None].to(self.states.dtype)
 
 
 @dataclass
@@ -59,6 +69,13 @@ class Prepared:
     out_dtype: torch.dtype
     initial: torch.Tensor | None  # [N, H, C, K, V]
     initial_prev_key: torch.Tensor | None  # [N, H, K]
+    initial_scales: torch.Tensor | None = None  # [N, H, C] (DLAState.scales)
+
+    def initial_slot_states(self) -> torch.Tensor | None:
+        """The initial states with their scales applied (:meth:`DLAState.slot_states`)."""
+        if self.initial is None or self.initial_scales is None:
+            return self.initial
+        return self.initial * self.initial_scales[..., None, None].to(self.initial.dtype)
 
     def output(self, o_rows: torch.Tensor) -> torch.Tensor:
         """``[N, H, Tm, V]`` rows -> ``[B, T, H, V]`` in the input dtype."""
@@ -67,7 +84,8 @@ class Prepared:
             o = pack(o, self.cu_seqlens)
         return o.to(self.out_dtype)
 
-    def final_state(self, states: torch.Tensor, starts: torch.Tensor, sched: Schedule) -> DLAState:
+    def final_state(self, states: torch.Tensor, starts: torch.Tensor, sched: Schedule,
+                    scales: torch.Tensor | None = None) -> DLAState:
         """The op's final state: ``starts`` are the op's own slot starts (absolute positions)."""
         lengths = self.schedule.lengths
         last = (lengths - 1).clamp(min=0)
@@ -77,7 +95,7 @@ class Prepared:
             keep = (lengths > 0)[:, None, None]
             prev_key = self.initial_prev_key if prev_key is None else torch.where(keep, prev_key, self.initial_prev_key)
         segments = dataclasses.replace(sched.final, starts=starts)
-        return DLAState(states=states, segments=segments, prev_key=prev_key)
+        return DLAState(states=states, segments=segments, prev_key=prev_key, scales=scales)
 
 
 def label_dtype(n_labels: int) -> torch.dtype:
@@ -191,7 +209,7 @@ def prepare(q, k, v, g, lam, schedule, beta=None, scale=None, cu_seqlens=None, i
     dense = schedule.dense()
     N = dense.lengths.numel()
     C = schedule.capacity
-    initial = prev_key0 = None
+    initial = initial_scales = prev_key0 = None
     if initial_state is not None:
         if not isinstance(initial_state, DLAState):
             raise TypeError(f"initial_state must be a dla.DLAState, got {type(initial_state).__name__}")
@@ -206,7 +224,12 @@ def prepare(q, k, v, g, lam, schedule, beta=None, scale=None, cu_seqlens=None, i
                              f"got {tuple(initial_state.states.shape)}")
         _check_tensor("initial_state.states", initial_state.states, "NHCKV", None, dev)
         finite["initial_state.states"] = initial_state.states
-        initial = initial_state.states
+        initial, initial_scales = initial_state.states, initial_state.scales
+        if initial_scales is not None:
+            if initial_scales.shape != (N, H, C):
+                raise ValueError(f"initial_state.scales must be [{N}, {H}, {C}], got {tuple(initial_scales.shape)}")
+            _check_tensor("initial_state.scales", initial_scales, "NHC", None, dev)
+            finite["initial_state.scales"] = initial_scales
         prev_key0 = initial_state.prev_key
     elif validate and schedule.initial is not None and (schedule.initial.starts >= 0).any():
         raise ValueError("the schedule continues earlier segments; pass their states as initial_state")
@@ -229,5 +252,6 @@ def prepare(q, k, v, g, lam, schedule, beta=None, scale=None, cu_seqlens=None, i
     p = Prepared(q=q_rows, k=rows(k, upcast_qkv), v=rows(v, upcast_qkv), scale=scale, compute_dtype=cdt, g=rows(g),
                  beta=None if beta is None else rows(beta),
                  lam=rows(lam), schedule=dense, cu_seqlens=cu_seqlens, out_dtype=v.dtype,
-                 initial=None if initial is None else initial.to(cdt), initial_prev_key=prev_key0)
+                 initial=None if initial is None else initial.to(cdt), initial_prev_key=prev_key0,
+                 initial_scales=None if initial_scales is None else initial_scales.to(cdt))
     return p

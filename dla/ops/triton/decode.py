@@ -3,7 +3,14 @@
 Per (sequence-head, value block): every new slot sums the old slots routed to it (a contiguous
 range, see :func:`dla.ops.recurrent.route_step`), applies the transition ``A_t``, slot 0 adds
 the write ``w_t k_t v_t^T``, the slot is stored and its read-out ``λ_n S_n^T q_t`` accumulated.
-Each old state is read once and each new state written once: the step's floor is those bytes.
+
+The states are kept with a scale per slot (:attr:`dla.DLAState.scales`: slot ``n`` holds
+``scales[n] * states[n]``). Mamba-2's transition is a number per head, the same for every slot, so
+a closed slot that stays where it was only has its scale multiplied by ``exp(g_t)``: it is read for
+the read-out and not written. The slots a step rewrites are the open one and those a birth moves or
+a merge joins (written with scale 1); an empty slot is neither read nor written (scale 0). Gated
+DeltaNet's transition ``I - β_t k_t k_tᵀ`` acts on every slot, so every slot it holds is rewritten.
+A Mamba-2 step between births thus reads every state once and writes one.
 """
 
 from __future__ import annotations
@@ -16,21 +23,29 @@ from dla.ops.triton.utils import source_ranges
 
 
 @triton.jit
-def decode_dla_step_kernel(S_ptr, S_new_ptr, lo_ptr, hi_ptr, q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, lam_ptr, o_ptr,
-                           scale, C: tl.constexpr, K: tl.constexpr, V: tl.constexpr, KP: tl.constexpr, BV: tl.constexpr,
-                           DELTA: tl.constexpr):
+def decode_dla_step_kernel(S_ptr, S_new_ptr, scales_ptr, scales_new_ptr, lo_ptr, hi_ptr, q_ptr, k_ptr, v_ptr, g_ptr,
+                           beta_ptr, lam_ptr, o_ptr, scale,
+                           C: tl.constexpr, K: tl.constexpr, V: tl.constexpr, KP: tl.constexpr, BV: tl.constexpr,
+                           DELTA: tl.constexpr, INPLACE: tl.constexpr):
     """One token for one row (sequence-head) and value columns ``vv``: new slot ``n`` = the old
-    slots ``lo[n]..hi[n]`` summed, times ``A_t`` (``exp(g_t)``, and ``I - β_t k_t k_tᵀ`` when
-    ``DELTA``, Gated DeltaNet), plus the write ``w_t k_t v_tᵀ`` in slot 0; ``o = Σ_n λ_n S_nᵀ q``.
-    ``KP`` is ``K`` rounded up to a power of two (masked); ``q`` is read times ``scale``, in float32.
+    slots ``lo[n]..hi[n]`` (each times its scale) summed, times ``A_t`` (``exp(g_t)``, and ``I -
+    β_t k_t k_tᵀ`` when ``DELTA``, Gated DeltaNet), plus the write ``w_t k_t v_tᵀ`` in slot 0;
+    ``o = Σ_n λ_n S_nᵀ q``. Without ``DELTA`` a slot ``n > 0`` whose only source is old slot ``n``
+    keeps its numbers and takes the scale ``exp(g_t) scales[n]``. ``KP`` is ``K`` rounded up to a
+    power of two (masked); ``q`` is read times ``scale``, in float32.
 
     New slots are made oldest first. Where every new slot ``n`` reads old slots ``<= n`` only (a
     birth shifts every slot one place older, and at most one merge folds a slot into the next older
     one: every policy but fenwick, whose carries fold a run of slots into an older one), ``S_new``
-    may be ``S`` itself, updated in place; a barrier between an iteration's reads and its write
-    keeps the warps from writing a slot another warp has still to read."""
+    may be ``S`` itself (``INPLACE``), updated in place: a kept or empty slot is then not written,
+    and a barrier between an iteration's reads and its write keeps the warps from writing a slot
+    another warp has still to read. Out of place ``S_new`` gets the same numbers: kept and empty
+    slots are copied.
+    The scales are read from ``scales`` and written to ``scales_new`` (another tensor: the programs
+    of a row's other value blocks may still read the old ones)."""
     r = tl.program_id(0).to(tl.int64)
-    vv = tl.program_id(1) * BV + tl.arange(0, BV)
+    i_v = tl.program_id(1)
+    vv = i_v * BV + tl.arange(0, BV)
     kk = tl.arange(0, KP)
     mask = (kk[:, None] < K) & (vv[None, :] < V)
     tile = kk[:, None] * V + vv[None, :]
@@ -44,19 +59,36 @@ def decode_dla_step_kernel(S_ptr, S_new_ptr, lo_ptr, hi_ptr, q_ptr, k_ptr, v_ptr
         n = C - 1 - i
         lo = tl.load(lo_ptr + r * C + n)
         hi = tl.load(hi_ptr + r * C + n)
-        acc = tl.zeros((KP, BV), dtype=tl.float32)
-        for j in range(lo, hi + 1):
-            acc += tl.load(S_ptr + (r * C + j) * K * V + tile, mask=mask, other=0.0)
-        if DELTA:
-            kS = tl.sum(k[:, None] * acc, axis=0)
-            acc = decay * (acc - w * k[:, None] * kS[None, :])
+        p_new = S_new_ptr + (r * C + n) * K * V + tile
+        lam = tl.load(lam_ptr + r * C + n).to(tl.float32)
+        empty = (hi < lo) & (n > 0)  # slot 0 without sources: a segment opens with the token's write
+        kept = (lo == n) & (hi == n) & (n > 0) & (not DELTA)
+        new_scale = tl.where(empty, 0.0, tl.where(kept, decay * tl.load(scales_ptr + r * C + n), 1.0))
+        if empty:  # scale 0: its numbers are not read again (out of place: copied, as in place they stay)
+            if not INPLACE:
+                tl.store(p_new, tl.load(S_ptr + (r * C + n) * K * V + tile, mask=mask, other=0.0), mask=mask)
+        elif kept:  # a closed slot that stays: only its scale decays
+            b_s = tl.load(S_ptr + (r * C + n) * K * V + tile, mask=mask, other=0.0)
+            if not INPLACE:
+                tl.store(p_new, b_s, mask=mask)
+            o += (lam * new_scale) * tl.sum(q[:, None] * b_s, axis=0)
         else:
-            acc = decay * acc
-        if n == 0:
-            acc += w * k[:, None] * v[None, :]
-        tl.debug_barrier()
-        tl.store(S_new_ptr + (r * C + n) * K * V + tile, acc, mask=mask)
-        o += tl.load(lam_ptr + r * C + n).to(tl.float32) * tl.sum(q[:, None] * acc, axis=0)
+            acc = tl.zeros((KP, BV), dtype=tl.float32)
+            for j in range(lo, hi + 1):
+                b_s = tl.load(S_ptr + (r * C + j) * K * V + tile, mask=mask, other=0.0)
+                acc += tl.load(scales_ptr + r * C + j) * b_s
+            if DELTA:
+                kS = tl.sum(k[:, None] * acc, axis=0)
+                acc = decay * (acc - w * k[:, None] * kS[None, :])
+            else:
+                acc = decay * acc
+            if n == 0:
+                acc += w * k[:, None] * v[None, :]
+            tl.debug_barrier()
+            tl.store(p_new, acc, mask=mask)
+            o += lam * tl.sum(q[:, None] * acc, axis=0)
+        if i_v == 0:
+            tl.store(scales_new_ptr + r * C + n, new_scale)
     tl.store(o_ptr + r * V + vv, o, mask=vv < V)
 
 
@@ -69,11 +101,12 @@ def launch_shape(K: int, V: int, delta: bool) -> tuple[int, int]:
     return BV, 8 if delta and KP * BV >= 8192 else 4
 
 
-def decode_step(S, dest, q, k, v, g, beta, lam, scale: float = 1.0, ranges=None, inplace: bool = False):
-    """The contract of ``dla.ops.recurrent._torch_step``: returns ``(S_new, o)``, the states in ``S``'s
-    dtype (computed in float32) and the output in ``q``'s. The inputs may be in any float dtype (read
-    as float32); ``q`` is multiplied by ``scale`` as it is read. ``ranges``: :func:`source_ranges` of
-    ``dest``, when the planner has them. ``inplace``: the new states overwrite ``S`` (when it is
+def decode_step(S, scales, dest, q, k, v, g, beta, lam, scale: float = 1.0, ranges=None, inplace: bool = False):
+    """The contract of ``dla.ops.recurrent._torch_step``: returns ``(S_new, scales_new, o)``, the
+    states in ``S``'s dtype (computed in float32) with their scales (``scales [N, H, C]``, None: 1;
+    see the module's docstring) and the output in ``q``'s. The inputs may be in any float dtype
+    (read as float32); ``q`` is multiplied by ``scale`` as it is read. ``ranges``: :func:`source_ranges`
+    of ``dest``, when the planner has them. ``inplace``: the new states overwrite ``S`` (when it is
     float32 and contiguous; a decoding cache that owns its states), so that a step allocates none;
     only for routings where no new slot reads an old slot older than itself (see the kernel)."""
     N, H, C, K, V = S.shape
@@ -81,11 +114,13 @@ def decode_step(S, dest, q, k, v, g, beta, lam, scale: float = 1.0, ranges=None,
     dtype = S.dtype
     S = S.float().contiguous()
     S_new = S if inplace else torch.empty_like(S)
+    scales = S.new_ones(N, H, C) if scales is None else scales.float().contiguous()
+    scales_new = torch.empty_like(scales)
     o = torch.empty(N, H, V, dtype=torch.float32, device=S.device)
     BV, num_warps = launch_shape(K, V, beta is not None)
     grid = (N * H, triton.cdiv(V, BV))
-    decode_dla_step_kernel[grid](S, S_new, lo, hi, q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(),
-                                 g if beta is None else beta.contiguous(), lam.contiguous(), o, scale,
+    decode_dla_step_kernel[grid](S, S_new, scales, scales_new, lo, hi, q.contiguous(), k.contiguous(), v.contiguous(),
+                                 g.contiguous(), g if beta is None else beta.contiguous(), lam.contiguous(), o, scale,
                                  C=C, K=K, V=V, KP=triton.next_power_of_2(K), BV=BV, DELTA=beta is not None,
-                                 num_warps=num_warps)
-    return S_new.to(dtype), o.to(q.dtype)
+                                 INPLACE=S_new is S, num_warps=num_warps)
+    return S_new.to(dtype), scales_new, o.to(q.dtype)
