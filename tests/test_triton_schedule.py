@@ -210,8 +210,12 @@ def test_a_graphed_plan_equals_the_launched_plan(score, merge, capacity, max_len
 
     graphed.clear_graphs()
     cu = torch.tensor([0, 100, 333, 400], device="cuda")
-    kw = dict(batch=1, heads=3, capacity=capacity, score=score, merge=merge, max_segment_len=max_len, threshold=1.0,
-              cu_seqlens=cu, device="cuda", keep_trace=keep_trace)
+    # where these random tokens open a segment at a third to a half of the tokens: the state score of
+    # random keys and values is near √2, the drift score lower (at τ = 1 one opened at every token, the other
+    # at 1 in 60)
+    threshold = {"state": 1.42, "state_drift": 0.7}[score]
+    kw = dict(batch=1, heads=3, capacity=capacity, score=score, merge=merge, max_segment_len=max_len,
+              threshold=threshold, cu_seqlens=cu, device="cuda", keep_trace=keep_trace)
     for seed in range(3):
         gen = torch.Generator().manual_seed(seed)
         k, v = (torch.randn(1, 400, 3, d, generator=gen).cuda().bfloat16() for d in (32, 16))
@@ -236,7 +240,8 @@ def test_a_graphed_plan_equals_the_launched_plan(score, merge, capacity, max_len
             for field in ("open_start", "open_norm", "open_states", "chunk") if keep_trace else ():
                 want, got = getattr(launched.trace, field), getattr(replayed.trace, field)
                 assert torch.equal(got, want) if torch.is_tensor(want) else got == want, field
-        assert (plans[0][0].death != dla.NONE).sum() > 100  # segments opened (and, at these capacities, died)
+        opened = (plans[0][0].death != dla.NONE).sum()
+        assert 100 < opened < 900  # segments opened (and, at these capacities, died), not at every token
 
 
 @pytest.mark.parametrize("T, K, V", [(10, 4, 3), (150, 96, 64), (130, 128, 128)])
@@ -328,7 +333,7 @@ def test_a_window_walked_in_one_launch_plans_what_the_chunk_launches_plan(score,
         plans.append((first, more, walks))
     for launched, one in zip(plans[0][:2], plans[1][:2]):
         assert_same(one, _cpu(launched))
-        assert torch.equal(one.final.open_state, launched.final.open_state)
+        assert torch.equal(one.final.open_state.cpu(), launched.final.open_state)
     assert (plans[0][0].death != dla.NONE).sum() > 30  # segments opened (and at these capacities died)
     for launched, one in zip(plans[0][2], plans[1][2]):
         assert len(one.open_starts) == len(launched.open_starts) > 0
