@@ -9,14 +9,13 @@ forward+backward, and the time to plan the schedule (``plan_ms``: the informatio
 Random inputs make the state score open a state at about every token, so every token also merges:
 the planner's worst case and the op's densest schedule. Shapes: Mamba-2 H=32, K=128, V=64; Gated
 DeltaNet H=16, K=V=128; SDPA H=16, D=128. The walks' environment variables apply (e.g.
-``DLA_WALK_KEY_SPLITS=2`` times the Mamba-2 walk in two key splits: docs/kernels.md).
+``DLA_WALK_KEY_SPLITS=1`` times the Mamba-2 walk in one key split instead of two: docs/kernels.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import time
 from pathlib import Path
@@ -67,6 +66,7 @@ def run(args):
     import triton
 
     import dla
+    from dla.ops.triton.chunk_inter import key_splits
 
     dev = "cuda"
     dtype = torch.bfloat16
@@ -75,8 +75,9 @@ def run(args):
             "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "python": platform.python_version(), "tokens_per_batch": TOKENS, "dtype": "bfloat16",
             "score": args.score, "threshold": args.threshold,
-            # the Mamba-2 walk's key splits (dla.ops.triton.chunk_inter.key_splits), read at every launch
-            "walk_key_splits": os.environ.get("DLA_WALK_KEY_SPLITS", "1")}
+            # the Mamba-2 walk's key splits at its K = 128 (dla.ops.triton.chunk_inter.key_splits), read at
+            # every launch
+            "walk_key_splits": key_splits(128, matrix=False)}
     data = {"meta": meta, "results": results}
 
     def record(name, base, T, C, fn, tensors, extra=None):

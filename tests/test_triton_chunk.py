@@ -500,7 +500,9 @@ def test_key_splits(monkeypatch):
 
     monkeypatch.delenv("DLA_WALK_KEY_SPLITS", raising=False)
     monkeypatch.delenv("DLA_WALK_KEY_BLOCK", raising=False)
-    assert key_splits(128, False) == 1 and key_tiles(128, False) == (1, 128)  # the default, until measured
+    # the default: two splits for the scalar walk where each keeps 16 rows, one for the matrix walk
+    assert key_tiles(128, False) == (2, 64) and [key_splits(K, False) for K in (16, 32, 256)] == [1, 2, 2]
+    assert key_tiles(128, True) == (1, 32)
     monkeypatch.setenv("DLA_WALK_KEY_SPLITS", "4")
     assert key_tiles(128, False) == (4, 32) and key_tiles(64, False) == (4, 16) and key_tiles(256, False) == (4, 32)
     assert key_tiles(128, True) == (1, 32)  # the K x K transition: one split

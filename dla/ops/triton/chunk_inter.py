@@ -302,6 +302,12 @@ def key_block(K: int, matrix: bool) -> int:
     return min(block, K)
 
 
+# the scalar walk's key splits: in the 125M DLA-Mamba-2 step at 4K tokens (H100, Triton 3.6) two
+# splits took the forward walk from 31.9 to 24.0 ms and the backward from 93.3 to 85.6 ms; four
+# took the backward to 106.6 ms (docs/kernels.md)
+DEFAULT_KEY_SPLITS = 2
+
+
 def key_splits(K: int, matrix: bool) -> int:
     """Key splits of the walks: programs per (sequence-head, value block), each walking ``K / KS``
     of the state's key rows. With a scalar decay (Mamba-2) the key rows of a state never mix, so
@@ -309,9 +315,11 @@ def key_splits(K: int, matrix: bool) -> int:
     the splits give the walks, latency-bound with few programs (a row per sequence-head), ``KS``
     times the programs. Gated DeltaNet's ``K x K`` transition couples the rows: always 1 there.
     The environment variable DLA_WALK_KEY_SPLITS sets it (a power of two leaving at least 16 rows
-    per split, ``tl.dot``'s minimum; read at every call, the forward's and the backward's); the
-    default is 1 until the program count at which splits pay is measured on a GPU."""
-    value = os.environ.get("DLA_WALK_KEY_SPLITS", "1")
+    per split, ``tl.dot``'s minimum; read at every call, the forward's and the backward's); by
+    default :data:`DEFAULT_KEY_SPLITS`, fewer where ``K`` is too narrow for them."""
+    value = os.environ.get("DLA_WALK_KEY_SPLITS")
+    if value is None:
+        return 1 if matrix else max(1, min(DEFAULT_KEY_SPLITS, K // 16))
     try:
         splits = int(value)
     except ValueError:
