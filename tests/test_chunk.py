@@ -109,18 +109,25 @@ def test_chunk_prefill_then_online_decoding(policy, base, T1):
     assert torch.equal(state.segments.starts, schedule.final.starts)
 
 
-@pytest.mark.parametrize("base", BASES)
-def test_chunk_continues_from_chunk_and_initial_state_gets_gradients(base):
-    T, T1 = 150, 77
-    inputs, schedule = make_case("dynamic", base, "level", B=2, T=T, H=2, K=4, V=3, capacity=4)
-    o_full, final_full = dla.chunk_dla(**inputs, schedule=schedule, chunk_size=16, output_final_state=True)
+def continued_window(base, label_rule, T, T1):
+    """A ``dynamic`` case of ``T`` tokens (2 sequences, 2 heads, C = 4) run by the chunked path over its
+    first ``T1`` tokens: ``(inputs, schedule, o1, state, tail, s2)``, with ``tail`` the inputs of the
+    other tokens and ``s2`` their schedule planned from ``state``."""
+    inputs, schedule = make_case("dynamic", base, label_rule, B=2, T=T, H=2, K=4, V=3, capacity=4)
     head = {n: None if x is None else x[:, :T1] for n, x in inputs.items()}
     tail = {n: None if x is None else x[:, T1:] for n, x in inputs.items()}
-    kw = dict(batch=2, heads=2, capacity=4, label_rule="level")
+    kw = dict(batch=2, heads=2, capacity=4, label_rule=label_rule)
     s1 = dla.plan_schedule("dynamic", length=T1, scores=dla.novelty_scores(head["k"]), **kw)
     o1, state = dla.chunk_dla(**head, schedule=s1, chunk_size=16, output_final_state=True)
     s2 = dla.plan_schedule("dynamic", length=T - T1, scores=dla.novelty_scores(tail["k"], prev_key=state.prev_key),
                            initial_state=state, **kw)
+    return inputs, schedule, o1, state, tail, s2
+
+
+@pytest.mark.parametrize("base", BASES)
+def test_chunk_continues_from_chunk_and_initial_state_gets_gradients(base):
+    inputs, schedule, o1, state, tail, s2 = continued_window(base, "level", 150, 77)
+    o_full, final_full = dla.chunk_dla(**inputs, schedule=schedule, chunk_size=16, output_final_state=True)
     state.states.requires_grad_(True)
     o2, final = dla.chunk_dla(**tail, schedule=s2, initial_state=state, chunk_size=16, output_final_state=True)
     o2_rec, final_rec = dla.recurrent_dla(**tail, schedule=s2, initial_state=state, output_final_state=True)
@@ -139,15 +146,7 @@ def test_a_state_kept_with_slot_scales_continues_as_its_scaled_states(base):
     """``DLAState.scales`` (what the decode kernel keeps): continuing ``(states, scales)`` with the
     chunked or the recurrent path gives the outputs, final states and gradients (through states and
     scales) of continuing the slots' states ``scales * states`` themselves."""
-    T, T1 = 60, 33
-    inputs, schedule = make_case("dynamic", base, "recency", B=2, T=T, H=2, K=4, V=3, capacity=4)
-    head = {n: None if x is None else x[:, :T1] for n, x in inputs.items()}
-    tail = {n: None if x is None else x[:, T1:] for n, x in inputs.items()}
-    kw = dict(batch=2, heads=2, capacity=4, label_rule="recency")
-    s1 = dla.plan_schedule("dynamic", length=T1, scores=dla.novelty_scores(head["k"]), **kw)
-    _, state = dla.chunk_dla(**head, schedule=s1, chunk_size=16, output_final_state=True)
-    s2 = dla.plan_schedule("dynamic", length=T - T1, scores=dla.novelty_scores(tail["k"], prev_key=state.prev_key),
-                           initial_state=state, **kw)
+    _, _, _, state, tail, s2 = continued_window(base, "recency", 60, 33)
     scales = (torch.rand(2, 2, 4, dtype=torch.float64) + 0.5).requires_grad_(True)
     states = (state.states / scales.detach()[..., None, None]).requires_grad_(True)
     lazy = dataclasses.replace(state, states=states, scales=scales)
