@@ -82,13 +82,15 @@ def compare_with_torch_path(policy, base, capacity, T, decay=FAST_DECAY, K=64, V
 
 @pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("matrix, V", [(False, 64), (True, 32)], ids=["mamba2", "gated_deltanet"])
-def test_fused_walk_state_checkpoints_on_gpu(matrix, V, input_dtype):
+def test_fused_walk_state_checkpoints_on_gpu(matrix, V, input_dtype, monkeypatch):
     """At the benchmark's head and chunk size (K = 128, L = 64) and C = 16 over 37 chunks, the fused
     walk that keeps the states every 8 chunks (the default; the last group holds 5) gives the same
     o, final states and gradients, bit for bit, as the one that keeps every boundary: the backward
     recomputes them (on 8 warps, 32 value columns) exactly as the autotuned forward computed them,
     for IEEE fp32 and tf32 (bf16 inputs) products. At most two value blocks meet in each atomic sum
-    (one key block at V = 64, one value block at V = 32), so the gradients are deterministic."""
+    (one key block at V = 64, one value block at V = 32), so the gradients are deterministic: in one
+    key split (two would make four addends, summed in no fixed order; test_fused_walk_in_key_splits_on_gpu)."""
+    monkeypatch.setenv("DLA_WALK_KEY_SPLITS", "1")
     case = walk_case(matrix, NC=37, C=16, K=128, V=V, N=2, H=2, L=64, device="cuda")
     every = walk_results(case, fused=True, group=1, input_dtype=input_dtype)
     checkpointed = walk_results(case, fused=True, group=8, input_dtype=input_dtype)
