@@ -115,3 +115,12 @@ def walk_results(case, fused, group=None, input_dtype=torch.float32):
     else:
         o, S = _inter(TORCH_WALKS, q_eff, lam, x.transpose(-1, -2), v, rank, gamma, dest, S0)
     return [o, S, *torch.autograd.grad((o * w_o).sum() + (S * w_s).sum(), ins)]
+
+
+def counted(kernel, calls: list):
+    """``kernel`` with its launches (``kernel[grid](...)``) recorded in ``calls``."""
+    class Counted:
+        def __getitem__(self, grid):
+            calls.append(grid)
+            return kernel[grid]
+    return Counted()

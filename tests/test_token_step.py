@@ -5,6 +5,7 @@ whole models the same logits and cache tensors, bit for bit."""
 
 import pytest
 import torch
+from conftest import counted
 from mixer_helpers import random_inputs
 from test_generation import DLA_CASES, left_padded, tiny_model
 
@@ -165,15 +166,6 @@ def test_the_fused_token_plan_repeats_the_float32_walk_of_the_gpu(name, delta, m
     assert len(fused) == steps
     assert births > 2 * H and (births < steps * 2 * H or kw["threshold"] < 0.5)  # tokens open and extend segments
     assert merges > 0 or kw["capacity"] > 8
-
-
-def counted(kernel, calls: list):
-    """``kernel`` with its launches (``kernel[grid](...)``) recorded in ``calls``."""
-    class Counted:
-        def __getitem__(self, grid):
-            calls.append(grid)
-            return kernel[grid]
-    return Counted()
 
 
 MODEL_CASES = DLA_CASES + [

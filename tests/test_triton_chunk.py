@@ -7,7 +7,18 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import BASES, FAST_DECAY, SLOW_DECAY, WALK_RESULTS, grads, make_case, rel_err, walk_case, walk_results
+from conftest import (
+    BASES,
+    FAST_DECAY,
+    SLOW_DECAY,
+    WALK_RESULTS,
+    counted,
+    grads,
+    make_case,
+    rel_err,
+    walk_case,
+    walk_results,
+)
 
 import dla
 
@@ -289,17 +300,27 @@ def test_triton_decode_steps_match_recurrent(policy, base, decay):
     assert rel_err(state.slot_states(), ref_state.states) <= TOL
 
 
+@pytest.mark.parametrize("value_blocks", [1, 2])
 @pytest.mark.parametrize("base", BASES)
 @pytest.mark.parametrize("inplace", [True, False], ids=["in-place", "out-of-place"])
-def test_the_decode_kernel_rescales_the_slots_mamba2_only_decays(base, inplace):
+def test_the_decode_kernel_rescales_the_slots_mamba2_only_decays(base, inplace, value_blocks, monkeypatch):
     """A token that extends its segment, with C = 5 slots of which 4 hold segments: Mamba-2's closed
     slots keep their numbers (in place: not written) and take the scale ``exp(g) * scale``, the open
     slot is rewritten with scale 1 and the empty one keeps its numbers with scale 0; Gated DeltaNet
     rewrites every held slot with scale 1. A birth at capacity (every slot moves, the two oldest
-    merge) rewrites every slot. The output and the slots' states equal the PyTorch step's."""
+    merge) rewrites every slot. The output and the slots' states equal the PyTorch step's. With two
+    value blocks per row (the launch for a GPU of many SMs and few rows) the programs of a row share
+    its scales."""
     from dla.ops.recurrent import _torch_step
+    from dla.ops.triton import decode
     from dla.ops.triton.decode import decode_step
 
+    if value_blocks == 2:  # 6 rows on 64 SMs: 16 value columns per program, V = 20 in two blocks
+        monkeypatch.setattr(decode, "multiprocessor_count", lambda device: 64)
+    else:
+        monkeypatch.setattr(decode, "multiprocessor_count", lambda device: None)
+    launched = []
+    monkeypatch.setattr(decode, "decode_dla_step_kernel", counted(decode.decode_dla_step_kernel, launched))
     torch.manual_seed(0)
     N, H, C, K, V = 2, 3, 5, 12, 20
     S = torch.randn(N, H, C, K, V, device=DEVICE)
@@ -333,6 +354,20 @@ def test_the_decode_kernel_rescales_the_slots_mamba2_only_decays(base, inplace):
         else:
             assert rel_err(got, want_S) <= TOL and bool((scales_new == 1).all())
         S = S_new if inplace else S
+    assert launched == [(N * H, value_blocks)] * 2
+
+
+def test_the_decode_launch_narrows_its_value_blocks_for_few_rows():
+    """At least two programs per SM where the value columns allow: batch 8 of DLA-Mamba-2 125M (24
+    heads, K = 128, V = 64) on 132 SMs takes blocks of 32 columns; batch 64, or no SM count, keeps 64;
+    a single row goes down to 16; Gated DeltaNet (K = V = 128) keeps 8 warps only for 64 columns."""
+    from dla.ops.triton.decode import launch_shape
+
+    assert launch_shape(128, 64, False) == launch_shape(128, 64, False, 64 * 24, 132) == (64, 4)
+    assert launch_shape(128, 64, False, 8 * 24, 132) == (32, 4)
+    assert launch_shape(128, 64, False, 1, 132) == (16, 4)
+    assert launch_shape(128, 128, True, 64 * 16, 132) == (64, 8)
+    assert launch_shape(128, 128, True, 8 * 16, 132) == (32, 4)
 
 
 def test_gated_deltanet_inter_in_value_blocks(monkeypatch):

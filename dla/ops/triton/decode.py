@@ -15,6 +15,8 @@ A Mamba-2 step between births thus reads every state once and writes one.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -92,13 +94,25 @@ def decode_dla_step_kernel(S_ptr, S_new_ptr, scales_ptr, scales_new_ptr, lo_ptr,
     tl.store(o_ptr + r * V + vv, o, mask=vv < V)
 
 
-def launch_shape(K: int, V: int, delta: bool) -> tuple[int, int]:
+def launch_shape(K: int, V: int, delta: bool, rows: int | None = None, sms: int | None = None) -> tuple[int, int]:
     """``(BV, num_warps)``: at most 8192 state numbers per program ([K, BV] tile), and 8 warps
     where the delta rule's extra products would otherwise spill (K = V = 128 and K = 256 spilled
-    with 4 warps: benchmarks/kernel_resources.py)."""
+    with 4 warps: benchmarks/kernel_resources.py). Given the ``rows`` (sequence-heads) and the
+    GPU's ``sms``, narrower value blocks (down to 16 columns) where the grid would give an SM fewer
+    than two programs: each program walks its C slots one after another, so a small batch is
+    bound by the latency of those loads unless more programs share the SMs."""
     KP = triton.next_power_of_2(K)
     BV = min(64, triton.next_power_of_2(V), max(16, 8192 // KP))
+    if rows is not None and sms is not None:
+        while BV > 16 and rows * triton.cdiv(V, BV) < 2 * sms:
+            BV //= 2
     return BV, 8 if delta and KP * BV >= 8192 else 4
+
+
+@functools.cache
+def multiprocessor_count(device: torch.device) -> int | None:
+    """The streaming multiprocessors of a CUDA ``device`` (None elsewhere)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
 
 
 def decode_step(S, scales, dest, q, k, v, g, beta, lam, scale: float = 1.0, ranges=None, inplace: bool = False):
@@ -117,7 +131,7 @@ def decode_step(S, scales, dest, q, k, v, g, beta, lam, scale: float = 1.0, rang
     scales = S.new_ones(N, H, C) if scales is None else scales.float().contiguous()
     scales_new = torch.empty_like(scales)
     o = torch.empty(N, H, V, dtype=torch.float32, device=S.device)
-    BV, num_warps = launch_shape(K, V, beta is not None)
+    BV, num_warps = launch_shape(K, V, beta is not None, N * H, multiprocessor_count(S.device))
     grid = (N * H, triton.cdiv(V, BV))
     decode_dla_step_kernel[grid](S, S_new, scales, scales_new, lo, hi, q.contiguous(), k.contiguous(), v.contiguous(),
                                  g.contiguous(), g if beta is None else beta.contiguous(), lam.contiguous(), o, scale,
