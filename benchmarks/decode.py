@@ -1,15 +1,17 @@
 """GPU decoding benchmark: one DLA step for a whole batch vs its memory floor and SDPA decoding.
 
-    python benchmarks/decode.py [--batch 64] [--heads 16] [--dim 128] [--capacity 16]
+    python benchmarks/decode.py [--batch 64] [--heads 16] [--dim 128] [--value-dim 128] [--capacity 16]
+    python benchmarks/decode.py --batch 8 --heads 24 --dim 128 --value-dim 64 --capacity 30  # the 125M DLA-Mamba-2
 
 A DLA step reads C states of K x V fp32 per head. Gated DeltaNet's transition rewrites every one;
 Mamba-2's, a number per head, only rescales the closed slots that stay where they are, so a step
 without a birth writes one state (the open one) and a birth's step rewrites the slots it moves.
 Each floor is those bytes over the measured copy bandwidth. Reported: the fused kernel alone for a
 token that extends its segment and for one that opens a segment (C slots full: every slot moves
-and the cheapest pair merges), and the whole step a model runs (novelty score, online policy
-step, checks, kernel). SDPA: one query against a bf16 KV cache of each context length. Writes JSON
-next to --out.
+and the cheapest pair merges), the same kernel launched with the widest value blocks (the launch
+narrows them where few rows would leave SMs idle: ``dla.ops.triton.decode.launch_shape``), and the
+whole step a model runs (novelty score, online policy step, checks, kernel). SDPA: one query
+against a bf16 KV cache of each context length. Writes JSON next to --out.
 """
 
 from __future__ import annotations
@@ -24,19 +26,22 @@ import torch.nn.functional as F
 from triton.testing import do_bench
 
 import dla
-from dla.ops.triton.decode import decode_step
+from dla.ops.triton import decode
+from dla.ops.triton.decode import decode_step, launch_shape, multiprocessor_count
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--heads", type=int, default=16)
-    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--dim", type=int, default=128, help="key width K (and SDPA's head width)")
+    ap.add_argument("--value-dim", type=int, help="value width V (default: --dim)")
     ap.add_argument("--capacity", type=int, default=16)
     ap.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "decode.json")
     args = ap.parse_args()
     B, H, D, C = args.batch, args.heads, args.dim, args.capacity
+    DV = args.value_dim or D
     dev = "cuda"
     big = torch.empty(2**28, dtype=torch.float32, device=dev)
     copy_ms = do_bench(lambda: big.clone(), warmup=10, rep=50, return_mode="median")
@@ -44,11 +49,11 @@ def main():
     big = None  # free it before the benchmark
     rows = {"meta": {"date": time.strftime("%Y-%m-%d"),
                      "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                     "B": B, "H": H, "K=V": D, "C": C, "copy_bandwidth_GBps": bandwidth / 1e9}}
-    slot_bytes = B * H * D * D * 4
+                     "B": B, "H": H, "K": D, "V": DV, "C": C, "copy_bandwidth_GBps": bandwidth / 1e9}}
+    slot_bytes = B * H * D * DV * 4
     for base in ("mamba2", "gated_deltanet"):
         k = F.normalize(torch.randn(B, 1, H, D, device=dev), dim=-1)
-        q, v = torch.randn(B, 1, H, D, device=dev), torch.randn(B, 1, H, D, device=dev)
+        q, v = torch.randn(B, 1, H, D, device=dev), torch.randn(B, 1, H, DV, device=dev)
         g = -torch.rand(B, 1, H, device=dev) * 0.1
         beta = torch.rand(B, 1, H, device=dev) if base == "gated_deltanet" else None
         # a full cache: C segments alive, as after a long prompt
@@ -56,7 +61,7 @@ def main():
         kp = F.normalize(torch.randn(B, prompt, H, D, device=dev), dim=-1)
         s = dla.plan_schedule("dynamic", batch=B, heads=H, length=prompt, capacity=C, scores=dla.novelty_scores(kp),
                               threshold=0.0)
-        state = dla.DLAState(torch.randn(B, H, C, D, D, device=dev) * 0.01, s.final, kp[:, -1])
+        state = dla.DLAState(torch.randn(B, H, C, D, DV, device=dev) * 0.01, s.final, kp[:, -1])
         lam = torch.full((B, 1, H, C), 0.7, device=dev)
         scales = torch.rand(B, H, C, device=dev) + 0.5
         slot = torch.arange(C, device=dev)
@@ -65,12 +70,19 @@ def main():
         birth = torch.minimum(slot + 1, torch.tensor(C - 1, device=dev)).expand(B, H, C).contiguous()
 
         def kernel(dest):
-            return decode_step(state.states, scales, dest, q.reshape(B, H, D), k.reshape(B, H, D), v.reshape(B, H, D),
+            return decode_step(state.states, scales, dest, q.reshape(B, H, D), k.reshape(B, H, D), v.reshape(B, H, DV),
                                g.reshape(B, H), None if beta is None else beta.reshape(B, H), lam.reshape(B, H, C),
                                inplace=True)
 
         kernel_ms = do_bench(lambda: kernel(extend), warmup=10, rep=50, return_mode="median")
         birth_ms = do_bench(lambda: kernel(birth), warmup=10, rep=50, return_mode="median")
+        value_block = launch_shape(D, DV, beta is not None, B * H, multiprocessor_count(state.states.device))[0]
+        widest = decode.multiprocessor_count
+        decode.multiprocessor_count = lambda device: None  # launch_shape without the SM count: its widest blocks
+        try:
+            wide_ms = do_bench(lambda: kernel(extend), warmup=10, rep=50, return_mode="median")
+        finally:
+            decode.multiprocessor_count = widest
         floor_ms = (C + (C if beta is not None else 1)) * slot_bytes / bandwidth * 1e3
         birth_floor_ms = 2 * C * slot_bytes / bandwidth * 1e3
 
@@ -83,9 +95,11 @@ def main():
         step_ms = do_bench(full_step, warmup=10, rep=50, return_mode="median")
         rows[f"dla-{base}"] = {"kernel_ms": kernel_ms, "full_step_ms": step_ms, "floor_ms": floor_ms,
                                "kernel_over_floor": kernel_ms / floor_ms, "birth_kernel_ms": birth_ms,
-                               "birth_floor_ms": birth_floor_ms, "cache_MiB": state.nbytes / 2**20}
+                               "birth_floor_ms": birth_floor_ms, "value_block": value_block,
+                               "widest_blocks_kernel_ms": wide_ms, "cache_MiB": state.nbytes / 2**20}
         print(f"dla-{base:15s} kernel {kernel_ms:7.3f} ms (floor {floor_ms:7.3f} ms, {kernel_ms / floor_ms:4.2f}x)  "
-              f"birth {birth_ms:7.3f} ms (floor {birth_floor_ms:7.3f} ms)  full step {step_ms:7.3f} ms  "
+              f"birth {birth_ms:7.3f} ms (floor {birth_floor_ms:7.3f} ms)  widest blocks {wide_ms:7.3f} ms "
+              f"(BV {value_block} in the launch)  full step {step_ms:7.3f} ms  "
               f"cache {state.nbytes / 2**20:8.1f} MiB", flush=True)
     for ctx in args.contexts:
         try:
