@@ -46,7 +46,12 @@ class DLAState:
 
     def slot_states(self) -> torch.Tensor:
         """Every slot's state, ``[N, H, C, K, V]``: ``states`` times their ``scales``."""
-        return self.states if self.scales is None else self.states * self.scales[..., None, None].to(self.states.dtype)
+        return scaled_slots(self.states, self.scales)
+
+
+def scaled_slots(states: torch.Tensor | None, scales: torch.Tensor | None) -> torch.Tensor | None:
+    """``states [..., C, K, V]`` times their slots' ``scales [..., C]`` (None: 1)."""
+    return states if states is None or scales is None else states * scales[..., None, None].to(states.dtype)
 
 
 @dataclass
@@ -70,12 +75,6 @@ class Prepared:
     initial: torch.Tensor | None  # [N, H, C, K, V]
     initial_prev_key: torch.Tensor | None  # [N, H, K]
     initial_scales: torch.Tensor | None = None  # [N, H, C] (DLAState.scales)
-
-    def initial_slot_states(self) -> torch.Tensor | None:
-        """The initial states with their scales applied (:meth:`DLAState.slot_states`)."""
-        if self.initial is None or self.initial_scales is None:
-            return self.initial
-        return self.initial * self.initial_scales[..., None, None].to(self.initial.dtype)
 
     def output(self, o_rows: torch.Tensor) -> torch.Tensor:
         """``[N, H, Tm, V]`` rows -> ``[B, T, H, V]`` in the input dtype."""

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from dla.ops import chunk
-from dla.ops.common import DLAState, check_backend, prepare
+from dla.ops.common import DLAState, check_backend, prepare, scaled_slots
 from dla.schedule.schedule import NONE, SegmentState, slot_labels
 
 
@@ -75,6 +75,8 @@ def recurrent_dla(q, k, v, g, lam, schedule, beta=None, scale=None, initial_stat
     step = _step_function(backend, x.q.is_cuda and Tm == 1)
     S = x.q.new_zeros(N, H, C, K, V) if x.initial is None else x.initial
     scales = x.initial_scales
+    if step is _torch_step:  # its new states carry no scales: applied once here, not at every step
+        S, scales = scaled_slots(S, scales), None
     slot_pos, slot_death = ds.carried_pos, ds.carried_death  # window coordinates
     outs = []
     # unbind once: indexing step t of a whole tensor inside the loop would make every step's
@@ -145,7 +147,7 @@ def _torch_step(S, scales, dest, q, k, v, g, beta, lam):
     C = S.shape[2]
     new_scales = None
     if scales is not None:
-        S, new_scales = S * scales[..., None, None].to(S.dtype), torch.ones_like(scales)
+        S, new_scales = scaled_slots(S, scales), torch.ones_like(scales)
     if C <= chunk.DENSE_ROUTE_MAX_CAPACITY:
         route = F.one_hot(dest, C + 1)[..., :C].transpose(-1, -2).to(S.dtype)  # [N, H, new, old]
         S = torch.einsum("nhij,nhjkv->nhikv", route, S)
