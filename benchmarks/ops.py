@@ -7,7 +7,10 @@ Forward and forward+backward median times (``triton.testing.do_bench``), peak me
 forward+backward, and the time to plan the schedule (``plan_ms``: the information scores and the
 ``dynamic`` policy's walk; by default the paper's state score and density merging) on bf16 inputs.
 Random inputs make the state score open a state at about every token, so every token also merges:
-the planner's worst case and the op's densest schedule. Shapes: Mamba-2 H=32, K=128, V=64; Gated
+the planner's worst case and the op's densest schedule. ``--segment-len N`` gives keys and values
+that stay near one direction for runs of about ``N`` tokens (a new run at each token with probability
+``1/N``, independently per head), so the state score opens a state where a run starts: a schedule
+like a trained layer's, with a state per ``N`` tokens. Shapes: Mamba-2 H=32, K=128, V=64; Gated
 DeltaNet H=16, K=V=128; SDPA H=16, D=128. The walks' environment variables apply (e.g.
 ``DLA_WALK_KEY_SPLITS=1`` times the Mamba-2 walk in one key split instead of two: docs/kernels.md).
 """
@@ -23,16 +26,25 @@ from pathlib import Path
 TOKENS = 32768
 
 
-def make_inputs(base, B, T, device, dtype):
+def make_inputs(base, B, T, device, dtype, segment_len=None):
+    """Random ``q, k, v, g`` (and ``beta``) of the op benchmark's shapes; with ``segment_len``, keys and
+    values in runs of about that many tokens around one direction each (10% noise)."""
     import torch
     import torch.nn.functional as F
 
     H, K, V = (32, 128, 64) if base == "mamba2" else (16, 128, 128)
     q = torch.randn(B, T, H, K, device=device, dtype=dtype)
-    k = torch.randn(B, T, H, K, device=device, dtype=dtype)
+    k = torch.randn(B, T, H, K, device=device)
+    v = torch.randn(B, T, H, V, device=device)
+    if segment_len:
+        starts = torch.rand(B, T, H, device=device) < 1 / segment_len
+        first = torch.arange(T, device=device)[None, :, None].expand_as(starts).masked_fill(~starts, 0)
+        first = first.cummax(1).values  # the token that starts each token's run
+        k = k.gather(1, first[..., None].expand_as(k)) + 0.1 * k
+        v = v.gather(1, first[..., None].expand_as(v)) + 0.1 * v
+    k, v = k.to(dtype), v.to(dtype)
     if base == "gated_deltanet":
         q, k = F.normalize(q.float(), dim=-1).to(dtype), F.normalize(k.float(), dim=-1).to(dtype)
-    v = torch.randn(B, T, H, V, device=device, dtype=dtype)
     g = F.logsigmoid(torch.randn(B, T, H, device=device)).mul(0.1).float()
     beta = torch.rand(B, T, H, device=device).to(dtype) if base == "gated_deltanet" else None
     return dict(q=q, k=k, v=v, g=g, beta=beta)
@@ -74,7 +86,7 @@ def run(args):
     meta = {"date": time.strftime("%Y-%m-%d"),
             "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "python": platform.python_version(), "tokens_per_batch": TOKENS, "dtype": "bfloat16",
-            "score": args.score, "threshold": args.threshold,
+            "score": args.score, "threshold": args.threshold, "segment_len": args.segment_len,
             # the Mamba-2 walk's key splits at its K = 128 (dla.ops.triton.chunk_inter.key_splits), read at
             # every launch
             "walk_key_splits": key_splits(128, matrix=False)}
@@ -109,7 +121,7 @@ def run(args):
     for T in args.lengths:
         B = max(1, TOKENS // T)
         for base in args.bases:
-            x = make_inputs(base, B, T, dev, dtype)
+            x = make_inputs(base, B, T, dev, dtype, args.segment_len)
             H, K = x["q"].shape[2], x["q"].shape[3]
             leaves = {n: (t.requires_grad_() if t is not None else None) for n, t in x.items()}
             scale = K ** -0.5
@@ -203,6 +215,8 @@ def main():
     ap.add_argument("--score", choices=("state", "novelty"), default="state",
                     help="the dynamic policy's information score: the paper's (state) or the earlier variant's")
     ap.add_argument("--threshold", type=float, help="τ (default: the score's, 1.0 for state, 0.5 for novelty)")
+    ap.add_argument("--segment-len", type=int,
+                    help="keys and values in runs of about this many tokens (default: independent tokens)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "ops.json")
     ap.add_argument("--plot", type=Path, help="only draw the PNG of an existing JSON")
     args = ap.parse_args()

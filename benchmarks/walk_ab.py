@@ -2,19 +2,21 @@
 
     git show REV:dla/ops/triton/chunk_inter.py > /tmp/walk_old.py
     python benchmarks/walk_ab.py /tmp/walk_old.py [--lengths 4096] [--capacity 16] [--out FILE.json]
+    python benchmarks/walk_ab.py /tmp/walk_old.py --bases mamba2 --tokens 4096   # one 4K row: few programs
 
 Both versions run in the same process on the same inputs (the op benchmark's shapes, bf16, 32K
-tokens per batch, a dynamic schedule): forward and forward+backward median times of ``chunk_dla``
-and the relative error of the other version's output and gradients against this tree's. Only the
-walk's forward and backward (``walk_forward``, ``walk_backward``, which ``chunk_dla``'s fused path
-looks up at call time) are swapped; everything around them is this tree's, so the other file must
-have both. Needs a GPU.
+tokens per batch unless ``--tokens`` says otherwise, a dynamic schedule): forward and
+forward+backward median times of ``chunk_dla`` and the relative error of the other version's output
+and gradients against this tree's. Only the walk's forward and backward (``walk_forward``,
+``walk_backward``, which ``chunk_dla``'s fused path looks up at call time) are swapped; everything
+around them is this tree's, so the other file must have both. Needs a GPU.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import json
 import sys
 import time
@@ -40,6 +42,8 @@ def main(argv=None) -> int:
     p.add_argument("--bases", nargs="+", choices=("mamba2", "gated_deltanet"), default=["gated_deltanet", "mamba2"])
     p.add_argument("--lengths", type=int, nargs="+", default=[4096])
     p.add_argument("--capacity", type=int, default=16)
+    p.add_argument("--tokens", type=int, nargs="+", default=[TOKENS],
+                   help="tokens per batch (default %(default)s); one row of 4096 is a 125M model's training step")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
 
@@ -56,8 +60,8 @@ def main(argv=None) -> int:
                 for name, module in (("this tree", chunk_inter), (str(args.other), other))}
     rows = []
     for base in args.bases:
-        for T in args.lengths:
-            B = max(1, TOKENS // T)
+        for T, tokens in itertools.product(args.lengths, args.tokens):
+            B = max(1, tokens // T)
             x = make_inputs(base, B, T, "cuda", torch.bfloat16)
             H, K = x["q"].shape[2:]
             sched = dla.plan_schedule("dynamic", batch=B, heads=H, length=T, capacity=args.capacity,
@@ -77,13 +81,15 @@ def main(argv=None) -> int:
                 o = forward()
                 results[name] = [o.float(), *(g.float() for g in torch.autograd.grad(o, leaves, do))]
                 fwd, both, peak = timed(forward, leaves)
-                row = dict(version=name, base=base, T=T, C=args.capacity, fwd_ms=fwd, fwd_bwd_ms=both, peak_mib=peak)
+                row = dict(version=name, base=base, T=T, B=B, C=args.capacity, fwd_ms=fwd, fwd_bwd_ms=both,
+                           peak_mib=peak)
                 mine = results["this tree"]
                 row["rel_err_vs_this_tree"] = max(float((a - b).norm() / b.norm().clamp_min(1e-30))
                                                   for a, b in zip(results[name], mine))
                 rows.append(row)
-                print(f"{base:15s} T={T:<6d} C={args.capacity:<3d} fwd {fwd:8.2f} ms  fwd+bwd {both:8.2f} ms  "
-                      f"peak {peak:7.0f} MiB  max rel err {row['rel_err_vs_this_tree']:.1e}  {name}", flush=True)
+                print(f"{base:15s} T={T:<6d} B={B:<3d} C={args.capacity:<3d} fwd {fwd:8.2f} ms  "
+                      f"fwd+bwd {both:8.2f} ms  peak {peak:7.0f} MiB  "
+                      f"max rel err {row['rel_err_vs_this_tree']:.1e}  {name}", flush=True)
             for f, fn in versions["this tree"].items():
                 setattr(chunk_inter, f, fn)
             x = leaves = lam = do = results = None
