@@ -59,16 +59,18 @@ class CountedLaunches:
 
 
 def launch_cuda_kernels(sites: collections.Counter):
-    """Take the step's CUDA path on the CPU: the Triton token plan and the decode kernel in place of
-    their PyTorch twins (in Triton's interpreter), each launch counted in ``sites``."""
+    """Take the step's CUDA path on the CPU: the Triton token plan, its terms and the decode kernel in
+    place of their PyTorch twins (in Triton's interpreter), each launch counted in ``sites``."""
     import functools
 
     from dla.layers import common
     from dla.ops import recurrent
     from dla.ops.triton import decode
-    from dla.schedule import token, triton_token
+    from dla.schedule import token, triton_terms, triton_token
 
     common.plan_token = functools.partial(token.plan_token, backend="triton")
+    token.terms_backend = lambda device, dtype: "triton"
+    triton_terms._token_terms_kernel = CountedLaunches(triton_terms._token_terms_kernel, "kernel: token terms", sites)
     recurrent._step_function = lambda backend, one_token_on_cuda: decode.decode_step
     triton_token._token_plan_kernel = CountedLaunches(triton_token._token_plan_kernel, "kernel: token plan", sites)
     decode.decode_dla_step_kernel = CountedLaunches(decode.decode_dla_step_kernel, "kernel: decode step", sites)

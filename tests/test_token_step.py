@@ -126,13 +126,17 @@ def test_the_fused_token_plan_repeats_the_float32_walk_of_the_gpu(name, delta, m
     per sequence-head (:mod:`dla.schedule.triton_token`; Triton's interpreter on CPU): from the first
     token of two sequences on, every plan equals the general planner's Triton walk bit for bit, with
     births and, at small capacities, merges, its open state written over the old one. On a GPU the
-    inputs are bfloat16, as in a model."""
+    inputs are bfloat16, as in a model. Both take the score's terms (the token's norm and its product
+    with the open state) from the launched kernels of dla.schedule.triton_terms, as on a GPU."""
     pytest.importorskip("triton", reason="triton is not installed")
     from dla.ops.triton.utils import source_ranges
-    from dla.schedule import triton_token
+    from dla.schedule import dynamic, token, triton_terms, triton_token
 
-    fused = []
+    fused, terms = [], []
     monkeypatch.setattr(triton_token, "_token_plan_kernel", counted(triton_token._token_plan_kernel, fused))
+    monkeypatch.setattr(triton_terms, "_token_terms_kernel", counted(triton_terms._token_terms_kernel, terms))
+    for module in (dynamic, token):
+        monkeypatch.setattr(module, "terms_backend", lambda *args: "triton")
     kw = PLANS[name]
     H, steps = 2, 30
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -164,6 +168,7 @@ def test_the_fused_token_plan_repeats_the_float32_walk_of_the_gpu(name, delta, m
         merges += int((dest[..., 1:] == dest[..., :-1]).logical_and(dest[..., 1:] < dest.shape[-1]).sum())
         state = plan.segments
     assert len(fused) == steps
+    assert len(terms) >= 2 * steps  # the token's norm and product, and the general planner's
     assert births > 2 * H and (births < steps * 2 * H or kw["threshold"] < 0.5)  # tokens open and extend segments
     assert merges > 0 or kw["capacity"] > 8
 

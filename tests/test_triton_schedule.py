@@ -278,6 +278,38 @@ def test_the_open_state_update_in_one_launch_matches_pytorch(T, K, V):
         assert (want[3] == 0).all() and (got[3] == 0).all()  # a segment starting after the chunk: nothing yet
 
 
+@pytest.mark.parametrize("K, V", [(5, 3), (128, 64)])
+def test_the_per_token_terms_launched_equal_pytorchs(K, V):
+    """The state score's per-token terms as Triton launches (one token per program,
+    dla.schedule.triton_terms): ``‖s_t‖²`` and the products with the open state equal
+    dla.schedule.dynamic's to float32 rounding, for bf16 inputs in the layout of a model's
+    ``[N, T, H, ...]`` (values a slice of a wider projection: not contiguous), several heads, widths
+    that are no power of two; a window's terms (rows as ``N``, ``H = 1``) are the same numbers."""
+    from dla.schedule import triton_terms
+    from dla.schedule.dynamic import carried_products, contribution_norms
+
+    N, T, H = 2, 7, 3
+    gen = torch.Generator().manual_seed(K)
+    k = torch.randn(N, T, H, K, generator=gen).bfloat16().to(DEVICE)
+    v = torch.randn(N, T, H, 2 * V, generator=gen).bfloat16().to(DEVICE)[..., :V]
+    w = (torch.rand(N, T, H, generator=gen) + 0.1).to(DEVICE)
+    O = torch.randn(N * H, K, V, generator=gen).to(DEVICE)
+    scale = (torch.rand(N * H, T, generator=gen) + 0.5).to(DEVICE)
+    rows = [x.float().transpose(1, 2).reshape(N * H, T, -1) for x in (k, v)]
+    w_rows = w.transpose(1, 2).reshape(N * H, T)
+    for got, want in [(triton_terms.contribution_norms(k, v, w), contribution_norms(*rows, w_rows)),
+                      (triton_terms.contribution_norms(k, v), contribution_norms(*rows)),
+                      (triton_terms.open_products(k, v, O, scale), carried_products(scale, *rows[:1], rows[1], O)),
+                      (triton_terms.open_products(k, v, O), carried_products(1.0, rows[0], rows[1], O))]:
+        assert got.shape == want.shape and got.dtype == torch.float32
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    as_window = [x.float().transpose(1, 2).reshape(N * H, T, 1, -1) for x in (k, v)]
+    assert torch.equal(triton_terms.contribution_norms(*as_window, w_rows[..., None]),
+                       triton_terms.contribution_norms(k.float(), v.float(), w))
+    assert torch.equal(triton_terms.open_products(*as_window, O, scale),
+                       triton_terms.open_products(k.float(), v.float(), O, scale))
+
+
 @pytest.mark.parametrize("score", ["state", "state_drift"])
 def test_plans_from_the_launched_products_equal_plans_from_pytorchs(score, monkeypatch):
     """Both walkers plan from the products of either backend; on random inputs (no score within
@@ -290,7 +322,7 @@ def test_plans_from_the_launched_products_equal_plans_from_pytorchs(score, monke
               g=g.to(DEVICE), beta=beta.to(DEVICE), cu_seqlens=cu.to(DEVICE), keep_trace=True)
     plans = {}
     for terms in ("torch", "triton"):
-        monkeypatch.setattr(dynamic, "terms_backend", lambda k, terms=terms: terms)
+        monkeypatch.setattr(dynamic, "terms_backend", lambda *args, terms=terms: terms)
         for walker in ("torch", "triton"):
             plans[terms, walker] = dla.plan_schedule("dynamic", backend=walker, **kw)
     ref = plans["torch", "torch"]
@@ -316,7 +348,7 @@ def test_a_window_walked_in_one_launch_plans_what_the_chunk_launches_plan(score,
     from dla.schedule import dynamic, triton_scan
     from dla.schedule.replay import RecordWalks
 
-    monkeypatch.setattr(dynamic, "terms_backend", lambda k: "triton")
+    monkeypatch.setattr(dynamic, "terms_backend", lambda *args: "triton")
     k, v, g, beta = (x.to(DEVICE) for x in random_inputs(T, T, H=3, K=K, V=V, dtype=torch.float32))
     cu = torch.tensor([0, 40, T - 20, T], device=DEVICE)
     kw = dict(batch=1, heads=3, capacity=capacity, threshold=1.0, score=score, merge=merge, max_segment_len=max_len,

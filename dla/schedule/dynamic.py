@@ -111,10 +111,11 @@ def planned_length(Tm: int) -> int:
     return -(-Tm // L) * L
 
 
-def terms_backend(k: torch.Tensor) -> str:
-    """How :class:`WindowTerms` takes its products with the open state by default: Triton for float32
-    CUDA tensors, else PyTorch."""
-    return "triton" if k.is_cuda and k.dtype == torch.float32 else "torch"
+def terms_backend(device: torch.device, dtype: torch.dtype) -> str:
+    """How :class:`WindowTerms` takes the state score's per-token terms and its products with the open
+    state by default: Triton for float32 CUDA tensors, else PyTorch. The one-token plan of decoding
+    (:mod:`dla.schedule.token`) asks too, so that both compute a token's terms alike."""
+    return "triton" if device.type == "cuda" and dtype == torch.float32 else "torch"
 
 
 class WindowTerms:
@@ -133,11 +134,17 @@ class WindowTerms:
         NC = -(-Tm // L)
         k, v, w, g = (to_chunks(x, L).contiguous() for x in (c.k, c.v, c.w, c.g))
         self.L, self.NC, self.Tm = L, NC, Tm
-        self.backend = backend or terms_backend(c.k)
+        self.backend = backend or terms_backend(c.k.device, c.k.dtype)
         if walk:
             pair, G, G_prev = pair_products(k, v, w, k, v, w, g)
             self.prefix = pair.flip(-1).cumsum(-1).flip(-1).view(R, NC, L, L)  # prefix[t, b] = Σ_{u >= b} pair[t, u]
-            self.norm = contribution_norms(k, v, w).view(R, NC, L)
+            if self.backend == "triton":
+                from dla.schedule import triton_terms
+
+                self.norm = triton_terms.contribution_norms(k.view(R, NC * L, 1, -1), v.view(R, NC * L, 1, -1),
+                                                            w.view(R, NC * L, 1)).view(R, NC, L)
+            else:
+                self.norm = contribution_norms(k, v, w).view(R, NC, L)
             self.gamma = g.exp().view(R, NC, L)
             self.carry_scale = (G_prev.exp() * w).view(R, NC, L)
         else:
@@ -151,6 +158,10 @@ class WindowTerms:
     def carried(self, i: int, open_state) -> torch.Tensor:
         """The products ``⟨s_t, decay(a-1 -> t-1) O_{a-1}⟩`` of chunk ``i``'s tokens with the open state
         before it, ``[R, L]``."""
+        if self.backend == "triton":
+            from dla.schedule.triton_terms import open_products
+
+            return open_products(self.k[:, i, :, None], self.v[:, i, :, None], open_state, self.carry_scale[:, i])
         return carried_products(self.carry_scale[:, i], self.k[:, i], self.v[:, i], open_state)
 
     def chunk(self, i: int, carried) -> ChunkTerms:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dla.schedule.dynamic import STATE_SCORES, contribution_norms, state_score
+from dla.schedule.dynamic import STATE_SCORES, contribution_norms, state_score, terms_backend
 from dla.schedule.policies import DEFAULT_THRESHOLD
 from dla.schedule.schedule import NONE, SegmentState, slot_labels
 from dla.schedule.scores import novelty_scores
@@ -137,19 +137,30 @@ def _dynamic_token(seg: SegmentState, threshold, score, merge, open_state, k, v,
     open_norm = open_state_new = norm = extended = None
     if state:
         R, K, V = N * H, k.shape[-1], v.shape[-1]
-        kr = k.detach().to(dtype).transpose(1, 2).reshape(R, 1, K)
-        vr = v.detach().to(dtype).transpose(1, 2).reshape(R, 1, V)
-        w = None if beta is None else beta.detach().to(dtype).transpose(1, 2).reshape(R, 1)
-        gamma = (torch.ones(N, H, dtype=dtype, device=kr.device) if open_state == "plain"
+        beta_rows = None if beta is None else beta.detach().to(dtype)  # [N, 1, H]
+        w = None if beta is None else beta_rows.transpose(1, 2).reshape(R, 1)
+        gamma = (torch.ones(N, H, dtype=dtype, device=k.device) if open_state == "plain"
                  else g.detach().to(dtype).transpose(1, 2).reshape(N, H).exp())
-        O = (torch.zeros(R, K, V, dtype=dtype, device=kr.device) if seg.open_state is None
+        O = (torch.zeros(R, K, V, dtype=dtype, device=k.device) if seg.open_state is None
              else seg.open_state.reshape(R, K, V).to(dtype))
-        open_norm = (torch.zeros(N, H, dtype=dtype, device=kr.device) if seg.open_norm is None
+        open_norm = (torch.zeros(N, H, dtype=dtype, device=k.device) if seg.open_norm is None
                      else seg.open_norm.to(dtype))
         # ⟨s_t, O⟩: the chunk's carried product (its scale exp(G_{t-1}) w_t is w_t at the chunk's first token)
-        x = ((kr @ O) * vr).sum(-1)
-        x = (x if w is None else w * x).view(N, H)
-        norm = contribution_norms(kr, vr, w).view(N, H)
+        if terms_backend(k.device, dtype) == "triton":
+            # as the general planner's window takes them: the same kernels on the same float32 numbers (a
+            # kernel compiled for other input types may sum in another order)
+            from dla.schedule import triton_terms
+
+            kf, vf = k.detach().to(dtype), v.detach().to(dtype)
+            x = triton_terms.open_products(kf, vf, O, w).view(N, H)
+            norm = triton_terms.contribution_norms(kf, vf, beta_rows)
+        else:
+            kr = k.detach().to(dtype).transpose(1, 2).reshape(R, 1, K)
+            vr = v.detach().to(dtype).transpose(1, 2).reshape(R, 1, V)
+            x = ((kr @ O) * vr).sum(-1)
+            x = (x if w is None else w * x).view(N, H)
+            norm = contribution_norms(kr, vr, w)
+        norm = norm.view(N, H)
         if backend == "triton":
             return _fused_state_token(starts, info, position, None if seg.open_state is None else O, open_norm,
                                       x, norm, gamma, k, v, beta, threshold, score, merge, max_segment_len,
