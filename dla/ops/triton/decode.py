@@ -2,7 +2,8 @@
 
 Per (sequence-head, value block): every new slot sums the old slots routed to it (a contiguous
 range, see :func:`dla.ops.recurrent.route_step`), applies the transition ``A_t``, slot 0 adds
-the write ``w_t k_t v_t^T``, the slot is stored and its read-out ``λ_n S_n^T q_t`` accumulated.
+the write ``w_t k_t v_t^T``, the slot is stored and its read-out ``λ_n S_n^T q_t`` accumulated (for
+Mamba-2 as the sum ``Σ_n λ_n S_n``, read out once after the last slot).
 
 The states are kept with a scale per slot (:attr:`dla.DLAState.scales`: slot ``n`` holds
 ``scales[n] * states[n]``). Mamba-2's transition is a number per head, the same for every slot, so
@@ -57,6 +58,9 @@ def decode_dla_step_kernel(S_ptr, S_new_ptr, scales_ptr, scales_new_ptr, lo_ptr,
     decay = tl.exp(tl.load(g_ptr + r).to(tl.float32))
     w = tl.load(beta_ptr + r).to(tl.float32) if DELTA else 1.0
     o = tl.zeros((BV,), dtype=tl.float32)
+    # Mamba-2 sums λ_n S_n and reduces it with q once, after the loop: a slot costs its load and no
+    # reduction across warps; the delta rule's extra products leave no registers for that sum
+    read = tl.zeros((KP, BV), dtype=tl.float32)
     for i in range(C):
         n = C - 1 - i
         lo = tl.load(lo_ptr + r * C + n)
@@ -73,7 +77,7 @@ def decode_dla_step_kernel(S_ptr, S_new_ptr, scales_ptr, scales_new_ptr, lo_ptr,
             b_s = tl.load(S_ptr + (r * C + n) * K * V + tile, mask=mask, other=0.0)
             if not INPLACE:
                 tl.store(p_new, b_s, mask=mask)
-            o += (lam * new_scale) * tl.sum(q[:, None] * b_s, axis=0)
+            read += (lam * new_scale) * b_s
         else:
             acc = tl.zeros((KP, BV), dtype=tl.float32)
             for j in range(lo, hi + 1):
@@ -88,9 +92,14 @@ def decode_dla_step_kernel(S_ptr, S_new_ptr, scales_ptr, scales_new_ptr, lo_ptr,
                 acc += w * k[:, None] * v[None, :]
             tl.debug_barrier()
             tl.store(p_new, acc, mask=mask)
-            o += lam * tl.sum(q[:, None] * acc, axis=0)
+            if DELTA:
+                o += lam * tl.sum(q[:, None] * acc, axis=0)
+            else:
+                read += lam * acc
         if i_v == 0:
             tl.store(scales_new_ptr + r * C + n, new_scale)
+    if not DELTA:
+        o = tl.sum(q[:, None] * read, axis=0)
     tl.store(o_ptr + r * V + vv, o, mask=vv < V)
 
 
