@@ -1,18 +1,21 @@
 """Training throughput (tokens/s) and peak memory of the paper configs at sequence length 16K.
 
 Each config runs in its own process (an out-of-memory config does not spoil the next): a few
-warm-up steps (Triton compilation and autotuning, excluded), then timed optimizer steps of one
-packed row of ``seq_len`` tokens per GPU (random tokens, documents of mixed lengths as
-``cu_seqlens``), bf16 autocast, AdamW, activation checkpointing as the config says. Results are
-appended to the JSON file after every config, so a run cut short keeps what it measured.
+warm-up steps (Triton compilation and autotuning, excluded), then timed optimizer steps of
+``--rows`` rows of ``seq_len`` tokens per GPU (default one), packed (random tokens, documents of
+mixed lengths as ``cu_seqlens``, none longer than ``seq_len``), bf16 autocast, AdamW, activation
+checkpointing as the config says. Results are appended to the JSON file after every config, so a
+run cut short keeps what it measured.
 
     # one GPU, all paper configs (a time budget per config, progress printed):
     python benchmarks/train_throughput.py --out benchmarks/results/train_throughput_h100.json
     # two GPUs, FSDP2 (each config under torchrun); scaling vs the one-GPU file:
     python benchmarks/train_throughput.py --gpus 2 --baseline benchmarks/results/train_throughput_h100.json \\
         --out benchmarks/results/train_throughput_2xh100.json
-    # the ~125M models of benchmarks/configs/ (the kernels' model-level targets), at 4K tokens:
+    # the ~125M models of benchmarks/configs/ (the kernels' model-level targets), at 4K tokens, one row
+    # per step and eight (32K tokens per step, the op benchmark's batch):
     python benchmarks/train_throughput.py --seq-len 4096 --configs benchmarks/configs/*_125m.yaml
+    python benchmarks/train_throughput.py --seq-len 4096 --rows 8 --configs benchmarks/configs/*_125m.yaml
     # CPU smoke test
     python benchmarks/train_throughput.py --tiny --configs dla_mamba2_780m --out /tmp/tp.json
 
@@ -59,11 +62,14 @@ def worker(args) -> None:
     model = wrap_model(model, runtime, "fsdp")
     optimizer = build_optimizer(model, set(), cfg.optim)
     gen = torch.Generator().manual_seed(runtime.rank)
-    lengths, total = [], 0
-    while total < seq_len:  # documents of 1/8 to 1 of the row, the last one cut to fit
-        n = min(int(torch.randint(seq_len // 8, seq_len + 1, (1,), generator=gen)), seq_len - total)
-        lengths.append(n)
-        total += n
+    lengths = []
+    for _ in range(args.rows):
+        total = 0
+        while total < seq_len:  # documents of 1/8 to 1 of a row, the last one cut to fit
+            n = min(int(torch.randint(seq_len // 8, seq_len + 1, (1,), generator=gen)), seq_len - total)
+            lengths.append(n)
+            total += n
+    tokens = args.rows * seq_len
     cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
     use_bf16 = runtime.device.type == "cuda"
     cuda = runtime.device.type == "cuda"
@@ -71,7 +77,7 @@ def worker(args) -> None:
     def step(phases=False):
         # fresh random tokens every step: a repeated batch would be memorised (a large model's loss
         # then falls to ~0 within a few steps and looks like a leak of the targets)
-        ids = torch.randint(0, config.vocab_size, (1, seq_len + 1), generator=gen)
+        ids = torch.randint(0, config.vocab_size, (1, tokens + 1), generator=gen)
         batch = Batch(ids[:, :-1], ids[:, 1:], cu).to(runtime.device)
         with torch.autocast(runtime.device.type, dtype=torch.bfloat16, enabled=use_bf16):
             loss = lm_loss(model, batch)
@@ -129,10 +135,11 @@ def worker(args) -> None:
     step_s = sum(times) / len(times)
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
     result = {"config": args.worker, "parameters": n_params, "gpus": runtime.world_size, "seq_len": seq_len,
-              "tokens_per_step": seq_len * runtime.world_size, "steps_timed": len(times), "warmup_steps": args.warmup,
+              "rows": args.rows, "tokens_per_step": tokens * runtime.world_size, "steps_timed": len(times),
+              "warmup_steps": args.warmup,
               "warmup_s": warmup_s, "step_s": step_s, "step_times_s": times,
-              "tokens_per_s": seq_len * runtime.world_size / step_s,
-              "tokens_per_s_per_gpu": seq_len / step_s, "peak_mem_gib": peak,
+              "tokens_per_s": tokens * runtime.world_size / step_s,
+              "tokens_per_s_per_gpu": tokens / step_s, "peak_mem_gib": peak,
               "activation_checkpointing": bool(cfg.activation_checkpointing and not args.no_checkpointing),
               "device": torch.cuda.get_device_name() if cuda else "cpu", "tiny": args.tiny}
     if runtime.is_main:
@@ -145,7 +152,8 @@ def launch(name: str, args, timeout: float) -> dict:
     child stops timing steps early enough to report them within ``timeout`` (the kill is the backstop)."""
     stop_at = time.time() + timeout - STOP_MARGIN_S
     flags = ["--worker", name, "--steps", str(args.steps), "--warmup", str(args.warmup),
-             "--budget", str(args.budget), "--stop-at", f"{stop_at:.1f}"] + (["--tiny"] if args.tiny else []) + (
+             "--budget", str(args.budget), "--stop-at", f"{stop_at:.1f}", "--rows", str(args.rows)] + (
+        ["--tiny"] if args.tiny else []) + (
         ["--seq-len", str(args.seq_len)] if args.seq_len else []) + (
         ["--no-checkpointing"] if args.no_checkpointing else [])
     if args.gpus > 1:
@@ -226,6 +234,7 @@ def main(argv=None) -> int:
                    "equal share of what is left (a config over its share is stopped and reported)")
     p.add_argument("--gpus", type=int, default=1, help="GPUs per config (>1: torchrun + FSDP2)")
     p.add_argument("--seq-len", type=int, help="default: the config's (16384); --tiny: 128")
+    p.add_argument("--rows", type=int, default=1, help="rows of --seq-len tokens per GPU and step (default 1)")
     p.add_argument("--no-checkpointing", action="store_true", help="turn activation checkpointing off")
     p.add_argument("--tiny", action="store_true", help="tiny widths on CPU (smoke test)")
     p.add_argument("--baseline", type=Path, help="a one-GPU result file, for scaling efficiency")
@@ -236,6 +245,8 @@ def main(argv=None) -> int:
     p.add_argument("--estimate-gpus", type=int, default=8)
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.rows < 1:
+        p.error(f"--rows must be at least 1, got {args.rows}")
     if args.worker:
         worker(args)
         return 0

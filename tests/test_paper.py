@@ -90,7 +90,8 @@ def test_train_throughput_tiny_on_cpu(tmp_path):
     steps it measured (before, the parent killed it at its share and kept only an error)."""
     out = tmp_path / "tp.json"
     cmd = [sys.executable, str(ROOT / "benchmarks/train_throughput.py"), "--tiny", "--configs", "dla_gdn_1.3b",
-           "--steps", "100000", "--budget", "1000", "--warmup", "1", "--deadline", "45", "--out", str(out)]
+           "--steps", "100000", "--budget", "1000", "--warmup", "1", "--deadline", "45", "--rows", "2",
+           "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -99,6 +100,8 @@ def test_train_throughput_tiny_on_cpu(tmp_path):
     assert row["config"] == "dla_gdn_1.3b" and 1 <= row["steps_timed"] < 100000 and row["tokens_per_s"] > 0
     assert len(row["step_times_s"]) == row["steps_timed"]
     assert row["step_s"] == pytest.approx(sum(row["step_times_s"]) / row["steps_timed"])
+    assert row["rows"] == 2 and row["tokens_per_step"] == 2 * row["seq_len"]  # two packed rows per step
+    assert row["tokens_per_s"] == pytest.approx(row["tokens_per_step"] / row["step_s"])
     table = subprocess.run([sys.executable, str(ROOT / "benchmarks/train_throughput.py"), "--estimate", str(out)],
                            capture_output=True, text=True, timeout=120).stdout
     assert "| dla_gdn_1.3b | 1 (cpu) |" in table
