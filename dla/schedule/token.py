@@ -145,22 +145,21 @@ def _dynamic_token(seg: SegmentState, threshold, score, merge, open_state, k, v,
              else seg.open_state.reshape(R, K, V).to(dtype))
         open_norm = (torch.zeros(N, H, dtype=dtype, device=k.device) if seg.open_norm is None
                      else seg.open_norm.to(dtype))
+        kf, vf = k.detach().to(dtype), v.detach().to(dtype)  # [N, 1, H, ...]
         # ⟨s_t, O⟩: the chunk's carried product (its scale exp(G_{t-1}) w_t is w_t at the chunk's first token)
         if terms_backend(k.device, dtype) == "triton":
             # as the general planner's window takes them: the same kernels on the same float32 numbers (a
             # kernel compiled for other input types may sum in another order)
             from dla.schedule import triton_terms
 
-            kf, vf = k.detach().to(dtype), v.detach().to(dtype)
-            x = triton_terms.open_products(kf, vf, O, w).view(N, H)
+            x = triton_terms.open_products(kf, vf, O, w)
             norm = triton_terms.contribution_norms(kf, vf, beta_rows)
         else:
-            kr = k.detach().to(dtype).transpose(1, 2).reshape(R, 1, K)
-            vr = v.detach().to(dtype).transpose(1, 2).reshape(R, 1, V)
+            kr, vr = kf.transpose(1, 2).reshape(R, 1, K), vf.transpose(1, 2).reshape(R, 1, V)
             x = ((kr @ O) * vr).sum(-1)
-            x = (x if w is None else w * x).view(N, H)
+            x = x if w is None else w * x
             norm = contribution_norms(kr, vr, w)
-        norm = norm.view(N, H)
+        x, norm = x.view(N, H), norm.view(N, H)
         if backend == "triton":
             return _fused_state_token(starts, info, position, None if seg.open_state is None else O, open_norm,
                                       x, norm, gamma, k, v, beta, threshold, score, merge, max_segment_len,

@@ -1,4 +1,6 @@
-"""The state score's per-chunk products with the open state, one Triton launch per planning chunk.
+"""The state score's terms in Triton: its per-chunk products with the open state, one launch per
+planning chunk, and the per-token terms (norms, products with the open state) that the planner's
+window and the one-token plan of decoding share.
 
 Between the walks of two planning chunks the planner ages the open state through the chunk just
 walked and adds the chunk's writes from the open segment's start on
@@ -104,16 +106,15 @@ def advance(k, v, write_scale, chunk_decay, carry_scale, i: int, open_state, ope
     return out, carried if carry else None
 
 
-
 @triton.jit
-def _token_terms_kernel(k_ptr, v_ptr, w_ptr, scale_ptr, open_ptr, out_ptr, H, T,
+def _token_terms_kernel(k_ptr, v_ptr, w_ptr, open_ptr, out_ptr, H, T,
                         s_kn, s_kt, s_kh, s_vn, s_vt, s_vh, s_wn, s_wt, s_wh,
                         K: tl.constexpr, V: tl.constexpr, KP: tl.constexpr, VP: tl.constexpr, BV: tl.constexpr,
                         PRODUCTS: tl.constexpr, HAS_W: tl.constexpr):
     """Token ``i_t`` of row ``i_r`` (sequence ``i_r // H``, head ``i_r % H``), one per program, so that a
     token's number does not depend on the others launched with it: ``‖s_t‖² = w² ‖k‖² ‖v‖²`` (the
     order of :func:`dla.schedule.dynamic.contribution_norms`), or with ``PRODUCTS`` its product with
-    the row's open state ``O [K, V]``, ``scale ⟨Oᵀ k, v⟩`` (``w`` is then the scale, ``[R, T]``)."""
+    the row's open state ``O [K, V]`` times the weight, ``w ⟨Oᵀ k, v⟩``. ``HAS_W``: a weight (else 1)."""
     i_r = tl.program_id(0).to(tl.int64)
     i_t = tl.program_id(1).to(tl.int64)
     i_n, i_h = i_r // H, i_r % H
@@ -121,6 +122,8 @@ def _token_terms_kernel(k_ptr, v_ptr, w_ptr, scale_ptr, open_ptr, out_ptr, H, T,
     m_k = o_k < K
     p_v = v_ptr + i_n * s_vn + i_t * s_vt + i_h * s_vh
     b_k = tl.load(k_ptr + i_n * s_kn + i_t * s_kt + i_h * s_kh + o_k, mask=m_k, other=0.0).to(tl.float32)  # [KP]
+    if HAS_W:
+        w = tl.load(w_ptr + i_n * s_wn + i_t * s_wt + i_h * s_wh).to(tl.float32)
     if PRODUCTS:
         acc = 0.0
         for v0 in range(0, V, BV):
@@ -131,31 +134,30 @@ def _token_terms_kernel(k_ptr, v_ptr, w_ptr, scale_ptr, open_ptr, out_ptr, H, T,
             b_v = tl.load(p_v + o_v, mask=m_v, other=0.0).to(tl.float32)  # [BV]
             acc += tl.sum(tl.sum(b_k[:, None] * b_open, 0) * b_v, 0)
         if HAS_W:
-            acc = tl.load(scale_ptr + i_r * T + i_t) * acc
+            acc = w * acc
         tl.store(out_ptr + i_r * T + i_t, acc)
     else:
         o_v = tl.arange(0, VP)
         b_v = tl.load(p_v + o_v, mask=o_v < V, other=0.0).to(tl.float32)  # [VP]
         k_norm = tl.sum(b_k * b_k, 0)
         if HAS_W:
-            w = tl.load(w_ptr + i_n * s_wn + i_t * s_wt + i_h * s_wh).to(tl.float32)
             k_norm = (w * w) * k_norm
         tl.store(out_ptr + i_r * T + i_t, k_norm * tl.sum(b_v * b_v, 0))
 
 
-def _token_terms(k, v, w, scale, open_state):
+def _token_terms(k, v, w, open_state):
+    """:func:`contribution_norms` (``open_state`` None) or :func:`open_products` (``w`` the scale),
+    ``w`` with the inputs' ``[N, T, H]`` indexing."""
     N, T, H, K = k.shape
     V = v.shape[-1]
     out = torch.empty(N * H, T, dtype=torch.float32, device=k.device)
     if out.numel():
         KP = triton.next_power_of_2(K)
-        products = open_state is not None
-        weight = scale if products else w
         _token_terms_kernel[(N * H, T)](
-            k, v, k if w is None else w, out if scale is None else scale, open_state if products else out, out, H, T,
+            k, v, out if w is None else w, out if open_state is None else open_state.contiguous(), out, H, T,
             *k.stride()[:3], *v.stride()[:3], *((0, 0, 0) if w is None else w.stride()),
             K=K, V=V, KP=KP, VP=triton.next_power_of_2(V), BV=min(triton.next_power_of_2(V), max(16, 4096 // KP)),
-            PRODUCTS=products, HAS_W=weight is not None, enable_fp_fusion=False)
+            PRODUCTS=open_state is not None, HAS_W=w is not None, enable_fp_fusion=False)
     return out
 
 
@@ -167,11 +169,13 @@ def contribution_norms(k, v, w=None):
     decoding (:mod:`dla.schedule.token`) both take the state score's terms from here and from
     :func:`open_products`, one token per program: a decoding step scores a token as the general
     planner does, bit for bit."""
-    return _token_terms(k, v, w, None, None)
+    return _token_terms(k, v, w, None)
 
 
 def open_products(k, v, open_state, scale=None):
-    """``scale_t ⟨O_rᵀ k_t, v_t⟩`` of every token with its row's ``open_state [N * H, K, V]`` (float32,
-    contiguous), ``[N * H, T]``; ``scale [N * H, T]`` (contiguous) None: 1. Inputs as
-    :func:`contribution_norms`'."""
-    return _token_terms(k, v, None, None if scale is None else scale.contiguous(), open_state.contiguous())
+    """``scale_t ⟨O_rᵀ k_t, v_t⟩`` of every token with its row's ``open_state [N * H, K, V]`` (float32),
+    ``[N * H, T]``; ``scale [N * H, T]`` None: 1. Inputs as :func:`contribution_norms`'."""
+    N, T, H = k.shape[:3]
+    # the scale's rows are sequence-heads: seen with the inputs' [N, T, H] indexing
+    w = None if scale is None else scale.reshape(N, H, T).transpose(1, 2)
+    return _token_terms(k, v, w, open_state)
