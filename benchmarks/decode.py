@@ -4,9 +4,10 @@
     python benchmarks/decode.py --batch 8 --heads 24 --dim 128 --value-dim 64 --capacity 30  # the 125M DLA-Mamba-2
 
 A DLA step reads C states of K x V fp32 per head. Gated DeltaNet's transition rewrites every one;
-Mamba-2's, a number per head, only rescales the closed slots that stay where they are, so a step
-without a birth writes one state (the open one) and a birth's step rewrites the slots it moves.
-Each floor is those bytes over the measured copy bandwidth. Reported: the fused kernel alone for a
+Mamba-2's, a number per head, only rescales the closed slots, which keep their places in the cache
+when a birth makes them older, so a step without a birth writes one state (the open one) and a
+birth's step at capacity two (the new open one and the merged pair's sum). Each floor is those
+bytes over the measured copy bandwidth. Reported: the fused kernel alone for a
 token that extends its segment and for one that opens a segment (C slots full: every slot moves
 and the cheapest pair merges), the same kernel launched with the widest value blocks (the launch
 narrows them where few rows would leave SMs idle: ``dla.ops.triton.decode.launch_shape``), and the
@@ -66,13 +67,15 @@ def main():
         scales = torch.rand(B, H, C, device=dev) + 0.5
         slot = torch.arange(C, device=dev)
         extend = slot.expand(B, H, C).contiguous()
-        # a birth at capacity: every slot moves one place older, the two oldest merge
+        # a birth at capacity: every slot one slot older, the two oldest merge
         birth = torch.minimum(slot + 1, torch.tensor(C - 1, device=dev)).expand(B, H, C).contiguous()
 
+        places = slot.int().repeat(B, H, 1)  # every slot at its own place
+
         def kernel(dest):
-            return decode_step(state.states, scales, dest, q.reshape(B, H, D), k.reshape(B, H, D), v.reshape(B, H, DV),
-                               g.reshape(B, H), None if beta is None else beta.reshape(B, H), lam.reshape(B, H, C),
-                               inplace=True)
+            return decode_step(state.states, scales, places, dest, q.reshape(B, H, D), k.reshape(B, H, D),
+                               v.reshape(B, H, DV), g.reshape(B, H), None if beta is None else beta.reshape(B, H),
+                               lam.reshape(B, H, C), inplace=True)
 
         kernel_ms = do_bench(lambda: kernel(extend), warmup=10, rep=50, return_mode="median")
         birth_ms = do_bench(lambda: kernel(birth), warmup=10, rep=50, return_mode="median")
@@ -84,7 +87,7 @@ def main():
         finally:
             decode.multiprocessor_count = widest
         floor_ms = (C + (C if beta is not None else 1)) * slot_bytes / bandwidth * 1e3
-        birth_floor_ms = 2 * C * slot_bytes / bandwidth * 1e3
+        birth_floor_ms = (C + (C if beta is not None else 2)) * slot_bytes / bandwidth * 1e3
 
         @torch.no_grad()
         def full_step():

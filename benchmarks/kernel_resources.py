@@ -34,7 +34,7 @@ SHAPES = [
     ("dla_mamba2_780m (K=128, V=64, C=30)", 128, 64, 30, False),
     ("dla_gdn_1.3b (K=256, V=512, C=30)", 256, 512, 30, True),
 ]
-INT_POINTERS = {"rank_ptr", "lo_ptr", "hi_ptr", "dest_ptr"}  # the rest are fp32
+INT_POINTERS = {"rank_ptr", "lo_ptr", "hi_ptr", "dest_ptr", "places_ptr", "places_new_ptr"}  # the rest are fp32
 
 
 def ptxas_report(ptx: str) -> dict:
@@ -110,7 +110,8 @@ def compile_decode(K: int, V: int, C: int, delta: bool) -> dict:
     BV, num_warps = launch_shape(K, V, delta)
     return {"BV": BV, "num_warps": num_warps,
             **compile_kernel(decode_dla_step_kernel,
-                             dict(C=C, K=K, V=V, KP=triton.next_power_of_2(K), BV=BV, DELTA=delta, INPLACE=True),
+                             dict(C=C, CP=triton.next_power_of_2(C), K=K, V=V, KP=triton.next_power_of_2(K), BV=BV,
+                                  DELTA=delta, INPLACE=True),
                              num_warps, 3)}
 
 

@@ -142,17 +142,24 @@ def test_chunk_continues_from_chunk_and_initial_state_gets_gradients(base):
 
 
 @pytest.mark.parametrize("base", BASES)
-def test_a_state_kept_with_slot_scales_continues_as_its_scaled_states(base):
-    """``DLAState.scales`` (what the decode kernel keeps): continuing ``(states, scales)`` with the
-    chunked or the recurrent path gives the outputs, final states and gradients (through states and
-    scales) of continuing the slots' states ``scales * states`` themselves."""
+def test_a_state_kept_with_slot_scales_and_places_continues_as_its_scaled_states(base):
+    """``DLAState.scales`` and ``DLAState.places`` (what the decode kernel keeps): continuing
+    ``(states, scales, places)`` with the chunked or the recurrent path gives the outputs, final
+    states and gradients (through states and scales) of continuing the slots' states ``scales *
+    states[places]`` themselves, in slot order."""
     _, _, _, state, tail, s2 = continued_window(base, "recency", 60, 33)
     scales = (torch.rand(2, 2, 4, dtype=torch.float64) + 0.5).requires_grad_(True)
-    states = (state.states / scales.detach()[..., None, None]).requires_grad_(True)
-    lazy = dataclasses.replace(state, states=states, scales=scales)
+    places = torch.stack([torch.randperm(4) for _ in range(4)]).view(2, 2, 4).to(torch.int32)
+    # slot c's numbers stored at place places[c]
+    stored = torch.empty_like(state.states).scatter_(2, places.long()[..., None, None].expand_as(state.states),
+                                                     state.states)
+    states = (stored / scales.detach().gather(-1, places.argsort(-1))[..., None, None]).requires_grad_(True)
+    assert not torch.equal(places, torch.arange(4, dtype=torch.int32).expand(2, 2, 4))
+    lazy = dataclasses.replace(state, states=states, scales=scales, places=places)
     w = None
     for op in (dla.chunk_dla, dla.recurrent_dla):
-        plain = dataclasses.replace(state, states=(states * scales[..., None, None]))
+        in_order = states.gather(2, places.long()[..., None, None].expand_as(states))
+        plain = dataclasses.replace(state, states=(in_order * scales[..., None, None]))
         results = []
         for initial in (lazy, plain):
             o, final = op(**tail, schedule=s2, initial_state=initial, output_final_state=True)

@@ -91,6 +91,12 @@ def test_initial_state_must_match_the_schedule():
     nan = dataclasses.replace(state, scales=torch.full((2, 2, 4), float("nan")))
     with pytest.raises(ValueError, match="initial_state.scales"):
         dla.recurrent_dla(**inputs, schedule=cont, initial_state=nan)
+    twice = dataclasses.replace(state, places=torch.tensor([0, 1, 1, 3], dtype=torch.int32).repeat(2, 2, 1))
+    with pytest.raises(ValueError, match=r"initial_state.places must hold a permutation of 0..3 per row"):
+        dla.chunk_dla(**inputs, schedule=cont, initial_state=twice)
+    with pytest.raises(TypeError, match="initial_state.places must be an integer tensor"):
+        dla.recurrent_dla(**inputs, schedule=cont,
+                          initial_state=dataclasses.replace(state, places=torch.zeros(2, 2, 4)))
     with pytest.raises(ValueError, match="chunk_size must be one of"):
         dla.chunk_dla(**inputs, schedule=schedule, chunk_size=48)
 

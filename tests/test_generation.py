@@ -205,10 +205,11 @@ def test_beam_search_reorders_the_preallocated_cache():
     assert beams.shape == (2, 13) and torch.equal(beams[1, -6:], alone[0, -6:])
 
 
-def test_static_dla_steps_give_the_states_slot_scales_and_beams_reorder_them():
-    """Before its steps are captured, a DLA layer's cache gets slot scales of 1 (the decode kernel
-    keeps them, dla.DLAState.scales), so that a step replaces the cache's tensors and adds none;
-    reordering the sequences (beam search) moves every slot's states with their scales."""
+def test_static_dla_steps_give_the_states_slot_scales_and_places_and_beams_reorder_them():
+    """Before its steps are captured, a DLA layer's cache gets slot scales of 1 and every slot its own
+    place (the decode kernel keeps them, dla.DLAState.scales and .places), so that a step replaces
+    the cache's tensors and adds none; reordering the sequences (beam search) moves every slot's
+    states with their scales and places."""
     model = tiny_model("mamba2", "dynamic")
     cache = dla.DLACache(model.config)
     with torch.no_grad():
@@ -217,7 +218,11 @@ def test_static_dla_steps_give_the_states_slot_scales_and_beams_reorder_them():
     assert layer.state.scales is None
     layer.make_static()
     assert layer.state.scales.shape == layer.state.states.shape[:3] and bool((layer.state.scales == 1).all())
+    C = layer.state.states.shape[2]
+    assert layer.state.places.dtype == torch.int32 and torch.equal(layer.state.places[1, 0], torch.arange(C).int())
     layer.state.scales = torch.rand_like(layer.state.scales)
+    layer.state.places = torch.stack([torch.randperm(C) for _ in range(layer.state.places[..., 0].numel())]).view(
+        layer.state.places.shape).int()
     want = layer.state.slot_states()[[2, 0, 0]]
     before = cache.nbytes
     cache.reorder_cache(torch.tensor([2, 0, 0]))

@@ -303,14 +303,16 @@ def test_triton_decode_steps_match_recurrent(policy, base, decay):
 @pytest.mark.parametrize("value_blocks", [1, 2])
 @pytest.mark.parametrize("base", BASES)
 @pytest.mark.parametrize("inplace", [True, False], ids=["in-place", "out-of-place"])
-def test_the_decode_kernel_rescales_the_slots_mamba2_only_decays(base, inplace, value_blocks, monkeypatch):
-    """A token that extends its segment, with C = 5 slots of which 4 hold segments: Mamba-2's closed
-    slots keep their numbers (in place: not written) and take the scale ``exp(g) * scale``, the open
-    slot is rewritten with scale 1 and the empty one keeps its numbers with scale 0; Gated DeltaNet
-    rewrites every held slot with scale 1. A birth at capacity (every slot moves, the two oldest
-    merge) rewrites every slot. The output and the slots' states equal the PyTorch step's. With two
-    value blocks per row (the launch for a GPU of many SMs and few rows) the programs of a row share
-    its scales."""
+def test_the_decode_kernel_writes_only_the_slots_whose_numbers_change(base, inplace, value_blocks, monkeypatch):
+    """Five steps on C = 5 slots stored at shuffled places: a token that extends its segment (the
+    oldest slot empty), a birth (every slot one older), a birth at capacity (the two oldest merge),
+    an extension of a full cache and a fold of a run of four slots into the oldest (fenwick's
+    carries). Every step's output and slots equal the PyTorch step's on the slots in order
+    (float64), and the places stay a permutation. Mamba-2 writes only the open slot and a merge's
+    sum (a moved slot keeps its place, a closed one takes the scale ``exp(g) * scale``); Gated
+    DeltaNet rewrites every held slot with scale 1; an empty slot gets scale 0. Out of place the
+    new states hold the same numbers at every place. With two value blocks per row (the launch for
+    a GPU of many SMs and few rows) the programs of a row share its scales and places."""
     from dla.ops.recurrent import _torch_step
     from dla.ops.triton import decode
     from dla.ops.triton.decode import decode_step
@@ -325,36 +327,53 @@ def test_the_decode_kernel_rescales_the_slots_mamba2_only_decays(base, inplace, 
     N, H, C, K, V = 2, 3, 5, 12, 20
     S = torch.randn(N, H, C, K, V, device=DEVICE)
     scales = torch.rand(N, H, C, device=DEVICE) + 0.5
-    q, k = torch.randn(N, H, K, device=DEVICE), F.normalize(torch.randn(N, H, K, device=DEVICE), dim=-1)
-    v, g = torch.randn(N, H, V, device=DEVICE), -torch.rand(N, H, device=DEVICE)
+    places = torch.stack([torch.randperm(C) for _ in range(N * H)]).view(N, H, C).int().to(DEVICE)
     beta = torch.rand(N, H, device=DEVICE) if base == "gated_deltanet" else None
-    lam = torch.rand(N, H, C, device=DEVICE)
-    slot = torch.arange(C, device=DEVICE)
-    extend = torch.where(slot < C - 1, slot, C).expand(N, H, C).contiguous()  # the oldest slot is empty
-    birth = torch.minimum(slot + 1, torch.tensor(C - 1, device=DEVICE)).expand(N, H, C).contiguous()
-    for dest in (extend, birth):
-        lam_t = lam * (dest < C) if dest is extend else lam
-        want_S, _, want_o = _torch_step(S.double(), scales.double(), dest, q.double() * 0.5, k.double(), v.double(),
-                                        g.double(), None if beta is None else beta.double(), lam_t.double())
-        old = S.clone()
-        S_new, scales_new, o = decode_step(S.clone() if not inplace else S, scales, dest, q, k, v, g, beta, lam_t,
-                                           scale=0.5, inplace=inplace)
-        assert (S_new.data_ptr() == S.data_ptr()) == inplace
-        got = dla.DLAState(S_new, None, scales=scales_new).slot_states()
-        assert rel_err(o, want_o) <= TOL and rel_err(got[:, :, :C - 1], want_S[:, :, :C - 1]) <= TOL
-        if dest is extend:
-            if base == "mamba2":
-                assert torch.equal(S_new[:, :, 1:], old[:, :, 1:])
-                torch.testing.assert_close(scales_new[:, :, 1:C - 1], g.exp()[..., None] * scales[:, :, 1:C - 1],
-                                           rtol=1e-6, atol=0)
-            else:
-                assert torch.equal(scales_new[:, :, :C - 1], torch.ones_like(scales_new[:, :, :C - 1]))
-            assert not torch.equal(S_new[:, :, 0], old[:, :, 0]) and bool((scales_new[:, :, 0] == 1).all())
-            assert torch.equal(S_new[:, :, C - 1], old[:, :, C - 1]) and bool((scales_new[:, :, C - 1] == 0).all())
+    routings = {  # dest: the new slot of every old slot (C: none), and the new slots that hold a segment
+        "extend": ([0, 1, 2, 3, C], 4),
+        "birth": ([1, 2, 3, 4, C], 5),
+        "birth at capacity": ([1, 2, 3, 4, 4], 5),
+        "extend full": ([0, 1, 2, 3, 4], 5),
+        "fold a run": ([1, 4, 4, 4, 4], 3),
+    }
+    for name, (dest, held) in routings.items():
+        dest = torch.tensor(dest, device=DEVICE).expand(N, H, C).contiguous()
+        filled = torch.zeros(C, dtype=torch.bool, device=DEVICE)
+        filled[dest[0, 0][dest[0, 0] < C]] = True
+        q, k = torch.randn(N, H, K, device=DEVICE), F.normalize(torch.randn(N, H, K, device=DEVICE), dim=-1)
+        v, g = torch.randn(N, H, V, device=DEVICE), -torch.rand(N, H, device=DEVICE)
+        filled[0] = True  # the token's slot
+        lam = torch.rand(N, H, C, device=DEVICE) * filled
+        old = dla.DLAState(S, None, scales=scales, places=places).slot_states()
+        want_S, _, _, want_o = _torch_step(old.double(), None, None, dest, q.double() * 0.5, k.double(), v.double(),
+                                           g.double(), None if beta is None else beta.double(), lam.double())
+        before = S.clone()
+        S_new, scales_new, places_new, o = decode_step(S, scales, places, dest, q, k, v, g, beta, lam, scale=0.5,
+                                                       inplace=inplace)
+        assert (S_new.data_ptr() == S.data_ptr()) == inplace, name
+        assert torch.equal(places_new.sort(-1).values, torch.arange(C, device=DEVICE).int().expand(N, H, C)), name
+        got = dla.DLAState(S_new, None, scales=scales_new, places=places_new).slot_states()
+        assert rel_err(o, want_o) <= TOL and rel_err(got[:, :, filled], want_S[:, :, filled]) <= TOL, name
+        assert bool((scales_new[:, :, ~filled] == 0).all()), name
+        # the places whose numbers the step changed, per row: [N, H, C] by place
+        changed = (S_new != before).flatten(-2).any(-1)
+        written = torch.zeros_like(changed)
+        slot = torch.arange(C, device=DEVICE)
+        if base == "mamba2":  # the open slot, and a new slot that sums several old ones
+            hit = dest[..., :, None] == slot  # [N, H, old, new]
+            rewritten = (slot == 0) | (hit.sum(-2) > 1)
+            kept = filled & ~rewritten  # [N, H, new]: one source, the old slot below
+            source = torch.where(hit, slot[:, None], 0).amax(-2)
+            torch.testing.assert_close(scales_new[kept], (g.exp()[..., None] * scales.gather(-1, source))[kept],
+                                       rtol=1e-6, atol=0)
         else:
-            assert rel_err(got, want_S) <= TOL and bool((scales_new == 1).all())
-        S = S_new if inplace else S
-    assert launched == [(N * H, value_blocks)] * 2
+            rewritten = filled.expand(N, H, C)
+        assert bool((scales_new[rewritten] == 1).all()), name
+        written.scatter_(-1, places_new.long(), rewritten)
+        assert torch.equal(changed, written), name
+        S, scales, places = S_new, scales_new, places_new
+        assert held == int(filled.sum())
+    assert launched == [(N * H, value_blocks)] * len(routings)
 
 
 def test_the_decode_launch_narrows_its_value_blocks_for_few_rows():

@@ -348,12 +348,15 @@ class MixerCache:
         return (0 if self.state is None else self.state.nbytes) + sum(t.numel() * t.element_size() for t in tensors)
 
     def make_static(self) -> None:
-        """Prepare for one-token steps replayed as a CUDA graph: give the state scales of 1 where it
-        has none (:attr:`dla.DLAState.scales`, which every step then returns), so that the steps
-        replace the cache's tensors and never add one."""
+        """Prepare for one-token steps replayed as a CUDA graph: give the state scales of 1 and every
+        slot its own place where it has none (:attr:`dla.DLAState.scales`, :attr:`dla.DLAState.places`,
+        which every step then returns), so that the steps replace the cache's tensors and never add one."""
         s = self.state
         if s is not None and s.scales is None:
-            self.state = replace(s, scales=s.states.new_ones(s.states.shape[:3]))
+            s = self.state = replace(s, scales=s.states.new_ones(s.states.shape[:3]))
+        if s is not None and s.places is None:
+            N, H, C = s.states.shape[:3]
+            self.state = replace(s, places=torch.arange(C, dtype=torch.int32, device=s.states.device).repeat(N, H, 1))
 
     def index_select(self, index: torch.Tensor) -> None:
         """Keep (and reorder, repeat) the sequences ``index`` -- beam search and batch expansion."""
@@ -363,7 +366,8 @@ class MixerCache:
         s = self.state
         self.state = DLAState(states=s.states[index], segments=s.segments.index_select(index),
                               prev_key=None if s.prev_key is None else s.prev_key[index],
-                              scales=None if s.scales is None else s.scales[index])
+                              scales=None if s.scales is None else s.scales[index],
+                              places=None if s.places is None else s.places[index])
         self.conv = {name: c[index] for name, c in self.conv.items()}
         if self.router_key is not None:
             self.router_key = self.router_key[index]
@@ -485,9 +489,8 @@ class DLAMixer(nn.Module):
         """One token per sequence continuing ``cache``, unchecked (a decoding step): the schedule
         planned straight from the cache's segmentation (:func:`dla.schedule.token.plan_token`) and
         the op's one-token step (:func:`dla.ops.recurrent_step`), with the numbers, final state and
-        segmentation of the general path. On CUDA the kernels update the cache's states (unless the
-        plan folds runs of slots) and open state in place (the cache owns them), so a captured step
-        allocates and copies no state.
+        segmentation of the general path. On CUDA the kernels update the cache's states and open state
+        in place (the cache owns them), so a captured step allocates and copies no state.
         ``scores``: the layer's given scores ``[B, 1, H]``."""
         p = self.policy
         state = cache.state
@@ -500,7 +503,7 @@ class DLAMixer(nn.Module):
                           inplace=True)
         lam = None if self.lam_proj is None else self.lam_proj(x)
         o, cache.state = recurrent_step(q, k, v, g, plan.slot_lambda(lam), plan.dest, state, plan.segments,
-                                        beta=beta, scale=scale, ranges=plan.ranges, inplace=not plan.folds_runs)
+                                        beta=beta, scale=scale, ranges=plan.ranges, inplace=True)
         return o
 
 

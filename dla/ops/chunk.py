@@ -117,7 +117,8 @@ def chunk_dla(q, k, v, g, lam, schedule, beta=None, scale=None, initial_state: D
     # over chunks; rerun in the backward from the chunks' inputs), and 4. the carried states,
     # chunk by chunk, and what the queries read from them
     b_c = None if x.beta is None else chunks(x.beta)
-    S0 = x.g.new_zeros(N, H, C, K, V) if x.initial is None else scaled_slots(x.initial, x.initial_scales)
+    S0 = (x.g.new_zeros(N, H, C, K, V) if x.initial is None
+          else scaled_slots(x.initial, x.initial_scales, x.initial_places))
     step3 = (g_c, b_c, lam_c, label[..., C:])  # step 3's inputs but q, k and v
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                                  for t in (q_c, k_c, v_c, g_c, b_c, lam_c, lam_inter, S0))

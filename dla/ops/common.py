@@ -28,30 +28,41 @@ class DLAState:
     starts, information, position; the open segment's length is derived), and the last key of
     each sequence for the novelty score. Its size does not depend on the sequence length.
 
-    ``scales [N, H, C]`` (None: 1): slot ``c`` holds ``scales[..., c] * states[..., c]``. The decode
-    kernel keeps them, so that a Mamba-2 slot that only decays has its scale multiplied rather than
-    its state rewritten (:mod:`dla.ops.triton.decode`); :meth:`slot_states` applies them."""
+    ``scales [N, H, C]`` (None: 1) and ``places [N, H, C]`` (int32, None: slot ``c`` at place ``c``):
+    slot ``c`` holds ``scales[..., c] * states[..., places[..., c], :, :]``. The decode kernel keeps
+    them (:mod:`dla.ops.triton.decode`): a Mamba-2 slot that only decays has its scale multiplied
+    rather than its state rewritten, and a slot that moves (a birth makes every slot one place
+    older) keeps its place in ``states``, so a step writes only the slots whose numbers change.
+    :meth:`slot_states` applies both."""
 
     states: torch.Tensor
     segments: SegmentState
     prev_key: torch.Tensor | None = None
     scales: torch.Tensor | None = None
+    places: torch.Tensor | None = None
 
     @property
     def nbytes(self) -> int:
         seg = self.segments
-        tensors = [self.states, self.scales, seg.starts, seg.info, seg.position, seg.open_state, seg.open_norm,
-                   self.prev_key]
+        tensors = [self.states, self.scales, self.places, seg.starts, seg.info, seg.position, seg.open_state,
+                   seg.open_norm, self.prev_key]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def slot_states(self) -> torch.Tensor:
-        """Every slot's state, ``[N, H, C, K, V]``: ``states`` times their ``scales``."""
-        return scaled_slots(self.states, self.scales)
+        """Every slot's state, newest first, ``[N, H, C, K, V]``: ``states`` in slot order (``places``)
+        times their ``scales``."""
+        return scaled_slots(self.states, self.scales, self.places)
 
 
-def scaled_slots(states: torch.Tensor | None, scales: torch.Tensor | None) -> torch.Tensor | None:
-    """``states [..., C, K, V]`` times their slots' ``scales [..., C]`` (None: 1)."""
-    return states if states is None or scales is None else states * scales[..., None, None].to(states.dtype)
+def scaled_slots(states: torch.Tensor | None, scales: torch.Tensor | None,
+                 places: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The slots of ``states [..., C, K, V]``, slot ``c`` at ``places[..., c]`` (None: at ``c``), times
+    their ``scales [..., C]`` (None: 1)."""
+    if states is None:
+        return None
+    if places is not None:
+        states = torch.take_along_dim(states, places.long()[..., None, None], dim=-3)
+    return states if scales is None else states * scales[..., None, None].to(states.dtype)
 
 
 @dataclass
@@ -75,6 +86,7 @@ class Prepared:
     initial: torch.Tensor | None  # [N, H, C, K, V]
     initial_prev_key: torch.Tensor | None  # [N, H, K]
     initial_scales: torch.Tensor | None = None  # [N, H, C] (DLAState.scales)
+    initial_places: torch.Tensor | None = None  # [N, H, C] (DLAState.places)
 
     def output(self, o_rows: torch.Tensor) -> torch.Tensor:
         """``[N, H, Tm, V]`` rows -> ``[B, T, H, V]`` in the input dtype."""
@@ -84,7 +96,7 @@ class Prepared:
         return o.to(self.out_dtype)
 
     def final_state(self, states: torch.Tensor, starts: torch.Tensor, sched: Schedule,
-                    scales: torch.Tensor | None = None) -> DLAState:
+                    scales: torch.Tensor | None = None, places: torch.Tensor | None = None) -> DLAState:
         """The op's final state: ``starts`` are the op's own slot starts (absolute positions)."""
         lengths = self.schedule.lengths
         last = (lengths - 1).clamp(min=0)
@@ -94,7 +106,7 @@ class Prepared:
             keep = (lengths > 0)[:, None, None]
             prev_key = self.initial_prev_key if prev_key is None else torch.where(keep, prev_key, self.initial_prev_key)
         segments = dataclasses.replace(sched.final, starts=starts)
-        return DLAState(states=states, segments=segments, prev_key=prev_key, scales=scales)
+        return DLAState(states=states, segments=segments, prev_key=prev_key, scales=scales, places=places)
 
 
 def label_dtype(n_labels: int) -> torch.dtype:
@@ -208,7 +220,7 @@ def prepare(q, k, v, g, lam, schedule, beta=None, scale=None, cu_seqlens=None, i
     dense = schedule.dense()
     N = dense.lengths.numel()
     C = schedule.capacity
-    initial = initial_scales = prev_key0 = None
+    initial = initial_scales = initial_places = prev_key0 = None
     if initial_state is not None:
         if not isinstance(initial_state, DLAState):
             raise TypeError(f"initial_state must be a dla.DLAState, got {type(initial_state).__name__}")
@@ -229,6 +241,18 @@ def prepare(q, k, v, g, lam, schedule, beta=None, scale=None, cu_seqlens=None, i
                 raise ValueError(f"initial_state.scales must be [{N}, {H}, {C}], got {tuple(initial_scales.shape)}")
             _check_tensor("initial_state.scales", initial_scales, "NHC", None, dev)
             finite["initial_state.scales"] = initial_scales
+        initial_places = initial_state.places
+        if initial_places is not None:
+            if not isinstance(initial_places, torch.Tensor) or initial_places.shape != (N, H, C):
+                raise ValueError(f"initial_state.places must be a tensor [{N}, {H}, {C}], "
+                                 f"got {getattr(initial_places, 'shape', initial_places)!r}")
+            if initial_places.is_floating_point() or initial_places.dtype == torch.bool:
+                raise TypeError(f"initial_state.places must be an integer tensor, got {initial_places.dtype}")
+            if initial_places.device != dev:
+                raise ValueError(f"initial_state.places is on {initial_places.device} but q is on {dev}")
+            every_place = torch.arange(C, device=dev).expand(N, H, C)
+            if validate and not torch.equal(initial_places.sort(-1).values, every_place):
+                raise ValueError(f"initial_state.places must hold a permutation of 0..{C - 1} per row")
         prev_key0 = initial_state.prev_key
     elif validate and schedule.initial is not None and (schedule.initial.starts >= 0).any():
         raise ValueError("the schedule continues earlier segments; pass their states as initial_state")
@@ -252,5 +276,6 @@ def prepare(q, k, v, g, lam, schedule, beta=None, scale=None, cu_seqlens=None, i
                  beta=None if beta is None else rows(beta),
                  lam=rows(lam), schedule=dense, cu_seqlens=cu_seqlens, out_dtype=v.dtype,
                  initial=None if initial is None else initial.to(cdt), initial_prev_key=prev_key0,
-                 initial_scales=None if initial_scales is None else initial_scales.to(cdt))
+                 initial_scales=None if initial_scales is None else initial_scales.to(cdt),
+                 initial_places=initial_places)
     return p

@@ -74,9 +74,9 @@ def recurrent_dla(q, k, v, g, lam, schedule, beta=None, scale=None, initial_stat
     C = ds.capacity
     step = _step_function(backend, x.q.is_cuda and Tm == 1)
     S = x.q.new_zeros(N, H, C, K, V) if x.initial is None else x.initial
-    scales = x.initial_scales
-    if step is _torch_step:  # its new states carry no scales: applied once here, not at every step
-        S, scales = scaled_slots(S, scales), None
+    scales, places = x.initial_scales, x.initial_places
+    if step is _torch_step:  # its new states carry no scales or places: applied once here, not at every step
+        S, scales, places = scaled_slots(S, scales, places), None, None
     slot_pos, slot_death = ds.carried_pos, ds.carried_death  # window coordinates
     outs = []
     # unbind once: indexing step t of a whole tensor inside the loop would make every step's
@@ -87,13 +87,13 @@ def recurrent_dla(q, k, v, g, lam, schedule, beta=None, scale=None, initial_stat
         dest, slot_pos, slot_death = route_step(slot_pos, slot_death, ds.start_death[:, :, t], t)
         label = slot_labels(slot_pos, slot_death != NONE, t + 1, ds.label_rule)
         lam_t = lam_all.gather(-1, label) * (slot_death != NONE)
-        S, scales, o_t = step(S, scales, dest, q_t, k_t, v_t, g_t, beta_t, lam_t)
+        S, scales, places, o_t = step(S, scales, places, dest, q_t, k_t, v_t, g_t, beta_t, lam_t)
         outs.append(o_t)
     o = torch.stack(outs, 2) if outs else x.v.new_zeros(N, H, 0, V)
     state = None
     if output_final_state:
         starts = torch.where(slot_death != NONE, slot_pos + ds.position[:, None, None], NONE)
-        state = x.final_state(S, starts, schedule, scales)
+        state = x.final_state(S, starts, schedule, scales, places)
     return x.output(o), state
 
 
@@ -107,25 +107,27 @@ def recurrent_step(q, k, v, g, lam, dest, initial_state: DLAState, segments: Seg
     its dense schedule (nothing read on the host). ``backend``: as :func:`recurrent_dla`'s. ``ranges``:
     the routing as the decode kernel reads it (:func:`dla.ops.triton.utils.source_ranges` of ``dest``),
     when the planner has it. ``inplace``: the decode kernel writes the new states over
-    ``initial_state.states`` (a decoding cache's own; the PyTorch step never does), for routings in
-    which no new slot reads an old slot older than itself (every policy's but fenwick's)."""
+    ``initial_state.states`` (a decoding cache's own; the PyTorch step never does)."""
     check_backend(backend, q.device)
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
     step = _step_function(backend, q.is_cuda)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     k_t = k[:, 0].to(cdt)
-    states, scales = initial_state.states.to(cdt), initial_state.scales
+    states, scales, places = initial_state.states.to(cdt), initial_state.scales, initial_state.places
     if step is not _torch_step:  # the kernel reads every input as float32 and scales q as it reads it
-        S, scales, o = step(states, scales, dest, q[:, 0], k[:, 0], v[:, 0], g[:, 0],
-                            None if beta is None else beta[:, 0], lam, scale=scale, ranges=ranges, inplace=inplace)
+        S, scales, places, o = step(states, scales, places, dest, q[:, 0], k[:, 0], v[:, 0], g[:, 0],
+                                    None if beta is None else beta[:, 0], lam, scale=scale, ranges=ranges,
+                                    inplace=inplace)
     else:
         q_t = q[:, 0].to(cdt)
         if scale != 1:  # a product with 1 changes no number
             q_t = q_t * scale
-        S, scales, o = step(states, None if scales is None else scales.to(cdt), dest, q_t, k_t, v[:, 0].to(cdt),
-                            g[:, 0].to(cdt), None if beta is None else beta[:, 0].to(cdt), lam.to(cdt))
+        S, scales, places, o = step(states, None if scales is None else scales.to(cdt), places, dest, q_t, k_t,
+                                    v[:, 0].to(cdt), g[:, 0].to(cdt), None if beta is None else beta[:, 0].to(cdt),
+                                    lam.to(cdt))
     prev_key = k_t.detach().contiguous()
-    return o[:, None].to(v.dtype), DLAState(states=S, segments=segments, prev_key=prev_key, scales=scales)
+    return o[:, None].to(v.dtype), DLAState(states=S, segments=segments, prev_key=prev_key, scales=scales,
+                                            places=places)
 
 
 def _step_function(backend: str | None, one_token_on_cuda: bool):
@@ -140,14 +142,15 @@ def _step_function(backend: str | None, one_token_on_cuda: bool):
     return _torch_step
 
 
-def _torch_step(S, scales, dest, q, k, v, g, beta, lam):
+def _torch_step(S, scales, places, dest, q, k, v, g, beta, lam):
     """One token: route the slots, transition, write into slot 0, read out. Differentiable. Returns
-    ``(S_new, scales_new, o)``: the states with their ``scales`` applied, so new scales of 1 (None
-    where ``scales`` is None)."""
+    ``(S_new, scales_new, places_new, o)``: the states in slot order with their ``scales`` applied,
+    so new scales of 1 and every slot at its own place (None where ``scales``, ``places`` are None)."""
     C = S.shape[2]
-    new_scales = None
-    if scales is not None:
-        S, new_scales = scaled_slots(S, scales), torch.ones_like(scales)
+    new_scales = None if scales is None else torch.ones_like(scales)
+    new_places = None if places is None else torch.arange(C, dtype=places.dtype, device=S.device).repeat(
+        *places.shape[:-1], 1)
+    S = scaled_slots(S, scales, places)
     if C <= chunk.DENSE_ROUTE_MAX_CAPACITY:
         route = F.one_hot(dest, C + 1)[..., :C].transpose(-1, -2).to(S.dtype)  # [N, H, new, old]
         S = torch.einsum("nhij,nhjkv->nhikv", route, S)
@@ -164,4 +167,4 @@ def _torch_step(S, scales, dest, q, k, v, g, beta, lam):
         S = decay * (S - w[..., None, None, None] * k[:, :, None, :, None] * kS[:, :, :, None, :])
     write = w[..., None, None] * k[..., :, None] * v[..., None, :]
     S[:, :, 0] += write  # in place: S is this step's own tensor, which no backward keeps
-    return S, new_scales, torch.einsum("nhk,nhckv,nhc->nhv", q, S, lam)
+    return S, new_scales, new_places, torch.einsum("nhk,nhckv,nhc->nhv", q, S, lam)

@@ -37,9 +37,7 @@ class TokenPlan:
     ``C``: an empty slot, dropped), ``label [N, H, C]`` (the λ label of every new slot, 0 where
     empty), ``filled [N, H, C]`` (the new slot holds a segment), ``segments`` (the segmentation
     after the token), ``scores [N, H]`` (the ``dynamic`` policy's information scores, else
-    ``None``), ``ranges`` (``dest`` as the decode kernel reads it, where the Triton plan wrote it)
-    and ``folds_runs``: a token may fold a run of slots into an older one (fenwick's carries), so a
-    new slot may read old slots older than itself, which the decode kernel cannot route in place."""
+    ``None``) and ``ranges`` (``dest`` as the decode kernel reads it, where the Triton plan wrote it)."""
 
     dest: torch.Tensor
     label: torch.Tensor
@@ -47,7 +45,6 @@ class TokenPlan:
     segments: SegmentState
     scores: torch.Tensor | None = None
     ranges: tuple[torch.Tensor, torch.Tensor] | None = None
-    folds_runs: bool = False
 
     def slot_lambda(self, lam: torch.Tensor | None) -> torch.Tensor:
         """λ of every new slot, ``[N, H, C]``, from the token's ``lam [N, 1, H, n_labels]`` (``None``: λ ≡ 1),
@@ -72,7 +69,7 @@ def plan_token(policy: str, initial_state, *, threshold: torch.Tensor | float | 
     if C == 1 or policy == "single":
         return _closed_form_token(seg, label_rule, None)
     if policy == "fenwick":
-        return _closed_form_token(seg, label_rule, lambda p: p + (p & -p), folds_runs=True)
+        return _closed_form_token(seg, label_rule, lambda p: p + (p & -p))
     if policy == "fixed":
         return _closed_form_token(seg, label_rule, lambda p: p + (C - 1) * period, period)
     if backend is None:
@@ -85,8 +82,7 @@ def plan_token(policy: str, initial_state, *, threshold: torch.Tensor | float | 
                           label_rule, backend, inplace)
 
 
-def _closed_form_token(seg: SegmentState, label_rule: str, death_of, period: int | None = None,
-                       folds_runs: bool = False) -> TokenPlan:
+def _closed_form_token(seg: SegmentState, label_rule: str, death_of, period: int | None = None) -> TokenPlan:
     """``single`` (``death_of=None``: no boundaries), ``fenwick`` (every token a boundary) and
     ``fixed`` (every ``period``-th): a boundary born at ``p`` dies at ``death_of(p)``."""
     starts, position = seg.starts, seg.position.long()
@@ -110,13 +106,13 @@ def _closed_form_token(seg: SegmentState, label_rule: str, death_of, period: int
         moved = moved.scatter(-1, torch.where(keep, dest, C), starts)
         new_starts = torch.where(born & (slot == 0), pos, moved[..., :C])
     segments = SegmentState(new_starts, torch.zeros(new_starts.shape, device=starts.device), position + 1)
-    return _finish(dest, segments, label_rule, folds_runs=folds_runs)
+    return _finish(dest, segments, label_rule)
 
 
-def _finish(dest, segments: SegmentState, label_rule: str, scores=None, folds_runs: bool = False) -> TokenPlan:
+def _finish(dest, segments: SegmentState, label_rule: str, scores=None) -> TokenPlan:
     filled = segments.starts >= 0
     label = slot_labels(segments.starts, filled, segments.position[:, None, None], label_rule)
-    return TokenPlan(dest, label, filled, segments, scores, folds_runs=folds_runs)
+    return TokenPlan(dest, label, filled, segments, scores)
 
 
 def _dynamic_token(seg: SegmentState, threshold, score, merge, open_state, k, v, g, beta, scores, max_segment_len,
