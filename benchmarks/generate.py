@@ -16,8 +16,12 @@ decoding steps are timed (CUDA events between consecutive steps, the first ``--s
 dropped, median). Reported per row: ``ms_per_step``, ``tokens_per_s`` (batch / step time),
 ``cache_bytes`` after the prefill, and ``floor_ms``: the weights and the cache read once per
 step at the bandwidth of a large device-to-device copy (measured here), and on CUDA
-``peak_bytes`` (the most allocated during the row). A row that runs out of memory is recorded with
-``"error": "out of memory"``, its peak and ``where``: the innermost ``dla`` lines of the failure.
+``peak_bytes`` (the most allocated during the row); for ``dla.generate`` rows of DLA models
+``births_per_step``, the share of heads whose token opened a state in 8 more steps (the models'
+weights are random, and on such keys and values the paper's score opens a state at nearly every
+token: a birth and, at capacity, a merge per step, the decode kernel's costliest step). A row that
+runs out of memory is recorded with ``"error": "out of memory"``, its peak and ``where``: the
+innermost ``dla`` lines of the failure.
 Writes ``--out`` (JSON) and a PNG of ms per step against the context next to it (one panel per
 batch, a line per model and path).
 """
@@ -124,15 +128,35 @@ def through_model_generate(model, prompt, new_tokens: int, skip: int, device) ->
     return clock.step_ms(skip), sizes[0]
 
 
-def through_dla_generate(model, prompt, new_tokens: int, skip: int, device) -> tuple[list[float], int, bool]:
-    """The step ``dla.generate()`` runs per token (captured where it can be), timed between steps."""
-    decoding = start_decoding(model, prompt, new_tokens)
+def through_dla_generate(model, prompt, new_tokens: int, skip: int, device) -> tuple[list[float], int, bool, float]:
+    """The step ``dla.generate()`` runs per token (captured where it can be), timed between steps, and
+    the share of its layers' heads whose token opened a state (:func:`births_per_step`)."""
+    decoding = start_decoding(model, prompt, new_tokens + BIRTH_STEPS)
     size, token, clock = decoding.cache.nbytes, decoding.token, Clock(device)
     clock.mark()
     for _ in range(new_tokens - 1):
         token = decoding.step(token)
         clock.mark()
-    return clock.step_ms(skip), size, decoding.graph
+    return clock.step_ms(skip), size, decoding.graph, births_per_step(decoding, token)
+
+
+BIRTH_STEPS = 8  # untimed steps after the timed ones, in which the births are counted
+
+
+def births_per_step(decoding, token) -> float | None:
+    """Of every DLA layer's heads and sequences, the share whose token opened a state, over
+    ``BIRTH_STEPS`` more steps (read between steps, so after the timing): a birth with a merge is
+    the decode kernel's most expensive step. ``None`` for a model without DLA layers."""
+    layers = [layer for layer in decoding.cache.layers if getattr(layer, "state", None) is not None]
+    if not layers:
+        return None
+    births = []
+    for _ in range(BIRTH_STEPS):
+        before = [layer.state.segments.starts[..., 0].clone() for layer in layers]
+        token = decoding.step(token)
+        births += [(layer.state.segments.starts[..., 0] != start).float().mean().item()
+                   for layer, start in zip(layers, before)]
+    return sum(births) / len(births)
 
 
 def peak_bytes(device) -> int | None:
@@ -194,9 +218,9 @@ def run(args) -> dict:
                         else:
                             with warnings.catch_warnings(record=True) as caught:
                                 warnings.simplefilter("always")
-                                steps, cache_bytes, graph = through_dla_generate(model, prompt, args.new_tokens,
-                                                                                 args.skip, device)
-                            row["cuda_graph"] = graph
+                                steps, cache_bytes, graph, births = through_dla_generate(
+                                    model, prompt, args.new_tokens, args.skip, device)
+                            row.update(cuda_graph=graph, births_per_step=births)
                             if caught:
                                 row["note"] = str(caught[0].message)
                         ms = statistics.median(steps)
@@ -204,8 +228,10 @@ def run(args) -> dict:
                         row.update(ms_per_step=ms, tokens_per_s=batch / (ms * 1e-3), cache_bytes=cache_bytes,
                                    floor_ms=floor_ms, ms_per_step_min=min(steps), ms_per_step_max=max(steps),
                                    peak_bytes=peak_bytes(device))
+                        births = row.get("births_per_step")
                         print(f"{name:24s} {batch:5d} {context:7d} {path:15s} {ms:9.3f} {row['tokens_per_s']:10.0f} "
                               f"{cache_bytes / 2**20:10.1f} {floor_ms:9.3f}"
+                              + ("" if births is None else f"  births/step {births:.2f}")
                               + ("  (eager)" if path == "dla.generate" and not row["cuda_graph"]
                                  and device.type == "cuda" else ""), flush=True)
                     except torch.OutOfMemoryError as error:
