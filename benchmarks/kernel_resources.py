@@ -126,6 +126,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="write the table as JSON here")
     args = p.parse_args(argv)
     os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp()  # compile from scratch: honest compile times
+    import torch
     import triton
 
     from dla.ops.triton.chunk_inter import (
@@ -151,8 +152,10 @@ def main(argv=None) -> int:
                      **compile_decode(K, V, C, matrix)})
         print_row(rows[-1])
     if args.out:
-        Path(args.out).write_text(json.dumps({"triton": triton.__version__, "target": "sm_90a", "rows": rows},
-                                             indent=1) + "\n")
+        meta = {"device": "none: compiled for sm_90a on a CPU machine (ptxas of Triton)", "target": "sm_90a",
+                "torch": torch.__version__, "triton": triton.__version__, "fla": "not used",
+                "date": time.strftime("%Y-%m-%d"), "command": "python benchmarks/kernel_resources.py"}
+        Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     return 0
 
 
