@@ -379,14 +379,16 @@ def test_the_decode_kernel_writes_only_the_slots_whose_numbers_change(base, inpl
 def test_the_decode_launch_narrows_its_value_blocks_for_few_rows():
     """At least two programs per SM where the value columns allow: batch 8 of DLA-Mamba-2 125M (24
     heads, K = 128, V = 64) on 132 SMs takes blocks of 32 columns; batch 64, or no SM count, keeps 64;
-    a single row goes down to 16; Gated DeltaNet (K = V = 128) keeps 8 warps only for 64 columns."""
+    a single row goes down to 16. Gated DeltaNet takes half the tile: 32 columns at K = 128, 16 at
+    K = 256. Always 4 warps."""
     from dla.ops.triton.decode import launch_shape
 
     assert launch_shape(128, 64, False) == launch_shape(128, 64, False, 64 * 24, 132) == (64, 4)
     assert launch_shape(128, 64, False, 8 * 24, 132) == (32, 4)
     assert launch_shape(128, 64, False, 1, 132) == (16, 4)
-    assert launch_shape(128, 128, True, 64 * 16, 132) == (64, 8)
-    assert launch_shape(128, 128, True, 8 * 16, 132) == (32, 4)
+    assert launch_shape(128, 128, True, 64 * 16, 132) == launch_shape(96, 192, True) == (32, 4)
+    assert launch_shape(256, 512, True, 64 * 16, 132) == (16, 4)
+    assert launch_shape(128, 128, True, 8, 132) == (16, 4)
 
 
 def test_gated_deltanet_inter_in_value_blocks(monkeypatch):

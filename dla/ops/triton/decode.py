@@ -141,18 +141,19 @@ def decode_dla_step_kernel(S_ptr, S_new_ptr, scales_ptr, scales_new_ptr, places_
 
 
 def launch_shape(K: int, V: int, delta: bool, rows: int | None = None, sms: int | None = None) -> tuple[int, int]:
-    """``(BV, num_warps)``: at most 8192 state numbers per program ([K, BV] tile), and 8 warps
-    where the delta rule's extra products would otherwise spill (K = V = 128 and K = 256 spilled
-    with 4 warps: benchmarks/kernel_resources.py). Given the ``rows`` (sequence-heads) and the
-    GPU's ``sms``, narrower value blocks (down to 16 columns) where the grid would give an SM fewer
-    than two programs: each program walks its C slots one after another, so a small batch is
+    """``(BV, num_warps)``: 4 warps and at most 8192 state numbers per program ([K, BV] tile), 4096
+    for the delta rule, whose two reductions across the key rows per slot made [128, 64] tiles on 8
+    warps 1.9x slower than [128, 32] tiles on 4 (batch 64 of 16 heads, K = V = 128, C = 16, on an
+    H100; no shape spills, benchmarks/kernel_resources.py). Given the ``rows`` (sequence-heads) and
+    the GPU's ``sms``, narrower value blocks (down to 16 columns) where the grid would give an SM
+    fewer than two programs: each program walks its C slots one after another, so a small batch is
     bound by the latency of those loads unless more programs share the SMs."""
     KP = triton.next_power_of_2(K)
-    BV = min(64, triton.next_power_of_2(V), max(16, 8192 // KP))
+    BV = min(64, triton.next_power_of_2(V), max(16, (4096 if delta else 8192) // KP))
     if rows is not None and sms is not None:
         while BV > 16 and rows * triton.cdiv(V, BV) < 2 * sms:
             BV //= 2
-    return BV, 8 if delta and KP * BV >= 8192 else 4
+    return BV, 4
 
 
 @functools.cache
