@@ -142,7 +142,8 @@ def run(args):
                 record(f"dla-{base}", base, T, C,
                        lambda: dla.chunk_dla(leaves["q"], leaves["k"], leaves["v"], leaves["g"], lam, sched,
                                              beta=leaves["beta"], scale=scale)[0],
-                       tensors, dict(plan_ms=plan_ms, boundaries_per_head=float((sched.death >= 0).sum()) / (B * H)))
+                       tensors, dict(plan_ms=plan_ms, boundaries_per_head=float((sched.death >= 0).sum()) / (B * H),
+                                     **({"segment_len": args.segment_len} if args.segment_len else {})))
             if have_fla:
                 if base == "mamba2":
                     n_levels = (T - 1).bit_length() + 1
@@ -182,8 +183,10 @@ def plot(data, path):
     rows = [r for r in data["results"] if "fwd_bwd_ms" in r]
     bases = [b for b in ("mamba2", "gated_deltanet") if any(r["base"] == b for r in rows)] or ["attention"]
 
-    def label(r):  # one series per op and capacity; "dla-<base>" drops the base (the panel names it)
-        return f"dla C={r['C']}" if r["name"].startswith("dla") else r["name"]
+    def label(r):  # one series per op, capacity and schedule; "dla-<base>" drops the base (the panel names it)
+        if not r["name"].startswith("dla"):
+            return r["name"]
+        return f"dla C={r['C']}" + (f", a state per ~{r['segment_len']} tokens" if r.get("segment_len") else "")
 
     colors = {name: f"C{i}" for i, name in enumerate(sorted({label(r) for r in rows}))}  # same in both panels
     fig, axes = plt.subplots(1, len(bases), figsize=(6.5 * len(bases), 5), squeeze=False)
