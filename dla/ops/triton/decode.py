@@ -106,7 +106,9 @@ def decode_dla_step_kernel(S_ptr, S_new_ptr, scales_ptr, scales_new_ptr, places_
         else:  # an empty slot, copied out of place (a reduction across the program)
             place = tl.sum(tl.where(o_c == n, b_place_new, 0), 0)
         at = (r * C + place) * K * V
-        new_scale = tl.where(empty, 0.0, tl.where(kept, decay * tl.load(scales_ptr + r * C + lo), 1.0))
+        # (a slot without sources has lo = C: its source's scale is not read)
+        source_scale = tl.load(scales_ptr + r * C + lo, mask=kept, other=1.0)
+        new_scale = tl.where(empty, 0.0, tl.where(kept, decay * source_scale, 1.0))
         if empty:  # scale 0: its numbers are not read again (out of place: copied, as in place they stay)
             if not INPLACE:
                 tl.store(S_new_ptr + at + tile, tl.load(S_ptr + at + tile, mask=mask, other=0.0), mask=mask)
