@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dla.ops import DLAState, chunk_dla, recurrent_dla, recurrent_step
+from dla.ops.common import own_places
 from dla.schedule import (
     DEFAULT_CAPACITY,
     DEFAULT_THRESHOLD,
@@ -355,8 +356,7 @@ class MixerCache:
         if s is not None and s.scales is None:
             s = self.state = replace(s, scales=s.states.new_ones(s.states.shape[:3]))
         if s is not None and s.places is None:
-            N, H, C = s.states.shape[:3]
-            self.state = replace(s, places=torch.arange(C, dtype=torch.int32, device=s.states.device).repeat(N, H, 1))
+            self.state = replace(s, places=own_places(*s.states.shape[:3], s.states.device))
 
     def index_select(self, index: torch.Tensor) -> None:
         """Keep (and reorder, repeat) the sequences ``index`` -- beam search and batch expansion."""

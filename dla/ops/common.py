@@ -31,8 +31,8 @@ class DLAState:
     ``scales [N, H, C]`` (None: 1) and ``places [N, H, C]`` (int32, None: slot ``c`` at place ``c``):
     slot ``c`` holds ``scales[..., c] * states[..., places[..., c], :, :]``. The decode kernel keeps
     them (:mod:`dla.ops.triton.decode`): a Mamba-2 slot that only decays has its scale multiplied
-    rather than its state rewritten, and a slot that moves (a birth makes every slot one place
-    older) keeps its place in ``states``, so a step writes only the slots whose numbers change.
+    rather than its state rewritten, and a slot that a birth makes one slot older keeps its place in
+    ``states``, so a step writes only the slots whose numbers change.
     :meth:`slot_states` applies both."""
 
     states: torch.Tensor
@@ -52,6 +52,11 @@ class DLAState:
         """Every slot's state, newest first, ``[N, H, C, K, V]``: ``states`` in slot order (``places``)
         times their ``scales``."""
         return scaled_slots(self.states, self.scales, self.places)
+
+
+def own_places(N: int, H: int, C: int, device) -> torch.Tensor:
+    """``DLAState.places`` with every slot at its own place: ``int32 [N, H, C]``, ``places[..., c] = c``."""
+    return torch.arange(C, dtype=torch.int32, device=device).repeat(N, H, 1)
 
 
 def scaled_slots(states: torch.Tensor | None, scales: torch.Tensor | None,

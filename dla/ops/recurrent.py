@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from dla.ops import chunk
-from dla.ops.common import DLAState, check_backend, prepare, scaled_slots
+from dla.ops.common import DLAState, check_backend, own_places, prepare, scaled_slots
 from dla.schedule.schedule import NONE, SegmentState, slot_labels
 
 
@@ -148,8 +148,7 @@ def _torch_step(S, scales, places, dest, q, k, v, g, beta, lam):
     so new scales of 1 and every slot at its own place (None where ``scales``, ``places`` are None)."""
     C = S.shape[2]
     new_scales = None if scales is None else torch.ones_like(scales)
-    new_places = None if places is None else torch.arange(C, dtype=places.dtype, device=S.device).repeat(
-        *places.shape[:-1], 1)
+    new_places = None if places is None else own_places(*places.shape, S.device)
     S = scaled_slots(S, scales, places)
     if C <= chunk.DENSE_ROUTE_MAX_CAPACITY:
         route = F.one_hot(dest, C + 1)[..., :C].transpose(-1, -2).to(S.dtype)  # [N, H, new, old]

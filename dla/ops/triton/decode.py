@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from dla.ops.common import own_places
 from dla.ops.triton.utils import source_ranges
 
 
@@ -180,9 +181,7 @@ def decode_step(S, scales, places, dest, q, k, v, g, beta, lam, scale: float = 1
     S_new = S if inplace else torch.empty_like(S)
     scales = S.new_ones(N, H, C) if scales is None else scales.float().contiguous()
     scales_new = torch.empty_like(scales)
-    if places is None:
-        places = torch.arange(C, dtype=torch.int32, device=S.device).repeat(N, H, 1)
-    places = places.to(torch.int32).contiguous()
+    places = own_places(N, H, C, S.device) if places is None else places.to(torch.int32).contiguous()
     places_new = torch.empty_like(places)
     o = torch.empty(N, H, V, dtype=torch.float32, device=S.device)
     BV, num_warps = launch_shape(K, V, beta is not None, N * H, multiprocessor_count(S.device))
