@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from triton.testing import do_bench
 
 import dla
+from dla.ops.common import own_places
 from dla.ops.triton import decode
 from dla.ops.triton.decode import decode_step, launch_shape, multiprocessor_count
 
@@ -70,7 +71,7 @@ def main():
         # a birth at capacity: every slot one slot older, the two oldest merge
         birth = torch.minimum(slot + 1, torch.tensor(C - 1, device=dev)).expand(B, H, C).contiguous()
 
-        places = slot.int().repeat(B, H, 1)  # every slot at its own place
+        places = own_places(B, H, C, dev)
 
         def kernel(dest):
             return decode_step(state.states, scales, places, dest, q.reshape(B, H, D), k.reshape(B, H, D),

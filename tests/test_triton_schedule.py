@@ -299,8 +299,8 @@ def test_the_per_token_terms_launched_equal_pytorchs(K, V):
     w_rows = w.transpose(1, 2).reshape(N * H, T)
     for got, want in [(triton_terms.contribution_norms(k, v, w), contribution_norms(*rows, w_rows)),
                       (triton_terms.contribution_norms(k, v), contribution_norms(*rows)),
-                      (triton_terms.open_products(k, v, O, scale), carried_products(scale, *rows[:1], rows[1], O)),
-                      (triton_terms.open_products(k, v, O), carried_products(1.0, rows[0], rows[1], O))]:
+                      (triton_terms.open_products(k, v, O, scale), carried_products(scale, *rows, O)),
+                      (triton_terms.open_products(k, v, O), carried_products(1.0, *rows, O))]:
         assert got.shape == want.shape and got.dtype == torch.float32
         assert (got - want).abs().max() <= 1e-5 * want.abs().max()
     as_window = [x.float().transpose(1, 2).reshape(N * H, T, 1, -1) for x in (k, v)]

@@ -255,8 +255,7 @@ def prepare(q, k, v, g, lam, schedule, beta=None, scale=None, cu_seqlens=None, i
                 raise TypeError(f"initial_state.places must be an integer tensor, got {initial_places.dtype}")
             if initial_places.device != dev:
                 raise ValueError(f"initial_state.places is on {initial_places.device} but q is on {dev}")
-            every_place = torch.arange(C, device=dev).expand(N, H, C)
-            if validate and not torch.equal(initial_places.sort(-1).values, every_place):
+            if validate and not torch.equal(initial_places.sort(-1).values, own_places(N, H, C, dev)):
                 raise ValueError(f"initial_state.places must hold a permutation of 0..{C - 1} per row")
         prev_key0 = initial_state.prev_key
     elif validate and schedule.initial is not None and (schedule.initial.starts >= 0).any():
