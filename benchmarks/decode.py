@@ -80,7 +80,7 @@ def main():
 
         kernel_ms = do_bench(lambda: kernel(extend), warmup=10, rep=50, return_mode="median")
         birth_ms = do_bench(lambda: kernel(birth), warmup=10, rep=50, return_mode="median")
-        value_block = launch_shape(D, DV, beta is not None, B * H, multiprocessor_count(state.states.device))[0]
+        value_block = launch_shape(D, DV, B * H, multiprocessor_count(state.states.device))[0]
         widest = decode.multiprocessor_count
         decode.multiprocessor_count = lambda device: None  # launch_shape without the SM count: its widest blocks
         try:

@@ -107,7 +107,7 @@ def compile_decode(K: int, V: int, C: int, delta: bool) -> dict:
 
     from dla.ops.triton.decode import decode_dla_step_kernel, launch_shape
 
-    BV, num_warps = launch_shape(K, V, delta)
+    BV, num_warps = launch_shape(K, V)
     return {"BV": BV, "num_warps": num_warps,
             **compile_kernel(decode_dla_step_kernel,
                              dict(C=C, CP=triton.next_power_of_2(C), K=K, V=V, KP=triton.next_power_of_2(K), BV=BV,

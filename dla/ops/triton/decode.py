@@ -3,7 +3,8 @@
 Per (sequence-head, value block): every new slot sums the old slots routed to it (a contiguous
 range, see :func:`dla.ops.recurrent.route_step`), applies the transition ``A_t``, slot 0 adds
 the write ``w_t k_t v_t^T``, the slot is stored and its read-out ``λ_n S_n^T q_t`` accumulated (for
-Mamba-2 as the sum ``Σ_n λ_n S_n``, read out once after the last slot).
+Mamba-2 as the sum ``Σ_n λ_n S_n``, read out once after the last slot). The slots are made one
+after another, and each one's first source is loaded while the slot before it is computed.
 
 The states are kept with a scale and a place per slot (:attr:`dla.DLAState.scales`,
 :attr:`dla.DLAState.places`: slot ``n`` holds ``scales[n] * states[places[n]]``). A slot keeps its
@@ -89,12 +90,28 @@ def decode_dla_step_kernel(S_ptr, S_new_ptr, scales_ptr, scales_new_ptr, places_
     w = tl.load(beta_ptr + r).to(tl.float32) if DELTA else 1.0
     o = tl.zeros((BV,), dtype=tl.float32)
     # Mamba-2 sums λ_n S_n and reduces it with q once, after the loop: a slot costs its load and no
-    # reduction across warps; the delta rule's extra products leave no registers for that sum
+    # reduction across warps. The delta rule reduces per slot: its sum's registers made the step
+    # slower (and spilled at K = 256)
     read = tl.zeros((KP, BV), dtype=tl.float32)
+    # Each slot's first source (``head``) is loaded one iteration ahead, while the slot before it is
+    # computed: the loads of a slot no longer wait for the previous slot's reduction and store. Safe
+    # in place: a slot's sources are other old slots than the previous one's, at other places.
+    lo_next = tl.load(lo_ptr + r * C + C - 1)
+    hi_next = tl.load(hi_ptr + r * C + C - 1)
+    fed_next = lo_next <= hi_next
+    place_next = tl.load(places_ptr + r * C + lo_next, mask=fed_next, other=0)
+    # (tl.where, not `mask & fed_next`: Triton's interpreter rejects a tile mask combined with a scalar)
+    head_next = tl.load(S_ptr + (r * C + place_next) * K * V + tile, mask=tl.where(fed_next, mask, False), other=0.0)
     for i in range(C):
         n = C - 1 - i
-        lo = tl.load(lo_ptr + r * C + n)
-        hi = tl.load(hi_ptr + r * C + n)
+        lo, hi, head = lo_next, hi_next, head_next
+        younger = tl.maximum(n - 1, 0)
+        lo_next = tl.load(lo_ptr + r * C + younger)
+        hi_next = tl.load(hi_ptr + r * C + younger)
+        fed_next = (younger < n) & (lo_next <= hi_next)
+        place_next = tl.load(places_ptr + r * C + lo_next, mask=fed_next, other=0)
+        head_next = tl.load(S_ptr + (r * C + place_next) * K * V + tile, mask=tl.where(fed_next, mask, False),
+                            other=0.0)
         lam = tl.load(lam_ptr + r * C + n).to(tl.float32)
         empty = (hi < lo) & (n > 0)  # slot 0 without sources: a segment opens with the token's write
         kept = (lo == hi) & (n > 0) & (not DELTA)
@@ -114,13 +131,12 @@ def decode_dla_step_kernel(S_ptr, S_new_ptr, scales_ptr, scales_new_ptr, places_
             if not INPLACE:
                 tl.store(S_new_ptr + at + tile, tl.load(S_ptr + at + tile, mask=mask, other=0.0), mask=mask)
         elif kept:  # a closed slot that stays at its place: only its scale decays
-            b_s = tl.load(S_ptr + at + tile, mask=mask, other=0.0)
             if not INPLACE:
-                tl.store(S_new_ptr + at + tile, b_s, mask=mask)
-            read += (lam * new_scale) * b_s
+                tl.store(S_new_ptr + at + tile, head, mask=mask)
+            read += (lam * new_scale) * head
         else:
-            acc = tl.zeros((KP, BV), dtype=tl.float32)
-            for j in range(lo, hi + 1):
+            acc = tl.load(scales_ptr + r * C + lo, mask=lo <= hi, other=0.0) * head
+            for j in range(lo + 1, hi + 1):
                 p_source = S_ptr + (r * C + tl.load(places_ptr + r * C + j)) * K * V + tile
                 acc += tl.load(scales_ptr + r * C + j) * tl.load(p_source, mask=mask, other=0.0)
             if DELTA:
@@ -143,16 +159,16 @@ def decode_dla_step_kernel(S_ptr, S_new_ptr, scales_ptr, scales_new_ptr, places_
     tl.store(o_ptr + r * V + vv, o, mask=vv < V)
 
 
-def launch_shape(K: int, V: int, delta: bool, rows: int | None = None, sms: int | None = None) -> tuple[int, int]:
-    """``(BV, num_warps)``: 4 warps and at most 8192 state numbers per program ([K, BV] tile), 4096
-    for the delta rule, whose two reductions across the key rows per slot made [128, 64] tiles on 8
-    warps 1.9x slower than [128, 32] tiles on 4 (batch 64 of 16 heads, K = V = 128, C = 16, on an
-    H100; no shape spills, benchmarks/kernel_resources.py). Given the ``rows`` (sequence-heads) and
-    the GPU's ``sms``, narrower value blocks (down to 16 columns) where the grid would give an SM
-    fewer than two programs: each program walks its C slots one after another, so a small batch is
-    bound by the latency of those loads unless more programs share the SMs."""
+def launch_shape(K: int, V: int, rows: int | None = None, sms: int | None = None) -> tuple[int, int]:
+    """``(BV, num_warps)``: 4 warps and at most 8192 state numbers per program ([K, BV] tile; on an
+    H100, [128, 64] tiles on 4 warps were the fastest for both bases at batch 64, where 8 warps
+    were 1.1-1.3x slower and, for the delta rule, [128, 32] tiles 1.06-1.1x; no shape spills,
+    benchmarks/kernel_resources.py). Given the ``rows`` (sequence-heads) and the GPU's ``sms``,
+    narrower value blocks (down to 16 columns) where the grid would give an SM fewer than two
+    programs: each program walks its C slots one after another, so a small batch is bound by the
+    latency of those loads unless more programs share the SMs."""
     KP = triton.next_power_of_2(K)
-    BV = min(64, triton.next_power_of_2(V), max(16, (4096 if delta else 8192) // KP))
+    BV = min(64, triton.next_power_of_2(V), max(16, 8192 // KP))
     if rows is not None and sms is not None:
         while BV > 16 and rows * triton.cdiv(V, BV) < 2 * sms:
             BV //= 2
@@ -184,7 +200,7 @@ def decode_step(S, scales, places, dest, q, k, v, g, beta, lam, scale: float = 1
     places = own_places(N, H, C, S.device) if places is None else places.to(torch.int32).contiguous()
     places_new = torch.empty_like(places)
     o = torch.empty(N, H, V, dtype=torch.float32, device=S.device)
-    BV, num_warps = launch_shape(K, V, beta is not None, N * H, multiprocessor_count(S.device))
+    BV, num_warps = launch_shape(K, V, N * H, multiprocessor_count(S.device))
     grid = (N * H, triton.cdiv(V, BV))
     decode_dla_step_kernel[grid](S, S_new, scales, scales_new, places, places_new, lo, hi, q.contiguous(),
                                  k.contiguous(), v.contiguous(), g.contiguous(),
