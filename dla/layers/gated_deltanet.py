@@ -19,10 +19,12 @@ from dla.layers.common import (
 )
 
 
-def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """fla's ``l2norm``: x / sqrt(sum x² + eps), in float32 (or wider)."""
-    h = upcast(x)
-    return (h * torch.rsqrt(h.pow(2).sum(-1, keepdim=True) + eps)).to(x.dtype)
+def l2_normalize(*xs: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, ...]:
+    """fla's ``l2norm`` of each of ``xs`` (tensors of one shape and dtype): x / sqrt(sum x² + eps), in
+    float32 (or wider). They are normalised together, stacked, so that a decoding step launches one
+    set of kernels for q and k, not two."""
+    h = upcast(torch.stack(xs))
+    return (h * torch.rsqrt(h.pow(2).sum(-1, keepdim=True) + eps)).to(xs[0].dtype).unbind(0)
 
 
 class DLAGatedDeltaNet(DLAMixer):
@@ -75,7 +77,7 @@ class DLAGatedDeltaNet(DLAMixer):
         q = self.convolve("q_conv1d", self.q_proj(x), cu_seqlens, cache).unflatten(-1, (H, self.head_dim))
         k = self.convolve("k_conv1d", self.k_proj(x), cu_seqlens, cache).unflatten(-1, (H, self.head_dim))
         v = self.convolve("v_conv1d", self.v_proj(x), cu_seqlens, cache).unflatten(-1, (H, self.head_v_dim))
-        q, k = l2_normalize(q), l2_normalize(k)
+        q, k = l2_normalize(q, k)
         beta = torch.sigmoid(self.b_proj(x))
         g = -torch.exp(upcast(self.A_log)) * F.softplus(upcast(self.a_proj(x)) + self.dt_bias)
         o = self.attend(x, q, k, v, g, beta, self.head_dim ** -0.5, cu_seqlens, cache, scores, validate)
