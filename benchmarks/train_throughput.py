@@ -25,10 +25,13 @@ The result file's ``meta`` holds the versions, the date and the command.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
+import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -162,25 +165,41 @@ def launch(name: str, args, timeout: float) -> dict:
     else:
         cmd = [sys.executable, __file__] + flags
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None, text=True, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # the child's progress goes on to our stderr as it comes; its last lines name a failure
+    stdout, last_lines = [], collections.deque(maxlen=20)
+
+    def echo_stderr():
+        for line in proc.stderr:
+            sys.stderr.write(line)
+            last_lines.append(line.rstrip())
+
+    readers = [threading.Thread(target=lambda: stdout.extend(proc.stdout), daemon=True),
+               threading.Thread(target=echo_stderr, daemon=True)]
+    for reader in readers:
+        reader.start()
     try:
-        stdout, _ = proc.communicate(timeout=timeout)
+        proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         # SIGTERM, not SIGKILL: torchrun starts its workers in sessions of their own and stops them
         # only when it is terminated; killed, it left them training on the GPUs that the next
         # config was measured on
         proc.terminate()
         try:
-            proc.communicate(timeout=60)
+            proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
-            proc.communicate()
+            proc.wait()
         return {"config": name, "gpus": args.gpus, "error": f"timed out after {timeout:.0f} s"}
-    for line in stdout.splitlines():
+    for reader in readers:
+        reader.join(timeout=10)
+    for line in stdout:
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
-    tail = stdout.strip().splitlines()[-1:] or ["no output"]
-    return {"config": name, "gpus": args.gpus, "error": f"exit {proc.returncode}: {tail[0][:300]}"}
+    # the exception's own line (e.g. "torch.OutOfMemoryError: CUDA out of memory. ..."), else the last line
+    errors = [line for line in last_lines if re.match(r"[\w.]*(Error|Exception)\b", line)]
+    tail = errors[-1:] or [line for line in list(last_lines) + stdout if line.strip()][-1:] or ["no output"]
+    return {"config": name, "gpus": args.gpus, "error": f"exit {proc.returncode}: {tail[0].strip()[:300]}"}
 
 
 def add_scaling(rows: list[dict], baseline: Path | None) -> None:

@@ -85,6 +85,20 @@ def test_train_throughput_timeout_kills_the_torchrun_workers(tmp_path):
     assert not left, f"worker processes left running: {left}"
 
 
+def test_train_throughput_names_a_failed_configs_error(tmp_path):
+    """A config that fails (here its batch of 10^12 tokens cannot be allocated) is recorded with the
+    exception's own line, not the last line of the child's stdout (which an out-of-memory leaves empty)."""
+    out = tmp_path / "tp.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks/train_throughput.py"), "--tiny", "--configs", "dla_gdn_1.3b",
+           "--steps", "1", "--warmup", "0", "--seq-len", str(10**12), "--out", str(out)]
+    result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    error = json.loads(out.read_text())["rows"][0]["error"]
+    assert error.startswith("exit 1: RuntimeError:") and "allocate" in error, error
+    assert "Traceback" in result.stderr  # the child's stderr still reaches the terminal
+
+
 def test_train_throughput_tiny_on_cpu(tmp_path):
     """Far more steps than the 45 s deadline allows: the child stops timing in time and reports the
     steps it measured (before, the parent killed it at its share and kept only an error)."""
