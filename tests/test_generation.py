@@ -19,6 +19,7 @@ from mixer_helpers import max_err, one_thread  # noqa: E402, F401 (one_thread is
 
 from dla import generation  # noqa: E402
 from dla.layers import KVCache  # noqa: E402
+from dla.layers.common import DLAMixer  # noqa: E402
 from dla.models.modeling_dla import CACHE_FIELD  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -288,6 +289,26 @@ def test_model_generate_passes_no_mask_after_the_prompt():
     assert torch.equal(calls[0]["attention_mask"], mask)
     assert all(call.get("attention_mask") is None for call in calls[1:])
     assert all(call[CACHE_FIELD] is calls[0][CACHE_FIELD] for call in calls)
+
+
+@pytest.mark.parametrize("policy", ["dynamic", "fenwick"])
+def test_model_generate_decodes_through_the_one_token_step(policy, monkeypatch):
+    """generate()'s decoding steps skip the checks that read values, as dla.generate's do, and so
+    run the layers' one-token step (the prompt's call checks); a step whose sequences would run past
+    the fenwick capacity takes the checked path, which raises its error (the test above). Padded
+    prompts give the tokens of dla.generate."""
+    model = tiny_model("mamba2", policy, max_position_embeddings=16)
+    steps = []
+    step = DLAMixer.step
+    monkeypatch.setattr(DLAMixer, "step", lambda self, *a, **kw: steps.append(1) or step(self, *a, **kw))
+    calls = []
+    model.register_forward_pre_hook(lambda _, args, kwargs: calls.append(kwargs.get("validate", True)),
+                                    with_kwargs=True)
+    ids, mask = left_padded((9, 4))
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    assert calls == [True] + [False] * 7  # the prompt checked, then 7 unchecked steps
+    assert len(steps) == 7 * model.config.num_hidden_layers
+    assert torch.equal(out, dla.generate(model, ids, 8, attention_mask=mask))
 
 
 @pytest.mark.parametrize("mixer, policy", DLA_CASES)

@@ -133,18 +133,28 @@ class PolicyConfig:
         """Level labels a sequence of ``max_position_embeddings`` tokens can use (0 = the open segment)."""
         return level_count(self.max_position_embeddings)
 
+    def _level_bound(self) -> int | None:
+        """The most levels the layer holds (fenwick capacity, level labels), None where unbounded."""
+        held = [n for n, bound in ((self.capacity, self.policy == "fenwick"),
+                                   (self.n_labels, self.label_rule == "level")) if bound]
+        return min(held) if self.capacity > 1 and held else None
+
+    def fits_length(self, length: int) -> bool:
+        """Whether sequences of ``length`` tokens fit the layer's fenwick capacity and level labels
+        (:meth:`check_length` without the error)."""
+        bound = self._level_bound()
+        return bound is None or level_count(length) <= bound
+
     def check_length(self, length: int) -> None:
         """``ValueError`` naming ``max_position_embeddings`` unless sequences of ``length`` tokens fit
         the layer's fenwick capacity and level labels (by default, positions up to the power of two
         at or above ``max_position_embeddings``, less one): what the planner and the op check at
         every call, once, for callers whose steps skip those checks (:func:`dla.generate`)."""
-        held = [n for n, bound in ((self.capacity, self.policy == "fenwick"),
-                                   (self.n_labels, self.label_rule == "level")) if bound]
-        needed = level_count(length)
-        if self.capacity > 1 and held and needed > min(held):
+        if not self.fits_length(length):
+            needed, held = level_count(length), self._level_bound()
             raise ValueError(f"sequences of {length} tokens run past max_position_embeddings = "
                              f"{self.max_position_embeddings}: positions up to {length - 1} need {needed} levels, "
-                             f"the layers' fenwick capacity or level labels hold {min(held)}; raise "
+                             f"the layers' fenwick capacity or level labels hold {held}; raise "
                              "max_position_embeddings")
 
     @property

@@ -200,8 +200,8 @@ class DLAModel(DLAPreTrainedModel):
           or a sequence with one per layer.
         - ``validate=False``: skip the checks that read tensor values on the host (the ids' range, the
           layers' NaN/Inf and schedule checks): each one waits for a GPU and none can be in a CUDA
-          graph. :func:`dla.generate` passes it for its decoding steps, after the prompt's call has
-          checked everything.
+          graph. :func:`dla.generate` and ``generate()`` pass it for their decoding steps, after the
+          prompt's call has checked everything.
         """
         cfg = self.config
         cache = cache if cache is not None else past_key_values
@@ -295,10 +295,17 @@ class DLAForCausalLM(DLAPreTrainedModel, GenerationMixin):
     def prepare_inputs_for_generation(self, input_ids, *args, **kwargs):
         inputs = super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
         cache = inputs.get(CACHE_FIELD)
-        # after the prompt, generate() marks every new token as real, so the layers need no mask;
-        # reading it would make the host wait for the device at every token
         if isinstance(cache, DLACache) and cache.is_initialized:
+            # after the prompt, generate() marks every new token as real, so the layers need no mask;
+            # reading it would make the host wait for the device at every token
             inputs.pop("attention_mask", None)
+            # a decoding step feeds a token the model chose, to states the prompt's checked call made:
+            # it skips the checks that read values and so runs the layers' one-token step, as
+            # dla.generate's steps do; the one check a step can fail on its own (a sequence past the
+            # fenwick capacity or level labels) is made here, and a step that fails it takes the
+            # checked path, which raises its error
+            if self.config.policy_config().fits_length(cache.seen_tokens + 1):
+                inputs["validate"] = False
         return inputs
 
     def get_input_embeddings(self):
