@@ -71,7 +71,7 @@ def launch_cuda_kernels(sites: collections.Counter):
     common.plan_token = functools.partial(token.plan_token, backend="triton")
     token.terms_backend = lambda device, dtype: "triton"
     triton_terms._token_terms_kernel = CountedLaunches(triton_terms._token_terms_kernel, "kernel: token terms", sites)
-    recurrent._step_function = lambda backend, one_token_on_cuda: decode.decode_step
+    recurrent._step_function = lambda backend, one_token, on_cuda, delta: decode.decode_step
     triton_token._token_plan_kernel = CountedLaunches(triton_token._token_plan_kernel, "kernel: token plan", sites)
     decode.decode_dla_step_kernel = CountedLaunches(decode.decode_dla_step_kernel, "kernel: decode step", sites)
 

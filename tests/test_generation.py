@@ -21,6 +21,7 @@ from dla import generation  # noqa: E402
 from dla.layers import KVCache  # noqa: E402
 from dla.layers.common import DLAMixer  # noqa: E402
 from dla.models.modeling_dla import CACHE_FIELD  # noqa: E402
+from dla.ops import recurrent  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 POLICY_KWARGS = {
@@ -266,15 +267,19 @@ def host_reads(monkeypatch):
     return found
 
 
-def one_step_reads(model, host_reads):
+def one_step_reads(model, host_reads, monkeypatch):
+    """The host reads of one decoding step on the code a GPU runs too: the op's step is the
+    differentiable PyTorch one, whose operations are the decode kernel's launch arguments' (the
+    decode step's PyTorch twin, which runs only off the GPU, reads the routing on the host)."""
+    monkeypatch.setattr(recurrent, "_step_function", lambda backend, one_token, on_cuda, delta: recurrent._torch_step)
     decoding = generation.start_decoding(model, torch.randint(1, 64, (2, 9)), 4)
     host_reads.clear()
     decoding.step(decoding.token)
     return list(host_reads)
 
 
-def test_attention_step_reads_nothing_on_the_host(host_reads):
-    assert one_step_reads(tiny_model("attention"), host_reads) == []
+def test_attention_step_reads_nothing_on_the_host(host_reads, monkeypatch):
+    assert one_step_reads(tiny_model("attention"), host_reads, monkeypatch) == []
 
 
 def test_model_generate_passes_no_mask_after_the_prompt():
@@ -312,8 +317,8 @@ def test_model_generate_decodes_through_the_one_token_step(policy, monkeypatch):
 
 
 @pytest.mark.parametrize("mixer, policy", DLA_CASES)
-def test_dla_step_reads_nothing_on_the_host(mixer, policy, host_reads):
-    assert one_step_reads(tiny_model(mixer, policy), host_reads) == []
+def test_dla_step_reads_nothing_on_the_host(mixer, policy, host_reads, monkeypatch):
+    assert one_step_reads(tiny_model(mixer, policy), host_reads, monkeypatch) == []
 
 
 @pytest.mark.parametrize("mixer, policy", DLA_CASES)

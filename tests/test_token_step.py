@@ -129,7 +129,7 @@ def test_the_fused_token_plan_repeats_the_float32_walk_of_the_gpu(name, delta, m
     inputs are bfloat16, as in a model. Both take the score's terms (the token's norm and its product
     with the open state) from the launched kernels of dla.schedule.triton_terms, as on a GPU."""
     pytest.importorskip("triton", reason="triton is not installed")
-    from dla.ops.triton.utils import source_ranges
+    from dla.ops.common import source_ranges
     from dla.schedule import dynamic, token, triton_terms, triton_token
 
     fused, terms = [], []
@@ -234,7 +234,7 @@ def test_the_decode_kernel_reads_a_steps_raw_inputs_as_the_general_path_reads_pr
     from dla.ops import recurrent
     from dla.ops.triton.decode import decode_step
 
-    monkeypatch.setattr(recurrent, "_step_function", lambda backend, one_token_on_cuda: decode_step)
+    monkeypatch.setattr(recurrent, "_step_function", lambda backend, one_token, on_cuda, delta: decode_step)
     model = tiny_model(mixer, policy).to(torch.bfloat16)
     ids, mask = left_padded((9, 4, 7))
     caches = [dla.DLACache(model.config) for _ in range(2)]

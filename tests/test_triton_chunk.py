@@ -300,10 +300,10 @@ def test_triton_decode_steps_match_recurrent(policy, base, decay):
     assert rel_err(state.slot_states(), ref_state.states) <= TOL
 
 
-@pytest.mark.parametrize("value_blocks", [1, 2])
-@pytest.mark.parametrize("base", BASES)
+@pytest.mark.parametrize("base, step, value_blocks", [(base, "kernel", blocks) for base in BASES for blocks in (1, 2)]
+                         + [("mamba2", "pytorch", 1)])
 @pytest.mark.parametrize("inplace", [True, False], ids=["in-place", "out-of-place"])
-def test_the_decode_kernel_writes_only_the_slots_whose_numbers_change(base, inplace, value_blocks, monkeypatch):
+def test_the_decode_kernel_writes_only_the_slots_whose_numbers_change(base, inplace, step, value_blocks, monkeypatch):
     """Five steps on C = 5 slots stored at shuffled places: a token that extends its segment (the
     oldest slot empty), a birth (every slot one older), a birth at capacity (the two oldest merge),
     an extension of a full cache and a fold of a run of four slots into the oldest (fenwick's
@@ -312,10 +312,15 @@ def test_the_decode_kernel_writes_only_the_slots_whose_numbers_change(base, inpl
     sum (a moved slot keeps its place, a closed one takes the scale ``exp(g) * scale``); Gated
     DeltaNet rewrites every held slot with scale 1; an empty slot gets scale 0. Out of place the
     new states hold the same numbers at every place. With two value blocks per row (the launch for
-    a GPU of many SMs and few rows) the programs of a row share its scales and places."""
-    from dla.ops.recurrent import _torch_step
+    a GPU of many SMs and few rows) the programs of a row share its scales and places. The kernel's
+    PyTorch twin (``_torch_decode_step``, Mamba-2's decoding step off the GPU) keeps the slots alike."""
+    from dla.ops.recurrent import _torch_decode_step, _torch_step
     from dla.ops.triton import decode
     from dla.ops.triton.decode import decode_step
+
+    if step == "pytorch":  # q comes multiplied by its scale
+        def decode_step(S, scales, places, dest, q, k, v, g, beta, lam, scale, inplace):  # noqa: F811
+            return _torch_decode_step(S, scales, places, dest, q * scale, k, v, g, beta, lam, inplace=inplace)
 
     if value_blocks == 2:  # 6 rows on 64 SMs: 16 value columns per program, V = 20 in two blocks
         monkeypatch.setattr(decode, "multiprocessor_count", lambda device: 64)
@@ -372,7 +377,7 @@ def test_the_decode_kernel_writes_only_the_slots_whose_numbers_change(base, inpl
         written.scatter_(-1, places_new.long(), rewritten)
         assert torch.equal(changed, written), name
         S, scales, places = S_new, scales_new, places_new
-    assert launched == [(N * H, value_blocks)] * len(routings)
+    assert launched == ([(N * H, value_blocks)] * len(routings) if step == "kernel" else [])
 
 
 def test_the_decode_launch_narrows_its_value_blocks_for_few_rows():

@@ -59,6 +59,34 @@ def own_places(N: int, H: int, C: int, device) -> torch.Tensor:
     return torch.arange(C, dtype=torch.int32, device=device).repeat(N, H, 1)
 
 
+def source_ranges(dest: torch.Tensor):
+    """``dest [..., C]`` (new slot of every old slot, ``C`` = nowhere) -> the first and last old
+    slot merging into every new slot, ``int32 [..., C]`` (``lo > hi`` when none). Merges only
+    join neighbours, so the sources of a new slot are a contiguous range of old slots."""
+    C = dest.shape[-1]
+    slot = torch.arange(C, device=dest.device)
+    hit = dest[..., None, :] == slot[:, None]  # [..., new, old]
+    lo = torch.where(hit, slot, C).amin(-1).to(torch.int32).contiguous()
+    hi = torch.where(hit, slot, -1).amax(-1).to(torch.int32).contiguous()
+    return lo, hi
+
+
+def new_slot_places(lo: torch.Tensor, hi: torch.Tensor, places: torch.Tensor) -> torch.Tensor:
+    """The place of every new slot after a step routed as ``lo, hi`` (:func:`source_ranges`), from
+    the old slots' ``places [..., C]``: a slot with sources keeps the place of its oldest source
+    (``hi``); the places no new slot keeps go, in order, to the slots without sources (the token's
+    new segment, empty slots), in order. The decode kernel's rule (``_new_places``)."""
+    C = places.shape[-1]
+    old = torch.arange(C, device=places.device)
+    fed = lo <= hi  # [..., new]
+    oldest = fed[..., :, None] & (hi[..., :, None] == old)  # [..., new, old]
+    freed = ~oldest.any(-2)  # [..., old]: a place no new slot keeps
+    unfed = ~fed
+    in_turn = unfed.cumsum(-1)[..., :, None] == freed.cumsum(-1)[..., None, :]  # the i-th such slot, the i-th place
+    given = unfed[..., :, None] & freed[..., None, :] & in_turn
+    return torch.where(oldest | given, places[..., None, :], 0).sum(-1).to(places.dtype)
+
+
 def scaled_slots(states: torch.Tensor | None, scales: torch.Tensor | None,
                  places: torch.Tensor | None = None) -> torch.Tensor | None:
     """The slots of ``states [..., C, K, V]``, slot ``c`` at ``places[..., c]`` (None: at ``c``), times

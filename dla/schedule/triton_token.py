@@ -106,7 +106,7 @@ def _token_plan_kernel(x_ptr, norm_ptr, gamma_ptr, threshold_ptr, position_ptr, 
         label = tl.where(filled, o_c, 0)
     tl.store(dest_ptr + i_r * C + o_c, dest.to(tl.int64), mask=m_c)
     # the same routing as the decode kernel reads it: the old slots lo..hi fold into new slot j
-    # (dla.ops.triton.utils.source_ranges of dest); old j - 1 moves to j, old j stays at j
+    # (dla.ops.common.source_ranges of dest); old j - 1 moves to j, old j stays at j
     moved = new & (o_c - 1 <= dying) & (o_c >= 1) & (b_start_newer >= 0)
     stays = (~new | (o_c > dying)) & (b_start >= 0)
     tl.store(lo_ptr + i_r * C + o_c, tl.where(moved, o_c - 1, tl.where(stays, o_c, C)).to(tl.int32), mask=m_c)

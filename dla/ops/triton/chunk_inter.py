@@ -39,7 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
-from dla.ops.triton.utils import add_or_store, merged_slots, new_output, padded_size, source_ranges, walk_start
+from dla.ops.common import source_ranges
+from dla.ops.triton.utils import add_or_store, merged_slots, new_output, padded_size, walk_start
 
 INTER_FWD_CONFIGS = [triton.Config({"BV": bv}, num_warps=w, num_stages=1) for bv in (16, 32, 64) for w in (4, 8)]
 if os.environ.get("TRITON_INTERPRET") == "1":

@@ -24,8 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from dla.ops.common import label_dtype
-from dla.ops.triton.utils import merged_slots, new_output, padded_size, source_ranges, walk_start
+from dla.ops.common import label_dtype, source_ranges
+from dla.ops.triton.utils import merged_slots, new_output, padded_size, walk_start
 from dla.schedule.schedule import NONE
 
 

@@ -26,8 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dla.ops.common import own_places
-from dla.ops.triton.utils import source_ranges
+from dla.ops.common import own_places, source_ranges
 
 
 @triton.jit

@@ -25,18 +25,6 @@ def padded_size(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def source_ranges(dest: torch.Tensor):
-    """``dest [..., C]`` (new slot of every old slot, ``C`` = nowhere) -> the first and last old
-    slot merging into every new slot, ``int32 [..., C]`` (``lo > hi`` when none). Merges only
-    join neighbours, so the sources of a new slot are a contiguous range of old slots."""
-    C = dest.shape[-1]
-    slot = torch.arange(C, device=dest.device)
-    hit = dest[..., None, :] == slot[:, None]  # [..., new, old]
-    lo = torch.where(hit, slot, C).amin(-1).to(torch.int32).contiguous()
-    hi = torch.where(hit, slot, -1).amax(-1).to(torch.int32).contiguous()
-    return lo, hi
-
-
 @triton.jit
 def walk_start(S0_ptr, S_ptr, NC, C: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr,
                KS: tl.constexpr):
