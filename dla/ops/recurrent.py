@@ -71,9 +71,10 @@ def recurrent_dla(q, k, v, g, lam, schedule, beta=None, scale=None, initial_stat
     sequence; ``schedule`` must then be planned with ``initial_state=`` the same state.
     ``backend="triton"`` (the default for one-token windows on CUDA without gradients) runs each step
     as one fused kernel without autograd (decoding); ``"torch"`` is differentiable. By default a
-    Mamba-2 one-token window without gradients elsewhere runs the kernel's PyTorch twin. ``validate=False`` skips
-    the input checks that read tensor values on the host (see :func:`dla.ops.common.prepare`), so
-    that a decoding step never waits for the GPU and can be captured in a CUDA graph.
+    Mamba-2 one-token window without gradients elsewhere runs the kernel's PyTorch twin.
+    ``validate=False`` skips the input checks that read tensor values on the host (see
+    :func:`dla.ops.common.prepare`), so that a decoding step never waits for the GPU and can be
+    captured in a CUDA graph.
     """
     if backend not in (None, "torch", "triton"):
         raise ValueError(f"backend must be None, 'torch' or 'triton', got {backend!r}")
@@ -203,7 +204,7 @@ def _torch_decode_step(S, scales, places, dest, q, k, v, g, beta, lam, ranges=No
     N, H, C, K, V = S.shape
     lo, hi = source_ranges(dest) if ranges is None else ranges
     lo, hi = lo.long(), hi.long()
-    S = S if inplace else S.clone()
+    S = S.contiguous() if inplace else S.clone(memory_format=torch.contiguous_format)  # (viewed as rows below)
     scales = S.new_ones(N, H, C) if scales is None else scales.to(S.dtype)
     places = own_places(N, H, C, S.device) if places is None else places.to(torch.int32)
     new_places = new_slot_places(lo, hi, places)
