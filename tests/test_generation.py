@@ -268,9 +268,9 @@ def host_reads(monkeypatch):
 
 
 def one_step_reads(model, host_reads, monkeypatch):
-    """The host reads of one decoding step on the code a GPU runs too: the op's step is the
-    differentiable PyTorch one, whose operations are the decode kernel's launch arguments' (the
-    decode step's PyTorch twin, which runs only off the GPU, reads the routing on the host)."""
+    """The host reads of one decoding step outside the op's own step, which is set to the
+    differentiable PyTorch one: on a GPU the decode kernel runs there, and the decode kernel's
+    PyTorch twin, which runs only off the GPU, reads the routing on the host by design."""
     monkeypatch.setattr(recurrent, "_step_function", lambda backend, one_token, on_cuda, delta: recurrent._torch_step)
     decoding = generation.start_decoding(model, torch.randint(1, 64, (2, 9)), 4)
     host_reads.clear()

@@ -318,10 +318,10 @@ def test_the_decode_kernel_writes_only_the_slots_whose_numbers_change(base, inpl
     from dla.ops.triton import decode
     from dla.ops.triton.decode import decode_step
 
-    if step == "pytorch":  # q comes multiplied by its scale
-        def decode_step(S, scales, places, dest, q, k, v, g, beta, lam, scale, inplace):  # noqa: F811
-            return _torch_decode_step(S, scales, places, dest, q * scale, k, v, g, beta, lam, inplace=inplace)
+    def pytorch_step(S, scales, places, dest, q, k, v, g, beta, lam, scale, inplace):  # q comes multiplied by scale
+        return _torch_decode_step(S, scales, places, dest, q * scale, k, v, g, beta, lam, inplace=inplace)
 
+    run_step = decode_step if step == "kernel" else pytorch_step
     if value_blocks == 2:  # 6 rows on 64 SMs: 16 value columns per program, V = 20 in two blocks
         monkeypatch.setattr(decode, "multiprocessor_count", lambda device: 64)
     else:
@@ -353,7 +353,7 @@ def test_the_decode_kernel_writes_only_the_slots_whose_numbers_change(base, inpl
         want_S, _, _, want_o = _torch_step(old.double(), None, None, dest, q.double() * 0.5, k.double(), v.double(),
                                            g.double(), None if beta is None else beta.double(), lam.double())
         before = S.clone()
-        S_new, scales_new, places_new, o = decode_step(S, scales, places, dest, q, k, v, g, beta, lam, scale=0.5,
+        S_new, scales_new, places_new, o = run_step(S, scales, places, dest, q, k, v, g, beta, lam, scale=0.5,
                                                        inplace=inplace)
         assert (S_new.data_ptr() == S.data_ptr()) == inplace, name
         assert torch.equal(places_new.sort(-1).values, torch.arange(C, device=DEVICE).int().expand(N, H, C)), name

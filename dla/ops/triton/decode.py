@@ -33,7 +33,8 @@ from dla.ops.common import own_places, source_ranges
 def _new_places(p_place, p_lo, p_hi, C: tl.constexpr, CP: tl.constexpr):
     """The place of every new slot, ``[CP]`` (lanes ``>= C`` unused): a slot with sources takes the
     place of its oldest source (``hi``); the places no new slot keeps go, in order, to the slots
-    without sources (the token's new segment, empty slots), in order."""
+    without sources (the token's new segment, empty slots), in order. PyTorch's twin:
+    :func:`dla.ops.common.new_slot_places`."""
     o_c = tl.arange(0, CP)
     m_c = o_c < C
     b_place = tl.load(p_place + o_c, mask=m_c, other=0)
@@ -107,7 +108,7 @@ def decode_dla_step_kernel(S_ptr, S_new_ptr, scales_ptr, scales_new_ptr, places_
         younger = tl.maximum(n - 1, 0)
         lo_next = tl.load(lo_ptr + r * C + younger)
         hi_next = tl.load(hi_ptr + r * C + younger)
-        fed_next = (younger < n) & (lo_next <= hi_next)
+        fed_next = (younger < n) & (lo_next <= hi_next)  # (younger < n: n > 0, as a tensor the interpreter takes)
         place_next = tl.load(places_ptr + r * C + lo_next, mask=fed_next, other=0)
         head_next = tl.load(S_ptr + (r * C + place_next) * K * V + tile, mask=tl.where(fed_next, mask, False),
                             other=0.0)
