@@ -94,29 +94,44 @@ def decode_dla_step_kernel(S_ptr, S_new_ptr, scales_ptr, scales_new_ptr, places_
     # slower (and spilled at K = 256)
     read = tl.zeros((KP, BV), dtype=tl.float32)
     # Each slot's first source (``head``) is loaded one iteration ahead, while the slot before it is
-    # computed: the loads of a slot no longer wait for the previous slot's reduction and store. Safe
-    # in place: a slot's sources are other old slots than the previous one's, at other places.
+    # computed, and the numbers a slot reads are loaded before they are needed: its source range and
+    # first source's place two iterations ahead, its λ, first source's scale and own place one
+    # iteration ahead. So no load waits on a load of the same iteration (on an H100 a Gated DeltaNet
+    # step took 1.7-4% less time, a Mamba-2 step the same). Safe in place: a slot's sources are other
+    # old slots than the previous one's, at other places.
     lo_next = tl.load(lo_ptr + r * C + C - 1)
     hi_next = tl.load(hi_ptr + r * C + C - 1)
     fed_next = lo_next <= hi_next
     place_next = tl.load(places_ptr + r * C + lo_next, mask=fed_next, other=0)
     # (tl.where, not `mask & fed_next`: Triton's interpreter rejects a tile mask combined with a scalar)
     head_next = tl.load(S_ptr + (r * C + place_next) * K * V + tile, mask=tl.where(fed_next, mask, False), other=0.0)
+    lam_next = tl.load(lam_ptr + r * C + C - 1).to(tl.float32)
+    # (a slot without sources has lo = C: its first source's scale and its place are not read)
+    first_scale_next = tl.load(scales_ptr + r * C + lo_next, mask=fed_next, other=0.0)
+    place_own_next = tl.load(places_ptr + r * C + hi_next, mask=fed_next, other=0)
+    older = tl.maximum(C - 2, 0)  # the slot after next (for C = 1, none)
+    lo_after = tl.load(lo_ptr + r * C + older)
+    hi_after = tl.load(hi_ptr + r * C + older)
+    place_after = tl.load(places_ptr + r * C + lo_after, mask=(older < C - 1) & (lo_after <= hi_after), other=0)
     for i in range(C):
         n = C - 1 - i
         lo, hi, head = lo_next, hi_next, head_next
+        lam, first_scale, place_own = lam_next, first_scale_next, place_own_next
         younger = tl.maximum(n - 1, 0)
-        lo_next = tl.load(lo_ptr + r * C + younger)
-        hi_next = tl.load(hi_ptr + r * C + younger)
+        lo_next, hi_next = lo_after, hi_after
         fed_next = (younger < n) & (lo_next <= hi_next)  # (younger < n: n > 0, as a tensor the interpreter takes)
-        place_next = tl.load(places_ptr + r * C + lo_next, mask=fed_next, other=0)
-        head_next = tl.load(S_ptr + (r * C + place_next) * K * V + tile, mask=tl.where(fed_next, mask, False),
+        head_next = tl.load(S_ptr + (r * C + place_after) * K * V + tile, mask=tl.where(fed_next, mask, False),
                             other=0.0)
-        lam = tl.load(lam_ptr + r * C + n).to(tl.float32)
+        lam_next = tl.load(lam_ptr + r * C + younger).to(tl.float32)
+        first_scale_next = tl.load(scales_ptr + r * C + lo_next, mask=lo_next <= hi_next, other=0.0)
+        place_own_next = tl.load(places_ptr + r * C + hi_next, mask=lo_next <= hi_next, other=0)
+        youngest = tl.maximum(n - 2, 0)
+        lo_after = tl.load(lo_ptr + r * C + youngest)
+        hi_after = tl.load(hi_ptr + r * C + youngest)
         empty = (hi < lo) & (n > 0)  # slot 0 without sources: a segment opens with the token's write
         kept = (lo == hi) & (n > 0) & (not DELTA)
         if hi >= lo:  # a slot with sources stays at its oldest source's place
-            place = tl.load(places_ptr + r * C + hi)
+            place = place_own
         elif n == 0:  # the token's new segment: the first place given up
             place = place_open
         elif INPLACE:  # an empty slot: neither read nor written
@@ -124,9 +139,7 @@ def decode_dla_step_kernel(S_ptr, S_new_ptr, scales_ptr, scales_new_ptr, places_
         else:  # an empty slot, copied out of place (a reduction across the program)
             place = tl.sum(tl.where(o_c == n, b_place_new, 0), 0)
         at = (r * C + place) * K * V
-        # (a slot without sources has lo = C: its source's scale is not read)
-        source_scale = tl.load(scales_ptr + r * C + lo, mask=kept, other=1.0)
-        new_scale = tl.where(empty, 0.0, tl.where(kept, decay * source_scale, 1.0))
+        new_scale = tl.where(empty, 0.0, tl.where(kept, decay * first_scale, 1.0))
         if empty:  # scale 0: its numbers are not read again (out of place: copied, as in place they stay)
             if not INPLACE:
                 tl.store(S_new_ptr + at + tile, tl.load(S_ptr + at + tile, mask=mask, other=0.0), mask=mask)
@@ -135,7 +148,7 @@ def decode_dla_step_kernel(S_ptr, S_new_ptr, scales_ptr, scales_new_ptr, places_
                 tl.store(S_new_ptr + at + tile, head, mask=mask)
             read += (lam * new_scale) * head
         else:
-            acc = tl.load(scales_ptr + r * C + lo, mask=lo <= hi, other=0.0) * head
+            acc = first_scale * head
             for j in range(lo + 1, hi + 1):
                 p_source = S_ptr + (r * C + tl.load(places_ptr + r * C + j)) * K * V + tile
                 acc += tl.load(scales_ptr + r * C + j) * tl.load(p_source, mask=mask, other=0.0)
@@ -154,6 +167,8 @@ def decode_dla_step_kernel(S_ptr, S_new_ptr, scales_ptr, scales_new_ptr, places_
                 read += lam * acc
         if i_v == 0:
             tl.store(scales_new_ptr + r * C + n, new_scale)
+        place_after = tl.load(places_ptr + r * C + lo_after, mask=(youngest < younger) & (lo_after <= hi_after),
+                              other=0)
     if not DELTA:
         o = tl.sum(q[:, None] * read, axis=0)
     tl.store(o_ptr + r * V + vv, o, mask=vv < V)
