@@ -65,7 +65,8 @@ def ptxas_report(ptx: str) -> dict:
 def compile_kernel(kernel, const: dict, num_warps: int, num_stages: int) -> dict:
     """Compile ``kernel`` (a Triton JIT function, maybe autotuned) for sm_90a with the constexprs
     ``const`` and the launch's warps and stages (the stages change the registers: keep them equal
-    to the launch's); pointers are fp32 except those named in INT_POINTERS. Returns ptxas's report."""
+    to the launch's); pointers are fp32 except those named in INT_POINTERS, and 16-byte aligned.
+    Returns ptxas's report."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -76,7 +77,10 @@ def compile_kernel(kernel, const: dict, num_warps: int, num_stages: int) -> dict
         fn = fn.fn
     signature = {name: ("constexpr" if name in const else "*i32" if name in INT_POINTERS
                         else "*fp32" if name.endswith("_ptr") else "i32") for name in fn.arg_names}
-    src = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in const.items()})
+    # pointers 16-byte aligned, as a launch specialises them (PyTorch's allocations are): the loads and
+    # stores of a tile are then vectorised, which changes the registers
+    aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names) if signature[name][0] == "*"}
+    src = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in const.items()}, attrs=aligned)
     started = time.time()
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                               options=dict(num_warps=num_warps, num_stages=num_stages))
