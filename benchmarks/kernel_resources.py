@@ -66,7 +66,7 @@ def compile_kernel(kernel, const: dict, num_warps: int, num_stages: int) -> dict
     """Compile ``kernel`` (a Triton JIT function, maybe autotuned) for sm_90a with the constexprs
     ``const`` and the launch's warps and stages (the stages change the registers: keep them equal
     to the launch's); pointers are fp32 except those named in INT_POINTERS, and 16-byte aligned.
-    Returns ptxas's report."""
+    Returns ptxas's report and the number of vectorised global loads in the PTX."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -84,7 +84,9 @@ def compile_kernel(kernel, const: dict, num_warps: int, num_stages: int) -> dict
     started = time.time()
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                               options=dict(num_warps=num_warps, num_stages=num_stages))
-    return {**ptxas_report(compiled.asm["ptx"]), "shared": compiled.metadata.shared,
+    ptx = compiled.asm["ptx"]
+    return {**ptxas_report(ptx), "shared": compiled.metadata.shared,
+            "vector_loads": len(re.findall(r"ld\.global[\w:.]*\.v[24]\.", ptx)),  # 2 or 4 numbers per load
             "compile_s": round(time.time() - started, 1)}
 
 
