@@ -123,8 +123,8 @@ def decode_dla_step_kernel(S_ptr, S_new_ptr, scales_ptr, scales_new_ptr, places_
         head_next = tl.load(S_ptr + (r * C + place_after) * K * V + tile, mask=tl.where(fed_next, mask, False),
                             other=0.0)
         lam_next = tl.load(lam_ptr + r * C + younger).to(tl.float32)
-        first_scale_next = tl.load(scales_ptr + r * C + lo_next, mask=lo_next <= hi_next, other=0.0)
-        place_own_next = tl.load(places_ptr + r * C + hi_next, mask=lo_next <= hi_next, other=0)
+        first_scale_next = tl.load(scales_ptr + r * C + lo_next, mask=fed_next, other=0.0)
+        place_own_next = tl.load(places_ptr + r * C + hi_next, mask=fed_next, other=0)
         youngest = tl.maximum(n - 2, 0)
         lo_after = tl.load(lo_ptr + r * C + youngest)
         hi_after = tl.load(hi_ptr + r * C + youngest)
