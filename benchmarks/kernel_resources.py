@@ -102,7 +102,7 @@ def compile_walk(kernel, K: int, V: int, C: int, matrix: bool, BV: int, num_warp
     KS, BK = key_tiles(K, matrix)
     const = dict(L=L, C=C, K=K, V=V, BV=BV, BK=BK, KS=KS, PREC="tf32", MATRIX=matrix)
     if kernel is chunk_dla_inter_bwd_kernel:
-        const.update(CP=triton.next_power_of_2(C), ATOMIC=atomic_sums(V // BV, KS), LANES=1)
+        const.update(CP=triton.next_power_of_2(C), ATOMIC=atomic_sums(V // BV, KS))
     return compile_kernel(kernel, const, num_warps, 1)
 
 
@@ -138,7 +138,6 @@ def main(argv=None) -> int:
     from dla.ops.triton.chunk_inter import (
         INTER_FWD_CONFIGS,
         chunk_dla_inter_bwd_kernel,
-        chunk_dla_inter_dstate_kernel,
         chunk_dla_inter_fwd_kernel,
     )
 
@@ -148,8 +147,7 @@ def main(argv=None) -> int:
           f"{'stack':>6s} {'shared':>7s} {'compile':>8s}")
     for label, K, V, C, matrix in SHAPES:
         fwd = [(c.kwargs["BV"], c.num_warps) for c in INTER_FWD_CONFIGS if c.kwargs["BV"] <= V]
-        kernels = ((chunk_dla_inter_fwd_kernel, "fwd", fwd), (chunk_dla_inter_bwd_kernel, "bwd", [(32, 8)]),
-                   (chunk_dla_inter_dstate_kernel, "dstate", [(32, 8)]))
+        kernels = ((chunk_dla_inter_fwd_kernel, "fwd", fwd), (chunk_dla_inter_bwd_kernel, "bwd", [(32, 8)]))
         for kernel, name, configs in kernels:
             for BV, warps in configs:
                 rows.append({"shape": label, "K": K, "V": V, "C": C, "matrix": matrix, "kernel": name, "BV": BV,

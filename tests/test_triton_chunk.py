@@ -489,41 +489,6 @@ def test_fused_walk_state_checkpoints_in_key_splits(splits, monkeypatch):
         assert rel_err(a.double(), c) < 1e-5, name
 
 
-@pytest.mark.parametrize("matrix, NC, group, lanes, splits", [(False, 9, 4, 2, "1"), (False, 17, 2, 3, "2"),
-                                                                (True, 9, 2, 2, "1"), (True, 17, 4, 8, "1")],
-                         ids=lambda p: ("matrix" if p else "scalar") if isinstance(p, bool) else str(p))
-def test_the_reverse_walk_in_lanes_gives_the_one_lane_numbers(matrix, NC, group, lanes, splits, monkeypatch):
-    """With several lanes (DLA_WALK_GROUP_LANES) the state gradients at every group's start are walked
-    first, and each lane walks its groups back from them: the numbers of one lane, which carries the
-    gradients from group to group, bit for bit (under deterministic algorithms, so no atomic sum
-    reorders; NC no multiple of the group, lanes that do not divide the groups, 8 lanes for 5 groups
-    capped at 5; the scalar walk also in two key splits). Outputs, scratch and rings are
-    NaN-poisoned, so a boundary no program writes, or one read from the wrong lane, shows."""
-    from dla.ops.triton import chunk_inter, utils
-
-    monkeypatch.setattr(utils, "POISON", True)
-    monkeypatch.setenv("DLA_WALK_KEY_BLOCK", "16")
-    monkeypatch.setenv("DLA_WALK_KEY_SPLITS", splits)
-    case = walk_case(matrix, NC=NC, C=3, K=32, V=20, seed=NC + lanes + matrix, device=DEVICE)
-    launches, kernel = [], chunk_inter.chunk_dla_inter_dstate_kernel
-    monkeypatch.setattr(chunk_inter, "chunk_dla_inter_dstate_kernel", counted(kernel, launches))
-    torch.use_deterministic_algorithms(True)
-    try:
-        monkeypatch.setenv("DLA_WALK_GROUP_LANES", "1")
-        one = walk_results(case, fused=True, group=group)
-        assert launches == []  # one lane carries the state gradients: no walk of them first
-        monkeypatch.setenv("DLA_WALK_GROUP_LANES", str(lanes))
-        got = walk_results(case, fused=True, group=group)
-    finally:
-        torch.use_deterministic_algorithms(False)
-    assert len(launches) == 1
-    assert chunk_inter.group_lanes(1, -(-NC // group), torch.device(DEVICE)) == min(lanes, -(-NC // group))
-    want = walk_results(case, fused=False)
-    for name, a, b, c in zip(WALK_RESULTS, got, one, want):
-        assert torch.equal(a, b), name
-        assert rel_err(a.double(), c) < 1e-5, name
-
-
 def test_the_matrix_walk_takes_no_key_splits(monkeypatch):
     """Gated DeltaNet's K x K transition couples the key rows: DLA_WALK_KEY_SPLITS leaves its walk
     in one split, with the numbers of the unset variable bit for bit (V = 16: one value block, so

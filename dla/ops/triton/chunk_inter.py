@@ -54,14 +54,15 @@ def fitting_value_blocks(configs, named_args, **kwargs):
 
 
 @triton.jit
-def boundary_states(S_ptr, scratch_ptr, r, b, NC, GROUP, slot, C: tl.constexpr, K: tl.constexpr, V: tl.constexpr):
+def boundary_states(S_ptr, scratch_ptr, r, b, NC, GROUP, slot, SLOTS, C: tl.constexpr, K: tl.constexpr,
+                    V: tl.constexpr):
     """Where the states ``[C, K, V]`` of row ``r`` at chunk boundary ``b`` lie: in the checkpoints
     ``S [rows, cdiv(NC, GROUP) + 1, C, K, V]`` when ``b`` is a multiple of ``GROUP`` or the last
-    boundary ``NC``, else in slot ``slot`` of ``scratch`` (the program's boundaries ``[slots, C, K, V]``)."""
+    boundary ``NC``, else in slot ``slot`` of the row's ``SLOTS`` boundaries of ``scratch``."""
     if ((b % GROUP) == 0) | (b == NC):
         states = S_ptr + (r * (tl.cdiv(NC, GROUP) + 1) + tl.cdiv(b, GROUP)) * C * K * V
     else:
-        states = scratch_ptr + slot * C * K * V
+        states = scratch_ptr + (r * SLOTS + slot) * C * K * V
     return states
 
 
@@ -127,13 +128,12 @@ def chunk_dla_inter_fwd_kernel(qe_ptr, lam_ptr, x_ptr, v_ptr, rank_ptr, M_ptr, l
     i_k = tl.program_id(2)
     k0 = i_k * KW
     o_ptr += (i_k * tl.num_programs(0)).to(tl.int64) * NC * L * V  # the split's partial read-out
-    ring_ptr += r * 2 * C * K * V  # the row's two boundaries between checkpoints
     ll = tl.arange(0, L)
     bk = tl.arange(0, BK)
     for c in range(NC):
         rc = r * NC + c  # int64 (r is), so offsets from it do not overflow as c * C*K*V (int32) would
-        S_in = boundary_states(S_ptr, ring_ptr, r, c, NC, GROUP, c % 2, C, K, V)
-        S_out = boundary_states(S_ptr, ring_ptr, r, c + 1, NC, GROUP, (c + 1) % 2, C, K, V)
+        S_in = boundary_states(S_ptr, ring_ptr, r, c, NC, GROUP, c % 2, 2, C, K, V)
+        S_out = boundary_states(S_ptr, ring_ptr, r, c + 1, NC, GROUP, (c + 1) % 2, 2, C, K, V)
         tok = rc * L + ll
         o = tl.zeros((L, BV), dtype=tl.float32)
         for kb in range(KW // BK):  # blocks of key rows: a whole [L, K] query tile spills at K = 256
@@ -153,114 +153,30 @@ def chunk_dla_inter_fwd_kernel(qe_ptr, lam_ptr, x_ptr, v_ptr, rank_ptr, M_ptr, l
 
 
 @triton.jit
-def slot_state_grad(G_out, M_ptr, m_c, qe_lam, do, Sj, dm_c, n, rc, rows, vv, bt, C: tl.constexpr, K: tl.constexpr,
-                    V: tl.constexpr, BT: tl.constexpr, PREC: tl.constexpr, MATRIX: tl.constexpr, DM: tl.constexpr):
-    """One ``[BK, BV]`` tile (key rows ``rows``, value columns ``vv``) of ``dS_c[j]``, the gradient of
-    the state that carried slot ``j`` holds entering chunk ``rc``: ``(λ_j ⊙ Q_eff)ᵀ dO`` from the
-    read-out (``qe_lam``: ``λ_j ⊙ Q_eff``, ``[L, BK]``) plus ``M_cᵀ dS_{c+1}[n]`` from the slot ``n``
-    it merges into (none for ``n = C``: the slot is dropped). With ``DM`` (scalar transition) also
-    adds ``Σ_k dS_{c+1}[n] ⊙ S_c[j]`` (``Sj``) to the transition's gradient ``dm_c [BV]``. The
-    state-gradient walk and the reverse walk run this one code, so both give the same bits."""
-    dSj = tl.dot(tl.trans(qe_lam), do, input_precision=PREC)  # [BK, BV]
-    if n < C:
-        if MATRIX:  # S_{c+1}[n] = M_c (... + S_c[j] + ...): dS_c[j] += M_c^T G_n (dM_c in the reverse walk)
-            for kt in range(K // BT):
-                cols = kt * BT + bt
-                Gn = tl.load(G_out + n * K * V + cols[:, None] * V + vv[None, :])  # [BT, BV]
-                Mt = tl.load(M_ptr + (rc * K + cols[None, :]) * K + rows[:, None])  # [BK, BT]: M^T
-                dSj += tl.dot(Mt, Gn, input_precision=PREC)
-        else:
-            Gn = tl.load(G_out + n * K * V + rows[:, None] * V + vv[None, :])
-            if DM:
-                dm_c += tl.sum(Gn * Sj, axis=0)
-            dSj += m_c * Gn
-    return dSj, dm_c
-
-
-@triton.jit
-def grad_boundary(D_ptr, ring_ptr, r, b, NC, GROUP, D_SLOTS, C: tl.constexpr, K: tl.constexpr, V: tl.constexpr):
-    """Where the state gradients ``dS_b [C, K, V]`` of row ``r`` lie: at a multiple of ``GROUP`` or
-    the last boundary in ``D [rows, D_SLOTS, C, K, V]`` (entry ``cdiv(b, GROUP) % D_SLOTS``), else in
-    slot ``b % 2`` of ``ring`` (a ``[2, C, K, V]`` block)."""
-    if ((b % GROUP) == 0) | (b == NC):
-        states = D_ptr + (r * D_SLOTS + tl.cdiv(b, GROUP) % D_SLOTS) * C * K * V
-    else:
-        states = ring_ptr + (b % 2) * C * K * V
-    return states
-
-
-@triton.jit
-def chunk_dla_inter_dstate_kernel(qe_ptr, lam_ptr, M_ptr, dest_ptr, do_ptr, D_ptr, ring_ptr, NC, GROUP,
-                                  L: tl.constexpr, C: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                                  BV: tl.constexpr, BK: tl.constexpr, KS: tl.constexpr, PREC: tl.constexpr,
-                                  MATRIX: tl.constexpr):
-    """The state gradients alone, walked from the last chunk to the first: ``dS_c[j] = (λ_j ⊙
-    Q_eff)ᵀ dO + M_cᵀ dS_{c+1}[n]`` (:func:`slot_state_grad`; the states themselves are not needed).
-    ``D [rows, cdiv(NC, GROUP) + 1, C, K, V]`` enters with ``dS_NC`` at its last entry and leaves
-    with ``dS_b`` at every multiple ``b`` of ``GROUP``, where :func:`chunk_dla_inter_bwd_kernel`'s
-    groups of chunks start their reverse walks, so that those run side by side; the boundaries
-    between pass through the program's two of ``ring``. One program per row, value block and key
-    split, as the reverse walk's."""
-    KW: tl.constexpr = K // KS
-    r = tl.program_id(0).to(tl.int64)
-    vv = tl.program_id(1) * BV + tl.arange(0, BV)
-    k0 = tl.program_id(2) * KW
-    ring_ptr += r * 2 * C * K * V  # the row's two boundaries between checkpoints
-    ll = tl.arange(0, L)
-    bk = tl.arange(0, BK)
-    BT: tl.constexpr = 128 if K > 128 else K
-    bt = tl.arange(0, BT)
-    D_SLOTS = tl.cdiv(NC, GROUP) + 1
-    for ci in range(NC):
-        c = NC - 1 - ci
-        rc = r * NC + c
-        G_out = grad_boundary(D_ptr, ring_ptr, r, c + 1, NC, GROUP, D_SLOTS, C, K, V)
-        G_in = grad_boundary(D_ptr, ring_ptr, r, c, NC, GROUP, D_SLOTS, C, K, V)
-        tok = rc * L + ll
-        do = tl.load(do_ptr + tok[:, None] * V + vv[None, :])  # [L, BV]
-        m_c = tl.load(M_ptr + rc)  # the scalar transition (read, unused, when MATRIX)
-        for kb in range(KW // BK):
-            rows = k0 + kb * BK + bk
-            qe = tl.load(qe_ptr + tok[:, None] * K + rows[None, :])  # [L, BK]
-            for j in range(C):
-                lam_j = tl.load(lam_ptr + tok * C + j)
-                dSj, _ = slot_state_grad(G_out, M_ptr, m_c, qe * lam_j[:, None], do, 0.0, 0.0,
-                                         tl.load(dest_ptr + rc * C + j), rc, rows, vv, bt, C, K, V, BT, PREC,
-                                         MATRIX, False)
-                tl.store(G_in + j * K * V + rows[:, None] * V + vv[None, :], dSj)
-        # dS_c is fully stored before the next step reads it, and this step's loads of dS_{c+1} are
-        # done before the ring slot that holds it is overwritten
-        tl.debug_barrier()
-
-
-@triton.jit
 def chunk_dla_inter_bwd_kernel(qe_ptr, lam_ptr, x_ptr, v_ptr, rank_ptr, M_ptr, lo_ptr, hi_ptr, dest_ptr, S_ptr,
-                               scratch_ptr, do_ptr, D_ptr, ring_ptr, dqe_ptr, dlam_ptr, dx_ptr, dv_ptr, dM_ptr, NC,
-                               GROUP, D_SLOTS, L: tl.constexpr, C: tl.constexpr, CP: tl.constexpr, K: tl.constexpr,
-                               V: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, KS: tl.constexpr,
-                               LANES: tl.constexpr, PREC: tl.constexpr, MATRIX: tl.constexpr, ATOMIC: tl.constexpr):
+                               scratch_ptr, do_ptr, G_ptr, dqe_ptr, dlam_ptr, dx_ptr, dv_ptr, dM_ptr, NC, GROUP,
+                               L: tl.constexpr, C: tl.constexpr, CP: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                               BV: tl.constexpr, BK: tl.constexpr, KS: tl.constexpr, PREC: tl.constexpr,
+                               MATRIX: tl.constexpr, ATOMIC: tl.constexpr):
     """Reverse walk of :func:`chunk_dla_inter_fwd_kernel`, over groups of ``GROUP`` chunks from
     the last: the states inside a group are recomputed from its checkpoint in ``S`` (the forward's
-    state update without the read-out) into the program's ``GROUP - 1`` boundaries of ``scratch``,
-    then its chunks are walked in reverse from the state gradients at the group's end, which
-    ``D [rows, D_SLOTS, C, K, V]`` holds (:func:`grad_boundary`), through the program's two boundaries
-    of ``ring``. ``LANES`` programs share a row's groups (lane ``l`` takes groups ``l, l + LANES,
-    ...`` counted from the last): with one lane, ``D`` is two entries that carry ``dS`` from group to
-    group, entering with ``dS_NC`` and leaving with ``dS_0`` in entry 0; with more,
-    :func:`chunk_dla_inter_dstate_kernel` has filled it at every group's start, and the lanes only
-    read it. A program holds the key rows ``k0 .. k0 + K / KS`` (split ``i_k`` of ``KS``; ``KS = 1``
-    when ``MATRIX``) of the states and their gradients. ``dv`` is stored, as the splits' partials
-    ``[KS, R, NC, L, V]`` when ``KS > 1`` (the host sums them). ``dqe``, ``dlam``, ``dx`` and ``dM``
-    sum over value blocks (and ``dlam``, ``dM`` over splits): with ``ATOMIC`` the programs add into
-    one buffer (the order of the adds varies from run to run), else each program stores its own
-    partial, ``dqe`` and ``dx`` at value block ``i_v`` of ``[NV, R, NC, L, K]``, ``dlam`` and ``dM``
-    at ``i_v * KS + i_k`` of ``[NV * KS, R, NC, ...]``, and the host sums them in a fixed order
-    (deterministic). ``CP``: ``C`` rounded up to a power of two (``dlam``'s register tile)."""
+    state update without the read-out) into the row's ``GROUP - 1`` boundaries of ``scratch``,
+    then its chunks are walked in reverse. ``G`` ([rows, 2, C, K, V]) enters with ``dS_NC`` (the
+    final state's gradient) in its first half and leaves with ``dS_0`` in half ``NC % 2``; the two
+    halves alternate as ``dS_{c+1}`` (read) and ``dS_c`` (written). A program holds the key rows
+    ``k0 .. k0 + K / KS`` (split ``i_k`` of ``KS``; ``KS = 1`` when ``MATRIX``) of the states and
+    their gradients. ``dv`` is stored, as the splits' partials ``[KS, R, NC, L, V]`` when ``KS >
+    1`` (the host sums them). ``dqe``, ``dlam``, ``dx`` and ``dM`` sum over value blocks (and
+    ``dlam``, ``dM`` over splits): with ``ATOMIC`` the programs add into one buffer (the order of
+    the adds varies from run to run), else each program stores its own partial, ``dqe`` and ``dx``
+    at value block ``i_v`` of ``[NV, R, NC, L, K]``, ``dlam`` and ``dM`` at ``i_v * KS + i_k`` of
+    ``[NV * KS, R, NC, ...]``, and the host sums them in a fixed order (deterministic). ``CP``: ``C``
+    rounded up to a power of two (``dlam``'s register tile)."""
     tl.static_assert(KS == 1 or not MATRIX, "the K x K transition couples all key rows: no key splits")
     KW: tl.constexpr = K // KS  # key rows per split
     r = tl.program_id(0).to(tl.int64)
     vv = tl.program_id(1) * BV + tl.arange(0, BV)
-    i_v, i_k, lane = tl.program_id(1), tl.program_id(2) % KS, tl.program_id(2) // KS
+    i_v, i_k = tl.program_id(1), tl.program_id(2)
     k0 = i_k * KW
     rows_all = tl.num_programs(0).to(tl.int64)
     dv_ptr += i_k * rows_all * NC * L * V  # the split's partial dv
@@ -269,21 +185,20 @@ def chunk_dla_inter_bwd_kernel(qe_ptr, lam_ptr, x_ptr, v_ptr, rank_ptr, M_ptr, l
         dx_ptr += i_v * rows_all * NC * L * K
         dlam_ptr += (i_v * KS + i_k) * rows_all * NC * L * C
         dM_ptr += (i_v * KS + i_k) * rows_all * NC * (K * K if MATRIX else 1)
-    ring_ptr += (r * LANES + lane) * 2 * C * K * V  # the lane's two boundaries of state gradients
-    scratch_ptr += (r * LANES + lane) * (GROUP - 1) * C * K * V  # the lane's boundaries between checkpoints
     cc = tl.arange(0, CP)
     ll = tl.arange(0, L)
     bk = tl.arange(0, BK)
     BT: tl.constexpr = 128 if K > 128 else K  # columns of a transition tile: [BK, 256] ones spill
     bt = tl.arange(0, BT)
+    G_row = G_ptr + r * 2 * C * K * V
     groups = tl.cdiv(NC, GROUP)
-    for gi in range(lane, groups, LANES):
+    for gi in range(groups):
         c_first = (groups - 1 - gi) * GROUP
         c_end = tl.minimum(c_first + GROUP, NC)
         # the boundaries c_first + 1 .. c_end - 1 (scratch slot b - c_first - 1) from the checkpoint
         for c in range(c_first, c_end - 1):
-            S_in = boundary_states(S_ptr, scratch_ptr, r, c, NC, GROUP, c - c_first - 1, C, K, V)
-            S_out = boundary_states(S_ptr, scratch_ptr, r, c + 1, NC, GROUP, c - c_first, C, K, V)
+            S_in = boundary_states(S_ptr, scratch_ptr, r, c, NC, GROUP, c - c_first - 1, GROUP - 1, C, K, V)
+            S_out = boundary_states(S_ptr, scratch_ptr, r, c + 1, NC, GROUP, c - c_first, GROUP - 1, C, K, V)
             walk_state_update(S_in, S_out, x_ptr, v_ptr, rank_ptr, M_ptr, lo_ptr, hi_ptr, r * NC + c, vv, k0,
                               L, C, K, V, BV, BK, KW, PREC, MATRIX)
             # the boundary is fully stored before the next update (or the reverse steps) load it
@@ -291,13 +206,11 @@ def chunk_dla_inter_bwd_kernel(qe_ptr, lam_ptr, x_ptr, v_ptr, rank_ptr, M_ptr, l
             tl.debug_barrier()
         for cg in range(c_end - c_first):
             c = c_end - 1 - cg
+            ci = NC - 1 - c  # reverse steps so far: the parity of the gradient halves
             rc = r * NC + c  # int64, as in the forward
-            S_in = boundary_states(S_ptr, scratch_ptr, r, c, NC, GROUP, c - c_first - 1, C, K, V)
-            G_out = grad_boundary(D_ptr, ring_ptr, r, c + 1, NC, GROUP, D_SLOTS, C, K, V)  # dS_{c+1}
-            if LANES == 1:  # dS_c, written here: into D at the group's start, which the next group reads
-                G_in = grad_boundary(D_ptr, ring_ptr, r, c, NC, GROUP, D_SLOTS, C, K, V)
-            else:  # (the state-gradient walk has stored D there already, and other lanes read it)
-                G_in = ring_ptr + (c % 2) * C * K * V
+            S_in = boundary_states(S_ptr, scratch_ptr, r, c, NC, GROUP, c - c_first - 1, GROUP - 1, C, K, V)
+            G_out = G_row + (ci % 2) * C * K * V  # dS_{c+1}
+            G_in = G_row + ((ci + 1) % 2) * C * K * V  # dS_c, written here
             tok = rc * L + ll
             # Everything below runs over blocks of BK key rows, so no [L, K] or [K, K] tile is ever
             # held: at K = 256 those spill (benchmarks/kernel_resources.py). The transition's products
@@ -334,9 +247,19 @@ def chunk_dla_inter_bwd_kernel(qe_ptr, lam_ptr, x_ptr, v_ptr, rank_ptr, M_ptr, l
                     dqs = tl.dot(do, tl.trans(Sj), input_precision=PREC)  # [L, BK]: dO S_j^T
                     dqe += lam_j[:, None] * dqs
                     dlam += tl.where(cc[None, :] == j, tl.sum(qe * dqs, axis=1)[:, None], 0.0)
-                    dSj, dm_c = slot_state_grad(G_out, M_ptr, m_c, qe * lam_j[:, None], do, Sj, dm_c,
-                                                tl.load(dest_ptr + rc * C + j), rc, rows, vv, bt, C, K, V, BT, PREC,
-                                                MATRIX, True)
+                    dSj = tl.dot(tl.trans(qe * lam_j[:, None]), do, input_precision=PREC)  # [BK, BV]
+                    n = tl.load(dest_ptr + rc * C + j)
+                    if n < C:
+                        if MATRIX:  # S_{c+1}[n] = M_c (... + S_c[j] + ...): dS_c[j] += M_c^T G_n (dM_c below)
+                            for kt in range(K // BT):
+                                cols = kt * BT + bt
+                                Gn = tl.load(G_out + n * K * V + cols[:, None] * V + vv[None, :])  # [BT, BV]
+                                Mt = tl.load(M_ptr + (rc * K + cols[None, :]) * K + rows[:, None])  # [BK, BT]: M^T
+                                dSj += tl.dot(Mt, Gn, input_precision=PREC)
+                        else:
+                            Gn = tl.load(G_out + n * K * V + rows[:, None] * V + vv[None, :])
+                            dm_c += tl.sum(Gn * Sj, axis=0)
+                            dSj += m_c * Gn
                     tl.store(G_in + j * K * V + rows[:, None] * V + vv[None, :], dSj)
                 add_or_store(dqe_ptr + tok[:, None] * K + rows[None, :], dqe, ATOMIC)
             add_or_store(dlam_ptr + tok[:, None] * C + cc[None, :], dlam, ATOMIC, cc[None, :] < C)
@@ -503,78 +426,36 @@ def walk_forward(w: WalkRows, S0: torch.Tensor, prec: str, group: int):
     return o.sum(0) if KS > 1 else o, S  # a sum in a fixed order, not atomics: deterministic
 
 
-# the reverse walk's lanes fill the GPU up to this many programs per streaming multiprocessor
-LANE_PROGRAMS_PER_SM = 2
-
-
-def group_lanes(programs: int, groups: int, device: torch.device) -> int:
-    """Lanes of the reverse walk (:func:`chunk_dla_inter_bwd_kernel`): programs that share one row's
-    groups of chunks, so that a walk with few rows (one long sequence, a model's few heads) still fills
-    the GPU. Each takes every ``lanes``-th group from its state gradients at the group's end, which a
-    walk of the state gradients alone stores first (:func:`chunk_dla_inter_dstate_kernel`, about a
-    fifth of the reverse walk's work per chunk); each keeps its own scratch of ``group - 1``
-    boundaries. ``programs``: those of one lane (rows x value blocks x key splits). By default as many
-    lanes (at most ``groups``) as take the programs to :data:`LANE_PROGRAMS_PER_SM` per multiprocessor,
-    and one (no state-gradient walk) where the rows alone fill it; the environment variable
-    DLA_WALK_GROUP_LANES sets the number (capped at ``groups``)."""
-    value = os.environ.get("DLA_WALK_GROUP_LANES")
-    if value is not None:
-        try:
-            lanes = int(value)
-        except ValueError:
-            lanes = 0
-        if lanes < 1:
-            raise ValueError(f"DLA_WALK_GROUP_LANES must be a positive integer, got {value!r}")
-    elif device.type == "cuda":
-        target = LANE_PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
-        lanes = max(1, target // max(1, programs))
-    else:
-        lanes = 1
-    return max(1, min(lanes, groups))
-
-
 def walk_backward(w: WalkRows, S: torch.Tensor, do: torch.Tensor, dS_final: torch.Tensor | None, prec: str,
                   group: int):
     """The reverse walk over the states ``S`` that :func:`walk_forward` kept: the gradients of
     ``qe, lam, x, v, M`` (``WalkRows``' layout) and of the initial states, from those of ``o`` and
-    of the final states (None: zero). With several lanes (:func:`group_lanes`) the state gradients at
-    every group's start are walked first and the groups then run side by side."""
+    of the final states (None: zero)."""
     R, NC, L, K = w.qe.shape
     C, Vd = S.shape[2], w.v.shape[-1]
     matrix = w.M.dim() == 4
     KS, BK = key_tiles(K, matrix)  # as the forward's, read again (the backward need not come right after it)
+    G = torch.zeros((R, 2, C, K, Vd), dtype=torch.float32, device=w.qe.device)
+    if dS_final is not None:
+        G[:, 0] = dS_final
+    scratch = new_output((R, group - 1, C, K, Vd), w.qe)  # one group's boundaries between checkpoints
+    dv = new_output((KS, *w.v.shape) if KS > 1 else w.v.shape, w.v)  # the splits' partials, or dv
     BV = min(32, Vd)
     NV = Vd // BV
-    groups = -(-NC // group)
-    lanes = group_lanes(R * NV * KS, groups, w.qe.device)
-    do = do.float().contiguous()
-    # the state gradients at the groups' starts: two entries that carry them from group to group, or
-    # with several lanes every group's, walked here first
-    D = torch.zeros((R, 2 if lanes == 1 else groups + 1, C, K, Vd), dtype=torch.float32, device=w.qe.device)
-    if dS_final is not None:
-        D[:, groups % D.shape[1]] = dS_final
-    ring = new_output((R, lanes, 2, C, K, Vd), w.qe)  # each lane's state gradients between those
-    if lanes > 1:
-        chunk_dla_inter_dstate_kernel[(R, NV, KS)](w.qe, w.lam, w.M, w.dest, do, D, ring, NC, group, L=L, C=C, K=K,
-                                                   V=Vd, BV=BV, BK=BK, KS=KS, PREC=prec, MATRIX=matrix, num_warps=8,
-                                                   num_stages=1)
-    scratch = new_output((R, lanes, group - 1, C, K, Vd), w.qe)  # each lane's boundaries between checkpoints
-    dv = new_output((KS, *w.v.shape) if KS > 1 else w.v.shape, w.v)  # the splits' partials, or dv
     atomic = atomic_sums(NV, KS)
     if atomic:
         dqe, dlam, dx, dM = (torch.zeros_like(t) for t in (w.qe, w.lam, w.x, w.M))
     else:
         dqe, dx = (new_output((NV, *t.shape), t) for t in (w.qe, w.x))
         dlam, dM = (new_output((NV * KS, *t.shape), t) for t in (w.lam, w.M))
-    chunk_dla_inter_bwd_kernel[(R, NV, KS * lanes)](w.qe, w.lam, w.x, w.v, w.rank, w.M, w.lo, w.hi, w.dest, S,
-                                                    scratch, do, D, ring, dqe, dlam, dx, dv, dM, NC, group,
-                                                    D.shape[1], L=L, C=C, CP=triton.next_power_of_2(C), K=K, V=Vd,
-                                                    BV=BV, BK=BK, KS=KS, LANES=lanes, PREC=prec, MATRIX=matrix,
-                                                    ATOMIC=atomic, num_warps=8,
-                                                    num_stages=1)  # the default (3) spills at K = 256
+    chunk_dla_inter_bwd_kernel[(R, NV, KS)](w.qe, w.lam, w.x, w.v, w.rank, w.M, w.lo, w.hi, w.dest, S, scratch,
+                                            do.float().contiguous(), G, dqe, dlam, dx, dv, dM, NC, group, L=L, C=C,
+                                            CP=triton.next_power_of_2(C), K=K, V=Vd, BV=BV, BK=BK, KS=KS, PREC=prec,
+                                            MATRIX=matrix, ATOMIC=atomic, num_warps=8,
+                                            num_stages=1)  # the default (3) spills at K = 256
     if not atomic:
         dqe, dlam, dx, dM = (t.sum(0) if t.shape[0] > 1 else t[0] for t in (dqe, dlam, dx, dM))
-    return dqe, dlam, dx, dv.sum(0) if KS > 1 else dv, dM, D[:, 0]
+    return dqe, dlam, dx, dv.sum(0) if KS > 1 else dv, dM, G[:, NC % 2]
 
 
 class _FusedInter(torch.autograd.Function):
