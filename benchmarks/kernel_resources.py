@@ -1,5 +1,5 @@
-"""Registers and spills of the fused inter-chunk walks and the decode step, compiled for Hopper
-without a GPU.
+"""Registers and spills of the fused inter-chunk walks, the decode step and the planner's
+open-state update, compiled for Hopper without a GPU.
 
 Triton compiles a kernel to PTX on any machine; ptxas (shipped with Triton) then reports what
 each thread needs. A walk that spills keeps its tiles in local memory and runs many times slower,
@@ -35,6 +35,7 @@ SHAPES = [
     ("dla_gdn_1.3b (K=256, V=512, C=30)", 256, 512, 30, True),
 ]
 INT_POINTERS = {"rank_ptr", "lo_ptr", "hi_ptr", "dest_ptr", "places_ptr", "places_new_ptr"}  # the rest are fp32
+INT64_POINTERS = {"open_start_ptr"}
 
 
 def ptxas_report(ptx: str) -> dict:
@@ -62,10 +63,11 @@ def ptxas_report(ptx: str) -> dict:
     raise RuntimeError("no bundled ptxas accepted the PTX")
 
 
-def compile_kernel(kernel, const: dict, num_warps: int, num_stages: int) -> dict:
+def compile_kernel(kernel, const: dict, num_warps: int, num_stages: int, **options) -> dict:
     """Compile ``kernel`` (a Triton JIT function, maybe autotuned) for sm_90a with the constexprs
     ``const`` and the launch's warps and stages (the stages change the registers: keep them equal
-    to the launch's); pointers are fp32 except those named in INT_POINTERS, and 16-byte aligned.
+    to the launch's; ``options``: the launch's other compiler options); pointers are fp32 except those
+    named in INT_POINTERS and INT64_POINTERS, and 16-byte aligned.
     Returns ptxas's report and the number of vectorised global loads in the PTX."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -75,15 +77,16 @@ def compile_kernel(kernel, const: dict, num_warps: int, num_stages: int) -> dict
     fn = kernel
     while not isinstance(fn, JITFunction):  # unwrap the Autotuner
         fn = fn.fn
-    signature = {name: ("constexpr" if name in const else "*i32" if name in INT_POINTERS
-                        else "*fp32" if name.endswith("_ptr") else "i32") for name in fn.arg_names}
+    signature = {name: ("constexpr" if name in const else "*i32" if name in INT_POINTERS else "*i64"
+                        if name in INT64_POINTERS else "*fp32" if name.endswith("_ptr") else "i32")
+                 for name in fn.arg_names}
     # pointers 16-byte aligned, as a launch specialises them (PyTorch's allocations are): the loads and
     # stores of a tile are then vectorised, which changes the registers
     aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names) if signature[name][0] == "*"}
     src = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in const.items()}, attrs=aligned)
     started = time.time()
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                              options=dict(num_warps=num_warps, num_stages=num_stages))
+                              options=dict(num_warps=num_warps, num_stages=num_stages, **options))
     ptx = compiled.asm["ptx"]
     return {**ptxas_report(ptx), "shared": compiled.metadata.shared,
             "vector_loads": len(re.findall(r"ld\.global[\w:.]*\.v[24]\.", ptx)),  # 2 or 4 numbers per load
@@ -121,8 +124,20 @@ def compile_decode(K: int, V: int, C: int, delta: bool) -> dict:
                              num_warps, 3)}
 
 
+def compile_advance(K: int, V: int, L: int = 64) -> dict:
+    """The planner's step between two chunks (``_advance_kernel`` of dla/schedule/triton_terms.py: the
+    open state's update and the next chunk's products with it) as launched: its tiles, warps, Triton's
+    default stages (3) and no fused multiply-adds beyond its own."""
+    from dla.schedule.triton_terms import _advance_kernel, advance_blocks, advance_warps
+
+    blocks = advance_blocks(K, V, L)
+    return {"BV": blocks["BV"], "num_warps": advance_warps(blocks),
+            **compile_kernel(_advance_kernel, dict(K=K, V=V, CARRY=True, **blocks), advance_warps(blocks), 3,
+                             enable_fp_fusion=False)}
+
+
 def print_row(r: dict) -> None:
-    print(f"{r['shape']:40s} {r['kernel'][:3]:4s} {r['BV']:3d} {r['num_warps']:5d} {r['registers']:5d} "
+    print(f"{r['shape']:40s} {r['kernel']:6s} {r['BV']:3d} {r['num_warps']:5d} {r['registers']:5d} "
           f"{r['spill_stores']:>8d}/{r['spill_loads']:<8d} {r['stack']:6d} {r['shared']:7d} {r['compile_s']:7.1f}s",
           flush=True)
 
@@ -143,7 +158,7 @@ def main(argv=None) -> int:
 
     rows = []
     print(f"Triton {triton.__version__}, target sm_90a (compiled on this machine, no GPU needed)")
-    print(f"{'shape':40s} {'kernel':4s} {'BV':>3s} {'warps':>5s} {'regs':>5s} {'spill st/ld (B)':>17s} "
+    print(f"{'shape':40s} {'kernel':6s} {'BV':>3s} {'warps':>5s} {'regs':>5s} {'spill st/ld (B)':>17s} "
           f"{'stack':>6s} {'shared':>7s} {'compile':>8s}")
     for label, K, V, C, matrix in SHAPES:
         fwd = [(c.kwargs["BV"], c.num_warps) for c in INTER_FWD_CONFIGS if c.kwargs["BV"] <= V]
@@ -156,6 +171,10 @@ def main(argv=None) -> int:
     for label, K, V, C, matrix in SHAPES:
         rows.append({"shape": label, "K": K, "V": V, "C": C, "matrix": matrix, "kernel": "decode",
                      **compile_decode(K, V, C, matrix)})
+        print_row(rows[-1])
+    for label, K, V, C, matrix in SHAPES:
+        rows.append({"shape": label, "K": K, "V": V, "C": C, "matrix": matrix, "kernel": "advance",
+                     **compile_advance(K, V)})
         print_row(rows[-1])
     if args.out:
         meta = {"device": "none: compiled for sm_90a on a CPU machine (ptxas of Triton)", "target": "sm_90a",

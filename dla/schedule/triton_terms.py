@@ -32,34 +32,39 @@ def advance_open_state(open_ptr, out_ptr, k_ptr, v_ptr, write_scale_ptr, chunk_d
     o_l = tl.arange(0, BL)
     o_k = tl.arange(0, BK)
     o_v = tl.arange(0, BV)
-    m_l, m_k = o_l < L, o_k < K
+    m_k = o_k < K
     a = i * L  # the chunk's first token, window time
-    b_ws = tl.load(write_scale_ptr + (i_r * NC + i) * L + o_l, mask=m_l, other=0.0)
-    b_coef = tl.where(a + o_l >= start, b_ws, 0.0)  # [BL]
     kept = tl.where(start < a, tl.load(chunk_decay_ptr + i_r * NC + i), 0.0)
-    o_lk = o_l[:, None] * K + o_k[None, :]
-    m_lk = m_l[:, None] & m_k[None, :]
     p_chunk = (i_r * NC + i) * L
-    b_kc = tl.load(k_ptr + p_chunk * K + o_lk, mask=m_lk, other=0.0) * b_coef[:, None]  # [BL, BK]
+    m_n = (o_l < L) & (o_l < (NC - 1 - i) * L)  # chunk i + 1's tokens (none after the last chunk)
     b_acc = tl.zeros([BL], dtype=tl.float32)
-    m_n = m_l & (o_l < (NC - 1 - i) * L)  # chunk i + 1's tokens (none after the last chunk)
-    if CARRY:
-        b_kn = tl.load(k_ptr + (p_chunk + L) * K + o_lk, mask=m_n[:, None] & m_k[None, :], other=0.0)  # [BL, BK]
+    # Both products are chains of fused multiply-adds in the order of an IEEE tl.dot's, over vectors
+    # loaded per step: Triton's IEEE dot (FMA units, no tensor cores) holds whole operand tiles per
+    # thread and spilled ~16 KB of them at K = 128, V = 64 (benchmarks/kernel_resources.py)
     for v0 in range(0, V, BV):
         m_v = v0 + o_v < V
-        o_lv = o_l[:, None] * V + v0 + o_v[None, :]
-        m_lv = m_l[:, None] & m_v[None, :]
         o_kv = o_k[:, None] * V + v0 + o_v[None, :]
         m_kv = m_k[:, None] & m_v[None, :]
-        b_v = tl.load(v_ptr + p_chunk * V + o_lv, mask=m_lv, other=0.0)  # [BL, BV]
-        b_open = tl.load(open_ptr + o_kv, mask=m_kv, other=0.0)  # [BK, BV]
-        # the where keeps Triton from folding the sum into the dot's accumulator, which would round
-        # once where PyTorch (and the one-token plan, dla.schedule.token) rounds the product and the sum
-        b_open = kept * b_open + tl.where(m_kv, tl.dot(tl.trans(b_kc), b_v, input_precision="ieee"), 0.0)
+        b_w = tl.zeros([BK, BV], dtype=tl.float32)  # the chunk's writes Σ_u coef_u k_u v_uᵀ
+        for u in range(L):
+            c_u = tl.where(a + u >= start, tl.load(write_scale_ptr + p_chunk + u), 0.0)
+            k_u = tl.load(k_ptr + (p_chunk + u) * K + o_k, mask=m_k, other=0.0) * c_u  # [BK]
+            v_u = tl.load(v_ptr + (p_chunk + u) * V + v0 + o_v, mask=m_v, other=0.0)  # [BV]
+            b_w = tl.fma(k_u[:, None], v_u[None, :], b_w)
+        # launched without fused multiply-adds: the product and the sum round apart, as in PyTorch and
+        # in the one-token plan (dla.schedule.token)
+        b_open = kept * tl.load(open_ptr + o_kv, mask=m_kv, other=0.0) + b_w  # [BK, BV]
         tl.store(out_ptr + o_kv, b_open, mask=m_kv)
         if CARRY:
-            b_vn = tl.load(v_ptr + (p_chunk + L) * V + o_lv, mask=m_n[:, None] & m_v[None, :], other=0.0)  # [BL, BV]
-            b_acc += tl.sum(tl.dot(b_kn, b_open, input_precision="ieee") * b_vn, 1)
+            tl.debug_barrier()  # the rows just stored are read back below, by other threads
+            b_p = tl.zeros([BL, BV], dtype=tl.float32)  # k_t out for chunk i + 1's tokens t
+            for kk in range(K):
+                k_t = tl.load(k_ptr + (p_chunk + L + o_l) * K + kk, mask=m_n, other=0.0)  # [BL]
+                o_row = tl.load(out_ptr + kk * V + v0 + o_v, mask=m_v, other=0.0)  # [BV]
+                b_p = tl.fma(k_t[:, None], o_row[None, :], b_p)
+            b_vn = tl.load(v_ptr + (p_chunk + L + o_l)[:, None] * V + v0 + o_v[None, :],
+                           mask=m_n[:, None] & m_v[None, :], other=0.0)  # [BL, BV]
+            b_acc += tl.sum(b_p * b_vn, 1)
     if CARRY:
         b_acc = tl.load(carry_scale_ptr + (p_chunk + L) + o_l, mask=m_n, other=0.0) * b_acc
     return b_acc
@@ -84,8 +89,13 @@ def _advance_kernel(open_ptr, out_ptr, k_ptr, v_ptr, write_scale_ptr, chunk_deca
 def advance_blocks(K: int, V: int, L: int) -> dict:
     """The tiles of :func:`advance_open_state` (the carried products' sums run over value blocks of
     ``BV``, so every launch that must give the same numbers takes these)."""
-    return dict(BL=max(16, triton.next_power_of_2(L)), BK=max(16, triton.next_power_of_2(K)),  # tl.dot's least tile
+    return dict(BL=max(16, triton.next_power_of_2(L)), BK=max(16, triton.next_power_of_2(K)),
                 BV=min(64, max(16, triton.next_power_of_2(V))))
+
+
+def advance_warps(blocks: dict) -> int:
+    """Warps of the launch of :func:`advance_open_state` alone (one ``[BK, BV]`` state tile)."""
+    return 4 if blocks["BK"] * blocks["BV"] <= 4096 else 8
 
 
 def advance(k, v, write_scale, chunk_decay, carry_scale, i: int, open_state, open_start, carry: bool):
@@ -101,7 +111,7 @@ def advance(k, v, write_scale, chunk_decay, carry_scale, i: int, open_state, ope
         blocks = advance_blocks(K, V, L)
         _advance_kernel[(R,)](open_state.contiguous(), out, k, v, write_scale, chunk_decay, open_start.contiguous(),
                               carry_scale if carry else write_scale, carried, i, NC, L, K=K, V=V, CARRY=carry,
-                              num_warps=4 if blocks["BK"] * blocks["BV"] <= 4096 else 8, enable_fp_fusion=False,
+                              num_warps=advance_warps(blocks), enable_fp_fusion=False,
                               **blocks)
     return out, carried if carry else None
 
