@@ -7,7 +7,8 @@ from random k, v, g, β, its ``state_drift`` reading, and the earlier variant (k
 merging, capacity 16). ``--op`` also times the chunked op's forward and backward on the same tokens
 (the planning share of a training step). ``--kernels`` (CUDA) profiles one more plan per row and
 reports the GPU time of the Triton walk beside that of all the planner's kernels (the rest is
-the chunk-parallel terms in PyTorch, and launch gaps make up the wall time). Writes ``--out``
+the chunk-parallel terms in PyTorch, and launch gaps make up the wall time), and each kernel's GPU
+time and launches (the row's ``kernels``; the largest printed). Writes ``--out``
 (default ``benchmarks/results/scheduler_<device>.json``).
 """
 
@@ -48,7 +49,8 @@ def timed(fn, device, repeats):
 
 
 def kernel_seconds(fn):
-    """GPU seconds of one call of ``fn``: ``(the walk kernel's, all kernels')``."""
+    """GPU seconds of one call of ``fn``: ``(the walk kernel's, all kernels', {kernel name: [seconds,
+    launches]})``, the kernels largest first."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -56,7 +58,13 @@ def kernel_seconds(fn):
         torch.cuda.synchronize()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     walk = sum(e.device_time for e in kernels if "walk" in e.name)
-    return walk * 1e-6, sum(e.device_time for e in kernels) * 1e-6
+    by_name = {}
+    for e in kernels:
+        entry = by_name.setdefault(e.name, [0.0, 0])
+        entry[0] += e.device_time * 1e-6
+        entry[1] += 1
+    by_name = dict(sorted(by_name.items(), key=lambda kv: -kv[1][0]))
+    return walk * 1e-6, sum(e.device_time for e in kernels) * 1e-6, by_name
 
 
 def main():
@@ -97,8 +105,8 @@ def main():
                "capacity": s.capacity, "boundaries_per_100_tokens": 100 * float((s.death >= 0).sum()) / (B * H * T)}
         kernels = ""
         if args.kernels and dev != "cpu":
-            walk, total = kernel_seconds(lambda: dla.plan_schedule(policy, **kw))
-            row["walk_kernel_seconds"], row["plan_kernel_seconds"] = walk, total
+            walk, total, by_name = kernel_seconds(lambda: dla.plan_schedule(policy, **kw))
+            row["walk_kernel_seconds"], row["plan_kernel_seconds"], row["kernels"] = walk, total, by_name
             kernels = f", GPU: walk {1e3 * walk:.1f} ms of {1e3 * total:.1f} ms"
         if args.op:
             lam = torch.ones(B, T, H, s.n_labels, device=dev, dtype=dtype)
@@ -116,6 +124,8 @@ def main():
             if args.op else ""
         print(f"{name:16s} C={s.capacity:<3d} plan {seconds:8.3f} s, {row['boundaries_per_100_tokens']:5.1f} "
               f"boundaries / 100 tokens{kernels}{share}", flush=True)
+        for kernel, (gpu_seconds, launches) in list(row.get("kernels", {}).items())[:8]:
+            print(f"    {1e3 * gpu_seconds:8.2f} ms {launches:6d} launches  {kernel[:90]}")
     out = args.out or Path(__file__).parent / "results" / f"scheduler_{dev}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     name = torch.cuda.get_device_name() if dev != "cpu" else "cpu"
