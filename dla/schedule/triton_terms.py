@@ -38,9 +38,9 @@ def advance_open_state(open_ptr, out_ptr, k_ptr, v_ptr, write_scale_ptr, chunk_d
     p_chunk = (i_r * NC + i) * L
     m_n = (o_l < L) & (o_l < (NC - 1 - i) * L)  # chunk i + 1's tokens (none after the last chunk)
     b_acc = tl.zeros([BL], dtype=tl.float32)
-    # Both products are chains of fused multiply-adds in the order of an IEEE tl.dot's, over vectors
-    # loaded per step: Triton's IEEE dot (FMA units, no tensor cores) holds whole operand tiles per
-    # thread and spilled ~16 KB of them at K = 128, V = 64 (benchmarks/kernel_resources.py)
+    # Both products are chains of fused multiply-adds in ascending order (as Triton lowers an IEEE
+    # tl.dot) over vectors loaded per step: the IEEE dot (FMA units, no tensor cores) holds whole
+    # operand tiles per thread and spilled ~16 KB of them at K = 128, V = 64 (kernel_resources.py)
     for v0 in range(0, V, BV):
         m_v = v0 + o_v < V
         o_kv = o_k[:, None] * V + v0 + o_v[None, :]
