@@ -1,5 +1,5 @@
 """Registers and spills of the fused inter-chunk walks, the decode step and the planner's
-open-state update, compiled for Hopper without a GPU.
+open-state update and window walk, compiled for Hopper without a GPU.
 
 Triton compiles a kernel to PTX on any machine; ptxas (shipped with Triton) then reports what
 each thread needs. A walk that spills keeps its tiles in local memory and runs many times slower,
@@ -34,8 +34,10 @@ SHAPES = [
     ("dla_mamba2_780m (K=128, V=64, C=30)", 128, 64, 30, False),
     ("dla_gdn_1.3b (K=256, V=512, C=30)", 256, 512, 30, True),
 ]
-INT_POINTERS = {"rank_ptr", "lo_ptr", "hi_ptr", "dest_ptr", "places_ptr", "places_new_ptr"}  # the rest are fp32
-INT64_POINTERS = {"open_start_ptr"}
+# the rest are fp32
+INT_POINTERS = {"rank_ptr", "lo_ptr", "hi_ptr", "dest_ptr", "places_ptr", "places_new_ptr", "origin_ptr", "count_ptr"}
+INT64_POINTERS = {"open_start_ptr", "lengths_ptr", "position_ptr", "start_ptr", "death_ptr", "trace_start_ptr",
+                  "open_start_out_ptr"}
 
 
 def ptxas_report(ptx: str) -> dict:
@@ -63,11 +65,12 @@ def ptxas_report(ptx: str) -> dict:
     raise RuntimeError("no bundled ptxas accepted the PTX")
 
 
-def compile_kernel(kernel, const: dict, num_warps: int, num_stages: int, **options) -> dict:
+def compile_kernel(kernel, const: dict, num_warps: int, num_stages: int, int64_pointers=(), **options) -> dict:
     """Compile ``kernel`` (a Triton JIT function, maybe autotuned) for sm_90a with the constexprs
     ``const`` and the launch's warps and stages (the stages change the registers: keep them equal
     to the launch's; ``options``: the launch's other compiler options); pointers are fp32 except those
-    named in INT_POINTERS and INT64_POINTERS, and 16-byte aligned.
+    named in INT_POINTERS and INT64_POINTERS or ``int64_pointers`` (names this kernel alone gives an
+    integer type), and 16-byte aligned.
     Returns ptxas's report and the number of vectorised global loads in the PTX."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -77,9 +80,9 @@ def compile_kernel(kernel, const: dict, num_warps: int, num_stages: int, **optio
     fn = kernel
     while not isinstance(fn, JITFunction):  # unwrap the Autotuner
         fn = fn.fn
+    int64 = INT64_POINTERS | set(int64_pointers)
     signature = {name: ("constexpr" if name in const else "*i32" if name in INT_POINTERS else "*i64"
-                        if name in INT64_POINTERS else "*fp32" if name.endswith("_ptr") else "i32")
-                 for name in fn.arg_names}
+                        if name in int64 else "*fp32" if name.endswith("_ptr") else "i32") for name in fn.arg_names}
     # pointers 16-byte aligned, as a launch specialises them (PyTorch's allocations are): the loads and
     # stores of a tile are then vectorised, which changes the registers
     aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names) if signature[name][0] == "*"}
@@ -136,6 +139,24 @@ def compile_advance(K: int, V: int, L: int = 64) -> dict:
                              enable_fp_fusion=False)}
 
 
+def compile_plan_window(K: int, V: int, C: int, L: int = 64) -> dict:
+    """The planner's walk over a whole window in one launch (``_walk_kernel`` of
+    dla/schedule/triton_scan.py with ``WINDOW``, as ``DLA_PLAN_WINDOW_WALK=1`` launches it: the paper's
+    state score, density merging, the trace a soft-gated training step keeps), which runs the
+    open-state update between chunks in its own program."""
+    import triton
+
+    from dla.schedule.triton_scan import WINDOW_WARPS, _walk_kernel
+    from dla.schedule.triton_terms import advance_blocks
+
+    blocks = advance_blocks(K, V, L)
+    const = dict(C=C, CP=triton.next_power_of_2(C + 1), SCORE=1, MERGE=0, HAS_MAX=False, TRACE_OPEN=True, WINDOW=True,
+                 K=K, V=V, **blocks)
+    return {"BV": blocks["BV"], "num_warps": WINDOW_WARPS,
+            **compile_kernel(_walk_kernel, const, WINDOW_WARPS, 3, int64_pointers=("carried_ptr",),
+                             enable_fp_fusion=False)}
+
+
 def print_row(r: dict) -> None:
     print(f"{r['shape']:40s} {r['kernel']:6s} {r['BV']:3d} {r['num_warps']:5d} {r['registers']:5d} "
           f"{r['spill_stores']:>8d}/{r['spill_loads']:<8d} {r['stack']:6d} {r['shared']:7d} {r['compile_s']:7.1f}s",
@@ -175,6 +196,9 @@ def main(argv=None) -> int:
     for label, K, V, C, matrix in SHAPES:
         rows.append({"shape": label, "K": K, "V": V, "C": C, "matrix": matrix, "kernel": "advance",
                      **compile_advance(K, V)})
+        print_row(rows[-1])
+        rows.append({"shape": label, "K": K, "V": V, "C": C, "matrix": matrix, "kernel": "window",
+                     **compile_plan_window(K, V, C)})
         print_row(rows[-1])
     if args.out:
         meta = {"device": "none: compiled for sm_90a on a CPU machine (ptxas of Triton)", "target": "sm_90a",
