@@ -16,18 +16,14 @@ rows with the open segment starting before the chunk, half inside it): microseco
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-def load_module(path: Path, name: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from benchmarks.walk_ab import load_module  # noqa: E402
 
 
 def main(argv=None) -> int:

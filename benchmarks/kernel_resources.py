@@ -34,10 +34,12 @@ SHAPES = [
     ("dla_mamba2_780m (K=128, V=64, C=30)", 128, 64, 30, False),
     ("dla_gdn_1.3b (K=256, V=512, C=30)", 256, 512, 30, True),
 ]
-# the rest are fp32
-INT_POINTERS = {"rank_ptr", "lo_ptr", "hi_ptr", "dest_ptr", "places_ptr", "places_new_ptr", "origin_ptr", "count_ptr"}
-INT64_POINTERS = {"open_start_ptr", "lengths_ptr", "position_ptr", "start_ptr", "death_ptr", "trace_start_ptr",
-                  "open_start_out_ptr"}
+INT_POINTERS = {"rank_ptr", "lo_ptr", "hi_ptr", "dest_ptr", "places_ptr", "places_new_ptr"}  # the rest are fp32
+# the planner's walk (dla/schedule/triton_scan.py): its integer pointers (its carried_ptr holds int64
+# slots, where the open-state update's holds float32 products)
+PLAN_WALK_POINTERS = {**dict.fromkeys(("origin_ptr", "count_ptr"), "*i32"),
+                      **dict.fromkeys(("lengths_ptr", "position_ptr", "start_ptr", "death_ptr", "carried_ptr",
+                                       "trace_start_ptr", "open_start_out_ptr"), "*i64")}
 
 
 def ptxas_report(ptx: str) -> dict:
@@ -65,12 +67,12 @@ def ptxas_report(ptx: str) -> dict:
     raise RuntimeError("no bundled ptxas accepted the PTX")
 
 
-def compile_kernel(kernel, const: dict, num_warps: int, num_stages: int, int64_pointers=(), **options) -> dict:
+def compile_kernel(kernel, const: dict, num_warps: int, num_stages: int, pointer_types=None, **options) -> dict:
     """Compile ``kernel`` (a Triton JIT function, maybe autotuned) for sm_90a with the constexprs
     ``const`` and the launch's warps and stages (the stages change the registers: keep them equal
     to the launch's; ``options``: the launch's other compiler options); pointers are fp32 except those
-    named in INT_POINTERS and INT64_POINTERS or ``int64_pointers`` (names this kernel alone gives an
-    integer type), and 16-byte aligned.
+    named in INT_POINTERS (int32) and in ``pointer_types`` (name: Triton type, for this kernel), and
+    16-byte aligned.
     Returns ptxas's report and the number of vectorised global loads in the PTX."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -80,9 +82,9 @@ def compile_kernel(kernel, const: dict, num_warps: int, num_stages: int, int64_p
     fn = kernel
     while not isinstance(fn, JITFunction):  # unwrap the Autotuner
         fn = fn.fn
-    int64 = INT64_POINTERS | set(int64_pointers)
-    signature = {name: ("constexpr" if name in const else "*i32" if name in INT_POINTERS else "*i64"
-                        if name in int64 else "*fp32" if name.endswith("_ptr") else "i32") for name in fn.arg_names}
+    pointer_types = {**dict.fromkeys(INT_POINTERS, "*i32"), **(pointer_types or {})}
+    signature = {name: ("constexpr" if name in const else pointer_types.get(name, "*fp32") if name.endswith("_ptr")
+                        else "i32") for name in fn.arg_names}
     # pointers 16-byte aligned, as a launch specialises them (PyTorch's allocations are): the loads and
     # stores of a tile are then vectorised, which changes the registers
     aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names) if signature[name][0] == "*"}
@@ -136,7 +138,7 @@ def compile_advance(K: int, V: int, L: int = 64) -> dict:
     blocks = advance_blocks(K, V, L)
     return {"BV": blocks["BV"], "num_warps": advance_warps(blocks),
             **compile_kernel(_advance_kernel, dict(K=K, V=V, CARRY=True, **blocks), advance_warps(blocks), 3,
-                             enable_fp_fusion=False)}
+                             pointer_types={"open_start_ptr": "*i64"}, enable_fp_fusion=False)}
 
 
 def compile_plan_window(K: int, V: int, C: int, L: int = 64) -> dict:
@@ -153,7 +155,7 @@ def compile_plan_window(K: int, V: int, C: int, L: int = 64) -> dict:
     const = dict(C=C, CP=triton.next_power_of_2(C + 1), SCORE=1, MERGE=0, HAS_MAX=False, TRACE_OPEN=True, WINDOW=True,
                  K=K, V=V, **blocks)
     return {"BV": blocks["BV"], "num_warps": WINDOW_WARPS,
-            **compile_kernel(_walk_kernel, const, WINDOW_WARPS, 3, int64_pointers=("carried_ptr",),
+            **compile_kernel(_walk_kernel, const, WINDOW_WARPS, 3, pointer_types=PLAN_WALK_POINTERS,
                              enable_fp_fusion=False)}
 
 

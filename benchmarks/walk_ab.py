@@ -29,8 +29,9 @@ from benchmarks.ops import TOKENS, make_inputs, timed  # noqa: E402
 WALK_FUNCTIONS = ("walk_forward", "walk_backward")
 
 
-def load_module(path: Path):
-    spec = importlib.util.spec_from_file_location("walk_other", path)
+def load_module(path: Path, name: str = "walk_other"):
+    """The Python file ``path`` as a module named ``name`` (not registered in ``sys.modules``)."""
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
