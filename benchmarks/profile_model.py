@@ -10,7 +10,11 @@ One packed row of ``--seq-len`` random tokens (documents of mixed lengths, as in
    :meth:`dla.layers.common.DLAMixer.attend`, measured with a synchronisation around each phase
    (``plan``: scores and policy, ``soft_gate``: the differentiable scores and gates, ``op``:
    ``chunk_dla``; the rest of the model is what is left);
-2. the step's CUDA kernels by total time (torch.profiler), the backward included.
+2. the step's CUDA kernels by total time (torch.profiler), the backward included;
+3. with ``--by-function N``, the N (``dla`` function, operation) pairs that took the most CUDA time
+   (the innermost function of the package on the Python stack that dispatched the operation, named
+   by the line that defines it; the backward of PyTorch's own operations has none and is listed
+   as ``(autograd)``).
 """
 
 from __future__ import annotations
@@ -46,16 +50,59 @@ def timed_phases(module, names: list[str], totals: dict):
     return originals
 
 
+def device_time_by_function(prof, rows: int, package: str = "dla", attr: str = "self_device_time_total") -> str:
+    """A table of the profile's operations by the innermost ``package`` function that dispatched them
+    (a Python frame of ``with_stack=True``: the event's recorded stack, or the Python events above it),
+    summed over ``attr`` (microseconds), the ``rows`` largest, and what no CPU event launched (the
+    kernels of CUDA graphs)."""
+    from torch.autograd import DeviceType
+
+    def in_package(frame: str) -> bool:  # "dla/ops/chunk.py(224): compute_qkv", or with the whole path
+        return ".py(" in frame and (frame.startswith(f"{package}/") or f"/{package}/" in frame)
+
+    totals = defaultdict(lambda: [0.0, 0])
+    attributed = everything = 0.0
+    for evt in prof.events():
+        spent = getattr(evt, attr)
+        if spent <= 0:
+            continue
+        # a kernel is listed twice, as an event of its own and in the CPU event that launched it (an
+        # operation, or a Python frame for a Triton launch): the device's events give the total, the
+        # CPU events what launched each
+        if evt.device_type != DeviceType.CPU:
+            everything += spent
+            continue
+        attributed += spent
+        frames = list(evt.stack or ())
+        parent = evt
+        while parent is not None:
+            frames.append(parent.name)
+            parent = parent.cpu_parent
+        function = next((f[f.find(f"{package}/"):] for f in frames if in_package(f)), "(autograd)")
+        operation = "launches of its own" if ".py(" in evt.name else evt.name  # a Triton kernel's frame
+        totals[(function, operation)][0] += spent
+        totals[(function, operation)][1] += 1
+    everything = everything or attributed  # a CPU profile: no device events
+    if everything > attributed:
+        totals[("(no CPU event: CUDA graphs)", "kernels")] = [everything - attributed, 0]
+    out = [f"{'time':>10s} {'share':>6s} {'calls':>6s}  function [operation]"]
+    for (function, name), (spent, calls) in sorted(totals.items(), key=lambda kv: -kv[1][0])[:rows]:
+        out.append(f"{spent / 1e3:8.2f}ms {spent / everything:6.1%} {calls:6d}  {function} [{name}]")
+    return "\n".join(out)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("config", help="a paper config name or a YAML path")
     ap.add_argument("--seq-len", type=int, default=4096, help="tokens in the row (default 4096)")
     ap.add_argument("--steps", type=int, default=2, help="untimed steps first (compilation; default 2)")
     ap.add_argument("--rows", type=int, default=30, help="kernel rows to print (default 30)")
+    ap.add_argument("--by-function", type=int, default=0, metavar="N",
+                    help="also print the N (dla function, operation) pairs that took the most CUDA time")
     args = ap.parse_args()
 
     import torch
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity, _ExperimentalConfig, profile
 
     import dla.layers.common as common
     from dla.data import Batch
@@ -113,10 +160,15 @@ def main():
 
     for name, fn in originals.items():  # the profiled step without the synchronising wrappers
         setattr(common, name, fn)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    # the Python stack of every operation (verbose: torch 2.11 records it only so)
+    stacks = dict(with_stack=True, experimental_config=_ExperimentalConfig(verbose=True)) if args.by_function else {}
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], **stacks) as prof:
         step()
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=70))
+    if args.by_function:
+        print(f"\nCUDA time by the dla function that dispatched it (the {args.by_function} largest):")
+        print(device_time_by_function(prof, args.by_function))
 
 
 if __name__ == "__main__":
