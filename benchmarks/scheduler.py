@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from datetime import date
 from pathlib import Path
@@ -134,7 +135,8 @@ def main():
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    meta = {"device": name, "torch": torch.__version__, "triton": triton_version, "date": date.today().isoformat(),
+    meta = {"device": name, "torch": torch.__version__, "triton": triton_version, "fla": "not used",
+            "date": date.today().isoformat(), "command": " ".join(["python", *sys.argv]),
             "B": B, "H": H, "T": T, "K": args.key_dim, "V": args.value_dim, "threshold": args.threshold,
             "threads": torch.get_num_threads(), "note": "plan_schedule wall time (median) incl. validation"}
     out.write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
