@@ -503,6 +503,38 @@ def test_the_matrix_walk_takes_no_key_splits(monkeypatch):
     assert tiles == [(1, 16)] * 2
 
 
+@pytest.mark.parametrize("matrix", [False, True], ids=["scalar", "matrix"])
+def test_the_backward_walk_without_a_final_state_gradient(matrix, monkeypatch):
+    """The reverse walk's two halves of state gradients are not zero-filled: the first is dS_NC (the
+    final states' gradient, or zeros), the second is written before it is read. In NaN-poisoned buffers
+    the gradients of a loss on ``o`` alone equal the PyTorch walks', and no final gradient (None) gives
+    what a zero one gives, bit for bit."""
+    from dla.ops.chunk import TORCH_WALKS, _inter
+    from dla.ops.triton import chunk_inter, utils
+
+    monkeypatch.setattr(utils, "POISON", True)
+    leaves, rank, dest, w_o, _ = walk_case(matrix, NC=5, C=3, K=32, V=16, seed=7, device=DEVICE)
+    grads = []
+    for fused in (True, False):
+        ins = [t.clone().requires_grad_() for t in leaves]
+        if fused:
+            o, _ = chunk_inter.fused_inter(*(t.float() for t in ins[:4]), rank, ins[4].float(), dest, ins[5].float())
+        else:
+            o, _ = _inter(TORCH_WALKS, ins[0], ins[1], ins[2].transpose(-1, -2), *ins[3:4], rank, ins[4], dest, ins[5])
+        grads.append(torch.autograd.grad((o * w_o).sum(), ins))
+    for name, a, b in zip(WALK_RESULTS[2:], *grads):
+        assert torch.isfinite(a).all() and rel_err(a.double(), b) < 1e-5, name
+    q_eff, lam, x, v, gamma, S0 = (t.float() for t in leaves)
+    w = chunk_inter.walk_rows(q_eff, lam, x, v, gamma, chunk_inter.routing_rows(rank, dest))
+    R, NC, L, K = w.qe.shape
+    S0 = chunk_inter.padded_rows(S0)
+    _, S = chunk_inter.walk_forward(w, S0, "ieee", 2)
+    do = w_o.float().reshape(R, NC, L, -1)
+    none, zero = (chunk_inter.walk_backward(w, S, do, dS, "ieee", 2) for dS in (None, torch.zeros_like(S0)))
+    for a, b in zip(none, zero):
+        assert torch.isfinite(a).all() and torch.equal(a, b)
+
+
 @pytest.mark.parametrize("matrix, K, splits", [(False, 64, "2"), (False, 32, "1"), (True, 32, "1")],
                          ids=["scalar-in-splits", "scalar", "matrix"])
 def test_the_deterministic_backward_sums_every_programs_partial(matrix, K, splits, monkeypatch):

@@ -435,8 +435,10 @@ def walk_backward(w: WalkRows, S: torch.Tensor, do: torch.Tensor, dS_final: torc
     C, Vd = S.shape[2], w.v.shape[-1]
     matrix = w.M.dim() == 4
     KS, BK = key_tiles(K, matrix)  # as the forward's, read again (the backward need not come right after it)
-    G = torch.zeros((R, 2, C, K, Vd), dtype=torch.float32, device=w.qe.device)
-    if dS_final is not None:
+    G = new_output((R, 2, C, K, Vd), w.qe)  # half 1 is written (dS_{NC-1}) before it is read
+    if dS_final is None:
+        G[:, 0].zero_()
+    else:
         G[:, 0] = dS_final
     scratch = new_output((R, group - 1, C, K, Vd), w.qe)  # one group's boundaries between checkpoints
     dv = new_output((KS, *w.v.shape) if KS > 1 else w.v.shape, w.v)  # the splits' partials, or dv
