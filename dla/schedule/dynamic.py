@@ -137,9 +137,9 @@ class WindowTerms:
         self.backend = backend or terms_backend(c.k.device, c.k.dtype)
         if walk:
             pair, G, G_prev = pair_products(k, v, w, k, v, w, g)
-            # prefix[t, b] = Σ_{u >= b} pair[t, u]: one product with a triangular 0/1 matrix. CUDA's
-            # cumulative sum along the innermost axis (with two flips) took 3 ms of the planner's 17 ms of
-            # GPU time at 256 rows x 4K tokens (docs/kernels.md)
+            # prefix[t, b] = Σ_{u >= b} pair[t, u]: one product with a triangular 0/1 matrix. As a
+            # cumulative sum between two flips, CUDA's innermost-axis scan took ~6 of the planner's 17 ms
+            # of GPU time at 256 rows x 4K tokens (docs/kernels.md)
             suffix = torch.ones(L, L, dtype=pair.dtype, device=pair.device).tril()  # [u, b]: u >= b
             self.prefix = (pair @ suffix).view(R, NC, L, L)
             if self.backend == "triton":
