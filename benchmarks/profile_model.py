@@ -50,11 +50,10 @@ def timed_phases(module, names: list[str], totals: dict):
     return originals
 
 
-def device_time_by_function(prof, rows: int, package: str = "dla", attr: str = "self_device_time_total") -> str:
-    """A table of the profile's operations by the innermost ``package`` function that dispatched them
-    (a Python frame of ``with_stack=True``: the event's recorded stack, or the Python events above it),
-    summed over ``attr`` (microseconds), the ``rows`` largest, and what no CPU event launched (the
-    kernels of CUDA graphs)."""
+def device_time_by_function(prof, rows: int, package: str = "dla") -> str:
+    """A table of the profile's CUDA time by the innermost ``package`` function that dispatched each
+    operation (a Python frame of ``with_stack=True``: the event's recorded stack, or the Python events
+    above it), the ``rows`` largest, and what no CPU event launched (the kernels of CUDA graphs)."""
     from torch.autograd import DeviceType
 
     def in_package(frame: str) -> bool:  # "dla/ops/chunk.py(224): compute_qkv", or with the whole path
@@ -63,7 +62,7 @@ def device_time_by_function(prof, rows: int, package: str = "dla", attr: str = "
     totals = defaultdict(lambda: [0.0, 0])
     attributed = everything = 0.0
     for evt in prof.events():
-        spent = getattr(evt, attr)
+        spent = evt.self_device_time_total
         if spent <= 0:
             continue
         # a kernel is listed twice, as an event of its own and in the CPU event that launched it (an
@@ -82,7 +81,6 @@ def device_time_by_function(prof, rows: int, package: str = "dla", attr: str = "
         operation = "launches of its own" if ".py(" in evt.name else evt.name  # a Triton kernel's frame
         totals[(function, operation)][0] += spent
         totals[(function, operation)][1] += 1
-    everything = everything or attributed  # a CPU profile: no device events
     if everything > attributed:
         totals[("(no CPU event: CUDA graphs)", "kernels")] = [everything - attributed, 0]
     out = [f"{'time':>10s} {'share':>6s} {'calls':>6s}  function [operation]"]

@@ -59,15 +59,15 @@ def kernel_seconds(fn):
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    walk = sum(e.device_time for e in kernels if "walk" in e.name)
     by_name = {}
-    for e in kernels:
-        entry = by_name.setdefault(e.name, [0.0, 0])
-        entry[0] += e.device_time * 1e-6
-        entry[1] += 1
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            entry = by_name.setdefault(e.name, [0.0, 0])
+            entry[0] += e.device_time * 1e-6
+            entry[1] += 1
     by_name = dict(sorted(by_name.items(), key=lambda kv: -kv[1][0]))
-    return walk * 1e-6, sum(e.device_time for e in kernels) * 1e-6, by_name
+    walk = sum(seconds for name, (seconds, _) in by_name.items() if "walk" in name)
+    return walk, sum(seconds for seconds, _ in by_name.values()), by_name
 
 
 def main():

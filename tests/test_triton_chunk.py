@@ -520,7 +520,7 @@ def test_the_backward_walk_without_a_final_state_gradient(matrix, monkeypatch):
         if fused:
             o, _ = chunk_inter.fused_inter(*(t.float() for t in ins[:4]), rank, ins[4].float(), dest, ins[5].float())
         else:
-            o, _ = _inter(TORCH_WALKS, ins[0], ins[1], ins[2].transpose(-1, -2), *ins[3:4], rank, ins[4], dest, ins[5])
+            o, _ = _inter(TORCH_WALKS, ins[0], ins[1], ins[2].transpose(-1, -2), ins[3], rank, ins[4], dest, ins[5])
         grads.append(torch.autograd.grad((o * w_o).sum(), ins))
     for name, a, b in zip(WALK_RESULTS[2:], *grads):
         assert torch.isfinite(a).all() and rel_err(a.double(), b) < 1e-5, name

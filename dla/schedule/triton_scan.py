@@ -221,7 +221,8 @@ def _walk_kernel(score_ptr, prefix_ptr, carry_ptr, norm_ptr, gamma_ptr,
             tl.debug_barrier()  # the open state the last chunk stored, every thread's part of it
             b_carry = advance_open_state(p_state + (i_w % SLOTS) * stride_state_c, p_out, k_ptr, v_ptr,
                                          write_scale_ptr, chunk_decay_ptr, carry_scale_ptr, i_r, i_w, NC, L,
-                                         tl.sum(open_start, 0) - pos0, K, V, BL, BK, BV, True, 1)
+                                         tl.sum(open_start, 0) - pos0, K, V, BL, BK, BV, True,
+                                         1)  # rolled loops in this program (triton_terms.ADVANCE_UNROLL)
     tl.store(start_ptr + i_r * CP + o_c, b_start)
     tl.store(info_ptr + i_r * CP + o_c, b_info)
     tl.store(origin_ptr + i_r * CP + o_c, b_origin)
