@@ -6,6 +6,9 @@ import torch
 if not torch.cuda.is_available():
     # Triton kernels run on CPU through Triton's interpreter (must be set before they are defined)
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    # pytest-xdist's workers (`-n auto`) share the machine's cores: each takes its share of torch's threads
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 import torch.nn.functional as F
 
 import dla
