@@ -4,6 +4,7 @@ and ``dla.generate()`` (CUDA graph where the step can be captured), against the 
     python benchmarks/generate.py --out benchmarks/results/generate_h200.json       # GPU: the full grid
     python benchmarks/generate.py --models attention mamba2-dynamic --batches 8 --contexts 2048
     python benchmarks/generate.py --smoke --out /tmp/generate.json                  # CPU, tiny models, seconds
+    python benchmarks/generate.py --batches 64 --resume --out FILE.json   # add rows to FILE (same device and versions)
 
 (with ``dla`` installed from this checkout, ``pip install -e .``, or ``PYTHONPATH=.``).
 
@@ -22,6 +23,9 @@ weights are random, and on such keys and values the paper's score opens a state 
 token: a birth and, at capacity, a merge per step, the decode kernel's costliest step). A row that
 runs out of memory is recorded with ``"error": "out of memory"``, its peak and ``where``: the
 innermost ``dla`` lines of the failure.
+``--resume`` keeps the rows already in ``--out`` and measures only the missing ones (a grid split over
+jobs, or a run cut short: every row is saved as it is measured); ``meta`` describes the latest run
+and ``meta["runs"]`` every run whose rows the file holds, with its command.
 Writes ``--out`` (JSON) and a PNG of ms per step against the context next to it (one panel per
 batch, a line per model and path).
 """
@@ -31,6 +35,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import shlex
 import statistics
 import sys
 import time
@@ -169,6 +174,25 @@ def parameter_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
+# a report's rows compare only if these agree; every run that added rows is listed in meta["runs"] with RUN_FIELDS
+SAME_IN_A_REPORT = ("device", "torch", "triton", "fla", "transformers", "dtype", "sizes")
+RUN_FIELDS = ("date", "new_tokens", "timed_steps", "copy_bandwidth_GBps")
+
+
+def resumed(path: Path, meta: dict) -> tuple[list[dict], list[dict]]:
+    """The rows of the report at ``path`` (none if there is none yet) and the runs that measured them,
+    after checking that they were measured as this run's ``meta`` says it measures (``SystemExit``)."""
+    if not path.exists():
+        return [], []
+    report = json.loads(path.read_text())
+    earlier = report["meta"]
+    for field in SAME_IN_A_REPORT:
+        if earlier.get(field) != meta[field]:
+            raise SystemExit(f"--resume: {path} holds rows measured with another {field} ({earlier.get(field)!r}; "
+                             f"here {meta[field]!r}): write them to another --out")
+    return report["rows"], earlier.get("runs") or [{k: earlier.get(k) for k in RUN_FIELDS}]
+
+
 def save_report(report: dict, path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=1))
@@ -186,11 +210,16 @@ def run(args) -> dict:
             "new_tokens": args.new_tokens, "timed_steps": args.new_tokens - 1 - args.skip,
             "copy_bandwidth_GBps": bandwidth / 1e9}
     print(f"{meta['device']}: copy bandwidth {bandwidth / 1e9:.0f} GB/s", flush=True)
-    rows = []
+    rows, runs = resumed(args.out, meta) if args.resume else ([], [])
+    meta["runs"] = runs + [{"command": args.command, **{k: meta[k] for k in RUN_FIELDS}}]
+    done = {(r["model"], r["batch"], r["context"], r["path"]) for r in rows}
     header = f"{'model':24s} {'batch':>5s} {'context':>7s} {'path':15s} {'ms/step':>9s} {'tokens/s':>10s} " \
              f"{'cache MiB':>10s} {'floor ms':>9s}"
     print(header, flush=True)
     for name in args.models:
+        if all((name, batch, context, path) in done for batch in args.batches for context in args.contexts
+               for path in PATHS):
+            continue
         torch.manual_seed(0)
         variant = MODELS[name]
         heads = {} if args.smoke else FULL_HEADS[variant["mixer"]]
@@ -208,6 +237,8 @@ def run(args) -> dict:
             for context in args.contexts:
                 prompt = torch.randint(1, config.vocab_size, (batch, context), device=device)
                 for path in PATHS:
+                    if (name, batch, context, path) in done:
+                        continue
                     row = {"model": name, "batch": batch, "context": context, "path": path, "weight_bytes": weights}
                     if device.type == "cuda":
                         torch.cuda.reset_peak_memory_stats(device)
@@ -286,7 +317,11 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true",
                     help="tiny models, batches 1 2, contexts 16 32, 6 new tokens: every path in seconds on a CPU")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "generate.json")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the rows already in --out (measured on the same device, versions and sizes) and "
+                         "measure only the missing ones: a grid over several jobs, or one cut short")
     args = ap.parse_args(argv)
+    args.command = shlex.join(["python", "benchmarks/generate.py", *(sys.argv[1:] if argv is None else argv)])
     if args.smoke:
         args.batches, args.contexts, args.new_tokens, args.skip = [1, 2], [16, 32], 6, 1
     if args.new_tokens < args.skip + 2:

@@ -483,3 +483,30 @@ def test_generate_benchmark_smoke_writes_its_rows(tmp_path):
         assert {"model", "batch", "context", "ms_per_step", "tokens_per_s", "cache_bytes", "floor_ms", "path"} <= set(r)
         assert r["ms_per_step"] > 0 and r["tokens_per_s"] > 0 and r["cache_bytes"] > 0 and r["floor_ms"] > 0
     assert out.with_suffix(".png").is_file() or "matplotlib" in run.stderr
+
+
+def test_generate_benchmark_resumes_a_report_and_refuses_one_of_other_versions(tmp_path, capsys):
+    """``--resume`` measures only the rows a report lacks, keeps the others as they were and lists
+    both runs' commands; rows of another torch are not mixed in."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("generate_benchmark", ROOT / "benchmarks" / "generate.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "generate.json"
+    bench.main(["--smoke", "--models", "attention", "--out", str(out)])
+    first = json.loads(out.read_text())
+    bench.main(["--smoke", "--models", "attention", "mamba2-single", "--resume", "--out", str(out)])
+    both = json.loads(out.read_text())
+    key = lambda r: (r["model"], r["batch"], r["context"], r["path"])  # noqa: E731
+    assert len(first["rows"]) == 8 and len(both["rows"]) == 16 and len({key(r) for r in both["rows"]}) == 16
+    assert both["rows"][:8] == first["rows"]  # measured once, kept as they were
+    assert {r["model"] for r in both["rows"][8:]} == {"mamba2-single"}
+    assert [run["command"].split("--models")[1].split("--")[0].split() for run in both["meta"]["runs"]] == [
+        ["attention"], ["attention", "mamba2-single"]]
+    assert both["meta"]["runs"][0]["date"] == first["meta"]["date"]
+    both["meta"]["torch"] = "0.0"
+    out.write_text(json.dumps(both))
+    with pytest.raises(SystemExit, match="another torch"):
+        bench.main(["--smoke", "--models", "gated_deltanet-single", "--resume", "--out", str(out)])
+    assert len(json.loads(out.read_text())["rows"]) == 16
