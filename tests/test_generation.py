@@ -494,16 +494,18 @@ def test_generate_benchmark_resumes_a_report_and_refuses_one_of_other_versions(t
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = tmp_path / "generate.json"
-    bench.main(["--smoke", "--models", "attention", "--out", str(out)])
+    commands = [["--smoke", "--models", "attention", "--out", str(out)],
+                ["--smoke", "--models", "attention", "mamba2-single", "--resume", "--out", str(out)]]
+    bench.main(commands[0])
     first = json.loads(out.read_text())
-    bench.main(["--smoke", "--models", "attention", "mamba2-single", "--resume", "--out", str(out)])
+    bench.main(commands[1])
     both = json.loads(out.read_text())
-    key = lambda r: (r["model"], r["batch"], r["context"], r["path"])  # noqa: E731
-    assert len(first["rows"]) == 8 and len(both["rows"]) == 16 and len({key(r) for r in both["rows"]}) == 16
+    assert len(first["rows"]) == 8 and len(both["rows"]) == 16
+    assert len({(r["model"], r["batch"], r["context"], r["path"]) for r in both["rows"]}) == 16
     assert both["rows"][:8] == first["rows"]  # measured once, kept as they were
     assert {r["model"] for r in both["rows"][8:]} == {"mamba2-single"}
-    assert [run["command"].split("--models")[1].split("--")[0].split() for run in both["meta"]["runs"]] == [
-        ["attention"], ["attention", "mamba2-single"]]
+    assert [run["command"] for run in both["meta"]["runs"]] == [
+        " ".join(["python", "benchmarks/generate.py", *argv]) for argv in commands]
     assert both["meta"]["runs"][0]["date"] == first["meta"]["date"]
     both["meta"]["torch"] = "0.0"
     out.write_text(json.dumps(both))
