@@ -82,7 +82,9 @@ def test_a_planned_token_equals_the_general_planner(name, delta, dtype):
     state = dla.DLAState(states=torch.zeros(0), segments=first.final,
                          prev_key=torch.stack([k[n, m - 1] for n, m in enumerate(lengths)]).to(dtype))
     merges = births = 0
+    lam_all = torch.rand(3, STEPS, H, 64, generator=torch.Generator().manual_seed(2), dtype=dtype) + 0.1
     for step in range(STEPS):
+        lam = lam_all[:, step:step + 1]
         at = torch.tensor(lengths) + step
         token = [x[torch.arange(3), at][:, None] for x in (k, v, g)]
         b = None if beta is None else beta[torch.arange(3), at][:, None]
@@ -91,10 +93,11 @@ def test_a_planned_token_equals_the_general_planner(name, delta, dtype):
         plan = plan_token(policy, state, threshold=kw.get("threshold"), score=kw.get("score", "state"),
                           merge=kw.get("merge", "density"), open_state=kw.get("open_state", "decayed"),
                           k=token[0], v=token[1], g=token[2], beta=b, scores=s, period=kw.get("period"),
-                          max_segment_len=kw.get("max_segment_len"), label_rule=schedule.label_rule)
+                          max_segment_len=kw.get("max_segment_len"), label_rule=schedule.label_rule, lam=lam)
         assert torch.equal(plan.dest, dest), f"step {step}"
         assert torch.equal(plan.label, label), f"step {step}"
         assert torch.equal(plan.filled, starts >= 0)
+        assert torch.equal(plan.lam, torch.where(starts >= 0, lam[:, 0].gather(-1, label), 0.0)), f"step {step}"
         assert torch.equal(plan.segments.starts, starts)
         final = schedule.final
         for field in ("info", "position", "open_state", "open_norm"):
@@ -145,8 +148,10 @@ def test_the_fused_token_plan_repeats_the_float32_walk_of_the_gpu(name, delta, m
     k, v, g, beta = (torch.cat(x).to(device, dtype) for x in zip(*rows))
     beta = beta if delta else None
     state = dla.SegmentState.empty(2, H, kw["capacity"], device=device)
+    lam_all = torch.rand(2, steps, H, 64, generator=torch.Generator().manual_seed(3)).to(device, dtype) + 0.1
     births = merges = 0
     for step in range(steps):
+        lam = lam_all[:, step:step + 1]
         token = [x[:, step:step + 1] for x in (k, v, g)]
         b = None if beta is None else beta[:, step:step + 1]
         schedule, dest, label, starts = general_token("dynamic", kw, state, *token, b, None, "triton")
@@ -155,11 +160,13 @@ def test_the_fused_token_plan_repeats_the_float32_walk_of_the_gpu(name, delta, m
                           merge=kw.get("merge", "density"), open_state=kw.get("open_state", "decayed"),
                           k=token[0], v=token[1], g=token[2], beta=b,
                           max_segment_len=kw.get("max_segment_len"), label_rule=schedule.label_rule,
-                          backend="triton", inplace=True)
+                          lam=lam, backend="triton", inplace=True)
         assert len(terms) - launched == 2  # the token's norm and its product with the open state
         if state.open_state is not None:  # the new open state overwrote the old
             assert plan.segments.open_state.data_ptr() == state.open_state.data_ptr()
         assert torch.equal(plan.dest, dest) and torch.equal(plan.label, label), f"step {step}"
+        assert plan.lam.dtype == dtype
+        assert torch.equal(plan.lam, torch.where(starts >= 0, lam[:, 0].gather(-1, label), 0.0)), f"step {step}"
         assert all(torch.equal(a, b) for a, b in zip(plan.ranges, source_ranges(dest))), f"step {step}"
         assert torch.equal(plan.segments.starts, starts), f"step {step}"
         assert torch.equal(plan.segments.position, schedule.final.position.long())

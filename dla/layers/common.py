@@ -505,14 +505,16 @@ class DLAMixer(nn.Module):
         p = self.policy
         state = cache.state
         # the one-token kernels read q and k contiguous: expanded ones (Mamba-2's groups, shared by their
-        # heads) are copied once here, not by the planner and the step each
-        q, k = q.contiguous(), k.contiguous()
+        # heads) are copied once here, not by the planner and the step each; k in the float32 (or float64)
+        # that the planner's terms and the state's previous key take it in, which the step reads the same
+        q = q.contiguous()
+        k = k.to(torch.promote_types(k.dtype, torch.float32), memory_format=torch.contiguous_format)
+        lam = None if self.lam_proj is None else self.lam_proj(x)
         plan = plan_token(p.policy, state, threshold=self.threshold.detach() if p.dynamic else p.threshold,
                           score=p.score, merge=p.merge, open_state=p.open_state, k=k, v=v, g=g, beta=beta,
                           scores=scores, period=p.period, max_segment_len=p.max_segment_len, label_rule=p.label_rule,
-                          inplace=True)
-        lam = None if self.lam_proj is None else self.lam_proj(x)
-        o, cache.state = recurrent_step(q, k, v, g, plan.slot_lambda(lam), plan.dest, state, plan.segments,
+                          lam=lam, inplace=True)
+        o, cache.state = recurrent_step(q, k, v, g, plan.lam, plan.dest, state, plan.segments,
                                         beta=beta, scale=scale, ranges=plan.ranges, inplace=True)
         return o
 

@@ -35,31 +35,34 @@ __all__ = ["TokenPlan", "plan_token"]
 class TokenPlan:
     """The schedule of one token per sequence: ``dest [N, H, C]`` (the new slot of every old slot;
     ``C``: an empty slot, dropped), ``label [N, H, C]`` (the λ label of every new slot, 0 where
-    empty), ``filled [N, H, C]`` (the new slot holds a segment), ``segments`` (the segmentation
-    after the token), ``scores [N, H]`` (the ``dynamic`` policy's information scores, else
-    ``None``) and ``ranges`` (``dest`` as the decode kernel reads it, where the Triton plan wrote it)."""
+    empty), ``lam [N, H, C]`` (λ of every new slot, in the token's λ's dtype, 0 where empty),
+    ``segments`` (the segmentation after the token), ``scores [N, H]`` (the ``dynamic`` policy's
+    information scores, else ``None``) and ``ranges`` (``dest`` as the decode kernel reads it, where
+    the Triton plan wrote it)."""
 
     dest: torch.Tensor
     label: torch.Tensor
-    filled: torch.Tensor
+    lam: torch.Tensor
     segments: SegmentState
     scores: torch.Tensor | None = None
     ranges: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def slot_lambda(self, lam: torch.Tensor | None) -> torch.Tensor:
-        """λ of every new slot, ``[N, H, C]``, from the token's ``lam [N, 1, H, n_labels]`` (``None``: λ ≡ 1),
-        0 for empty slots."""
-        return self.filled.float() if lam is None else lam[:, 0].gather(-1, self.label) * self.filled
+    @property
+    def filled(self) -> torch.Tensor:
+        """``[N, H, C]``: the new slot holds a segment."""
+        return self.segments.starts >= 0
 
 
 def plan_token(policy: str, initial_state, *, threshold: torch.Tensor | float | None = None, score: str = "state",
                merge: str = "density", open_state: str = "decayed", k: torch.Tensor | None = None,
                v: torch.Tensor | None = None, g: torch.Tensor | None = None, beta: torch.Tensor | None = None,
                scores: torch.Tensor | None = None, period: int | None = None, max_segment_len: int | None = None,
-               label_rule: str = "recency", backend: str | None = None, inplace: bool = False) -> TokenPlan:
+               label_rule: str = "recency", lam: torch.Tensor | None = None, backend: str | None = None,
+               inplace: bool = False) -> TokenPlan:
     """Plan one token for every sequence continuing ``initial_state`` (a :class:`SegmentState` or
     :class:`dla.DLAState`). The arguments are :func:`dla.plan_schedule`'s, for ``[N, 1, H, ...]``
-    inputs (``threshold``: a number or ``[heads]``); the capacity is the state's. ``backend``: the
+    inputs (``threshold``: a number or ``[heads]``); the capacity is the state's. ``lam [N, 1, H,
+    n_labels]``: the token's λ, which the plan gives every new slot by its label (None: λ ≡ 1). ``backend``: the
     ``dynamic`` walk that the general planner would run (``"triton"``, the default on CUDA, walks
     in float32), whose numbers the plan repeats. Nothing is checked: the inputs must be valid.
     ``inplace``: the Triton plan of a state score writes the new open state over the old one (a
@@ -67,11 +70,11 @@ def plan_token(policy: str, initial_state, *, threshold: torch.Tensor | float | 
     seg = getattr(initial_state, "segments", initial_state)
     N, H, C = seg.starts.shape
     if C == 1 or policy == "single":
-        return _closed_form_token(seg, label_rule, None)
+        return _closed_form_token(seg, label_rule, lam, None)
     if policy == "fenwick":
-        return _closed_form_token(seg, label_rule, lambda p: p + (p & -p))
+        return _closed_form_token(seg, label_rule, lam, lambda p: p + (p & -p))
     if policy == "fixed":
-        return _closed_form_token(seg, label_rule, lambda p: p + (C - 1) * period, period)
+        return _closed_form_token(seg, label_rule, lam, lambda p: p + (C - 1) * period, period)
     if backend is None:
         backend = "triton" if seg.starts.is_cuda else "torch"
     if threshold is None:
@@ -79,10 +82,10 @@ def plan_token(policy: str, initial_state, *, threshold: torch.Tensor | float | 
     if score == "novelty" and scores is None:
         scores = novelty_scores(k, None, getattr(initial_state, "prev_key", None))
     return _dynamic_token(seg, threshold, score, merge, open_state, k, v, g, beta, scores, max_segment_len,
-                          label_rule, backend, inplace)
+                          label_rule, lam, backend, inplace)
 
 
-def _closed_form_token(seg: SegmentState, label_rule: str, death_of, period: int | None = None) -> TokenPlan:
+def _closed_form_token(seg: SegmentState, label_rule: str, lam, death_of, period: int | None = None) -> TokenPlan:
     """``single`` (``death_of=None``: no boundaries), ``fenwick`` (every token a boundary) and
     ``fixed`` (every ``period``-th): a boundary born at ``p`` dies at ``death_of(p)``."""
     starts, position = seg.starts, seg.position.long()
@@ -106,17 +109,18 @@ def _closed_form_token(seg: SegmentState, label_rule: str, death_of, period: int
         moved = moved.scatter(-1, torch.where(keep, dest, C), starts)
         new_starts = torch.where(born & (slot == 0), pos, moved[..., :C])
     segments = SegmentState(new_starts, torch.zeros(new_starts.shape, device=starts.device), position + 1)
-    return _finish(dest, segments, label_rule)
+    return _finish(dest, segments, label_rule, lam)
 
 
-def _finish(dest, segments: SegmentState, label_rule: str, scores=None) -> TokenPlan:
+def _finish(dest, segments: SegmentState, label_rule: str, lam, scores=None) -> TokenPlan:
     filled = segments.starts >= 0
     label = slot_labels(segments.starts, filled, segments.position[:, None, None], label_rule)
-    return TokenPlan(dest, label, filled, segments, scores)
+    slot_lam = filled.float() if lam is None else lam[:, 0].gather(-1, label) * filled
+    return TokenPlan(dest, label, slot_lam, segments, scores)
 
 
 def _dynamic_token(seg: SegmentState, threshold, score, merge, open_state, k, v, g, beta, scores, max_segment_len,
-                   label_rule, backend, inplace: bool = False) -> TokenPlan:
+                   label_rule, lam, backend, inplace: bool = False) -> TokenPlan:
     """The ``dynamic`` policy's step of :class:`dla.schedule.dynamic.TorchWalker` (and of the state
     score's chunk terms, for a chunk of one token) for one token. Products by an exact 1 (Mamba-2's
     ``w``, the decays ``exp(0)`` of a one-token chunk) and sums with an exact 0 (its pairwise
@@ -159,7 +163,7 @@ def _dynamic_token(seg: SegmentState, threshold, score, merge, open_state, k, v,
         if backend == "triton":
             return _fused_state_token(starts, info, position, None if seg.open_state is None else O, open_norm,
                                       x, norm, gamma, k, v, beta, threshold, score, merge, max_segment_len,
-                                      label_rule, inplace)
+                                      label_rule, lam, inplace)
     # slots are compact, newest first: the first slot is empty before the first token, the last once full
     first = starts[..., 0] < 0
     full = starts[..., -1] >= 0
@@ -208,11 +212,11 @@ def _dynamic_token(seg: SegmentState, threshold, score, merge, open_state, k, v,
         open_state_new = (kept[:, None, None] * O + write).view(N, H, K, V)
         open_norm = torch.where(new, norm, extended)
     segments = SegmentState(new_starts, new_info, position + 1, open_state=open_state_new, open_norm=open_norm)
-    return _finish(dest, segments, label_rule, token_score)
+    return _finish(dest, segments, label_rule, lam, token_score)
 
 
 def _fused_state_token(starts, info, position, open_state, open_norm, x, norm, gamma, k, v, beta, threshold, score,
-                       merge, max_segment_len, label_rule, inplace: bool) -> TokenPlan:
+                       merge, max_segment_len, label_rule, lam, inplace: bool) -> TokenPlan:
     """The rest of :func:`_dynamic_token` for a state score, after its products with the open state, as
     one Triton program per sequence-head (:mod:`dla.schedule.triton_token`): the same numbers."""
     from dla.schedule.triton_token import plan_state_token
@@ -220,10 +224,11 @@ def _fused_state_token(starts, info, position, open_state, open_norm, x, norm, g
     N, H, C = starts.shape
     threshold = torch.as_tensor(threshold, device=starts.device).float().expand(H)
     K, V = k.shape[-1], v.shape[-1]
-    dest, ranges, label, new_starts, new_info, token_score, open_norm, open_state = plan_state_token(
+    dest, ranges, label, slot_lam, new_starts, new_info, token_score, open_norm, open_state = plan_state_token(
         starts, info, position, None if open_state is None else open_state.view(N, H, K, V), open_norm,
         x, norm, gamma, k[:, 0], v[:, 0], None if beta is None else beta[:, 0], threshold,
+        None if lam is None else lam[:, 0],
         drift=score == "state_drift", merge=merge, max_segment_len=max_segment_len, level=label_rule == "level",
         inplace=inplace)
     segments = SegmentState(new_starts, new_info, position + 1, open_state=open_state, open_norm=open_norm)
-    return TokenPlan(dest, label, new_starts >= 0, segments, token_score, ranges)
+    return TokenPlan(dest, label, slot_lam, segments, token_score, ranges)

@@ -36,15 +36,16 @@ def _new_starts(p_start, o_c, new, dying, pos, C: tl.constexpr):
 
 @triton.jit
 def _token_plan_kernel(x_ptr, norm_ptr, gamma_ptr, threshold_ptr, position_ptr, start_ptr, info_ptr, open_norm_ptr,
-                       open_ptr, k_ptr, v_ptr, w_ptr, dest_ptr, lo_ptr, hi_ptr, label_ptr,
+                       open_ptr, k_ptr, v_ptr, w_ptr, lam_ptr, dest_ptr, lo_ptr, hi_ptr, label_ptr, slot_lam_ptr,
                        new_start_ptr, new_info_ptr, score_ptr, new_open_norm_ptr, new_open_ptr,
-                       H, max_segment_len,
+                       H, max_segment_len, n_labels,
                        C: tl.constexpr, CP: tl.constexpr, K: tl.constexpr, V: tl.constexpr, KP: tl.constexpr,
                        BV: tl.constexpr, DRIFT: tl.constexpr, MERGE: tl.constexpr, HAS_MAX: tl.constexpr,
-                       LEVEL: tl.constexpr, HAS_OPEN: tl.constexpr, HAS_W: tl.constexpr):
+                       LEVEL: tl.constexpr, HAS_OPEN: tl.constexpr, HAS_W: tl.constexpr, HAS_LAM: tl.constexpr):
     """Row ``i_r`` (one sequence-head). ``MERGE``: 0 density, 1 least_info, 2 oldest; ``LEVEL``: level
     labels (else recency); ``HAS_OPEN``: an open state exists (else it is zero); ``HAS_W``: the
-    contribution's weight ``w_t = β_t`` (Gated DeltaNet; else 1)."""
+    contribution's weight ``w_t = β_t`` (Gated DeltaNet; else 1); ``HAS_LAM``: the token's λ per label
+    (else 1)."""
     i_r = tl.program_id(0).to(tl.int64)
     i_n = i_r // H
     pos = tl.load(position_ptr + i_n).to(tl.int64)
@@ -112,6 +113,12 @@ def _token_plan_kernel(x_ptr, norm_ptr, gamma_ptr, threshold_ptr, position_ptr, 
     tl.store(lo_ptr + i_r * C + o_c, tl.where(moved, o_c - 1, tl.where(stays, o_c, C)).to(tl.int32), mask=m_c)
     tl.store(hi_ptr + i_r * C + o_c, tl.where(stays, o_c, tl.where(moved, o_c - 1, -1)).to(tl.int32), mask=m_c)
     tl.store(label_ptr + i_r * C + o_c, label.to(tl.int64), mask=m_c)
+    # λ of every new slot by its label, 0 where empty (the value itself: no product with the 0/1 filling)
+    if HAS_LAM:
+        b_lam = tl.load(lam_ptr + i_r * n_labels + label, mask=m_c & filled, other=0.0)
+    else:
+        b_lam = filled.to(tl.float32)
+    tl.store(slot_lam_ptr + i_r * C + o_c, b_lam, mask=m_c)
     tl.store(new_start_ptr + i_r * C + o_c, b_new_start, mask=m_c)
     tl.store(new_info_ptr + i_r * C + o_c, b_new_info, mask=m_c)
     tl.store(score_ptr + i_r, score)
@@ -137,13 +144,15 @@ def _token_plan_kernel(x_ptr, norm_ptr, gamma_ptr, threshold_ptr, position_ptr, 
         tl.store(new_open_ptr + tile, b_open, mask=m_kv)
 
 
-def plan_state_token(starts, info, position, open_state, open_norm, x, norm, gamma, k, v, w, threshold, *,
+def plan_state_token(starts, info, position, open_state, open_norm, x, norm, gamma, k, v, w, threshold, lam=None, *,
                      drift: bool, merge: str, max_segment_len: int | None, level: bool, inplace: bool = False):
     """The one-token plan of :mod:`dla.schedule.token` for the state scores, float32: ``starts, info
     [N, H, C]`` (newest first), ``position [N]``, ``open_state [N, H, K, V]`` (or ``None``: zero),
     ``open_norm, x, norm, gamma [N, H]``, ``k [N, H, K]``, ``v [N, H, V]``, ``w [N, H]`` (or
-    ``None``: 1), ``threshold [H]``. Returns ``(dest, (lo, hi), label, new_starts, new_info, score,
-    new_open_norm, new_open_state)``, with ``(lo, hi)`` the routing as the decode kernel reads it.
+    ``None``: 1), ``threshold [H]``, ``lam [N, H, n_labels]`` the token's λ (or ``None``: 1). Returns
+    ``(dest, (lo, hi), label, slot_lam, new_starts, new_info, score, new_open_norm, new_open_state)``,
+    with ``(lo, hi)`` the routing as the decode kernel reads it and ``slot_lam [N, H, C]`` the λ of every
+    new slot (in ``lam``'s dtype, float32 without; 0 where empty).
     ``inplace``: the new open state overwrites ``open_state`` (when it is float32 and contiguous)."""
     N, H, C = starts.shape
     K, V = k.shape[-1], v.shape[-1]
@@ -153,6 +162,7 @@ def plan_state_token(starts, info, position, open_state, open_norm, x, norm, gam
     lo = torch.empty(N, H, C, dtype=torch.int32, device=dev)
     hi = torch.empty_like(lo)
     label = torch.empty_like(dest)
+    slot_lam = torch.empty(N, H, C, dtype=torch.float32 if lam is None else lam.dtype, device=dev)
     new_starts = torch.empty_like(dest)
     new_info = torch.empty(N, H, C, **f32)
     score = torch.empty(N, H, **f32)
@@ -166,10 +176,10 @@ def plan_state_token(starts, info, position, open_state, open_norm, x, norm, gam
         x.contiguous(), norm.contiguous(), gamma.contiguous(), threshold.contiguous(), position.contiguous(),
         starts.contiguous(), info.contiguous(), open_norm.contiguous(),
         new_open if open_state is None else open_state.contiguous(), k.contiguous(), v.contiguous(),
-        gamma if w is None else w.contiguous(),
-        dest, lo, hi, label, new_starts, new_info, score, new_open_norm, new_open,
-        H, int(max_segment_len or 0),
+        gamma if w is None else w.contiguous(), slot_lam if lam is None else lam.contiguous(),
+        dest, lo, hi, label, slot_lam, new_starts, new_info, score, new_open_norm, new_open,
+        H, int(max_segment_len or 0), 1 if lam is None else lam.shape[-1],
         C=C, CP=triton.next_power_of_2(C), K=K, V=V, KP=KP, BV=BV, DRIFT=drift, MERGE=MERGE_CODES[merge],
         HAS_MAX=max_segment_len is not None, LEVEL=level, HAS_OPEN=open_state is not None, HAS_W=w is not None,
-        enable_fp_fusion=False)
-    return dest, (lo, hi), label, new_starts, new_info, score, new_open_norm, new_open
+        HAS_LAM=lam is not None, enable_fp_fusion=False)
+    return dest, (lo, hi), label, slot_lam, new_starts, new_info, score, new_open_norm, new_open
