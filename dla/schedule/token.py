@@ -224,11 +224,11 @@ def _fused_state_token(starts, info, position, open_state, open_norm, x, norm, g
     N, H, C = starts.shape
     threshold = torch.as_tensor(threshold, device=starts.device).float().expand(H)
     K, V = k.shape[-1], v.shape[-1]
-    dest, ranges, label, slot_lam, new_starts, new_info, token_score, open_norm, open_state = plan_state_token(
-        starts, info, position, None if open_state is None else open_state.view(N, H, K, V), open_norm,
-        x, norm, gamma, k[:, 0], v[:, 0], None if beta is None else beta[:, 0], threshold,
-        None if lam is None else lam[:, 0],
-        drift=score == "state_drift", merge=merge, max_segment_len=max_segment_len, level=label_rule == "level",
-        inplace=inplace)
-    segments = SegmentState(new_starts, new_info, position + 1, open_state=open_state, open_norm=open_norm)
+    open_state = None if open_state is None else open_state.view(N, H, K, V)
+    planned = plan_state_token(starts, info, position, open_state, open_norm, x, norm, gamma, k[:, 0], v[:, 0],
+                               None if beta is None else beta[:, 0], threshold, None if lam is None else lam[:, 0],
+                               drift=score == "state_drift", merge=merge, max_segment_len=max_segment_len,
+                               level=label_rule == "level", inplace=inplace)
+    dest, ranges, label, slot_lam, new_starts, new_info, token_score, open_norm, open_state, new_position = planned
+    segments = SegmentState(new_starts, new_info, new_position, open_state=open_state, open_norm=open_norm)
     return TokenPlan(dest, label, slot_lam, segments, token_score, ranges)

@@ -37,7 +37,7 @@ def _new_starts(p_start, o_c, new, dying, pos, C: tl.constexpr):
 @triton.jit
 def _token_plan_kernel(x_ptr, norm_ptr, gamma_ptr, threshold_ptr, position_ptr, start_ptr, info_ptr, open_norm_ptr,
                        open_ptr, k_ptr, v_ptr, w_ptr, lam_ptr, dest_ptr, lo_ptr, hi_ptr, label_ptr, slot_lam_ptr,
-                       new_start_ptr, new_info_ptr, score_ptr, new_open_norm_ptr, new_open_ptr,
+                       new_start_ptr, new_info_ptr, score_ptr, new_open_norm_ptr, new_open_ptr, new_position_ptr,
                        H, max_segment_len, n_labels,
                        C: tl.constexpr, CP: tl.constexpr, K: tl.constexpr, V: tl.constexpr, KP: tl.constexpr,
                        BV: tl.constexpr, DRIFT: tl.constexpr, MERGE: tl.constexpr, HAS_MAX: tl.constexpr,
@@ -49,6 +49,8 @@ def _token_plan_kernel(x_ptr, norm_ptr, gamma_ptr, threshold_ptr, position_ptr, 
     i_r = tl.program_id(0).to(tl.int64)
     i_n = i_r // H
     pos = tl.load(position_ptr + i_n).to(tl.int64)
+    if i_r % H == 0:  # the sequence's first head moves it on
+        tl.store(new_position_ptr + i_n, pos + 1)
     o_c = tl.arange(0, CP)
     m_c = o_c < C
     p_start = start_ptr + i_r * C
@@ -150,9 +152,10 @@ def plan_state_token(starts, info, position, open_state, open_norm, x, norm, gam
     [N, H, C]`` (newest first), ``position [N]``, ``open_state [N, H, K, V]`` (or ``None``: zero),
     ``open_norm, x, norm, gamma [N, H]``, ``k [N, H, K]``, ``v [N, H, V]``, ``w [N, H]`` (or
     ``None``: 1), ``threshold [H]``, ``lam [N, H, n_labels]`` the token's λ (or ``None``: 1). Returns
-    ``(dest, (lo, hi), label, slot_lam, new_starts, new_info, score, new_open_norm, new_open_state)``,
-    with ``(lo, hi)`` the routing as the decode kernel reads it and ``slot_lam [N, H, C]`` the λ of every
-    new slot (in ``lam``'s dtype, float32 without; 0 where empty).
+    ``(dest, (lo, hi), label, slot_lam, new_starts, new_info, score, new_open_norm, new_open_state,
+    new_position)``, with ``(lo, hi)`` the routing as the decode kernel reads it, ``slot_lam [N, H, C]``
+    the λ of every new slot (in ``lam``'s dtype, float32 without; 0 where empty) and ``new_position [N]``
+    one past ``position``.
     ``inplace``: the new open state overwrites ``open_state`` (when it is float32 and contiguous)."""
     N, H, C = starts.shape
     K, V = k.shape[-1], v.shape[-1]
@@ -167,6 +170,7 @@ def plan_state_token(starts, info, position, open_state, open_norm, x, norm, gam
     new_info = torch.empty(N, H, C, **f32)
     score = torch.empty(N, H, **f32)
     new_open_norm = torch.empty(N, H, **f32)
+    new_position = torch.empty(N, dtype=torch.long, device=dev)
     overwrite = inplace and open_state is not None and open_state.dtype == torch.float32 \
         and open_state.is_contiguous()
     new_open = open_state if overwrite else torch.empty(N, H, K, V, **f32)
@@ -177,9 +181,9 @@ def plan_state_token(starts, info, position, open_state, open_norm, x, norm, gam
         starts.contiguous(), info.contiguous(), open_norm.contiguous(),
         new_open if open_state is None else open_state.contiguous(), k.contiguous(), v.contiguous(),
         gamma if w is None else w.contiguous(), slot_lam if lam is None else lam.contiguous(),
-        dest, lo, hi, label, slot_lam, new_starts, new_info, score, new_open_norm, new_open,
+        dest, lo, hi, label, slot_lam, new_starts, new_info, score, new_open_norm, new_open, new_position,
         H, int(max_segment_len or 0), 1 if lam is None else lam.shape[-1],
         C=C, CP=triton.next_power_of_2(C), K=K, V=V, KP=KP, BV=BV, DRIFT=drift, MERGE=MERGE_CODES[merge],
         HAS_MAX=max_segment_len is not None, LEVEL=level, HAS_OPEN=open_state is not None, HAS_W=w is not None,
         HAS_LAM=lam is not None, enable_fp_fusion=False)
-    return dest, (lo, hi), label, slot_lam, new_starts, new_info, score, new_open_norm, new_open
+    return dest, (lo, hi), label, slot_lam, new_starts, new_info, score, new_open_norm, new_open, new_position
