@@ -1,8 +1,10 @@
 """``dla.generate`` against ``model.generate``, the static (CUDA graph) step run eagerly on a CPU, the
 attention baseline's preallocated KV cache, and ``benchmarks/generate.py --smoke``."""
 
+import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import traceback
@@ -485,11 +487,31 @@ def test_generate_benchmark_smoke_writes_its_rows(tmp_path):
     assert out.with_suffix(".png").is_file() or "matplotlib" in run.stderr
 
 
+def test_decode_profile_smoke_lists_each_models_step(capsys):
+    """``benchmarks/profile_decode.py --smoke``: per model, the step's time and operation count, and
+    its ``--top`` largest operations by time, the largest first; a batch of 0 is refused."""
+    spec = importlib.util.spec_from_file_location("profile_decode", ROOT / "benchmarks" / "profile_decode.py")
+    profile_decode = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(profile_decode)
+    profile_decode.main(["--smoke", "--models", "mamba2-single", "gated_deltanet-dynamic", "--top", "4",
+                         "--device", "cpu"])
+    out = capsys.readouterr().out
+    headers = re.findall(r"^(\S+), batch 2: eager step ([\d.]+) ms, (\d+) operations taking ([\d.]+) ms per step$",
+                         out, re.M)
+    assert [h[0] for h in headers] == ["mamba2-single", "gated_deltanet-dynamic"]
+    assert all(float(wall) > 0 and int(n) > 10 and float(busy) > 0 for _, wall, n, busy in headers)
+    for block in out.split("\n\n")[1:]:
+        rows = [line.split() for line in block.splitlines()[2:]]
+        assert len(rows) == 4
+        times = [float(row[2]) for row in rows]
+        assert times == sorted(times, reverse=True) and all(float(row[0]) > 0 for row in rows)
+    with pytest.raises(SystemExit):
+        profile_decode.main(["--batch", "0", "--device", "cpu"])
+
+
 def test_generate_benchmark_resumes_a_report_and_refuses_one_of_other_versions(tmp_path, capsys):
     """``--resume`` measures only the rows a report lacks, keeps the others as they were and lists
     both runs' commands; rows of another torch are not mixed in."""
-    import importlib.util
-
     spec = importlib.util.spec_from_file_location("generate_benchmark", ROOT / "benchmarks" / "generate.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
