@@ -12,6 +12,7 @@ from test_generation import DLA_CASES, left_padded, tiny_model
 import dla
 from dla import generation
 from dla.layers import common
+from dla.ops.common import source_ranges
 from dla.ops.recurrent import route_step
 from dla.schedule.schedule import NONE, slot_labels
 from dla.schedule.token import plan_token
@@ -98,6 +99,9 @@ def test_a_planned_token_equals_the_general_planner(name, delta, dtype):
         assert torch.equal(plan.label, label), f"step {step}"
         assert torch.equal(plan.filled, starts >= 0)
         assert torch.equal(plan.lam, torch.where(starts >= 0, lam[:, 0].gather(-1, label), 0.0)), f"step {step}"
+        # the routing as the decode kernel reads it, where the plan gives it (one slot: always)
+        assert plan.ranges is not None or starts.shape[-1] > 1
+        assert plan.ranges is None or all(torch.equal(a, b) for a, b in zip(plan.ranges, source_ranges(dest)))
         assert torch.equal(plan.segments.starts, starts)
         final = schedule.final
         for field in ("info", "position", "open_state", "open_norm"):
@@ -132,7 +136,6 @@ def test_the_fused_token_plan_repeats_the_float32_walk_of_the_gpu(name, delta, m
     inputs are bfloat16, as in a model. Both take the score's terms (the token's norm and its product
     with the open state) from the launched kernels of dla.schedule.triton_terms, as on a GPU."""
     pytest.importorskip("triton", reason="triton is not installed")
-    from dla.ops.common import source_ranges
     from dla.schedule import dynamic, token, triton_terms, triton_token
 
     fused, terms = [], []
