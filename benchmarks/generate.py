@@ -198,9 +198,23 @@ def save_report(report: dict, path: Path):
     path.write_text(json.dumps(report, indent=1))
 
 
+def build_model(name: str, smoke: bool, device: torch.device, max_length: int) -> dla.DLAForCausalLM:
+    """The model ``name`` of ``MODELS`` at the full (or ``smoke``) sizes, random weights, in eval mode,
+    bf16 on CUDA (float32 elsewhere); positions up to ``max_length``."""
+    variant = MODELS[name]
+    sizes = SMOKE if smoke else {**FULL, **FULL_HEADS[variant["mixer"]]}
+    config = dla.DLAConfig(**sizes, **variant, pad_token_id=None, eos_token_id=None,
+                           max_position_embeddings=max_length)
+    return dla.DLAForCausalLM(config).to(device, model_dtype(device)).eval()
+
+
+def model_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 def run(args) -> dict:
     device = torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = model_dtype(device)
     sizes = SMOKE if args.smoke else FULL
     bandwidth = copy_bandwidth(device)
     meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -221,11 +235,8 @@ def run(args) -> dict:
                for path in PATHS):
             continue
         torch.manual_seed(0)
-        variant = MODELS[name]
-        heads = {} if args.smoke else FULL_HEADS[variant["mixer"]]
-        config = dla.DLAConfig(**sizes, **heads, **variant, pad_token_id=None, eos_token_id=None,
-                               max_position_embeddings=max(args.contexts) + args.new_tokens)
-        model = dla.DLAForCausalLM(config).to(device, dtype).eval()
+        model = build_model(name, args.smoke, device, max(args.contexts) + args.new_tokens)
+        config = model.config
         weights = parameter_bytes(model)
         # compile and autotune every kernel of both paths before anything is timed
         warm = torch.randint(1, config.vocab_size, (1, 32), device=device)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 import warnings
 from collections import defaultdict
 from pathlib import Path
@@ -27,36 +26,19 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from generate import FULL, FULL_HEADS, MODELS, SMOKE  # noqa: E402
+from generate import MODELS, Clock, build_model  # noqa: E402
 
-import dla  # noqa: E402
 from dla.generation import start_decoding  # noqa: E402
 
 
-def build(name: str, smoke: bool, device: torch.device, max_length: int):
-    """The model ``name`` of ``benchmarks/generate.py``, in eval mode (bf16 on CUDA)."""
-    variant = MODELS[name]
-    sizes = SMOKE if smoke else {**FULL, **FULL_HEADS[variant["mixer"]]}
-    config = dla.DLAConfig(**sizes, **variant, pad_token_id=None, eos_token_id=None,
-                           max_position_embeddings=max_length)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    return dla.DLAForCausalLM(config).to(device, dtype).eval()
-
-
 def step_ms(decoding, token, steps: int, device: torch.device):
-    """Mean milliseconds of ``steps`` decoding steps and the token after them."""
-    if device.type == "cuda":
-        marks = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
-        marks[0].record()
-        for _ in range(steps):
-            token = decoding.step(token)
-        marks[1].record()
-        torch.cuda.synchronize(device)
-        return marks[0].elapsed_time(marks[1]) / steps, token
-    t0 = time.perf_counter()
+    """Mean milliseconds of ``steps`` decoding steps (on the device's timeline) and the token after them."""
+    clock = Clock(device)
+    clock.mark()
     for _ in range(steps):
         token = decoding.step(token)
-    return (time.perf_counter() - t0) * 1e3 / steps, token
+    clock.mark()
+    return clock.step_ms(0)[0] / steps, token
 
 
 def kernels_per_step(decoding, token, steps: int, device: torch.device) -> dict[str, list]:
@@ -112,7 +94,7 @@ def main(argv=None):
     new_tokens = 10 + args.steps + args.profiled
     for name in args.models:
         torch.manual_seed(0)
-        model = build(name, args.smoke, device, args.context + new_tokens)
+        model = build_model(name, args.smoke, device, args.context + new_tokens)
         prompt = torch.randint(1, model.config.vocab_size, (args.batch, args.context), device=device)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the eager fallback's warning: the report says which step ran

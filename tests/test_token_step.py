@@ -18,8 +18,15 @@ from dla.schedule.schedule import NONE, slot_labels
 from dla.schedule.token import plan_token
 
 STEPS = 100
+
+
+def slot_lambda(lam, label, starts):
+    """λ of every slot by its label from the token's ``lam [N, 1, H, labels]`` (None: 1), 0 where empty."""
+    filled = starts >= 0
+    return filled.float() if lam is None else torch.where(filled, lam[:, 0].gather(-1, label), 0.0)
 PLANS = {
     "single": dict(policy="single"),
+    "single-3": dict(policy="single", capacity=3),  # the closed form without boundaries, past one slot
     "capacity-1": dict(policy="dynamic", capacity=1),
     "fixed": dict(policy="fixed", capacity=4, period=5),
     "fixed-2-level": dict(policy="fixed", capacity=2, period=3, label_rule="level"),
@@ -85,7 +92,7 @@ def test_a_planned_token_equals_the_general_planner(name, delta, dtype):
     merges = births = 0
     lam_all = torch.rand(3, STEPS, H, 64, generator=torch.Generator().manual_seed(2), dtype=dtype) + 0.1
     for step in range(STEPS):
-        lam = lam_all[:, step:step + 1]
+        lam = lam_all[:, step:step + 1] if step % 2 else None  # None: λ ≡ 1
         at = torch.tensor(lengths) + step
         token = [x[torch.arange(3), at][:, None] for x in (k, v, g)]
         b = None if beta is None else beta[torch.arange(3), at][:, None]
@@ -97,8 +104,7 @@ def test_a_planned_token_equals_the_general_planner(name, delta, dtype):
                           max_segment_len=kw.get("max_segment_len"), label_rule=schedule.label_rule, lam=lam)
         assert torch.equal(plan.dest, dest), f"step {step}"
         assert torch.equal(plan.label, label), f"step {step}"
-        assert torch.equal(plan.filled, starts >= 0)
-        assert torch.equal(plan.lam, torch.where(starts >= 0, lam[:, 0].gather(-1, label), 0.0)), f"step {step}"
+        assert torch.equal(plan.lam, slot_lambda(lam, label, starts)), f"step {step}"
         # the routing as the decode kernel reads it, where the plan gives it (one slot: always)
         assert plan.ranges is not None or starts.shape[-1] > 1
         assert plan.ranges is None or all(torch.equal(a, b) for a, b in zip(plan.ranges, source_ranges(dest)))
@@ -154,7 +160,7 @@ def test_the_fused_token_plan_repeats_the_float32_walk_of_the_gpu(name, delta, m
     lam_all = torch.rand(2, steps, H, 64, generator=torch.Generator().manual_seed(3)).to(device, dtype) + 0.1
     births = merges = 0
     for step in range(steps):
-        lam = lam_all[:, step:step + 1]
+        lam = lam_all[:, step:step + 1] if step % 2 else None  # None: λ ≡ 1
         token = [x[:, step:step + 1] for x in (k, v, g)]
         b = None if beta is None else beta[:, step:step + 1]
         schedule, dest, label, starts = general_token("dynamic", kw, state, *token, b, None, "triton")
@@ -168,8 +174,8 @@ def test_the_fused_token_plan_repeats_the_float32_walk_of_the_gpu(name, delta, m
         if state.open_state is not None:  # the new open state overwrote the old
             assert plan.segments.open_state.data_ptr() == state.open_state.data_ptr()
         assert torch.equal(plan.dest, dest) and torch.equal(plan.label, label), f"step {step}"
-        assert plan.lam.dtype == dtype
-        assert torch.equal(plan.lam, torch.where(starts >= 0, lam[:, 0].gather(-1, label), 0.0)), f"step {step}"
+        assert plan.lam.dtype == (torch.float32 if lam is None else dtype)
+        assert torch.equal(plan.lam, slot_lambda(lam, label, starts)), f"step {step}"
         assert all(torch.equal(a, b) for a, b in zip(plan.ranges, source_ranges(dest))), f"step {step}"
         assert torch.equal(plan.segments.starts, starts), f"step {step}"
         assert torch.equal(plan.segments.position, schedule.final.position.long())

@@ -508,7 +508,7 @@ class DLAMixer(nn.Module):
         # heads) are copied once here, not by the planner and the step each; k in the float32 (or float64)
         # that the planner's terms and the state's previous key take it in, which the step reads the same
         q = q.contiguous()
-        k = k.to(torch.float64 if k.dtype == torch.float64 else torch.float32).contiguous()
+        k = upcast(k).contiguous()
         lam = None if self.lam_proj is None else self.lam_proj(x)
         plan = plan_token(p.policy, state, threshold=self.threshold.detach() if p.dynamic else p.threshold,
                           score=p.score, merge=p.merge, open_state=p.open_state, k=k, v=v, g=g, beta=beta,

@@ -47,11 +47,6 @@ class TokenPlan:
     scores: torch.Tensor | None = None
     ranges: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    @property
-    def filled(self) -> torch.Tensor:
-        """``[N, H, C]``: the new slot holds a segment."""
-        return self.segments.starts >= 0
-
 
 def plan_token(policy: str, initial_state, *, threshold: torch.Tensor | float | None = None, score: str = "state",
                merge: str = "density", open_state: str = "decayed", k: torch.Tensor | None = None,
